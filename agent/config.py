@@ -1,0 +1,308 @@
+"""The agent's configuration: one TOML file per region, parsed at the edge.
+
+``load_config(path)`` returns a frozen, validated ``AgentConfig`` or raises
+``ConfigError`` listing every problem at once, each as ``FILE: key.path:
+reason``. Secrets are never written in the file itself: a secret field holds
+``env:NAME`` or ``file:PATH`` and is resolved at load time into a ``Secret``
+whose repr is redacted. Durations accept seconds or ``"200ms"``, ``"5s"``,
+``"2m"``, ``"1h"``; sizes accept bytes or ``"8MiB"``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from replicators.errors import DragentError
+
+
+class ConfigError(DragentError):
+    """The configuration is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+class Secret:
+    """A resolved secret. Its repr and str never show the value."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self.source = source
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.source}, ****)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _resolve_secret(value: Any) -> Secret:
+    if isinstance(value, Secret):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a string 'env:NAME' or 'file:PATH'")
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name!r} is not set")
+        return Secret(os.environ[name], value)
+    if value.startswith("file:"):
+        path = Path(value[5:])
+        try:
+            return Secret(path.read_text().strip(), value)
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    raise ValueError("secrets are not written in the file: expected 'env:NAME' or 'file:PATH'")
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+
+def _parse_duration(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("expected a duration such as 200ms, 5s, 2m, 1h or a number of seconds")
+        return float(match.group(1)) * _UNITS[match.group(2)]
+    return value
+
+
+SecretRef = Annotated[Secret, BeforeValidator(_resolve_secret)]
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+class S3Config(Section):
+    """An S3 bucket: SeaweedFS or MinIO by endpoint, AWS S3 when endpoint is unset."""
+
+    endpoint: str | None = None
+    bucket: str
+    prefix: str = ""
+    region_name: str = "us-east-1"
+    access_key: SecretRef | None = None
+    secret_key: SecretRef | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    connect_timeout: PositiveDuration = 5.0
+    read_timeout: PositiveDuration = 30.0
+    multipart_threshold: ByteSize = ByteSize(16 * 1024 * 1024)
+    multipart_chunk: ByteSize = ByteSize(8 * 1024 * 1024)
+    max_concurrency: int = Field(default=16, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _both_keys(self) -> S3Config:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("access_key and secret_key go together (or neither, for the AWS chain)")
+        if self.multipart_chunk < 5 * 1024 * 1024:
+            raise ValueError("multipart_chunk must be at least 5MiB (the S3 minimum part size)")
+        return self
+
+
+class KeysConfig(Section):
+    """A key-encryption key: a local key file (lab, tests) or an AWS KMS key."""
+
+    provider: Literal["local", "aws-kms"]
+    key_file: Path | None = None
+    kms_key_id: str | None = None
+    kms_endpoint: str | None = None
+    kms_region: str = "us-east-1"
+    data_key_reuse: Duration = 300.0
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> KeysConfig:
+        if self.provider == "local" and self.key_file is None:
+            raise ValueError("provider 'local' needs key_file")
+        if self.provider == "aws-kms" and not self.kms_key_id:
+            raise ValueError("provider 'aws-kms' needs kms_key_id")
+        return self
+
+
+class PeerConfig(Section):
+    """Another region: where its vault is and which key wraps what we send it."""
+
+    name: Name
+    agent_url: str | None = None
+    vault: S3Config
+    keys: KeysConfig
+
+
+class SyntheticOptions(Section):
+    rate: float = Field(default=200.0, gt=0, description="records per second")
+    record_size: int = Field(default=512, ge=16, le=16 * 1024 * 1024)
+    compressible: bool = True
+
+
+class StreamConfig(Section):
+    name: Name
+    kind: Literal["synthetic"]
+    segment_max_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
+    segment_max_age: PositiveDuration = 0.2
+    synthetic: SyntheticOptions = SyntheticOptions()
+
+
+class HttpConfig(Section):
+    listen: str = "127.0.0.1:7070"
+    token: SecretRef | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("expected HOST:PORT")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
+
+
+class EtcdConfig(Section):
+    endpoints: list[str] = []
+    prefix: str = "/dragent"
+
+
+class LogConfig(Section):
+    format: Literal["json", "logfmt"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class PolicyConfig(Section):
+    """Recovery objectives and compliance policy, per stream where it matters."""
+
+    rpo_seconds: dict[str, PositiveDuration] = {}
+    default_rpo_seconds: PositiveDuration = 5.0
+    rto_seconds: PositiveDuration = 60.0
+
+    def rpo_target(self, stream: str) -> float:
+        return self.rpo_seconds.get(stream, self.default_rpo_seconds)
+
+
+class AgentConfig(Section):
+    """One region's agent."""
+
+    region: Name
+    role: Literal["active", "passive"] = "passive"
+    data_dir: Path
+    vault: S3Config
+    keys: KeysConfig
+    peers: list[PeerConfig] = []
+    streams: list[StreamConfig] = []
+    http: HttpConfig = HttpConfig()
+    etcd: EtcdConfig = EtcdConfig()
+    log: LogConfig = LogConfig()
+    policy: PolicyConfig = PolicyConfig()
+    drain_timeout: PositiveDuration = 15.0
+    sink_poll_interval: PositiveDuration = 0.1
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AgentConfig:
+        for what, names in (
+            ("streams", [s.name for s in self.streams]),
+            ("peers", [p.name for p in self.peers]),
+        ):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{what}: duplicate names {dup}")
+        if self.region in {p.name for p in self.peers}:
+            raise ValueError(f"peers: region {self.region!r} lists itself as a peer")
+        return self
+
+    def stream(self, name: str) -> StreamConfig:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _location(loc: tuple[int | str, ...], data: Any) -> str:
+    """Turn a pydantic location into a TOML key path, naming list items by their name."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) else None
+            parts[-1] = f"{parts[-1]}[{label or item}]" if parts else f"[{item}]"
+        else:
+            parts.append(str(item))
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return ".".join(parts) or "(top level)"
+
+
+def _problems(exc: ValidationError, data: Any) -> list[str]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        msg = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+        if isinstance(err.get("input"), dict | list):
+            got = ""
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{_location(loc, data)}: {msg}{got}")
+    return out
+
+
+def parse_config(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
+    """Validate an already-parsed TOML table. Raises ``ConfigError``."""
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, _problems(exc, data)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate one agent's TOML file. Raises ``ConfigError``."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(name, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, name)

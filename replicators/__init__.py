@@ -1,0 +1,1 @@
+"""Replication: the segment format, keys, the vault and the stream kinds."""

@@ -1,0 +1,1 @@
+"""Verification: Merkle trees and, per stream kind, state verifiers."""
