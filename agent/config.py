@@ -125,7 +125,7 @@ class S3Config(Section):
     @model_validator(mode="after")
     def _both_keys(self) -> S3Config:
         if (self.access_key is None) != (self.secret_key is None):
-            raise ValueError("access_key and secret_key go together (or neither, for the AWS chain)")
+            raise ValueError("access_key and secret_key go together (or neither: the AWS chain)")
         if self.multipart_chunk < 5 * 1024 * 1024:
             raise ValueError("multipart_chunk must be at least 5MiB (the S3 minimum part size)")
         return self
@@ -261,7 +261,8 @@ def _location(loc: tuple[int | str, ...], data: Any) -> str:
     node = data
     for item in loc:
         if isinstance(item, int):
-            label = node[item].get("name") if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) else None
+            entry = node[item] if isinstance(node, list) and item < len(node) else None
+            label = entry.get("name") if isinstance(entry, dict) else None
             parts[-1] = f"{parts[-1]}[{label or item}]" if parts else f"[{item}]"
         else:
             parts.append(str(item))
@@ -277,9 +278,9 @@ def _problems(exc: ValidationError, data: Any) -> list[str]:
     for err in exc.errors(include_url=False):
         loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         msg = err["msg"].removeprefix("Value error, ")
-        got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
-        if isinstance(err.get("input"), dict | list):
-            got = ""
+        value = err.get("input")
+        quiet = err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict | list)
+        got = "" if quiet else f" (got {value!r})"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         out.append(f"{_location(loc, data)}: {msg}{got}")
