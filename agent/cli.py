@@ -1,0 +1,118 @@
+"""The ``dragent`` command line. Exit codes: 0 ok, 1 failure, 2 bad configuration or usage."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from agent import __version__, logs
+from agent.config import ConfigError, load_config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import run_agent
+
+    return asyncio.run(run_agent(Path(args.config)))
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.file)
+    print(
+        f"{args.file}: ok (region {cfg.region}, role {cfg.role}, "
+        f"{len(cfg.streams)} streams, {len(cfg.peers)} peers)"
+    )
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from replicators.keys import generate_key_file, rotate_key_file
+
+    path = Path(args.file)
+    key_id = generate_key_file(path) if args.action == "generate" else rotate_key_file(path)
+    print(f"{path}: current key {key_id}")
+    return 0
+
+
+def _cmd_vault(args: argparse.Namespace) -> int:
+    from agent.vaultcmd import vault_ls, vault_verify
+
+    cfg = load_config(args.config)
+    if args.action == "ls":
+        return asyncio.run(vault_ls(cfg, args.stream, args.json))
+    return asyncio.run(vault_verify(cfg, args.stream, args.json))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return asyncio.run(run_demo(Path(args.dir).resolve(), seconds=args.seconds, keep=args.keep))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dragent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dragent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent of one region")
+    run.add_argument("--config", required=True, help="the region's TOML file")
+    run.set_defaults(func=_cmd_run)
+
+    config = sub.add_parser("config", help="configuration tools")
+    csub = config.add_subparsers(dest="action", required=True)
+    check = csub.add_parser("check", help="validate a configuration file without starting")
+    check.add_argument("file")
+    check.set_defaults(func=_cmd_config_check)
+
+    keys = sub.add_parser("keys", help="local key files (the lab's key-encryption keys)")
+    keys.add_argument("action", choices=["generate", "rotate"])
+    keys.add_argument("file")
+    keys.set_defaults(func=_cmd_keys)
+
+    vault = sub.add_parser("vault", help="inspect and verify this region's vault")
+    vault.add_argument("action", choices=["ls", "verify"])
+    vault.add_argument("--config", required=True)
+    vault.add_argument("--stream", required=True)
+    vault.add_argument("--json", action="store_true")
+    vault.set_defaults(func=_cmd_vault)
+
+    demo = sub.add_parser("demo", help="bring up the lab, run both agents, show the RPO")
+    demo.add_argument("--dir", default=".lab-demo", help="lab directory (default .lab-demo)")
+    demo.add_argument("--seconds", type=float, default=30.0, help="how long to run (default 30)")
+    demo.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    demo.set_defaults(func=_cmd_demo)
+
+    from agent.lab.cli import register
+
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure("logfmt", "info")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from replicators.errors import DragentError
+
+        if isinstance(exc, DragentError):
+            print(f"dragent: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""``dragent run``: the long-running agent of one region.
+
+Shape: the HTTP endpoint for the whole life of the process; inside it, a
+*generation* of stream tasks built from one configuration. SIGHUP builds a
+new configuration first and, if it is valid, drains the old generation and
+starts the next; if it is not, the old one keeps running and the problems are
+logged. SIGTERM/SIGINT drain: every stream finishes its current unit (a
+shipper seals, publishes and acknowledges what it holds) within
+``drain_timeout``; a second signal, or the timeout, cancels. The exit code is
+non-zero if the drain did not finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from agent import logs
+from agent.collector import ProgressCollector
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.http import HttpServer, StatusSource, build_app
+from agent.streams import EPOCH, build_tasks
+from agent.supervise import StreamTask, run_stream
+from agent.systemd import Notifier
+from replicators.metrics import Metrics
+
+
+class Agent(StatusSource):
+    def __init__(self, cfg: AgentConfig, config_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.tasks: list[StreamTask] = []
+        self.started_at = time.time()
+        self.generation = 0
+        self._events: asyncio.Queue[str] = asyncio.Queue()
+        self._force = asyncio.Event()
+        self._signals = 0
+        self.notifier = Notifier()
+        self.log = logs.get("agent", region=cfg.region)
+        self.registry.register(
+            ProgressCollector(
+                cfg.region,
+                lambda: self.tasks,
+                lambda: self.cfg.role,
+                lambda: EPOCH,
+                lambda: self.cfg.policy,
+            )
+        )
+
+    # -- StatusSource -----------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "region": self.cfg.region,
+            "role": self.cfg.role,
+            "epoch": EPOCH,
+            "generation": self.generation,
+            "uptime_seconds": round(now - self.started_at, 3),
+            "streams": [
+                {
+                    "task": t.name,
+                    "state": t.state,
+                    "last_error": t.last_error,
+                    "rpo_target_seconds": self.cfg.policy.rpo_target(t.progress.stream),
+                    **t.progress.snapshot(now),
+                }
+                for t in self.tasks
+            ],
+        }
+
+    def healthy(self) -> tuple[bool, str]:
+        return True, "event loop responsive"
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.tasks and self.cfg.streams:
+            return False, "streams not started"
+        waiting = [t.name for t in self.tasks if t.state != "running"]
+        if waiting:
+            return False, "streams not running: " + ", ".join(waiting)
+        return True, "all streams running"
+
+    # -- signals ----------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            self.log.warning("second stop signal: aborting the drain")
+            self._force.set()
+        self._events.put_nowait("stop")
+
+    def request_reload(self) -> None:
+        self._events.put_nowait("reload")
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    # -- main -------------------------------------------------------------------------
+    async def run(self) -> int:
+        self._install_signals()
+        token = self.cfg.http.token.reveal() if self.cfg.http.token else None
+        server = HttpServer(self.cfg.http, build_app(self, self.registry, token))
+        await server.start()
+        self.log.info("http listening", listen=self.cfg.http.listen)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                watchdog = tg.create_task(self._watchdog())
+                code = await self._generations()
+                watchdog.cancel()
+        finally:
+            self.notifier.stopping()
+            await server.aclose()
+        self.log.info("agent stopped", exit_code=code)
+        return code
+
+    async def _generations(self) -> int:
+        while True:
+            self.generation += 1
+            stop = asyncio.Event()
+            gen = asyncio.create_task(self._generation(self.cfg, stop))
+            event = await self._next_event(gen)
+            stop.set()
+            drained = await self._drain(gen)
+            if event == "stop" or event == "failed":
+                return 0 if drained and event == "stop" else 1
+            self.log.info("configuration reloaded", generation=self.generation + 1)
+
+    async def _next_event(self, gen: asyncio.Task[None]) -> str:
+        """Wait for a stop, a valid reload, or the generation failing to start."""
+        while True:
+            getter = asyncio.ensure_future(self._events.get())
+            done, _ = await asyncio.wait({getter, gen}, return_when=asyncio.FIRST_COMPLETED)
+            if gen in done:
+                getter.cancel()
+                return "failed"
+            event = getter.result()
+            if event == "stop":
+                return "stop"
+            self.notifier.reloading()
+            if self._reload():
+                return "reload"
+            self.notifier.ready(self._summary())
+
+    def _reload(self) -> bool:
+        if self.config_path is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            self.log.error("reload refused: invalid configuration", problems=exc.problems)
+            return False
+        if new.region != self.cfg.region:
+            self.log.error("reload refused: region changed", old=self.cfg.region, new=new.region)
+            return False
+        logs.configure(new.log.format, new.log.level)
+        self.cfg = new
+        return True
+
+    async def _drain(self, gen: asyncio.Task[None]) -> bool:
+        self.notifier.status("draining")
+        self.log.info("draining streams", timeout=self.cfg.drain_timeout)
+        force = asyncio.ensure_future(self._force.wait())
+        done, _ = await asyncio.wait(
+            {gen, force}, timeout=self.cfg.drain_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        force.cancel()
+        if gen not in done:
+            self.log.error("drain incomplete: cancelling streams")
+            gen.cancel()
+        try:
+            await gen
+        except asyncio.CancelledError:
+            return False
+        except Exception as exc:
+            self.log.error("generation failed", error=f"{type(exc).__name__}: {exc}")
+            return False
+        self.log.info("streams drained")
+        return True
+
+    async def _generation(self, cfg: AgentConfig, stop: asyncio.Event) -> None:
+        async with AsyncExitStack() as stack:
+            self.tasks = await build_tasks(cfg, self.metrics, stack)
+            self.notifier.ready(self._summary())
+            self.log.info("streams starting", role=cfg.role, streams=[t.name for t in self.tasks])
+            async with asyncio.TaskGroup() as tg:
+                for task in self.tasks:
+                    tg.create_task(run_stream(task, stop, self.metrics), name=task.name)
+
+    def _summary(self) -> str:
+        return f"{self.cfg.region} {self.cfg.role}: {len(self.cfg.streams)} streams"
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+
+async def run_agent(config_path: Path) -> int:
+    cfg = load_config(config_path)
+    logs.configure(cfg.log.format, cfg.log.level)
+    return await Agent(cfg, config_path).run()

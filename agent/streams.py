@@ -1,0 +1,93 @@
+"""Builds the stream runners a region runs, from its configuration and role.
+
+Active region: for every stream and every peer, a ``Shipper`` from a new
+source of the stream's kind to the peer's vault, sealed with the peer's key.
+Passive region: for every stream, a ``Sink`` from this region's vault, opened
+with this region's key, into the stream kind's target.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from agent.config import AgentConfig, StreamConfig
+from agent.supervise import StreamTask
+from replicators import synthetic
+from replicators.keys import KeyProvider, build_key_provider
+from replicators.metrics import Metrics
+from replicators.progress import StreamProgress
+from replicators.s3 import S3Store
+from replicators.shipper import Shipper, ShipperSettings
+from replicators.sink import Sink, SinkSettings
+from replicators.stream import Source, Target
+from replicators.vault import Vault
+
+EPOCH = 1  # fixed until the coordination layer hands out epochs
+
+
+def build_source(cfg: StreamConfig) -> Source:
+    if cfg.kind == synthetic.KIND:
+        return synthetic.SyntheticSource(cfg.synthetic)
+    raise ValueError(f"no source for stream kind {cfg.kind!r}")
+
+
+def build_target(cfg: StreamConfig, directory: Path) -> Target:
+    if cfg.kind == synthetic.KIND:
+        return synthetic.SyntheticTarget(directory)
+    raise ValueError(f"no target for stream kind {cfg.kind!r}")
+
+
+async def _keys(stack: AsyncExitStack, provider: KeyProvider) -> KeyProvider:
+    stack.push_async_callback(provider.aclose)
+    return provider
+
+
+async def build_tasks(
+    cfg: AgentConfig, metrics: Metrics, stack: AsyncExitStack
+) -> list[StreamTask]:
+    """Open every store and key provider the role needs (closed by ``stack``)."""
+    tasks: list[StreamTask] = []
+    streams_dir = cfg.data_dir / "streams"
+    if cfg.role == "active":
+        for peer in cfg.peers:
+            store = await S3Store.open(peer.vault)
+            stack.push_async_callback(store.aclose)
+            vault = Vault(store)
+            keys = await _keys(stack, build_key_provider(peer.keys))
+            for s in cfg.streams:
+                settings = ShipperSettings(
+                    stream=s.name,
+                    destination=peer.name,
+                    epoch=EPOCH,
+                    segment_max_bytes=int(s.segment_max_bytes),
+                    segment_max_age=s.segment_max_age,
+                )
+                progress = StreamProgress(stream=s.name, kind=s.kind, side="source", peer=peer.name)
+                shipper = Shipper(
+                    settings,
+                    build_source(s),
+                    vault,
+                    keys,
+                    streams_dir / s.name / f"shipped-to-{peer.name}.json",
+                    progress,
+                    metrics.stream(s.name, peer.name),
+                )
+                tasks.append(StreamTask(f"{s.name}->{peer.name}", shipper, progress))
+        return tasks
+    store = await S3Store.open(cfg.vault)
+    stack.push_async_callback(store.aclose)
+    vault = Vault(store)
+    keys = await _keys(stack, build_key_provider(cfg.keys))
+    for s in cfg.streams:
+        progress = StreamProgress(stream=s.name, kind=s.kind, side="sink", peer="vault")
+        sink = Sink(
+            SinkSettings(stream=s.name, origin="vault"),
+            vault,
+            keys,
+            build_target(s, streams_dir / s.name / "target"),
+            progress,
+            metrics.stream(s.name, "vault"),
+        )
+        tasks.append(StreamTask(f"vault->{s.name}", sink, progress, idle=cfg.sink_poll_interval))
+    return tasks

@@ -1,0 +1,92 @@
+"""The one loop that runs every stream: recover, step, classify the error, back off.
+
+A runner exposes ``recover()`` and an idempotent ``sync_once(stop)``; this
+module owns waiting, retrying and logging, so runners stay free of them.
+
+- Transient errors (store unavailable, source down, anything unexpected)
+  restart the runner after a capped, jittered backoff; ``recover()`` runs
+  again, so a half-done step is redone from the last durable point.
+- ``IntegrityError`` is never retried: the stream halts, says why in its
+  progress (``/status``, ``/readyz``) and waits for the stop.
+- When ``stop`` is set the current step finishes (a shipper seals, publishes
+  and acknowledges what it holds) and the loop returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent import logs
+from agent.backoff import Backoff
+from replicators.errors import DragentError, IntegrityError
+from replicators.metrics import Metrics
+from replicators.progress import StreamProgress
+
+
+class Runner(Protocol):
+    async def recover(self) -> None: ...
+
+    async def sync_once(self, stop: asyncio.Event) -> Any: ...
+
+
+@dataclass
+class StreamTask:
+    name: str
+    runner: Runner
+    progress: StreamProgress
+    idle: float = 0.0
+    """Seconds to wait after a step that found nothing to do (a sink's poll interval)."""
+    state: str = "starting"
+    last_error: str | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+async def _wait(stop: asyncio.Event, delay: float) -> None:
+    try:
+        async with asyncio.timeout(delay):
+            await stop.wait()
+    except TimeoutError:
+        pass
+
+
+async def run_stream(task: StreamTask, stop: asyncio.Event, metrics: Metrics) -> None:
+    log = logs.get("stream", stream=task.name)
+    limiter = logs.RateLimited(30.0)
+    while not stop.is_set():
+        try:
+            await task.runner.recover()
+            if limiter.forget("error"):
+                log.info("stream recovered", after_attempts=task.backoff.attempt)
+            task.state, task.last_error = "running", None
+            task.backoff.reset()
+            log.info("stream running")
+            while not stop.is_set():
+                did = await task.runner.sync_once(stop)
+                if not did and task.idle:
+                    await _wait(stop, task.idle)
+            task.state = "stopped"
+            return
+        except IntegrityError as exc:
+            task.state, task.last_error = "halted", str(exc)
+            task.progress.halted = str(exc)
+            log.error("stream halted on integrity error", error=str(exc))
+            await stop.wait()
+            return
+        except Exception as exc:
+            task.state, task.last_error = "retrying", f"{type(exc).__name__}: {exc}"
+            metrics.restarts.labels(task.name, type(exc).__name__).inc()
+            delay = task.backoff.next_delay(random.random())
+            held = limiter.allow("error")
+            if held is not None:
+                log.warning(
+                    "stream step failed",
+                    error=task.last_error,
+                    retry_in=round(delay, 3),
+                    suppressed=held,
+                    exc_info=not isinstance(exc, DragentError | OSError),
+                )
+            await _wait(stop, delay)
+    task.state = "stopped"

@@ -1,0 +1,47 @@
+"""Crash-safe small state files (a stream's acknowledged or applied position).
+
+``save`` writes a temporary file, fsyncs it, renames it over the old one and
+fsyncs the directory: after a crash the file holds either the old or the new
+state, never a mix. ``load`` returns ``None`` when there is no state yet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from replicators.errors import IntegrityError
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(state, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        state = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise IntegrityError(f"unreadable state file: {exc}", where=str(path)) from None
+    if not isinstance(state, dict):
+        raise IntegrityError("state file does not hold an object", where=str(path))
+    return state

@@ -1,0 +1,208 @@
+"""``ObjectStore`` over S3 (AWS S3, SeaweedFS, MinIO) through aiobotocore.
+
+Retries live in exactly one layer: botocore's own ("standard" mode with
+``max_attempts`` from the config). This module only classifies what is left
+into ``NotFound`` / ``AlreadyExists`` / ``AccessDenied`` / ``Unavailable`` and
+puts a deadline around every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, suppress
+from typing import Any, ClassVar
+
+import aiobotocore.session
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from agent.config import S3Config
+from replicators.errors import AccessDenied, AlreadyExists, NotFound, StorageError, Unavailable
+from replicators.store import ObjectInfo
+
+_NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}
+_EXISTS = {"PreconditionFailed", "412"}
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "NoSuchBucket",
+}
+
+
+def classify(exc: Exception, key: str) -> StorageError:
+    """Map a botocore error to the store's error kinds."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = f"s3 {code or status}: {exc.response.get('Error', {}).get('Message', '')}"
+        if code in _NOT_FOUND or status == 404:
+            if code == "NoSuchBucket":
+                return AccessDenied(message, key=key, hint="create the bucket or fix its name")
+            return NotFound(message, key=key)
+        if code in _EXISTS or status == 412:
+            return AlreadyExists(message, key=key)
+        if code in _DENIED or status == 403:
+            return AccessDenied(message, key=key, hint="check the credentials and bucket policy")
+        return Unavailable(message, key=key)
+    if isinstance(exc, BotoCoreError | OSError | TimeoutError):
+        return Unavailable(f"s3 unreachable: {type(exc).__name__}: {exc}", key=key)
+    raise exc
+
+
+class S3Store:
+    """An S3 bucket (optionally under a key prefix). Create with ``await S3Store.open(cfg)``."""
+
+    KIND: ClassVar[str] = "s3"
+
+    def __init__(self, cfg: S3Config, client: Any, stack: AsyncExitStack) -> None:
+        self.cfg = cfg
+        self._client = client
+        self._stack = stack
+        self._deadline = (cfg.connect_timeout + cfg.read_timeout) * cfg.max_attempts
+        self._parts = asyncio.Semaphore(cfg.max_concurrency)
+
+    @classmethod
+    async def open(cls, cfg: S3Config) -> S3Store:
+        stack = AsyncExitStack()
+        session = aiobotocore.session.get_session()
+        creds: dict[str, str] = {}
+        if cfg.access_key is not None and cfg.secret_key is not None:
+            creds = {
+                "aws_access_key_id": cfg.access_key.reveal(),
+                "aws_secret_access_key": cfg.secret_key.reveal(),
+            }
+        config = Config(
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+            s3={"addressing_style": cfg.addressing_style},
+            max_pool_connections=cfg.max_concurrency,
+        )
+        client = await stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=cfg.endpoint,
+                region_name=cfg.region_name,
+                config=config,
+                **creds,
+            )
+        )
+        return cls(cfg, client, stack)
+
+    def _key(self, key: str) -> str:
+        return self.cfg.prefix + key
+
+    async def _call(self, key: str, op: str, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await getattr(self._client, op)(Bucket=self.cfg.bucket, **kwargs)
+        except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+            raise classify(exc, key) from exc
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        extra: dict[str, Any] = {"Metadata": dict(metadata or {})}
+        if len(data) > self.cfg.multipart_threshold:
+            await self._put_multipart(key, data, if_absent, extra)
+            return
+        if if_absent:
+            extra["IfNoneMatch"] = "*"
+        await self._call(key, "put_object", Key=self._key(key), Body=data, **extra)
+
+    async def _put_multipart(
+        self, key: str, data: bytes, if_absent: bool, extra: dict[str, Any]
+    ) -> None:
+        full = self._key(key)
+        upload = await self._call(key, "create_multipart_upload", Key=full, **extra)
+        upload_id = upload["UploadId"]
+        chunk = int(self.cfg.multipart_chunk)
+        view = memoryview(data)
+
+        async def part(number: int, offset: int) -> dict[str, Any]:
+            async with self._parts:
+                body = bytes(view[offset : offset + chunk])
+                out = await self._call(
+                    key, "upload_part", Key=full, UploadId=upload_id, PartNumber=number, Body=body
+                )
+                return {"PartNumber": number, "ETag": out["ETag"]}
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(part(i + 1, off))
+                    for i, off in enumerate(range(0, len(data), chunk))
+                ]
+            parts = [t.result() for t in tasks]
+            cond = {"IfNoneMatch": "*"} if if_absent else {}
+            await self._call(
+                key,
+                "complete_multipart_upload",
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **cond,
+            )
+        except BaseException:
+            await asyncio.shield(self._abort(key, full, upload_id))
+            raise
+
+    async def _abort(self, key: str, full: str, upload_id: str) -> None:
+        # An orphaned upload left by a failed abort is reclaimed by the bucket's lifecycle rule.
+        with suppress(StorageError):
+            await self._call(key, "abort_multipart_upload", Key=full, UploadId=upload_id)
+
+    async def get(self, key: str) -> bytes:
+        out = await self._call(key, "get_object", Key=self._key(key))
+        try:
+            async with asyncio.timeout(self._deadline), out["Body"] as body:
+                return await body.read()
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise classify(exc, key) from exc
+
+    async def stat(self, key: str) -> ObjectInfo:
+        out = await self._call(key, "head_object", Key=self._key(key))
+        return ObjectInfo(
+            key=key,
+            size=int(out["ContentLength"]),
+            etag=str(out.get("ETag", "")).strip('"'),
+            metadata=dict(out.get("Metadata", {})),
+        )
+
+    async def list(
+        self, prefix: str, *, start_after: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        token: str | None = None
+        strip = len(self.cfg.prefix)
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": self._key(prefix), "MaxKeys": 1000}
+            if token:
+                kwargs["ContinuationToken"] = token
+            elif start_after is not None:
+                kwargs["StartAfter"] = self._key(start_after)
+            page = await self._call(prefix, "list_objects_v2", **kwargs)
+            for item in page.get("Contents", []):
+                yield ObjectInfo(
+                    key=item["Key"][strip:],
+                    size=int(item["Size"]),
+                    etag=str(item.get("ETag", "")).strip('"'),
+                )
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    async def delete(self, key: str) -> None:
+        with suppress(NotFound):
+            await self._call(key, "delete_object", Key=self._key(key))
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()

@@ -1,0 +1,124 @@
+"""Ships one stream from its source to one destination region's vault.
+
+``sync_once()`` is the whole job, idempotent and safe to repeat: take one
+batch from the source, seal it into the next segment, publish it in the
+destination vault, record the new position, and only then acknowledge it to
+the source. A crash at any point loses nothing: on ``recover()`` the shipper
+reads its checkpoint, adopts any segment published after it (so none is sent
+twice) and resumes the source from the end of the last durable segment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from replicators import checkpoint
+from replicators.keys import KeyProvider, unseal
+from replicators.metrics import StreamMetrics
+from replicators.progress import StreamProgress
+from replicators.segment import seal
+from replicators.stream import Change, Source
+from replicators.vault import SegmentRef, Vault
+
+
+@dataclass(frozen=True)
+class ShipperSettings:
+    stream: str
+    destination: str
+    epoch: int
+    segment_max_bytes: int
+    segment_max_age: float
+
+
+class Shipper:
+    def __init__(
+        self,
+        settings: ShipperSettings,
+        source: Source,
+        vault: Vault,
+        keys: KeyProvider,
+        state_path: Path,
+        progress: StreamProgress,
+        metrics: StreamMetrics,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.vault = vault
+        self.keys = keys
+        self.state_path = state_path
+        self.progress = progress
+        self.metrics = metrics
+        self.last: SegmentRef | None = None
+        self.end = 0
+        progress.source_pending = source.pending_since
+
+    async def recover(self) -> None:
+        """Find the last durable segment (checkpoint, then the vault) and resume the source."""
+        state = checkpoint.load(self.state_path)
+        if state is not None:
+            self.last = SegmentRef(epoch=state["epoch"], seq=state["seq"], stream=state["stream"])
+            self.end = int(state["end"])
+        async for ref in self.vault.segments(self.settings.stream, after=self.last):
+            blob = await self.vault.get_segment(ref)
+            opened = await unseal(blob, self.keys, expect_stream=ref.stream, expect_seq=ref.seq)
+            self.last, self.end = ref, int(opened.header.end)
+            self._save(opened.header.last_source_time)
+        await self.source.resume(self.end)
+        await self.source.ack(self.end)
+        now = time.time()
+        self.progress.advance("captured", self.end, now, now)
+        self.progress.durable(self.end, now, now, None)
+
+    async def sync_once(self, stop: asyncio.Event) -> bool:
+        """Ship one batch. Returns False when the source had nothing (stop was set)."""
+        s = self.settings
+        batch = await self.source.next_batch(int(s.segment_max_bytes), s.segment_max_age, stop)
+        if not batch:
+            return False
+        now = time.time()
+        self.progress.capture(batch[-1].end, batch[-1].source_time, now, batch[0].source_time)
+        await self._publish(batch)
+        return True
+
+    async def _publish(self, batch: list[Change]) -> None:
+        s = self.settings
+        seq = self.last.seq + 1 if self.last else 1
+        ref = SegmentRef(epoch=s.epoch, seq=seq, stream=s.stream)
+        records = [c.payload for c in batch]
+        data_key = await self.keys.data_key()
+        blob = await asyncio.to_thread(
+            seal,
+            records,
+            stream=s.stream,
+            epoch=s.epoch,
+            seq=seq,
+            start=str(batch[0].start),
+            end=str(batch[-1].end),
+            first_source_time=batch[0].source_time,
+            last_source_time=batch[-1].source_time,
+            data_key=data_key,
+            created_at=time.time(),
+        )
+        with self.metrics.put_seconds.time():
+            await self.vault.put_segment(ref, blob)
+        self.last, self.end = ref, batch[-1].end
+        await asyncio.to_thread(self._save, batch[-1].source_time)
+        await self.source.ack(self.end)
+        now = time.time()
+        self.progress.durable(self.end, batch[-1].source_time, now, None)
+        self.metrics.sealed(records, len(blob), now - batch[0].source_time)
+
+    def _save(self, source_time: float) -> None:
+        assert self.last is not None
+        state = {
+            "stream": self.last.stream,
+            "epoch": self.last.epoch,
+            "seq": self.last.seq,
+            "end": self.end,
+            "source_time": source_time,
+            "destination": self.settings.destination,
+        }
+        checkpoint.save(self.state_path, state)

@@ -1,0 +1,65 @@
+"""The vault: the segment log of every stream, kept in the destination region's store.
+
+Layout (docs/vault-layout.md): ``streams/<stream>/<epoch:010d>/<seq:020d>.seg``.
+Zero-padded numbers make the store's lexicographic listing the log's order
+(epoch first, then seq). A segment is published once (create-only write) and
+never changed: its name is its identity, so a re-sent segment is detected
+rather than applied twice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from replicators.errors import IntegrityError
+from replicators.store import ObjectStore
+
+_NAME = re.compile(r"^streams/([a-z0-9][a-z0-9-]*)/(\d{10})/(\d{20})\.seg$")
+
+
+@dataclass(frozen=True, order=True)
+class SegmentRef:
+    """Names one segment. Orders as the log does: by epoch, then seq."""
+
+    epoch: int
+    seq: int
+    stream: str
+
+    @property
+    def key(self) -> str:
+        return f"streams/{self.stream}/{self.epoch:010d}/{self.seq:020d}.seg"
+
+    @classmethod
+    def parse(cls, key: str) -> SegmentRef:
+        match = _NAME.match(key)
+        if not match:
+            raise IntegrityError(f"not a segment name: {key!r}", where="vault")
+        return cls(epoch=int(match.group(2)), seq=int(match.group(3)), stream=match.group(1))
+
+
+class Vault:
+    """Segment log operations over one ``ObjectStore``. Errors are the store's."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def put_segment(self, ref: SegmentRef, blob: bytes) -> None:
+        """Publish a segment once. Raises ``AlreadyExists`` if the name is taken."""
+        await self.store.put(ref.key, blob, if_absent=True)
+
+    async def get_segment(self, ref: SegmentRef) -> bytes:
+        return await self.store.get(ref.key)
+
+    async def segments(
+        self, stream: str, after: SegmentRef | None = None
+    ) -> AsyncIterator[SegmentRef]:
+        """Yield the stream's segments in log order, strictly after ``after``.
+
+        Keys under the stream's prefix that are not segment names are skipped.
+        """
+        prefix = f"streams/{stream}/"
+        async for info in self.store.list(prefix, start_after=after.key if after else None):
+            if _NAME.match(info.key):
+                yield SegmentRef.parse(info.key)
