@@ -1,0 +1,37 @@
+# Quick start: `make demo` runs the lab end to end; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test test-all lint bench deps venv clean
+
+demo: deps venv
+	$(BIN)/dragent demo --seconds $${DEMO_SECONDS:-30}
+
+test: deps venv
+	$(BIN)/pytest
+
+test-all: deps venv
+	$(BIN)/pytest -m ''
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: venv
+	$(BIN)/python benchmarks/pipeline.py
+
+deps:
+	@bash deploy/lab/install-system-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+clean:
+	-$(BIN)/dragent lab down --dir .lab-demo 2>/dev/null
+	rm -rf $(VENV) .lab .lab-demo .pytest_cache .ruff_cache

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the lab needs (PostgreSQL 15, etcd, a venv-capable
+# Python). As root it runs apt-get; otherwise it names the command to run.
+set -euo pipefail
+
+need=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v runuser >/dev/null || need+=(util-linux)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${need[*]}" >&2
+    echo "run: sudo apt-get update && sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+fi
+echo "installing Debian packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# The postgresql package starts a default cluster; the lab runs its own.
+if command -v pg_lsclusters >/dev/null && [ -n "$(pg_lsclusters -h 2>/dev/null)" ]; then
+    systemctl stop postgresql 2>/dev/null || true
+fi
+# Debian starts etcd as a service on the default ports; the lab runs its own members.
+systemctl disable --now etcd 2>/dev/null || true

@@ -1,0 +1,67 @@
+"""Shared fixtures: one lab (real PostgreSQL, SeaweedFS, etcd) per test session."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from agent.config import AgentConfig, load_config
+from agent.lab import Lab
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
+    root = tmp_path_factory.mktemp("lab")
+    lab = Lab(root)
+    try:
+        await lab.up()
+        yield lab
+    finally:
+        await lab.down()
+
+
+@pytest.fixture(scope="session")
+def cfg_a(lab: Lab) -> AgentConfig:
+    return load_config(lab.config_path("a"))
+
+
+@pytest.fixture(scope="session")
+def cfg_b(lab: Lab) -> AgentConfig:
+    return load_config(lab.config_path("b"))
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool] | bool], within: float, every: float = 0.1
+) -> None:
+    """Wait until ``check()`` is true; fail the test after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(every)
+
+
+@pytest.fixture
+def unique(request: pytest.FixtureRequest) -> str:
+    """A short name unique to this test, usable as a stream name or key prefix."""
+    name = request.node.name.lower().replace("_", "-")
+    return (
+        "".join(c for c in name if c.isalnum() or c == "-")[:40].strip("-")
+        + f"-{time.time_ns() % 10**6}"
+    )
+
+
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "agent"
+    path.mkdir(exist_ok=True)
+    return path

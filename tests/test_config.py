@@ -1,0 +1,138 @@
+"""Configuration: typed, validated at the edge, every problem named with file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config, parse_config
+
+GOOD = """
+region = "a"
+role = "active"
+data_dir = "{d}"
+[vault]
+endpoint = "http://127.0.0.1:1"
+bucket = "dragent-vault"
+access_key = "env:TEST_S3_KEY"
+secret_key = "file:{d}/secret"
+[keys]
+provider = "local"
+key_file = "{d}/a.key"
+[[peers]]
+name = "b"
+[peers.vault]
+bucket = "vault-b"
+[peers.keys]
+provider = "aws-kms"
+kms_key_id = "alias/dragent-b"
+[[streams]]
+name = "synthetic"
+kind = "synthetic"
+segment_max_age = "250ms"
+segment_max_bytes = "4MiB"
+[http]
+listen = "127.0.0.1:7070"
+token = "env:TEST_TOKEN"
+"""
+
+
+@pytest.fixture
+def good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TEST_S3_KEY", "AKIA-not-a-real-key")
+    monkeypatch.setenv("TEST_TOKEN", "tok-123456")
+    (tmp_path / "secret").write_text("s3cr3t-value\n")
+    path = tmp_path / "agent.toml"
+    path.write_text(GOOD.format(d=tmp_path))
+    return path
+
+
+def test_good_file_loads_with_units_and_secrets(good: Path) -> None:
+    cfg = load_config(good)
+    stream = cfg.stream("synthetic")
+    assert stream.segment_max_age == pytest.approx(0.25)
+    assert int(stream.segment_max_bytes) == 4 * 1024 * 1024
+    assert cfg.vault.secret_key is not None
+    assert cfg.vault.secret_key.reveal() == "s3cr3t-value"
+    assert cfg.peers[0].keys.provider == "aws-kms"
+
+
+def test_secrets_never_show_in_repr(good: Path) -> None:
+    cfg = load_config(good)
+    text = repr(cfg) + str(cfg.model_dump())
+    assert "s3cr3t-value" not in text
+    assert "tok-123456" not in text
+    assert "AKIA-not-a-real-key" not in text
+
+
+def test_every_problem_is_named_with_file_and_key(good: Path) -> None:
+    bad = good.read_text().replace('role = "active"', 'role = "leader"')
+    bad = bad.replace('segment_max_age = "250ms"', 'segment_max_age = "soon"\ncolour = 1')
+    bad = bad.replace('token = "env:TEST_TOKEN"', 'token = "plain-text-token"')
+    good.write_text(bad)
+    with pytest.raises(ConfigError) as info:
+        load_config(good)
+    problems = info.value.problems
+    text = str(info.value)
+    assert all(line.startswith(f"{good}: ") for line in text.splitlines())
+    assert any(p.startswith("role:") and "'leader'" in p for p in problems)
+    assert any(p.startswith("streams[synthetic].segment_max_age:") for p in problems)
+    assert any(p.startswith("streams[synthetic].colour: unknown key") for p in problems)
+    assert any(p.startswith("http.token:") and "env:NAME" in p for p in problems)
+    assert len(problems) == 4
+
+
+def test_missing_env_secret_is_a_problem(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_TOKEN")
+    with pytest.raises(ConfigError, match=r"http\.token: environment variable 'TEST_TOKEN'"):
+        load_config(good)
+
+
+def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('region = "a"\ndata_dir = \n')
+    with pytest.raises(ConfigError, match=r"broken.toml: not valid TOML: .*line 2"):
+        load_config(path)
+
+
+def test_cross_field_rules() -> None:
+    base = {
+        "region": "a",
+        "data_dir": "/tmp/x",
+        "vault": {"bucket": "v"},
+        "keys": {"provider": "local", "key_file": "/k"},
+    }
+    with pytest.raises(ConfigError, match="lists itself as a peer"):
+        peer = {"name": "a", "vault": {"bucket": "v"}, "keys": base["keys"]}
+        parse_config({**base, "peers": [peer]})
+    with pytest.raises(ConfigError, match="duplicate names"):
+        parse_config({**base, "streams": [{"name": "s", "kind": "synthetic"}] * 2})
+    with pytest.raises(ConfigError, match="multipart_chunk must be at least 5MiB"):
+        parse_config({**base, "vault": {"bucket": "v", "multipart_chunk": "1MiB"}})
+
+
+def test_cli_config_check_exit_codes(good: Path, tmp_path: Path) -> None:
+    env = {"TEST_S3_KEY": "x", "TEST_TOKEN": "y", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(
+        [sys.executable, "-m", "agent", "config", "check", str(good)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "ok (region a, role active" in ok.stdout
+    broken = tmp_path / "bad.toml"
+    broken.write_text(good.read_text().replace('kind = "synthetic"', 'kind = "carrier-pigeon"'))
+    bad = subprocess.run(
+        [sys.executable, "-m", "agent", "config", "check", str(broken)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert f"{broken}: streams[synthetic].kind: Input should be 'synthetic'" in bad.stderr
