@@ -1,0 +1,305 @@
+"""Key providers: the local key file (round trip, rotation, permissions, errors) and AWS KMS.
+
+The AWS KMS provider is tested against ``FakeKms`` below: a small fake written
+for these tests, because no KMS server runs here. It speaks the KMS JSON 1.1
+protocol (``X-Amz-Target: TrentService.<Operation>``) for GenerateDataKey and
+Decrypt only, checks the encryption context, and answers errors the way KMS
+does (``{"__type": ..., "message": ...}``). It is not a model of KMS beyond
+that: no key policies, grants or SigV4 verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from agent.config import KeysConfig
+from replicators.errors import IntegrityError, KeyAccessError, Unavailable
+from replicators.keys import (
+    KMS_CONTEXT,
+    AwsKmsKeyProvider,
+    LocalKeyProvider,
+    build_key_provider,
+    generate_key_file,
+    rotate_key_file,
+    unseal,
+)
+from replicators.segment import DataKey, read_header, seal
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def sealed(key: DataKey, records: list[bytes], seq: int = 1) -> bytes:
+    return seal(
+        records, stream="objects", epoch=1, seq=seq, start="0", end=str(len(records)),
+        first_source_time=1.0, last_source_time=2.0, data_key=key, created_at=3.0,
+    )  # fmt: skip
+
+
+def current_id(path: Path) -> str:
+    return str(json.loads(path.read_text())["current"])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- local key file ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "kek.json"
+    generate_key_file(path)
+    return path
+
+
+def test_generated_key_file_is_private_and_never_overwritten(key_file: Path) -> None:
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    doc = json.loads(key_file.read_text())
+    assert doc["current"] in doc["keys"] and len(bytes.fromhex(doc["keys"][doc["current"]])) == 32
+    before = key_file.read_bytes()
+    with pytest.raises(FileExistsError):
+        generate_key_file(key_file)
+    assert key_file.read_bytes() == before
+    assert [p.name for p in key_file.parent.iterdir()] == ["kek.json"]  # no temporary left
+
+
+def test_rotation_keeps_old_versions_and_stays_private(key_file: Path) -> None:
+    first = current_id(key_file)
+    second = rotate_key_file(key_file)
+    doc = json.loads(key_file.read_text())
+    assert doc["current"] == second != first and set(doc["keys"]) == {first, second}
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    with pytest.raises(KeyAccessError):
+        rotate_key_file(key_file.with_name("missing.json"))
+
+
+async def test_local_round_trip_and_reuse(key_file: Path) -> None:
+    clock = Clock()
+    keys = LocalKeyProvider(key_file, data_key_reuse=60, clock=clock)
+    key = await keys.data_key()
+    assert key.key_id == current_id(key_file)
+    assert await keys.data_key() is key  # reused within the window
+    blob = sealed(key, [b"a", b"b"])
+    assert (await unseal(blob, keys, expect_stream="objects", expect_seq=1)).records == [b"a", b"b"]
+    fresh = LocalKeyProvider(key_file)  # another process: unwraps from the file
+    assert (await unseal(blob, fresh)).records == [b"a", b"b"]
+    clock.now += 61
+    assert (await keys.data_key()).plaintext != key.plaintext
+    assert key.plaintext.hex() not in repr(keys) + repr(key)
+    await keys.aclose()
+    await fresh.aclose()
+
+
+async def test_rotation_is_picked_up_without_restart(key_file: Path) -> None:
+    keys = LocalKeyProvider(key_file, data_key_reuse=3600)
+    old = await keys.data_key()
+    old_blob = sealed(old, [b"before rotation"])
+    new_id = rotate_key_file(key_file)
+    new = await keys.data_key()
+    assert new.key_id == new_id != old.key_id
+    assert read_header(sealed(new, [b"x"])).key_id == new_id
+    assert (await unseal(old_blob, keys)).records == [b"before rotation"]
+    assert (await unseal(old_blob, LocalKeyProvider(key_file))).records == [b"before rotation"]
+
+
+async def test_unknown_key_id_and_tampered_wrapped_key(key_file: Path, tmp_path: Path) -> None:
+    keys = LocalKeyProvider(key_file)
+    key = await keys.data_key()
+    with pytest.raises(KeyAccessError, match="not in key file"):
+        await keys.unwrap("k-unknown", key.wrapped)
+    tampered = key.wrapped[:-1] + bytes([key.wrapped[-1] ^ 1])
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        await keys.unwrap(key.key_id, tampered)
+    with pytest.raises(IntegrityError, match="malformed"):
+        await keys.unwrap(key.key_id, b"short")
+    other = tmp_path / "other.json"
+    generate_key_file(other)
+    with pytest.raises(KeyAccessError):  # a segment from a region whose key we lack
+        await unseal(sealed(await LocalKeyProvider(other).data_key(), [b"x"]), keys)
+
+
+async def test_unreadable_or_invalid_key_file(tmp_path: Path) -> None:
+    with pytest.raises(KeyAccessError, match="cannot read"):
+        await LocalKeyProvider(tmp_path / "absent.json").data_key()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "dragent-kek/1", "current": "k", "keys": {"k": "zz"}}')
+    with pytest.raises(KeyAccessError, match="not hex"):
+        await LocalKeyProvider(bad).data_key()
+    bad.write_text("not json")
+    with pytest.raises(KeyAccessError, match="not valid JSON"):
+        await LocalKeyProvider(bad).data_key()
+
+
+def test_build_key_provider(key_file: Path) -> None:
+    local = build_key_provider(KeysConfig(provider="local", key_file=key_file))
+    assert isinstance(local, LocalKeyProvider) and local.KIND == "local"
+    kms = build_key_provider(
+        KeysConfig(provider="aws-kms", kms_key_id="alias/dr", kms_endpoint="http://127.0.0.1:1")
+    )
+    assert isinstance(kms, AwsKmsKeyProvider) and kms.KIND == "aws-kms"
+
+
+# --- AWS KMS, against a fake ----------------------------------------------------------------
+
+
+class FakeKms:
+    """A fake KMS, because no KMS server runs here: GenerateDataKey and Decrypt over
+    the KMS JSON 1.1 protocol on 127.0.0.1 (see the module docstring for its limits)."""
+
+    ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+    def __init__(self) -> None:
+        self.master = AESGCM.generate_key(256)
+        self.calls: list[str] = []
+        self.refuse = False
+        self.delay = 0.0
+
+    def _error(self, kind: str, message: str, status: int = 400) -> web.Response:
+        body = json.dumps({"__type": kind, "message": message})
+        return web.Response(status=status, text=body, content_type="application/x-amz-json-1.1")
+
+    def _ok(self, doc: dict[str, str]) -> web.Response:
+        return web.Response(text=json.dumps(doc), content_type="application/x-amz-json-1.1")
+
+    async def handle(self, request: web.Request) -> web.Response:
+        operation = request.headers.get("X-Amz-Target", "").removeprefix("TrentService.")
+        body = json.loads(await request.read())
+        self.calls.append(operation)
+        await asyncio.sleep(self.delay)
+        if self.refuse:
+            return self._error("AccessDeniedException", "not authorized")
+        if body.get("KeyId") not in (self.ARN, "alias/dr"):
+            return self._error("NotFoundException", f"key {body.get('KeyId')} not found")
+        aad = json.dumps(body.get("EncryptionContext", {}), sort_keys=True).encode()
+        if operation == "GenerateDataKey":
+            return self._generate(body, aad)
+        if operation == "Decrypt":
+            return self._decrypt(body, aad)
+        return self._error("UnsupportedOperationException", operation)
+
+    def _generate(self, body: dict[str, str], aad: bytes) -> web.Response:
+        assert body["KeySpec"] == "AES_256"
+        plaintext, nonce = os.urandom(32), os.urandom(12)
+        blob = b"fake" + nonce + AESGCM(self.master).encrypt(nonce, plaintext, aad)
+        b64 = base64.b64encode
+        return self._ok(
+            {
+                "KeyId": self.ARN,
+                "Plaintext": b64(plaintext).decode(),
+                "CiphertextBlob": b64(blob).decode(),
+            }
+        )
+
+    def _decrypt(self, body: dict[str, str], aad: bytes) -> web.Response:
+        blob = base64.b64decode(body["CiphertextBlob"])
+        try:
+            plaintext = AESGCM(self.master).decrypt(blob[4:16], blob[16:], aad)
+        except (InvalidTag, ValueError):
+            return self._error("InvalidCiphertextException", "")
+        return self._ok({"KeyId": self.ARN, "Plaintext": base64.b64encode(plaintext).decode()})
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Static test credentials; no shared config, no instance metadata."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+async def kms(aws_env: None) -> AsyncIterator[tuple[FakeKms, str]]:
+    fake = FakeKms()
+    app = web.Application()
+    app.router.add_post("/", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield fake, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_kms_round_trip_reuse_and_cache(kms: tuple[FakeKms, str]) -> None:
+    fake, url = kms
+    clock = Clock()
+    keys = AwsKmsKeyProvider("alias/dr", endpoint_url=url, data_key_reuse=60, clock=clock)
+    try:
+        key = await keys.data_key()
+        assert key.key_id == FakeKms.ARN and len(key.plaintext) == 32
+        assert await keys.data_key() is key
+        assert fake.calls == ["GenerateDataKey"]
+        blob = sealed(key, [b"weights", b"manifest"])
+        other = AwsKmsKeyProvider("alias/dr", endpoint_url=url)
+        try:
+            assert (await unseal(blob, other, expect_seq=1)).records == [b"weights", b"manifest"]
+            await unseal(blob, other)
+            assert fake.calls == ["GenerateDataKey", "Decrypt"]  # unwrap is cached
+        finally:
+            await other.aclose()
+        clock.now += 61
+        assert (await keys.data_key()).plaintext != key.plaintext
+    finally:
+        await keys.aclose()
+    assert key.plaintext.hex() not in repr(keys)
+
+
+async def test_kms_errors_are_classified(kms: tuple[FakeKms, str]) -> None:
+    fake, url = kms
+    keys = AwsKmsKeyProvider(FakeKms.ARN, endpoint_url=url)
+    slow = AwsKmsKeyProvider(FakeKms.ARN, endpoint_url=url, timeout=0.3)
+    try:
+        key = await keys.data_key()
+        tampered = key.wrapped[:-1] + bytes([key.wrapped[-1] ^ 1])
+        with pytest.raises(IntegrityError, match="InvalidCiphertextException"):
+            await keys.unwrap(key.key_id, tampered)
+        with pytest.raises(KeyAccessError, match="NotFoundException"):
+            await keys.unwrap("arn:aws:kms:us-east-1:111122223333:key/other", key.wrapped)
+        fake.refuse = True
+        with pytest.raises(KeyAccessError, match="AccessDeniedException"):
+            await keys.unwrap(key.key_id, os.urandom(60))
+        fake.refuse, fake.delay = False, 1.0
+        with pytest.raises(Unavailable, match="no answer"):
+            await slow.unwrap(key.key_id, os.urandom(60))
+    finally:
+        await keys.aclose()
+        await slow.aclose()
+
+
+async def test_kms_unreachable_is_unavailable(aws_env: None, unused_tcp_port: int) -> None:
+    keys = AwsKmsKeyProvider(
+        "alias/dr", endpoint_url=f"http://127.0.0.1:{unused_tcp_port}", timeout=5
+    )
+    try:
+        with pytest.raises(Unavailable):
+            await keys.data_key()
+    finally:
+        await keys.aclose()
+
+
+def test_kms_context_is_fixed() -> None:
+    assert KMS_CONTEXT == {"purpose": "dragent-segment"}
