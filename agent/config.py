@@ -11,23 +11,39 @@ whose repr is redacted. Durations accept seconds or ``"200ms"``, ``"5s"``,
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ByteSize,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
+
+from agent.configbase import (
+    Duration,
+    KeysConfig,
+    Name,
+    PositiveDuration,
+    S3Config,
+    Secret,
+    SecretRef,
+    Section,
 )
-
+from replicators.artifacts.options import ArtifactsOptions
 from replicators.errors import DragentError
+from replicators.objects.options import ObjectsOptions
+from replicators.postgres.options import PostgresOptions
+
+__all__ = [
+    "AgentConfig",
+    "ConfigError",
+    "Duration",
+    "KeysConfig",
+    "S3Config",
+    "Secret",
+    "SecretRef",
+    "Section",
+    "load_config",
+    "parse_config",
+]
 
 
 class ConfigError(DragentError):
@@ -37,117 +53,6 @@ class ConfigError(DragentError):
         self.path = path
         self.problems = problems
         super().__init__("\n".join(f"{path}: {p}" for p in problems))
-
-
-class Secret:
-    """A resolved secret. Its repr and str never show the value."""
-
-    __slots__ = ("_value", "source")
-
-    def __init__(self, value: str, source: str) -> None:
-        self._value = value
-        self.source = source
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return f"Secret({self.source}, ****)"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-def _resolve_secret(value: Any) -> Secret:
-    if isinstance(value, Secret):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("expected a string 'env:NAME' or 'file:PATH'")
-    if value.startswith("env:"):
-        name = value[4:]
-        if name not in os.environ:
-            raise ValueError(f"environment variable {name!r} is not set")
-        return Secret(os.environ[name], value)
-    if value.startswith("file:"):
-        path = Path(value[5:])
-        try:
-            return Secret(path.read_text().strip(), value)
-        except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-    raise ValueError("secrets are not written in the file: expected 'env:NAME' or 'file:PATH'")
-
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-
-
-def _parse_duration(value: Any) -> Any:
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ValueError("expected a duration such as 200ms, 5s, 2m, 1h or a number of seconds")
-        return float(match.group(1)) * _UNITS[match.group(2)]
-    return value
-
-
-SecretRef = Annotated[Secret, BeforeValidator(_resolve_secret)]
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
-Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
-
-
-class S3Config(Section):
-    """An S3 bucket: SeaweedFS or MinIO by endpoint, AWS S3 when endpoint is unset."""
-
-    endpoint: str | None = None
-    bucket: str
-    prefix: str = ""
-    region_name: str = "us-east-1"
-    access_key: SecretRef | None = None
-    secret_key: SecretRef | None = None
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    max_attempts: int = Field(default=5, ge=1, le=20)
-    connect_timeout: PositiveDuration = 5.0
-    read_timeout: PositiveDuration = 30.0
-    multipart_threshold: ByteSize = ByteSize(16 * 1024 * 1024)
-    multipart_chunk: ByteSize = ByteSize(8 * 1024 * 1024)
-    max_concurrency: int = Field(default=16, ge=1, le=256)
-
-    @model_validator(mode="after")
-    def _both_keys(self) -> S3Config:
-        if (self.access_key is None) != (self.secret_key is None):
-            raise ValueError("access_key and secret_key go together (or neither: the AWS chain)")
-        if self.multipart_chunk < 5 * 1024 * 1024:
-            raise ValueError("multipart_chunk must be at least 5MiB (the S3 minimum part size)")
-        return self
-
-
-class KeysConfig(Section):
-    """A key-encryption key: a local key file (lab, tests) or an AWS KMS key."""
-
-    provider: Literal["local", "aws-kms"]
-    key_file: Path | None = None
-    kms_key_id: str | None = None
-    kms_endpoint: str | None = None
-    kms_region: str = "us-east-1"
-    data_key_reuse: Duration = 300.0
-
-    @model_validator(mode="after")
-    def _provider_fields(self) -> KeysConfig:
-        if self.provider == "local" and self.key_file is None:
-            raise ValueError("provider 'local' needs key_file")
-        if self.provider == "aws-kms" and not self.kms_key_id:
-            raise ValueError("provider 'aws-kms' needs kms_key_id")
-        return self
 
 
 class PeerConfig(Section):
@@ -165,12 +70,26 @@ class SyntheticOptions(Section):
     compressible: bool = True
 
 
+StreamKindName = Literal["synthetic", "postgres", "objects", "artifacts"]
+
+
 class StreamConfig(Section):
+    """One stream. Its kind's options live in the table named after the kind."""
+
     name: Name
-    kind: Literal["synthetic"]
+    kind: StreamKindName
     segment_max_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
     segment_max_age: PositiveDuration = 0.2
     synthetic: SyntheticOptions = SyntheticOptions()
+    postgres: PostgresOptions | None = None
+    objects: ObjectsOptions | None = None
+    artifacts: ArtifactsOptions | None = None
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> StreamConfig:
+        if self.kind != "synthetic" and getattr(self, self.kind) is None:
+            raise ValueError(f"kind {self.kind!r} needs a [streams.{self.kind}] table")
+        return self
 
 
 class HttpConfig(Section):

@@ -9,33 +9,19 @@ with this region's key, into the stream kind's target.
 from __future__ import annotations
 
 from contextlib import AsyncExitStack
-from pathlib import Path
 
-from agent.config import AgentConfig, StreamConfig
+from agent.config import AgentConfig
 from agent.supervise import StreamTask
-from replicators import synthetic
 from replicators.keys import KeyProvider, build_key_provider
+from replicators.kinds import build_background, build_source, build_target
 from replicators.metrics import Metrics
 from replicators.progress import StreamProgress
 from replicators.s3 import S3Store
 from replicators.shipper import Shipper, ShipperSettings
 from replicators.sink import Sink, SinkSettings
-from replicators.stream import Source, Target
 from replicators.vault import Vault
 
 EPOCH = 1  # fixed until the coordination layer hands out epochs
-
-
-def build_source(cfg: StreamConfig) -> Source:
-    if cfg.kind == synthetic.KIND:
-        return synthetic.SyntheticSource(cfg.synthetic)
-    raise ValueError(f"no source for stream kind {cfg.kind!r}")
-
-
-def build_target(cfg: StreamConfig, directory: Path) -> Target:
-    if cfg.kind == synthetic.KIND:
-        return synthetic.SyntheticTarget(directory)
-    raise ValueError(f"no target for stream kind {cfg.kind!r}")
 
 
 async def _keys(stack: AsyncExitStack, provider: KeyProvider) -> KeyProvider:
@@ -64,17 +50,18 @@ async def build_tasks(
                     segment_max_age=s.segment_max_age,
                 )
                 progress = StreamProgress(stream=s.name, kind=s.kind, side="source", peer=peer.name)
+                state_dir = streams_dir / s.name / f"to-{peer.name}"
                 shipper = Shipper(
                     settings,
-                    build_source(s),
+                    build_source(s, cfg, peer, state_dir),
                     vault,
                     keys,
-                    streams_dir / s.name / f"shipped-to-{peer.name}.json",
+                    state_dir / "shipped.json",
                     progress,
                     metrics.stream(s.name, peer.name),
                 )
                 tasks.append(StreamTask(f"{s.name}->{peer.name}", shipper, progress))
-        return tasks
+        return tasks + _background(cfg)
     store = await S3Store.open(cfg.vault)
     stack.push_async_callback(store.aclose)
     vault = Vault(store)
@@ -85,9 +72,18 @@ async def build_tasks(
             SinkSettings(stream=s.name, origin="vault"),
             vault,
             keys,
-            build_target(s, streams_dir / s.name / "target"),
+            build_target(s, cfg, streams_dir / s.name / "target"),
             progress,
             metrics.stream(s.name, "vault"),
         )
         tasks.append(StreamTask(f"vault->{s.name}", sink, progress, idle=cfg.sink_poll_interval))
-    return tasks
+    return tasks + _background(cfg)
+
+
+def _background(cfg: AgentConfig) -> list[StreamTask]:
+    out = []
+    for s in cfg.streams:
+        for job in build_background(s, cfg, cfg.role, cfg.data_dir / "streams" / s.name):
+            progress = StreamProgress(stream=s.name, kind=s.kind, side="job", peer=job.name)
+            out.append(StreamTask(f"{s.name}:{job.name}", job.runner, progress, idle=job.every))
+    return out

@@ -35,7 +35,7 @@ class Mark:
 class StreamProgress:
     stream: str
     kind: str
-    side: Literal["source", "sink"]
+    side: Literal["source", "sink", "job"]
     peer: str = ""
     marks: dict[Stage, Mark] = field(default_factory=dict)
     oldest_pending_time: float | None = None

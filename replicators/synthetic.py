@@ -17,13 +17,17 @@ import struct
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from agent.config import SyntheticOptions
 from replicators import checkpoint
 from replicators.errors import IntegrityError
 from replicators.segment import SegmentHeader
 from replicators.stream import Applied, Change
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.stream import Source, Target
 from replicators.vault import SegmentRef
 
 KIND = "synthetic"
@@ -164,6 +168,14 @@ class SyntheticTarget:
 
     async def aclose(self) -> None:
         pass
+
+
+def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
+    return SyntheticSource(stream.synthetic)
+
+
+def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+    return SyntheticTarget(state_dir)
 
 
 def read_applied_log(path: Path) -> Iterator[bytes]:

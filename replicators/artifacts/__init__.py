@@ -1,0 +1,1 @@
+"""The ``artifacts`` stream kind: model checkpoints, content-defined chunks, manifests."""

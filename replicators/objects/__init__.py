@@ -1,0 +1,1 @@
+"""The ``objects`` stream kind: an event-driven bucket mirror with Merkle anti-entropy."""

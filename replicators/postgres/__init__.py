@@ -1,0 +1,1 @@
+"""The ``postgres`` stream kind: WAL streaming, base backups, warm standby, PITR."""
