@@ -38,7 +38,7 @@ def configure(fmt: str = "json", level: str = "info") -> None:
 
 
 def get(name: str, **fields: Any) -> Any:
-    return structlog.get_logger(logger=name).bind(**fields)
+    return structlog.get_logger().bind(logger=name, **fields)
 
 
 class RateLimited:

@@ -16,13 +16,12 @@ from agent.lab import Lab
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
-    root = tmp_path_factory.mktemp("lab")
-    lab = Lab(root)
+    lab = Lab(tmp_path_factory.mktemp("lab") / "lab")
     try:
         await lab.up()
         yield lab
     finally:
-        await lab.down()
+        await lab.down(purge=True)
 
 
 @pytest.fixture(scope="session")

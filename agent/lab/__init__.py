@@ -1,0 +1,13 @@
+"""The built-in lab: regions "a" and "b" and a witness on one machine, with real servers.
+
+``Lab(root).up()`` starts a PostgreSQL cluster, a SeaweedFS S3 store and an
+etcd member per region plus an etcd witness, all detached, on a port block of
+their own (``agent.lab.ports``), and writes each region's ``agent.toml``.
+``fault()`` kills, stops, pauses or restarts any of them.
+"""
+
+from agent.lab.lab import DATA_BUCKET, MEMBERS, REGIONS, VAULT_BUCKET, Lab
+from agent.lab.processes import LabError
+from agent.lab.seaweed import S3Credentials
+
+__all__ = ["DATA_BUCKET", "MEMBERS", "REGIONS", "VAULT_BUCKET", "Lab", "LabError", "S3Credentials"]

@@ -1,0 +1,396 @@
+"""The lab: regions "a" and "b" and a witness on one machine, with real servers.
+
+Each region has a PostgreSQL cluster, a SeaweedFS S3 store and an etcd member;
+the witness has only an etcd member. ``Lab.up()`` brings them up detached (they
+outlive the process that started them) and writes what the agents need: the
+S3 credentials, one key-encryption key per region and one ``agent.toml`` per
+region. ``up()`` does not start the agents: ``start_agent()`` does, or any
+launcher that writes ``root/<region>/agent.pid``; the lab reserves their ports
+and ``fault()`` acts on them through that pid file.
+
+Layout of ``root``::
+
+    lab.json                slot, ports, etcd token, agent commands (the state file)
+    secrets/                S3 access and secret key files, SeaweedFS identity file
+    a/ b/                   agent.toml, kek.key, agent/ (data_dir), agent.pid, agent.log,
+                            pg/, s3/, etcd/
+    witness/etcd/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import sys
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import tomli_w
+
+from agent.lab import ports as lab_ports
+from agent.lab.agent import AgentServer
+from agent.lab.etcd import EtcdMember, initial_cluster
+from agent.lab.postgres import PostgresServer, sweep_orphans
+from agent.lab.processes import LabError, Server, poll, run_all
+from agent.lab.seaweed import S3Credentials, SeaweedServer, ensure_buckets
+from replicators.keys import generate_key_file
+
+REGIONS = ("a", "b")
+MEMBERS = ("a", "b", "witness")
+Kind = Literal["postgres", "s3", "etcd"]
+Service = Literal["postgres", "s3", "etcd", "agent", "all"]
+Action = Literal["kill", "stop", "start", "restart", "pause", "resume"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+VAULT_BUCKET = "dragent-vault"
+DATA_BUCKET = "data"
+STATE_VERSION = 1
+
+
+def _never_ran(server: Server) -> bool:
+    """An agent with neither a process nor a pid file: ``"all"`` leaves it alone."""
+    return isinstance(server, AgentServer) and not server.pid_file.exists()
+
+
+class Lab:
+    """A lab rooted at ``root``; ``slot`` picks its port block (default: first free).
+
+    Constructing a Lab starts nothing; an existing ``root/lab.json`` is read,
+    so a later process finds the same slot and ports. Endpoint accessors raise
+    ``LabError`` until the lab has a slot (after the first ``up()``).
+    """
+
+    def __init__(self, root: Path | str, slot: int | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.state_file = self.root / "lab.json"
+        self.secrets_dir = self.root / "secrets"
+        self._state = self._load_state()
+        if self._state and slot is not None and self._state["slot"] != slot:
+            raise LabError(f"the lab at {self.root} uses slot {self._state['slot']}, not {slot}")
+        self._requested_slot = slot
+
+    # -- state ---------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise LabError(f"cannot read the lab state {self.state_file}: {exc}") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise LabError(f"{self.state_file} is not a lab state file of version {STATE_VERSION}")
+        return state
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.state_file)
+        self._state = state
+
+    def _new_state(self, slot: int) -> None:
+        token = f"dragent-lab-{secrets.token_hex(6)}"
+        ports = lab_ports.slot_ports(slot)
+        self._save_state(
+            {"version": STATE_VERSION, "slot": slot, "ports": ports, "etcd_token": token}
+        )
+
+    @property
+    def state(self) -> dict[str, Any]:
+        if self._state is None:
+            raise LabError(f"there is no lab at {self.root}", hint="run `dragent lab up` first")
+        return self._state
+
+    @property
+    def exists(self) -> bool:
+        return self._state is not None
+
+    @property
+    def slot(self) -> int:
+        return int(self.state["slot"])
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Every port of the lab, keyed ``"<where>.<service>"`` (see ``agent.lab.ports``)."""
+        return dict(self.state["ports"])
+
+    def port(self, where: str, service: str) -> int:
+        try:
+            return int(self.state["ports"][f"{where}.{service}"])
+        except KeyError:
+            raise LabError(f"the lab has no port {where}.{service}") from None
+
+    # -- endpoints -------------------------------------------------------------
+
+    def region_dir(self, where: str) -> Path:
+        if where not in MEMBERS:
+            raise LabError(f"unknown region {where!r}: expected one of {', '.join(MEMBERS)}")
+        return self.root / where
+
+    def pg_dsn(self, region: str, database: str = "app") -> str:
+        """``postgresql://dragent@127.0.0.1:PORT/app``: a trusted superuser with REPLICATION."""
+        return f"postgresql://dragent@127.0.0.1:{self.port(region, 'postgres')}/{database}"
+
+    def s3_endpoint(self, region: str) -> str:
+        return f"http://127.0.0.1:{self.port(region, 's3')}"
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [f"http://127.0.0.1:{self.port(m, 'etcd_client')}" for m in MEMBERS]
+
+    def agent_url(self, region: str) -> str:
+        return f"http://127.0.0.1:{self.port(region, 'agent')}"
+
+    def config_path(self, region: str) -> Path:
+        return self.region_dir(region) / "agent.toml"
+
+    def key_path(self, region: str) -> Path:
+        return self.region_dir(region) / "kek.key"
+
+    @property
+    def s3_credentials(self) -> S3Credentials:
+        """The S3 identity of both regions (``root/secrets``)."""
+        return S3Credentials.read(self.secrets_dir)
+
+    # -- servers ---------------------------------------------------------------
+
+    def server(self, where: str, kind: str) -> Server:
+        """The server object of one service (``PostgresServer``, ``SeaweedServer``,
+        ``EtcdMember`` or ``AgentServer``), e.g. for its data directory or log."""
+        home = self.region_dir(where)
+        if kind == "etcd":
+            peers = {m: self.port(m, "etcd_peer") for m in MEMBERS}
+            client, peer = self.port(where, "etcd_client"), self.port(where, "etcd_peer")
+            cluster, token = initial_cluster(peers), self.state["etcd_token"]
+            return EtcdMember(where, home, client, peer, cluster, token)
+        if where == "witness":
+            raise LabError(f"the witness runs only etcd, not {kind}")
+        if kind == "postgres":
+            return self.postgres(where)
+        if kind == "s3":
+            config = self.secrets_dir / "s3.json"
+            return SeaweedServer(where, home, lab_ports.group(self.ports, where), config)
+        if kind == "agent":
+            argv = self.state.get("agents", {}).get(where) or self.agent_command(where)
+            return AgentServer(where, home, self.port(where, "agent"), argv)
+        raise LabError(f"unknown service {kind!r}: expected postgres, s3, etcd or agent")
+
+    def postgres(self, region: str) -> PostgresServer:
+        """The PostgreSQL server of ``region`` (its ``data_dir``, ``command()``, ...)."""
+        return PostgresServer(region, self.region_dir(region), self.port(region, "postgres"))
+
+    def servers(self, kinds: Collection[str] = KINDS) -> list[Server]:
+        """The servers of the given kinds, in region order (agents not included)."""
+        return [self.server(w, k) for k in KINDS if k in kinds for w in self._members(k)]
+
+    @staticmethod
+    def _members(kind: str) -> tuple[str, ...]:
+        return MEMBERS if kind == "etcd" else REGIONS
+
+    # -- up / down ---------------------------------------------------------------
+
+    async def up(self, services: Collection[str] = KINDS) -> None:
+        """Bring the lab up: claim a slot, create what is missing, start what is not
+        running (resuming what is paused), wait until each server is ready (within
+        its ``ready_timeout``), create the buckets, write key files and agent configs.
+
+        Idempotent. ``services`` limits which kinds start (all by default).
+        Raises ``LabError`` naming every server that failed, with its log's tail.
+        """
+        unknown = set(services) - set(KINDS)
+        if unknown:
+            raise LabError(f"unknown services {sorted(unknown)}: expected {', '.join(KINDS)}")
+        self._claim()
+        sweep_orphans()
+        S3Credentials.create(self.secrets_dir)
+        self._write_keys()
+        await self._start(self.servers(services))
+        if "s3" in services:
+            buckets = (VAULT_BUCKET, DATA_BUCKET)
+            creds = self.s3_credentials
+            await run_all(ensure_buckets(self.s3_endpoint(r), creds, buckets) for r in REGIONS)
+        for region in REGIONS:
+            (self.region_dir(region) / "agent").mkdir(exist_ok=True)
+            path = self.config_path(region)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(tomli_w.dumps(self.agent_config(region)))
+            tmp.replace(path)
+
+    async def down(self, purge: bool = False) -> None:
+        """Stop the agents, then every server (gracefully, SIGKILL after a timeout).
+
+        With ``purge``, also delete everything the lab wrote under ``root`` and
+        release its slot. Idempotent; a missing lab is not an error.
+        """
+        if self._state is None:
+            return
+        await run_all(self.server(r, "agent").stop() for r in REGIONS)
+        await run_all([*(s.stop() for s in self.servers(("postgres", "s3"))), self._stop_etcd()])
+        if purge:
+            for region in REGIONS:
+                self.postgres(region).remove()
+            for name in (*MEMBERS, "secrets"):
+                shutil.rmtree(self.root / name, ignore_errors=True)
+            lab_ports.release_slot(self.root, self.slot)
+            self.state_file.unlink(missing_ok=True)
+            self._state = None
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
+
+    async def _stop_etcd(self) -> None:
+        # One member at a time: a stopping leader hands over to a live peer at once,
+        # but waits seconds for peers that are stopping at the same moment.
+        for member in MEMBERS:
+            await self.server(member, "etcd").stop()
+
+    def _claim(self) -> None:
+        if self._state is not None:
+            lab_ports.ensure_claim(self.root, self.slot)
+        else:
+            lab_ports.claim_slot(self.root, self._requested_slot, self._new_state)
+
+    def _write_keys(self) -> None:
+        for region in REGIONS:
+            self.region_dir(region).mkdir(parents=True, exist_ok=True)
+            if not self.key_path(region).exists():
+                generate_key_file(self.key_path(region))
+
+    async def _start(self, servers: Sequence[Server]) -> None:
+        """Start the servers that are not running, then wait for each to be ready."""
+        for s in servers:
+            s.resume()
+            if not s.is_running():
+                busy = [p for p in s.ports if not lab_ports.port_is_free(p)]
+                if busy:
+                    raise LabError(f"{s.name} cannot start: ports {busy} are in use")
+        await run_all(s.start() for s in servers)
+        etcd_up = sum(self.server(m, "etcd").is_running() for m in MEMBERS)
+        await run_all(self._ready(s, quorum=etcd_up >= 2) for s in servers)
+
+    @staticmethod
+    async def _ready(server: Server, quorum: bool) -> None:
+        # An etcd member without a quorum never answers /health: settle for its port.
+        if isinstance(server, EtcdMember) and not quorum:
+            try:
+                async with asyncio.timeout(server.ready_timeout):
+                    await poll(server.listening)
+            except TimeoutError:
+                raise server.failure(f"did not listen within {server.ready_timeout:g}s") from None
+            return
+        await server.wait_ready()
+
+    # -- agents --------------------------------------------------------------
+
+    def agent_config(self, region: str) -> dict[str, Any]:
+        """The agent.toml content of ``region``, as a dict that ``load_config`` accepts."""
+        peer = next(r for r in REGIONS if r != region)
+        return {
+            "region": region,
+            "role": "active" if region == REGIONS[0] else "passive",
+            "data_dir": str(self.region_dir(region) / "agent"),
+            "vault": self._vault(region),
+            "keys": {"provider": "local", "key_file": str(self.key_path(region))},
+            "peers": [
+                {
+                    "name": peer,
+                    "agent_url": self.agent_url(peer),
+                    "vault": self._vault(peer),
+                    "keys": {"provider": "local", "key_file": str(self.key_path(peer))},
+                }
+            ],
+            "streams": [{"name": "synthetic", "kind": "synthetic", "synthetic": {"rate": 200.0}}],
+            "etcd": {"endpoints": self.etcd_endpoints},
+            "http": {"listen": f"127.0.0.1:{self.port(region, 'agent')}"},
+            "log": {"format": "json"},
+        }
+
+    def _vault(self, region: str) -> dict[str, Any]:
+        return {
+            "endpoint": self.s3_endpoint(region),
+            "bucket": VAULT_BUCKET,
+            "addressing_style": "path",
+            "access_key": f"file:{self.s3_credentials.access_key_file}",
+            "secret_key": f"file:{self.s3_credentials.secret_key_file}",
+        }
+
+    def agent_command(self, region: str) -> list[str]:
+        """``python -m agent run --config <config_path>``: how the lab runs an agent
+        unless ``start_agent`` was given another command."""
+        return [sys.executable, "-m", "agent", "run", "--config", str(self.config_path(region))]
+
+    async def start_agent(self, region: str, argv: Sequence[str] | None = None) -> int:
+        """Start ``region``'s agent detached (``argv``, default ``agent_command``);
+        wait until its HTTP port accepts connections; return its pid. ``argv`` must
+        name the region's config path (that is how the lab recognises the process).
+        The command is remembered: ``fault(region, "agent", "start")`` runs it again.
+        No-op if the agent runs."""
+        argv = list(argv) if argv is not None else self.agent_command(region)
+        if str(self.config_path(region)) not in argv:
+            raise LabError(f"the agent command must name {self.config_path(region)}")
+        agents = {**self.state.get("agents", {}), region: list(argv)}
+        self._save_state({**self.state, "agents": agents})
+        agent = self.server(region, "agent")
+        await self._start([agent])
+        return agent.pid or 0
+
+    # -- status and faults -------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Per member and service: state (running, paused, stopped), pid, port, endpoint."""
+        regions: dict[str, dict[str, Any]] = {}
+        for where in MEMBERS:
+            kinds = ("etcd",) if where == "witness" else (*KINDS, "agent")
+            regions[where] = {k: self._service_status(self.server(where, k)) for k in kinds}
+        return {"root": str(self.root), "slot": self.slot, "regions": regions}
+
+    @staticmethod
+    def _service_status(s: Server) -> dict[str, Any]:
+        pid = s.pid
+        state = "stopped" if pid is None else "paused" if s.is_paused() else "running"
+        return {
+            "state": state,
+            "running": pid is not None,
+            "pid": pid,
+            "port": s.ports[0],
+            "endpoint": s.endpoint,
+        }
+
+    async def fault(self, region: str, service: Service, action: Action) -> None:
+        """Break or repair one service of a region (``"witness"``: etcd only).
+
+        ``kill`` is SIGKILL of the whole process tree; ``stop`` is graceful;
+        ``start`` starts and waits until ready; ``restart`` is stop then start;
+        ``pause``/``resume`` are SIGSTOP/SIGCONT. ``"all"`` acts on every server of
+        the region and on its agent if it has a pid file (stopping the agent first
+        and starting it last). An agent is started with the command given to
+        ``start_agent``, else ``agent_command``. Raises ``LabError`` for an unknown
+        combination or a server that does not come back.
+        """
+        if action not in get_args(Action):
+            raise LabError(f"unknown action {action!r}: expected {', '.join(get_args(Action))}")
+        if region == "witness":
+            kinds: list[str] = ["etcd"] if service in ("etcd", "all") else [service]
+        else:
+            kinds = [*KINDS, "agent"] if service == "all" else [service]
+        servers = [self.server(region, k) for k in kinds]
+        if service == "all":
+            servers = [s for s in servers if not _never_ran(s)]
+        agents = [s for s in servers if s.kind == "agent"]
+        others = [s for s in servers if s.kind != "agent"]
+        if action in ("kill", "stop", "restart"):
+            for group in (agents, others):
+                await run_all(s.kill() if action == "kill" else s.stop() for s in group)
+        if action in ("start", "restart"):
+            for group in (others, agents):
+                await self._start(group)
+        if action == "pause":
+            for s in agents + others:
+                if s.is_running() or service != "all":
+                    s.pause()
+        if action == "resume":
+            for s in others + agents:
+                s.resume()
