@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,22 +31,6 @@ def cfg_a(lab: Lab) -> AgentConfig:
 @pytest.fixture(scope="session")
 def cfg_b(lab: Lab) -> AgentConfig:
     return load_config(lab.config_path("b"))
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool] | bool], within: float, every: float = 0.1
-) -> None:
-    """Wait until ``check()`` is true; fail the test after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {within}s")
-        await asyncio.sleep(every)
 
 
 @pytest.fixture

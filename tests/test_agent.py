@@ -23,7 +23,7 @@ from replicators.keys import build_key_provider, unseal
 from replicators.s3 import S3Store
 from replicators.synthetic import parse_record, read_applied_log
 from replicators.vault import Vault
-from tests.conftest import eventually
+from tests.support import eventually
 
 pytestmark = pytest.mark.lab
 

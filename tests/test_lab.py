@@ -32,6 +32,7 @@ from agent.lab.cli import register
 from agent.lab.etcd import find_etcd
 from agent.lab.postgres import find_bin_dir
 from agent.lab.seaweed import find_weed, s3_client_config
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -270,7 +271,16 @@ async def test_etcd_keeps_a_quorum_without_the_witness(lab: Lab) -> None:
     await lab.fault("witness", "etcd", "kill")
     try:
         async with aetcd.Client("127.0.0.1", lab.port("b", "etcd_client"), timeout=5) as b:
-            await b.put(b"/lab/quorum", b"two of three")
+
+            async def written() -> bool:
+                # if the witness led, the other two elect a new leader first (about a second)
+                try:
+                    await b.put(b"/lab/quorum", b"two of three")
+                except aetcd.exceptions.ClientError:
+                    return False
+                return True
+
+            await eventually(written, within=15, every=0.5)
             got = await b.get(b"/lab/quorum")
         assert got is not None and got.value == b"two of three"
     finally:
