@@ -113,6 +113,6 @@ async def run_demo(root: Path, seconds: float = 30.0, keep: bool = False) -> int
         for agent in agents.values():
             await agent.stop()
         if not keep:
-            await lab.down()
-            print("lab: down")
+            await lab.down(purge=True)
+            print("lab: down (removed)")
     return code

@@ -53,12 +53,12 @@ async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> tuple[list[dict[
                     "root": opened.root.hex(),
                 }
             )
-            if verify and len(rows) % 100 == 0:
+            if verify and len(rows) % 100 == 0 and sys.stderr.isatty():
                 print(f"\rverified {len(rows)} segments", end="", file=sys.stderr, flush=True)
     finally:
         await keys.aclose()
         await store.aclose()
-    if verify and len(rows) >= 100:
+    if verify and len(rows) >= 100 and sys.stderr.isatty():
         print(file=sys.stderr)
     return rows, problem
 

@@ -80,26 +80,24 @@ class SyntheticSource:
         self._t0 = time.time()
 
     async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
+        """All records already due (a backlog ships at once), then more until ``max_age``."""
         batch: list[Change] = []
         size = 0
-        deadline: float | None = None  # max_age after the first change's source time
+        opts = self.options
         while not stop.is_set():
             now = time.time()
-            if deadline is not None and now >= deadline:
+            while size < max_bytes and self._due(self._next) <= now:
+                due = self._due(self._next)
+                record = make_record(self._next, due, opts.record_size, opts.compressible)
+                batch.append(Change(record, self._next, self._next + 1, due))
+                self._next += 1
+                size += len(record)
+            if size >= max_bytes or (batch and now >= batch[0].source_time + max_age):
                 break
-            due = self._due(self._next)
-            if due > now:
-                wake = due if deadline is None else min(due, deadline)
-                await _sleep_or_stop(wake - now, stop)
-                continue
-            opts = self.options
-            record = make_record(self._next, due, opts.record_size, opts.compressible)
-            batch.append(Change(record, self._next, self._next + 1, due))
-            self._next += 1
-            size += len(record)
-            deadline = deadline or due + max_age
-            if size >= max_bytes:
-                break
+            wake = self._due(self._next)
+            if batch:
+                wake = min(wake, batch[0].source_time + max_age)
+            await _sleep_or_stop(wake - now, stop)
         self._returned = self._next
         return batch
 
