@@ -242,3 +242,43 @@ async def test_systemd_notify_ready_and_watchdog(pair: Pair) -> None:
     finally:
         sock.close()
         os.unlink(path)
+
+
+async def test_tls_with_client_certificates(pair: Pair) -> None:
+    import ssl
+
+    from tests.tlsutil import make_ca
+
+    ca, server, client = make_ca(pair.workdir)
+    http_cfg = tomllib.loads(pair.lab.config_path("b").read_text())["http"]
+    tls = {
+        **http_cfg,
+        "tls_cert": str(server),
+        "tls_key": str(server.with_suffix(".key")),
+        "tls_client_ca": str(ca),
+    }
+    b = pair.agent("b", http=tls)
+    pair.b = b
+    await b.start()
+    url = b.url.replace("http://", "https://")
+    trusting = ssl.create_default_context(cafile=str(ca))
+    with_cert = ssl.create_default_context(cafile=str(ca))
+    with_cert.load_cert_chain(client, client.with_suffix(".key"))
+
+    async def healthz(ctx: ssl.SSLContext) -> int | None:
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz", ssl=ctx) as r:
+                return r.status
+        except (aiohttp.ClientError, ssl.SSLError, OSError):
+            return None
+
+    await eventually(lambda: _is(healthz(with_cert), 200), within=20)
+    assert await healthz(trusting) is None  # no client certificate: handshake refused
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):
+            async with http.get(f"{b.url}/healthz") as _:  # plain HTTP on a TLS port
+                pass
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return (await value) == expected
