@@ -27,6 +27,8 @@ from agent.configbase import (
     SecretRef,
     Section,
 )
+from agent.failover_config import EtcdConfig, FailoverConfig
+from agent.policy_config import PolicyConfig
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.errors import DragentError
 from replicators.objects.options import ObjectsOptions
@@ -116,25 +118,9 @@ class HttpConfig(Section):
         return self
 
 
-class EtcdConfig(Section):
-    endpoints: list[str] = []
-    prefix: str = "/dragent"
-
-
 class LogConfig(Section):
     format: Literal["json", "logfmt"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-class PolicyConfig(Section):
-    """Recovery objectives and compliance policy, per stream where it matters."""
-
-    rpo_seconds: dict[str, PositiveDuration] = {}
-    default_rpo_seconds: PositiveDuration = 5.0
-    rto_seconds: PositiveDuration = 60.0
-
-    def rpo_target(self, stream: str) -> float:
-        return self.rpo_seconds.get(stream, self.default_rpo_seconds)
 
 
 class AgentConfig(Section):
@@ -149,6 +135,7 @@ class AgentConfig(Section):
     streams: list[StreamConfig] = []
     http: HttpConfig = HttpConfig()
     etcd: EtcdConfig = EtcdConfig()
+    failover: FailoverConfig = FailoverConfig()
     log: LogConfig = LogConfig()
     policy: PolicyConfig = PolicyConfig()
     drain_timeout: PositiveDuration = 15.0
