@@ -29,6 +29,7 @@ from agent.streams import EPOCH, build_tasks
 from agent.supervise import StreamTask, run_stream
 from agent.systemd import Notifier
 from replicators.metrics import Metrics
+from replicators.wrappers import StoreMetrics
 
 
 class Agent(StatusSource):
@@ -37,6 +38,7 @@ class Agent(StatusSource):
         self.config_path = config_path
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.store_metrics = StoreMetrics(self.registry)
         self.tasks: list[StreamTask] = []
         self.started_at = time.time()
         self.generation = 0
@@ -188,7 +190,7 @@ class Agent(StatusSource):
 
     async def _generation(self, cfg: AgentConfig, stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            self.tasks = await build_tasks(cfg, self.metrics, stack)
+            self.tasks = await build_tasks(cfg, self.metrics, stack, self.store_metrics)
             self.notifier.ready(self._summary())
             self.log.info("streams starting", role=cfg.role, streams=[t.name for t in self.tasks])
             async with asyncio.TaskGroup() as tg:

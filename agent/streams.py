@@ -16,10 +16,10 @@ from replicators.keys import KeyProvider, build_key_provider
 from replicators.kinds import build_background, build_source, build_target
 from replicators.metrics import Metrics
 from replicators.progress import StreamProgress
-from replicators.s3 import S3Store
 from replicators.shipper import Shipper, ShipperSettings
 from replicators.sink import Sink, SinkSettings
 from replicators.vault import Vault
+from replicators.wrappers import StoreMetrics, build_store
 
 EPOCH = 1  # fixed until the coordination layer hands out epochs
 
@@ -30,14 +30,17 @@ async def _keys(stack: AsyncExitStack, provider: KeyProvider) -> KeyProvider:
 
 
 async def build_tasks(
-    cfg: AgentConfig, metrics: Metrics, stack: AsyncExitStack
+    cfg: AgentConfig,
+    metrics: Metrics,
+    stack: AsyncExitStack,
+    store_metrics: StoreMetrics | None = None,
 ) -> list[StreamTask]:
     """Open every store and key provider the role needs (closed by ``stack``)."""
     tasks: list[StreamTask] = []
     streams_dir = cfg.data_dir / "streams"
     if cfg.role == "active":
         for peer in cfg.peers:
-            store = await S3Store.open(peer.vault)
+            store = await build_store(peer.vault, store_metrics, f"vault-{peer.name}")
             stack.push_async_callback(store.aclose)
             vault = Vault(store)
             keys = await _keys(stack, build_key_provider(peer.keys))
@@ -62,7 +65,7 @@ async def build_tasks(
                 )
                 tasks.append(StreamTask(f"{s.name}->{peer.name}", shipper, progress))
         return tasks + _background(cfg)
-    store = await S3Store.open(cfg.vault)
+    store = await build_store(cfg.vault, store_metrics, f"vault-{cfg.region}")
     stack.push_async_callback(store.aclose)
     vault = Vault(store)
     keys = await _keys(stack, build_key_provider(cfg.keys))

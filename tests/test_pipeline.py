@@ -186,3 +186,34 @@ async def test_segment_sealed_for_another_region_is_rejected(rig: Rig, cfg_a: Ag
     with pytest.raises((IntegrityError, KeyAccessError)):
         await sink.sync_once(asyncio.Event())
     assert await target.state() is None
+
+
+async def test_seeded_store_faults_lose_and_duplicate_nothing(rig: Rig) -> None:
+    """20% of vault calls fail, half of them after the write happened; the loop recovers."""
+    from agent.backoff import Backoff
+    from agent.supervise import StreamTask, run_stream
+    from replicators.wrappers import FaultyStore
+
+    faulty = FaultyStore(rig.vault.store, rate=0.2, seed=7)
+    rig.vault = Vault(faulty)
+    shipper = rig.shipper(rate=1000.0, max_age=0.02)
+    sink, target = rig.sink()
+    stop = asyncio.Event()
+    tasks = [
+        StreamTask("ship", shipper, shipper.progress, backoff=Backoff(base=0.01, cap=0.05)),
+        StreamTask("sink", sink, sink.progress, idle=0.05, backoff=Backoff(base=0.01, cap=0.05)),
+    ]
+    async with asyncio.TaskGroup() as tg:
+        for t in tasks:
+            tg.create_task(run_stream(t, stop, rig.metrics))
+        await asyncio.sleep(2.0)
+        stop.set()
+    assert faulty.injected > 5
+    faulty.rate = 0.0
+    final, final_target = rig.sink()
+    await final.recover()
+    await final.sync_once(asyncio.Event())
+    shipped = [parse_record(r)[0] for r in read_applied_log(final_target.log_path)]
+    assert shipped == list(range(len(shipped)))
+    assert len(shipped) >= shipper.end > 200
+    assert target.log_path == final_target.log_path
