@@ -1,8 +1,22 @@
-"""``[streams.objects]``: the source bucket and the mirror bucket."""
+"""``[streams.objects]``: the source bucket, the mirror bucket, capture and transfer settings."""
 
 from __future__ import annotations
 
-from agent.configbase import S3Config, Section
+from typing import Literal
+
+from pydantic import ByteSize, Field, model_validator
+
+from agent.configbase import PositiveDuration, S3Config, Section
+
+
+class FilerEvents(Section):
+    """SeaweedFS filer metadata subscription (``weed filer.meta.tail``) on the source."""
+
+    filer: str = Field(pattern=r"^[^:\s]+:\d+(\.\d+)?$")
+    """The source filer as HOST:PORT or HOST:PORT.GRPCPORT (e.g. 127.0.0.1:8888.18888)."""
+    weed: str = "weed"
+    """The ``weed`` binary (a path or a name on PATH)."""
+    buckets_dir: str = "/buckets"
 
 
 class ObjectsOptions(Section):
@@ -10,3 +24,22 @@ class ObjectsOptions(Section):
     """The bucket (and prefix) replicated, in the active region."""
     mirror: S3Config
     """The ready-to-serve copy, in the passive region."""
+    events: Literal["none", "filer"] = "none"
+    """Push capture: ``filer`` subscribes to the SeaweedFS filer; ``none`` relies on the scan."""
+    filer: FilerEvents | None = None
+    scan_interval: PositiveDuration = 60.0
+    """A full listing scan (the safety net) starts this long after the previous one ended."""
+    inline_max: ByteSize = ByteSize(2 * 1024 * 1024)
+    """Objects up to this size travel inline in one record; larger ones in parts."""
+    part_size: ByteSize = ByteSize(5 * 1024 * 1024)
+    """Size of one part of a large object (at least 5 MiB, the S3 minimum part)."""
+
+    @model_validator(mode="after")
+    def _checks(self) -> ObjectsOptions:
+        if self.events == "filer" and self.filer is None:
+            raise ValueError("events = 'filer' needs a [streams.objects.filer] table")
+        if self.part_size < 5 * 1024 * 1024:
+            raise ValueError("part_size must be at least 5MiB (the S3 minimum part size)")
+        if self.inline_max > self.part_size:
+            raise ValueError("inline_max must not exceed part_size")
+        return self

@@ -1,0 +1,146 @@
+"""A bucket as the ``objects`` kind needs it: heads with LastModified, ranged and
+conditional reads, content types, and multipart uploads driven part by part.
+
+Built on ``S3Store`` (same client, same single retry layer, same error
+classes: ``NotFound``, ``AlreadyExists`` for a failed ``If-Match``,
+``Unavailable``, ``AccessDenied``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import xxhash
+from botocore.exceptions import BotoCoreError
+
+from replicators.s3 import S3Store, classify
+
+READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectState:
+    key: str
+    size: int
+    etag: str
+    time_ns: int
+    content_type: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+def _ns(when: datetime) -> int:
+    return int(when.timestamp() * 1_000_000) * 1000
+
+
+class Bucket(S3Store):
+    """Open with ``await Bucket.open(S3Config)``; keys are relative to the config's prefix."""
+
+    async def head(self, key: str) -> ObjectState:
+        out = await self._call(key, "head_object", Key=self._key(key))
+        return ObjectState(
+            key=key,
+            size=int(out["ContentLength"]),
+            etag=str(out.get("ETag", "")).strip('"'),
+            time_ns=_ns(out["LastModified"]),
+            content_type=str(out.get("ContentType", "")),
+            metadata=dict(out.get("Metadata", {})),
+        )
+
+    async def read(
+        self, key: str, etag: str, start: int | None = None, end: int | None = None
+    ) -> bytes:
+        """Bytes ``[start, end)`` (or all) of ``key`` if it still has ``etag``.
+
+        Raises ``AlreadyExists`` (precondition failed) when the object changed.
+        """
+        extra: dict[str, Any] = {"IfMatch": f'"{etag}"'} if etag else {}
+        if start is not None and end is not None:
+            extra["Range"] = f"bytes={start}-{end - 1}"
+        out = await self._call(key, "get_object", Key=self._key(key), **extra)
+        try:
+            async with asyncio.timeout(self._deadline), out["Body"] as body:
+                return bytes(await body.read())
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise classify(exc, key) from exc
+
+    async def content_hash(self, key: str, etag: str = "") -> str:
+        """xxh3-128 (hex) of the whole object, streamed in ``READ_CHUNK`` pieces."""
+        extra: dict[str, Any] = {"IfMatch": f'"{etag}"'} if etag else {}
+        out = await self._call(key, "get_object", Key=self._key(key), **extra)
+        digest = xxhash.xxh3_128()
+        try:
+            async with out["Body"] as body:
+                while chunk := await body.read(READ_CHUNK):
+                    digest.update(chunk)
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise classify(exc, key) from exc
+        return digest.hexdigest()
+
+    async def scan(
+        self, prefix: str = "", start_after: str | None = None
+    ) -> AsyncIterator[list[ObjectState]]:
+        """Yield the listing page by page (≤ 1000 objects each), in key order."""
+        token: str | None = None
+        strip = len(self.cfg.prefix)
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": self._key(prefix), "MaxKeys": 1000}
+            if token:
+                kwargs["ContinuationToken"] = token
+            elif start_after is not None:
+                kwargs["StartAfter"] = self._key(start_after)
+            page = await self._call(prefix, "list_objects_v2", **kwargs)
+            yield [
+                ObjectState(
+                    key=item["Key"][strip:],
+                    size=int(item["Size"]),
+                    etag=str(item.get("ETag", "")).strip('"'),
+                    time_ns=_ns(item["LastModified"]),
+                )
+                for item in page.get("Contents", [])
+            ]
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    async def write(
+        self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+        await self._call(
+            key, "put_object", Key=self._key(key), Body=body, Metadata=dict(metadata), **extra
+        )
+
+    async def start_upload(self, key: str, content_type: str, metadata: Mapping[str, str]) -> str:
+        extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+        out = await self._call(
+            key, "create_multipart_upload", Key=self._key(key), Metadata=dict(metadata), **extra
+        )
+        return str(out["UploadId"])
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        out = await self._call(
+            key,
+            "upload_part",
+            Key=self._key(key),
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+        )
+        return str(out["ETag"])
+
+    async def finish_upload(self, key: str, upload_id: str, etags: list[str]) -> None:
+        parts = [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(etags)]
+        await self._call(
+            key,
+            "complete_multipart_upload",
+            Key=self._key(key),
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        await self._call(key, "abort_multipart_upload", Key=self._key(key), UploadId=upload_id)

@@ -1,0 +1,111 @@
+"""The ``objects`` stream kind: an event-driven bucket mirror with Merkle anti-entropy.
+
+- ``source``: ``ObjectsSource`` over ``[streams.objects] source`` (filer
+  events and/or the reconcile scan).
+- ``target``: ``MirrorTarget`` over ``[streams.objects] mirror``.
+- ``verify``: compares source and mirror (``verifiers.objects``).
+
+Buckets are opened lazily (the kind functions are synchronous).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from replicators.objects.bucket import Bucket
+from replicators.objects.mirror import MirrorTarget
+from replicators.objects.options import ObjectsOptions
+from replicators.objects.source import ObjectsSource
+from replicators.segment import SegmentHeader
+from replicators.stream import Applied, Change
+from replicators.vault import SegmentRef
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.stream import Source, Target
+
+KIND = "objects"
+
+
+def _options(stream: StreamConfig) -> ObjectsOptions:
+    assert stream.objects is not None  # the config validator guarantees it
+    return stream.objects
+
+
+class LazySource:
+    """Opens the source bucket on ``resume`` (the first call of the shipper)."""
+
+    KIND: ClassVar[str] = KIND
+
+    def __init__(self, options: ObjectsOptions, state_dir: Path) -> None:
+        self.options = options
+        self.state_dir = state_dir
+        self.inner: ObjectsSource | None = None
+
+    async def resume(self, position: int) -> None:
+        if self.inner is None:
+            bucket = await Bucket.open(self.options.source)
+            self.inner = ObjectsSource(self.options, bucket, self.state_dir)
+        await self.inner.resume(position)
+
+    async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
+        assert self.inner is not None, "resume() first"
+        return await self.inner.next_batch(max_bytes, max_age, stop)
+
+    async def ack(self, position: int) -> None:
+        if self.inner is not None:
+            await self.inner.ack(position)
+
+    def pending_since(self) -> float | None:
+        return self.inner.pending_since() if self.inner else None
+
+    async def aclose(self) -> None:
+        if self.inner is not None:
+            await self.inner.aclose()
+
+
+class LazyTarget:
+    """Opens the mirror bucket on ``state`` (the first call of the sink)."""
+
+    KIND: ClassVar[str] = KIND
+
+    def __init__(self, options: ObjectsOptions, state_dir: Path) -> None:
+        self.options = options
+        self.state_dir = state_dir
+        self.inner: MirrorTarget | None = None
+
+    async def _open(self) -> MirrorTarget:
+        if self.inner is None:
+            self.inner = MirrorTarget(await Bucket.open(self.options.mirror), self.state_dir)
+        return self.inner
+
+    async def state(self) -> Applied | None:
+        return await (await self._open()).state()
+
+    async def apply(self, ref: SegmentRef, header: SegmentHeader, records: Sequence[bytes]) -> None:
+        await (await self._open()).apply(ref, header, records)
+
+    async def aclose(self) -> None:
+        if self.inner is not None:
+            await self.inner.aclose()
+
+
+def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
+    return LazySource(_options(stream), state_dir)
+
+
+def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+    return LazyTarget(_options(stream), state_dir)
+
+
+async def verify(
+    stream: StreamConfig, agent: AgentConfig, *, deep: bool = False, repair: bool = False
+) -> dict[str, Any]:
+    """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects)."""
+    from verifiers.objects import verify_buckets
+
+    return await verify_buckets(stream.name, _options(stream), deep=deep, repair=repair)

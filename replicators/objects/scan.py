@@ -1,0 +1,80 @@
+"""The reconcile scan: the listing compared with the ``ShippedIndex``, page by page.
+
+A scan walks the bucket in key order one listing page (≤ 1000 keys) per
+``step()``, interleaved with capture, so memory stays bounded by one page
+and the scan resumes where it stood between batches. Each page is merged
+with the index rows of the same key range: a key listed but not shipped (or
+shipped with another etag, size or time) is queued as changed at its
+LastModified; a key shipped but no longer listed is queued as deleted. The
+next scan starts ``interval`` seconds after one ends; a restarted source
+(or lost events) start one at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from replicators.objects.bucket import Bucket, ObjectState
+from replicators.objects.index import ShippedIndex
+from replicators.objects.queue import ChangeQueue
+
+
+class Scanner:
+    def __init__(
+        self, bucket: Bucket, index: ShippedIndex, queue: ChangeQueue, interval: float
+    ) -> None:
+        self.bucket = bucket
+        self.index = index
+        self.queue = queue
+        self.interval = interval
+        self.due = time.monotonic() + interval
+        self.scans = 0
+        self._pages: AsyncIterator[list[ObjectState]] | None = None
+        self._cursor: str | None = None
+
+    def start_now(self) -> None:
+        self.due = time.monotonic()
+
+    def pending_since(self) -> float | None:
+        return None
+
+    @property
+    def running(self) -> bool:
+        return self._pages is not None
+
+    async def step(self) -> bool:
+        """Scan one page if a scan is due or running; False when there was nothing to do."""
+        if self._pages is None:
+            if time.monotonic() < self.due:
+                return False
+            self._pages = aiter(self.bucket.scan())
+            self._cursor = None
+        try:
+            page = await anext(self._pages)
+        except StopAsyncIteration:
+            self._finish(None)
+            return True
+        if page:
+            self._compare(page)
+            self._cursor = page[-1].key
+        return True
+
+    def _compare(self, page: list[ObjectState]) -> None:
+        shipped = {e.key: e for e in self.index.between(self._cursor, page[-1].key)}
+        for obj in page:
+            e = shipped.pop(obj.key, None)
+            if e is None or (e.etag, e.size, e.time_ns) != (obj.etag, obj.size, obj.time_ns):
+                self.queue.add(obj.key, obj.time_ns / 1e9)
+        now = time.time()
+        for key in shipped:
+            self.queue.add(key, now)
+
+    def _finish(self, _: None) -> None:
+        now = time.time()
+        for e in self.index.between(self._cursor, None):
+            self.queue.add(e.key, now)
+        self._pages = None
+        self._cursor = None
+        self.scans += 1
+        self.due = time.monotonic() + self.interval

@@ -1,0 +1,243 @@
+"""The active side: captures a bucket's changes into records.
+
+Capture is driven by one ``ChangeQueue``, fed by filer events (``FilerTail``)
+and by a resumable listing scan (``Scanner``). Each queued key is captured by
+reading its *current* state: absent → a delete record (if the destination
+holds it), unchanged since last shipped → nothing, small → one inline put,
+large → a hash pass then its parts, one ranged ``If-Match`` read at a time
+(never the whole object in memory), possibly across several batches. An
+object that changes during its transfer is abandoned and queued again.
+
+Positions are capture sequence numbers: record ``n`` covers ``[n, n+1)``.
+``ack`` commits what became durable to the ``ShippedIndex``; a restarted
+source starts with a full scan, which re-captures whatever was not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from replicators.errors import AlreadyExists, NotFound
+from replicators.objects import records as rec
+from replicators.objects.bucket import Bucket, ObjectState
+from replicators.objects.index import Entry, ShippedIndex
+from replicators.objects.options import ObjectsOptions
+from replicators.objects.queue import ChangeQueue
+from replicators.objects.scan import Scanner
+from replicators.objects.tail import FilerTail
+from replicators.stream import Change
+
+log = logging.getLogger(__name__)
+KIND = "objects"
+IDLE_WAIT = 0.05
+
+
+@dataclass
+class Transfer:
+    """A large object being shipped in parts."""
+
+    state: ObjectState
+    head: rec.Head
+    version: rec.Version
+    count: int
+    since: float
+    index: int = 0
+
+
+class ObjectsSource:
+    KIND: ClassVar[str] = KIND
+
+    def __init__(self, options: ObjectsOptions, bucket: Bucket, state_dir: Path) -> None:
+        self.options = options
+        self.bucket = bucket
+        self.index = ShippedIndex(state_dir / "shipped.sqlite")
+        self.queue = ChangeQueue()
+        self.scanner = Scanner(bucket, self.index, self.queue, options.scan_interval)
+        self.tail = (
+            FilerTail(options.filer, options.source.bucket, options.source.prefix)
+            if options.events == "filer" and options.filer
+            else None
+        )
+        self._seq = 0
+        self._inflight: list[tuple[int, str, Entry | None]] = []
+        self._latest: dict[str, Entry | None] = {}
+        self._transfer: Transfer | None = None
+
+    # -- Source interface ---------------------------------------------------
+
+    async def resume(self, position: int) -> None:
+        self._seq = position
+        self._inflight.clear()
+        self._latest.clear()
+        self._transfer = None
+        self.scanner.start_now()
+        if self.tail is not None:
+            await self.tail.start()
+
+    def pending_since(self) -> float | None:
+        times = [t for t in (self.queue.oldest(), self.scanner.pending_since()) if t]
+        if self._transfer is not None:
+            times.append(self._transfer.since)
+        return min(times) if times else None
+
+    async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
+        batch: list[Change] = []
+        size = 0
+        first = 0.0
+        while not stop.is_set() and size < max_bytes:
+            await self._drain_events()
+            room = max_bytes - size
+            change = await self._next_change(room if batch else max_bytes)
+            if change is not None:
+                if not batch:
+                    first = time.time()
+                batch.append(change)
+                size += len(change.payload)
+                continue
+            if batch and time.time() >= first + max_age:
+                break
+            if not await self.scanner.step():
+                await self._idle(stop)
+        return batch
+
+    async def ack(self, position: int) -> None:
+        done = [(key, entry) for end, key, entry in self._inflight if end <= position]
+        if done:
+            await asyncio.to_thread(self.index.commit, done)
+            self._inflight = [x for x in self._inflight if x[0] > position]
+            for key, entry in done:
+                if self._latest.get(key, 0) == entry:
+                    del self._latest[key]
+
+    async def aclose(self) -> None:
+        if self.tail is not None:
+            await self.tail.stop()
+        self.index.close()
+        await self.bucket.aclose()
+
+    # -- capture ------------------------------------------------------------
+
+    async def _drain_events(self) -> None:
+        if self.tail is None:
+            return
+        for hint in await self.tail.poll():
+            self.queue.add(hint.key, hint.time or time.time())
+        if self.tail.lost_events():
+            self.scanner.start_now()
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        wait = [asyncio.ensure_future(stop.wait())]
+        try:
+            async with asyncio.timeout(IDLE_WAIT):
+                await asyncio.wait(wait)
+        except TimeoutError:
+            pass
+        finally:
+            for task in wait:
+                task.cancel()
+
+    async def _next_change(self, room: int) -> Change | None:
+        """The next record that fits in ``room`` bytes (or None: nothing ready / no room)."""
+        if self._transfer is not None:
+            if self.options.part_size + 4096 > room:
+                return None
+            return await self._next_part(self._transfer)
+        while (item := self.queue.pop()) is not None:
+            key, since = item
+            change = await self._capture(key, since, room)
+            if change is not None:
+                return change
+        return None
+
+    def _shipped(self, key: str) -> Entry | None:
+        return self._latest[key] if key in self._latest else self.index.get(key)
+
+    async def _capture(self, key: str, since: float, room: int) -> Change | None:
+        try:
+            state = await self.bucket.head(key)
+        except NotFound:
+            state = None
+        shipped = self._shipped(key)
+        if state is None:
+            if shipped is None:
+                return None
+            version = rec.Version(max(time.time_ns(), shipped.time_ns + 1), self._seq)
+            return self._emit(rec.Delete(key, version), key, None, since)
+        if shipped and (shipped.etag, shipped.size, shipped.time_ns) == (
+            state.etag,
+            state.size,
+            state.time_ns,
+        ):
+            return None
+        if state.size > self.options.inline_max:
+            return await self._start_transfer(state, since, room)
+        if state.size + 4096 > room:
+            self.queue.add(key, since)
+            return None
+        try:
+            body = await self.bucket.read(key, state.etag)
+        except (AlreadyExists, NotFound):
+            self.queue.add(key, since)  # changed under us: capture its newer state
+            return None
+        head = _head(state, rec.content_hash(body))
+        version = rec.Version(state.time_ns, self._seq)
+        entry = Entry(key, state.etag, state.size, state.time_ns, head.content_hash)
+        return self._emit(rec.Put(key, version, head, body), key, entry, since)
+
+    async def _start_transfer(self, state: ObjectState, since: float, room: int) -> Change | None:
+        try:
+            digest = await self.bucket.content_hash(state.key, state.etag)
+        except (AlreadyExists, NotFound):
+            self.queue.add(state.key, since)
+            return None
+        count = rec.part_count(state.size, int(self.options.part_size))
+        version = rec.Version(state.time_ns, self._seq)
+        self._transfer = Transfer(state, _head(state, digest), version, count, since)
+        self.queue.hold(state.key)
+        if self.options.part_size + 4096 > room:
+            return None
+        return await self._next_part(self._transfer)
+
+    async def _next_part(self, t: Transfer) -> Change | None:
+        part_size = int(self.options.part_size)
+        offset = t.index * part_size
+        key = t.state.key
+        try:
+            body = await self.bucket.read(
+                key, t.state.etag, offset, min(offset + part_size, t.state.size)
+            )
+        except (AlreadyExists, NotFound):
+            log.info("object %s changed during its transfer; capturing it again", key)
+            self._transfer = None
+            self.queue.release(key)
+            self.queue.add(key, t.since)
+            return None
+        record = rec.Part(key, t.version, t.head, t.index, t.count, offset, body)
+        t.index += 1
+        entry = None
+        if record.last:
+            self._transfer = None
+            self.queue.release(key)
+            s = t.state
+            entry = Entry(key, s.etag, s.size, s.time_ns, t.head.content_hash)
+        return self._emit(record, key, entry, t.since, final=record.last)
+
+    def _emit(
+        self, record: rec.Record, key: str, entry: Entry | None, since: float, final: bool = True
+    ) -> Change:
+        start = self._seq
+        self._seq += 1
+        if final:
+            self._inflight.append((self._seq, key, entry))
+            self._latest[key] = entry
+        return Change(rec.encode(record), start, self._seq, since)
+
+
+def _head(state: ObjectState, digest: str) -> rec.Head:
+    meta = {k: v for k, v in state.metadata.items() if not k.startswith("dragent-")}
+    return rec.Head(state.size, state.content_type, meta, digest)

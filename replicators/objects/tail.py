@@ -1,0 +1,102 @@
+"""SeaweedFS filer metadata subscription: ``weed filer.meta.tail`` as a child process.
+
+The filer pushes every metadata change under the bucket's path over gRPC;
+``weed filer.meta.tail`` prints each as a JSON object. ``poll()`` returns
+the hints read so far without waiting. If the child dies, events may have
+been lost: ``lost_events()`` says so once (the source then starts a scan)
+and the child is started again on the next ``poll()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from replicators.objects.events import Hint, JsonStream, filer_hints
+from replicators.objects.options import FilerEvents
+
+log = logging.getLogger(__name__)
+READ = 1 << 16
+
+
+class FilerTail:
+    def __init__(self, cfg: FilerEvents, bucket: str, prefix: str) -> None:
+        self.cfg = cfg
+        self.bucket = bucket
+        self.prefix = prefix
+        self.path = f"{cfg.buckets_dir.rstrip('/')}/{bucket}/{prefix}"
+        self._proc: asyncio.subprocess.Process | None = None
+        self._json = JsonStream()
+        self._lost = False
+        self._restart = False
+        self._pending: list[Hint] = []
+        self._reader: asyncio.Task[bytes] | None = None
+
+    async def start(self) -> None:
+        """Start the subscription (a no-op if it runs)."""
+        if self._proc is not None and self._proc.returncode is None:
+            return
+        self._proc = await asyncio.create_subprocess_exec(
+            self.cfg.weed,
+            "filer.meta.tail",
+            f"-filer={self.cfg.filer}",
+            f"-pathPrefix={self.path}",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        self._json = JsonStream()
+        self._restart = False
+
+    async def poll(self) -> list[Hint]:
+        """Hints received since the last call (waits only to restart a dead subscription)."""
+        out: list[Hint] = []
+        if self._proc is None and self._restart:
+            await self.start()
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return out
+        reader = proc.stdout
+        while True:
+            if self._reader is None:
+                self._reader = asyncio.ensure_future(reader.read(READ))
+            if not self._reader.done():
+                break
+            data = self._reader.result()
+            self._reader = None
+            if not data:
+                self._died()
+                break
+            for event in self._json.feed(data):
+                out += [
+                    h for h in filer_hints(event, self.cfg.buckets_dir) if h.bucket == self.bucket
+                ]
+        if self.prefix:
+            cut = len(self.prefix)
+            out = [
+                Hint(h.bucket, h.key[cut:], h.time, h.deleted)
+                for h in out
+                if h.key.startswith(self.prefix)
+            ]
+        return out
+
+    def _died(self) -> None:
+        log.warning("the filer subscription ended; starting a scan and subscribing again")
+        self._lost = self._restart = True
+        self._proc = None
+
+    def lost_events(self) -> bool:
+        """True once after the subscription ended (events may have been missed)."""
+        lost, self._lost = self._lost, False
+        return lost
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                await proc.wait()
