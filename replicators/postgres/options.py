@@ -1,10 +1,38 @@
-"""``[streams.postgres]``: where the primary is and how the standby is kept."""
+"""``[streams.postgres]``: where the primary is, and how the standby and backups are kept."""
 
 from __future__ import annotations
 
-from agent.configbase import SecretRef, Section
+from pathlib import Path
+
+from pydantic import ByteSize, Field
+
+from agent.configbase import Duration, PositiveDuration, SecretRef, Section
 
 
 class PostgresOptions(Section):
     dsn: SecretRef
-    """Connection string of the primary (source side) or of the standby (target side)."""
+    """Connection string of this region's PostgreSQL: the primary on the active side (WAL
+    source, heartbeats, base backups), the standby on the passive side (replay lag)."""
+    slot: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,63}$")
+    """Replication slot name; default ``dragent_<peer>`` (one slot per destination)."""
+    sample_interval: PositiveDuration = 0.1
+    """How often the source samples (insert LSN, wall time) on the primary (RPO resolution)."""
+    heartbeat_interval: PositiveDuration = 1.0
+    """How often a heartbeat message is written into the WAL, so an idle primary still
+    produces WAL that carries source times."""
+    slot_warn_bytes: ByteSize = ByteSize(1024**3)
+    """Warn when the slot retains more WAL than this on the primary."""
+    spool_dir: Path | None = None
+    """Passive side: where WAL files are rebuilt from the vault (default under the stream's
+    state directory). Must be readable by the PostgreSQL OS user."""
+    standby_data_dir: Path | None = None
+    """Passive side: data directory of the warm standby built by ``dragent standby init``."""
+    standby_port: int = Field(default=5433, ge=1, le=65535)
+    backup_every: Duration = 0.0
+    """Active side: take a base backup into each destination vault this often (0 = never)."""
+    backup_part_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
+    """A base backup's tar stream is cut into sealed parts of this size."""
+    os_user: str = "postgres"
+    """The OS user PostgreSQL programs run as when the agent runs as root."""
+    bin_dir: Path | None = None
+    """PostgreSQL's program directory (default: the newest /usr/lib/postgresql/*/bin)."""

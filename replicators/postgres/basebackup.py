@@ -1,0 +1,277 @@
+"""Base backups in the vault: ``pg_basebackup``'s tar stream cut into sealed parts.
+
+Vault layout (docs/vault-layout.md, "PostgreSQL base backups")::
+
+    backups/<stream>/<id>/part-<n:08d>.seg   n = 1, 2, ...: the tar stream, in order
+    backups/<stream>/<id>/manifest.seg       written last: what the backup is
+
+``<id>`` is the UTC start time ``YYYYMMDDTHHMMSSZ``, so listing orders backups
+by age. Every object is a sealed segment (zstd, AES-256-GCM, Merkle root)
+whose stream is the stream's name and whose seq is the part number (0 for
+the manifest); the manifest lists the parts with their sizes and Merkle
+roots. A backup without a manifest is incomplete and never used.
+
+The tar comes from ``pg_basebackup -D - -Ft -X fetch``: self-contained (the
+WAL needed for consistency is inside) and with PostgreSQL's own
+``backup_manifest``, which ``pg_verifybackup`` checks after extraction. The
+stream is never held in memory whole: one part at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from replicators.errors import IntegrityError, NotFound, SourceError
+from replicators.keys import KeyProvider, unseal
+from replicators.postgres import lsn as L
+from replicators.postgres import pgtools
+from replicators.postgres.options import PostgresOptions
+from replicators.segment import seal
+from replicators.store import ObjectStore
+
+_START = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
+_END = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
+_PREFETCH = 4
+
+
+def backup_prefix(stream: str, backup_id: str | None = None) -> str:
+    return f"backups/{stream}/" + (f"{backup_id}/" if backup_id else "")
+
+
+@dataclass(frozen=True)
+class BackupManifest:
+    id: str
+    stream: str
+    timeline: int
+    start_lsn: int
+    end_lsn: int
+    start_time: float
+    end_time: float
+    parts: list[dict[str, Any]]
+    bytes: int
+
+    def to_json(self) -> bytes:
+        d = dict(self.__dict__)
+        d["start_lsn"], d["end_lsn"] = L.format_lsn(self.start_lsn), L.format_lsn(self.end_lsn)
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> BackupManifest:
+        d = json.loads(raw)
+        d["start_lsn"], d["end_lsn"] = L.parse_lsn(d["start_lsn"]), L.parse_lsn(d["end_lsn"])
+        return cls(**d)
+
+
+async def _seal_put(
+    store: ObjectStore, keys: KeyProvider, key: str, stream: str, seq: int, data: bytes, **h: Any
+) -> bytes:
+    """Seal one object (records=[data]) and publish it once; returns the sealed blob."""
+    data_key = await keys.data_key()
+    now = time.time()
+    blob = await asyncio.to_thread(
+        seal,
+        [data],
+        stream=stream,
+        epoch=h.get("epoch", 1),
+        seq=seq,
+        start=h.get("start", "0"),
+        end=h.get("end", str(len(data))),
+        first_source_time=h.get("source_time", now),
+        last_source_time=h.get("source_time", now),
+        data_key=data_key,
+        created_at=now,
+    )
+    await store.put(key, blob, if_absent=True)
+    return blob
+
+
+async def take_backup(
+    options: PostgresOptions,
+    stream: str,
+    store: ObjectStore,
+    keys: KeyProvider,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> BackupManifest:
+    """Run ``pg_basebackup`` against the primary and store it in the vault.
+
+    Raises ``SourceError`` if ``pg_basebackup`` fails (nothing partial is ever
+    used: the manifest is written only after every part). Not idempotent by
+    design: each call makes a new backup with a new id.
+    """
+    started = time.time()
+    backup_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    prefix = backup_prefix(stream, backup_id)
+    proc = await asyncio.create_subprocess_exec(
+        *pgtools.command(
+            options,
+            "pg_basebackup",
+            "-d",
+            options.dsn.reveal(),
+            "-D",
+            "-",
+            "-Ft",
+            "-X",
+            "fetch",
+            "-c",
+            "fast",
+            "-v",
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd="/",
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    parts: list[dict[str, Any]] = []
+    total = 0
+    try:
+        async with asyncio.TaskGroup() as tg:
+            err_task = tg.create_task(proc.stderr.read())
+            async for chunk in _chunks(proc.stdout, int(options.backup_part_bytes)):
+                seq = len(parts) + 1
+                key = f"{prefix}part-{seq:08d}.seg"
+                blob = await _seal_put(
+                    store,
+                    keys,
+                    key,
+                    stream,
+                    seq,
+                    chunk,
+                    start=str(total),
+                    end=str(total + len(chunk)),
+                )
+                parts.append({"key": key, "size": len(chunk), "stored": len(blob)})
+                total += len(chunk)
+                if on_bytes:
+                    on_bytes(len(chunk))
+    finally:
+        if proc.returncode is None:
+            await proc.wait()
+    err = err_task.result().decode(errors="replace")
+    if proc.returncode:
+        raise SourceError(f"pg_basebackup failed (exit {proc.returncode}): {err.strip()[-800:]}")
+    start, end = _START.search(err), _END.search(err)
+    if not start or not end:
+        raise SourceError(f"pg_basebackup did not report its WAL range: {err.strip()[-400:]}")
+    manifest = BackupManifest(
+        id=backup_id,
+        stream=stream,
+        timeline=int(start.group(2)),
+        start_lsn=L.parse_lsn(start.group(1)),
+        end_lsn=L.parse_lsn(end.group(1)),
+        start_time=started,
+        end_time=time.time(),
+        parts=parts,
+        bytes=total,
+    )
+    await _seal_put(
+        store,
+        keys,
+        prefix + "manifest.seg",
+        stream,
+        0,
+        manifest.to_json(),
+        source_time=manifest.end_time,
+    )
+    return manifest
+
+
+async def _chunks(reader: asyncio.StreamReader, size: int) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            chunk = await reader.readexactly(size)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                yield exc.partial
+            return
+        yield chunk
+
+
+async def list_backups(store: ObjectStore, keys: KeyProvider, stream: str) -> list[BackupManifest]:
+    """Every complete backup of ``stream``, oldest first; manifests fully verified."""
+    out = []
+    async for info in store.list(backup_prefix(stream)):
+        if info.key.endswith("/manifest.seg"):
+            blob = await store.get(info.key)
+            opened = await unseal(blob, keys, expect_stream=stream, expect_seq=0)
+            out.append(BackupManifest.from_json(opened.records[0]))
+    return sorted(out, key=lambda m: m.start_time)
+
+
+def choose_backup(
+    backups: list[BackupManifest],
+    *,
+    before_time: float | None = None,
+    before_lsn: int | None = None,
+) -> BackupManifest:
+    """The newest backup that ends before the target (a time or an LSN); raises ``NotFound``."""
+    usable = [
+        b
+        for b in backups
+        if (before_time is None or b.end_time <= before_time)
+        and (before_lsn is None or b.end_lsn <= before_lsn)
+    ]
+    if not usable:
+        raise NotFound("no base backup in the vault ends before the requested point")
+    return usable[-1]
+
+
+async def extract_backup(
+    options: PostgresOptions,
+    store: ObjectStore,
+    keys: KeyProvider,
+    manifest: BackupManifest,
+    data_dir: Path,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Fetch, verify and untar a backup into ``data_dir`` (created, owned by the PostgreSQL
+    user), then check it with ``pg_verifybackup``. Parts are fetched ``_PREFETCH`` ahead
+    and written in order. Raises ``IntegrityError`` on a part that fails verification,
+    ``SourceError`` if tar or pg_verifybackup fail."""
+    pgtools.give_to_owner(options, data_dir)
+    tar = await asyncio.create_subprocess_exec(
+        *pgtools.owner_command(options, "tar", "-x", "-f", "-", "-C", str(data_dir)),
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert tar.stdin is not None and tar.stderr is not None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks: list[asyncio.Task[bytes]] = []
+            for index in range(len(manifest.parts)):
+                while len(tasks) < min(len(manifest.parts), index + _PREFETCH):
+                    seq = len(tasks) + 1
+                    tasks.append(tg.create_task(_fetch_part(store, keys, manifest, seq)))
+                data = await tasks[index]
+                tar.stdin.write(data)
+                await tar.stdin.drain()
+                if on_bytes:
+                    on_bytes(len(data))
+        tar.stdin.close()
+        err = await tar.stderr.read()
+        if await tar.wait():
+            raise SourceError(f"tar failed extracting backup {manifest.id}: {err.decode()[-400:]}")
+    finally:
+        if tar.returncode is None:
+            tar.kill()
+            await tar.wait()
+    await pgtools.run(options, "pg_verifybackup", str(data_dir))
+
+
+async def _fetch_part(
+    store: ObjectStore, keys: KeyProvider, manifest: BackupManifest, seq: int
+) -> bytes:
+    part = manifest.parts[seq - 1]
+    blob = await store.get(part["key"])
+    opened = await unseal(blob, keys, expect_stream=manifest.stream, expect_seq=seq)
+    if len(opened.records) != 1 or len(opened.records[0]) != part["size"]:
+        raise IntegrityError(f"backup part {part['key']}: size differs from the manifest")
+    return opened.records[0]

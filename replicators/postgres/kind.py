@@ -1,0 +1,95 @@
+"""The ``postgres`` stream kind: WAL streaming, base backups, warm standby, PITR.
+
+- active side: ``source`` streams WAL from a physical slot per destination
+  (``walsource.WalSource``); ``background`` takes base backups into every
+  destination vault every ``backup_every`` (when set).
+- passive side: ``target`` rebuilds WAL files into the spool
+  (``spool.WalSpool``) that the standby's restore_command serves from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent import logs
+from replicators.keys import build_key_provider
+from replicators.kinds import Background
+from replicators.postgres.basebackup import list_backups, take_backup
+from replicators.postgres.options import PostgresOptions
+from replicators.postgres.spool import WalSpool
+from replicators.postgres.walsource import WalSource
+from replicators.s3 import S3Store
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.stream import Source, Target
+
+KIND = "postgres"
+
+
+def options_of(stream: StreamConfig) -> PostgresOptions:
+    assert stream.postgres is not None  # the configuration requires the table
+    return stream.postgres
+
+
+def spool_dir(stream: StreamConfig, state_dir: Path) -> Path:
+    return options_of(stream).spool_dir or state_dir / "spool"
+
+
+def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
+    return WalSource(options_of(stream), peer.name)
+
+
+def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+    return WalSpool(spool_dir(stream, state_dir))
+
+
+class BackupSchedule:
+    """Takes a base backup into one peer's vault when the newest there is older than
+    ``backup_every``. Each ``sync_once`` takes at most one backup."""
+
+    def __init__(self, stream: StreamConfig, peer: PeerConfig) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.options = options_of(stream)
+        self.last: float | None = None
+        self.log = logs.get("postgres.backup", stream=stream.name, peer=peer.name)
+
+    async def recover(self) -> None:
+        store = await S3Store.open(self.peer.vault)
+        keys = build_key_provider(self.peer.keys)
+        try:
+            backups = await list_backups(store, keys, self.stream.name)
+        finally:
+            await keys.aclose()
+            await store.aclose()
+        self.last = backups[-1].start_time if backups else None
+
+    async def sync_once(self, stop: asyncio.Event) -> bool:
+        if self.last is not None and time.time() - self.last < self.options.backup_every:
+            return False
+        store = await S3Store.open(self.peer.vault)
+        keys = build_key_provider(self.peer.keys)
+        try:
+            manifest = await take_backup(self.options, self.stream.name, store, keys)
+        finally:
+            await keys.aclose()
+            await store.aclose()
+        self.last = manifest.start_time
+        self.log.info("base backup stored", id=manifest.id, bytes=manifest.bytes)
+        return True
+
+
+def background(
+    stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
+) -> list[Background]:
+    every = options_of(stream).backup_every
+    if role != "active" or every <= 0:
+        return []
+    return [
+        Background(f"backup-{peer.name}", BackupSchedule(stream, peer), min(every, 60.0))
+        for peer in agent.peers
+    ]

@@ -1,0 +1,97 @@
+"""Pure LSN and WAL-file-name arithmetic (PostgreSQL's default 16 MiB WAL segments).
+
+An LSN is a byte position in the WAL, written ``X/Y`` (high and low 32 bits in
+hex). WAL is stored in files of ``WAL_SEGMENT_SIZE`` bytes named
+``TTTTTTTTXXXXXXXXYYYYYYYY``: timeline, then the segment number split into
+"log" and "seg" parts (``0x100000000 // WAL_SEGMENT_SIZE`` segments per log).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+WAL_SEGMENT_SIZE = 16 * 1024 * 1024
+SEGMENTS_PER_LOG = 0x1_0000_0000 // WAL_SEGMENT_SIZE
+
+_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+_WAL_FILE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
+_HISTORY = re.compile(r"^([0-9A-F]{8})\.history$")
+
+
+def parse_lsn(text: str) -> int:
+    """``"0/16B3748"`` → 23803720. Raises ``ValueError`` on anything else."""
+    match = _LSN.match(text.strip())
+    if not match:
+        raise ValueError(f"not an LSN: {text!r} (expected X/Y in hex)")
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def segment_start(lsn: int) -> int:
+    """The LSN where the WAL file holding ``lsn`` begins."""
+    return lsn - lsn % WAL_SEGMENT_SIZE
+
+
+def next_boundary(lsn: int) -> int:
+    """The first WAL-file boundary strictly after ``lsn``."""
+    return segment_start(lsn) + WAL_SEGMENT_SIZE
+
+
+def wal_file_name(timeline: int, lsn: int) -> str:
+    """Name of the WAL file holding ``lsn`` on ``timeline``."""
+    segno = lsn // WAL_SEGMENT_SIZE
+    return f"{timeline:08X}{segno // SEGMENTS_PER_LOG:08X}{segno % SEGMENTS_PER_LOG:08X}"
+
+
+def parse_wal_file_name(name: str) -> tuple[int, int]:
+    """``wal_file_name`` reversed: (timeline, LSN of the file's first byte).
+
+    Raises ``ValueError`` for names that are not WAL files (history files,
+    backup labels).
+    """
+    match = _WAL_FILE.match(name)
+    if not match:
+        raise ValueError(f"not a WAL file name: {name!r}")
+    tli, log, seg = (int(match.group(i), 16) for i in (1, 2, 3))
+    if seg >= SEGMENTS_PER_LOG:
+        raise ValueError(f"not a WAL file name: {name!r} (segment part out of range)")
+    return tli, (log * SEGMENTS_PER_LOG + seg) * WAL_SEGMENT_SIZE
+
+
+def is_history_file(name: str) -> bool:
+    return _HISTORY.match(name) is not None
+
+
+def split_at_boundaries(start: int, data: bytes) -> list[tuple[int, bytes]]:
+    """Cut a WAL byte run starting at ``start`` into pieces that do not cross a WAL file."""
+    pieces = []
+    offset = 0
+    while offset < len(data):
+        lsn = start + offset
+        take = min(len(data) - offset, next_boundary(lsn) - lsn)
+        pieces.append((lsn, data[offset : offset + take]))
+        offset += take
+    return pieces
+
+
+_RECORD_HEAD = struct.Struct(">IQ")
+
+
+def pack_record(timeline: int, start: int, data: bytes) -> bytes:
+    """A vault record: timeline, start LSN, then the WAL bytes (within one WAL file)."""
+    return _RECORD_HEAD.pack(timeline, start) + data
+
+
+def unpack_record(record: bytes) -> tuple[int, int, bytes]:
+    """``pack_record`` reversed. Raises ``ValueError`` on a record that cannot be WAL."""
+    if len(record) < _RECORD_HEAD.size:
+        raise ValueError("WAL record shorter than its header")
+    timeline, start = _RECORD_HEAD.unpack_from(record)
+    data = record[_RECORD_HEAD.size :]
+    if timeline == 0 or (data and segment_start(start) != segment_start(start + len(data) - 1)):
+        raise ValueError(f"WAL record at {format_lsn(start)} crosses a WAL file or has no timeline")
+    return timeline, start, data

@@ -1,0 +1,64 @@
+"""Running PostgreSQL's own programs, as the cluster's OS user when the agent is root."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+from pathlib import Path
+
+from replicators.errors import SourceError
+from replicators.postgres.options import PostgresOptions
+
+
+def bin_dir(options: PostgresOptions) -> Path:
+    """The configured program directory, else the newest /usr/lib/postgresql/*/bin, else PATH."""
+    if options.bin_dir is not None:
+        return options.bin_dir
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if found:
+        return found[-1].parent
+    if which := shutil.which("pg_ctl"):
+        return Path(which).parent
+    raise SourceError("PostgreSQL programs not found: set [streams.postgres] bin_dir")
+
+
+def owner_command(options: PostgresOptions, *argv: str) -> list[str]:
+    """``argv`` run as ``options.os_user`` (through runuser when we are root)."""
+    prefix = ["runuser", "-u", options.os_user, "--"] if os.geteuid() == 0 else []
+    return [*prefix, *argv]
+
+
+def command(options: PostgresOptions, program: str, *args: str) -> list[str]:
+    """argv running PostgreSQL's ``program`` as ``options.os_user``."""
+    return owner_command(options, str(bin_dir(options) / program), *args)
+
+
+def give_to_owner(options: PostgresOptions, path: Path, mode: int = 0o700) -> None:
+    """Create ``path`` if needed and hand it to the PostgreSQL OS user (when root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(options.os_user)
+        os.chown(path, user.pw_uid, user.pw_gid)
+    path.chmod(mode)
+
+
+async def run(options: PostgresOptions, program: str, *args: str, cwd: Path | None = None) -> str:
+    """Run a PostgreSQL program to completion; return its output, raise ``SourceError``
+    with the output's tail on a non-zero exit."""
+    proc = await asyncio.create_subprocess_exec(
+        *command(options, program, *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=cwd or "/",
+    )
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    if proc.returncode:
+        tail = "\n".join("    " + s for s in text.splitlines()[-15:])
+        raise SourceError(f"{program} failed (exit {proc.returncode}):\n{tail}")
+    return text

@@ -1,0 +1,149 @@
+"""The WAL spool: WAL files rebuilt from verified vault segments (the postgres ``Target``).
+
+Layout of a spool directory (readable by the PostgreSQL OS user, who runs
+``wal-fetch`` as the standby's restore_command):
+
+- ``<WAL file name>``: one 16 MiB file per WAL file, named as PostgreSQL names
+  it (timeline-aware), preallocated; bytes are written at their LSN's offset.
+- ``state.json``: the last applied segment, the applied end LSN and timeline.
+  ``wal-fetch`` serves bytes only below that end, so bytes written by an apply
+  that crashed before recording its state are never served.
+
+``apply`` is idempotent: re-writing the same verified bytes at the same
+offsets gives the same files. Every file written is fsynced before the state
+that covers it is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from replicators.errors import IntegrityError
+from replicators.postgres import lsn as L
+from replicators.segment import SegmentHeader
+from replicators.stream import Applied
+from replicators.vault import SegmentRef
+
+KIND = "postgres"
+STATE_FILE = "state.json"
+
+
+def save_state(path: Path, state: dict[str, object]) -> None:
+    """Crash-safe write (temp, fsync, rename, fsync dir), world-readable for wal-fetch."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json.dumps(state, sort_keys=True).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_state(spool: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((spool / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise IntegrityError(f"unreadable spool state: {exc}", where=str(spool)) from exc
+
+
+def decode_records(header: SegmentHeader, records: Sequence[bytes]) -> list[tuple[int, int, bytes]]:
+    """Unpack and check a segment's WAL records: contiguous from ``header.start`` to
+    ``header.end``. Raises ``IntegrityError`` otherwise (nothing of it may be applied)."""
+    out = []
+    expect = int(header.start)
+    for record in records:
+        try:
+            timeline, start, data = L.unpack_record(record)
+        except ValueError as exc:
+            raise IntegrityError(str(exc), where=f"segment {header.seq}") from exc
+        if start != expect:
+            raise IntegrityError(
+                f"WAL record starts at {L.format_lsn(start)}, expected {L.format_lsn(expect)}",
+                where=f"segment {header.seq}",
+            )
+        out.append((timeline, start, data))
+        expect = start + len(data)
+    if expect != int(header.end):
+        raise IntegrityError(
+            f"WAL records end at {L.format_lsn(expect)}, header says {header.end}",
+            where=f"segment {header.seq}",
+        )
+    return out
+
+
+class WalSpool:
+    """The ``Target`` of a postgres stream: a spool of WAL files under ``directory``."""
+
+    KIND: ClassVar[str] = KIND
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+
+    async def state(self) -> Applied | None:
+        state = load_state(self.directory)
+        if state is None:
+            return None
+        ref = SegmentRef(epoch=state["epoch"], seq=state["seq"], stream=state["stream"])  # type: ignore[arg-type]
+        return Applied(ref=ref, end=int(state["end"]), source_time=float(state["source_time"]))  # type: ignore[arg-type]
+
+    async def apply(self, ref: SegmentRef, header: SegmentHeader, records: Sequence[bytes]) -> None:
+        """Write the segment's WAL bytes into their files, fsync, then record the state."""
+        pieces = decode_records(header, records)
+        timeline = pieces[-1][0] if pieces else int(self._timeline())
+        await asyncio.to_thread(self._write, pieces)
+        state = {
+            "stream": ref.stream,
+            "epoch": ref.epoch,
+            "seq": ref.seq,
+            "end": int(header.end),
+            "timeline": timeline,
+            "source_time": header.last_source_time,
+        }
+        await asyncio.to_thread(save_state, self.directory / STATE_FILE, state)
+
+    def _timeline(self) -> int:
+        state = load_state(self.directory)
+        return int(state["timeline"]) if state else 1  # type: ignore[arg-type]
+
+    def _write(self, pieces: list[tuple[int, int, bytes]]) -> None:
+        touched: dict[Path, int] = {}
+        try:
+            for timeline, start, data in pieces:
+                path = self.directory / L.wal_file_name(timeline, start)
+                fd = touched.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                    touched[path] = fd
+                    if os.fstat(fd).st_size < L.WAL_SEGMENT_SIZE:
+                        os.ftruncate(fd, L.WAL_SEGMENT_SIZE)
+                os.pwrite(fd, data, start % L.WAL_SEGMENT_SIZE)
+            for fd in touched.values():
+                os.fsync(fd)
+        finally:
+            for fd in touched.values():
+                os.close(fd)
+        if touched:
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    async def aclose(self) -> None:
+        pass

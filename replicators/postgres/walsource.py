@@ -1,0 +1,332 @@
+"""The WAL source: a physical replication slot per destination, streamed from the primary.
+
+- ``resume(position)`` creates the slot ``dragent_<peer>`` if missing and starts
+  streaming at ``position`` (or, for a new stream, at the start of the WAL file
+  holding the slot's ``restart_lsn``). psycopg2's ``PhysicalReplicationConnection``
+  does the protocol; its socket is watched with ``loop.add_reader``, so nothing
+  blocks the event loop once streaming.
+- The flush position reported to the primary moves only in ``ack()``, i.e. once
+  the WAL is durable in the destination vault: the slot keeps everything that
+  is not yet safe, and a synchronous primary waits for exactly that.
+- Changes are WAL byte runs ``[start LSN, end LSN)``; a batch never crosses a
+  WAL file boundary, so a vault segment maps onto one WAL file.
+- Source times come from (insert LSN, wall time) samples taken on the primary
+  every ``sample_interval``; every ``heartbeat_interval`` a heartbeat message is
+  written into the WAL so an idle primary still produces WAL.
+
+Errors: ``SourceError`` (connection lost, slot invalidated); the supervising
+loop calls ``recover()`` again, which reconnects from the last durable position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import json
+import time
+from collections import deque
+from typing import Any, ClassVar
+
+import asyncpg
+import psycopg2
+import psycopg2.extras
+
+from agent import logs
+from replicators.errors import SourceError
+from replicators.postgres import lsn as L
+from replicators.postgres.options import PostgresOptions
+from replicators.stream import Change
+
+KIND = "postgres"
+HEARTBEAT_PREFIX = "dragent-heartbeat"
+_SLOT_CHECK_EVERY = 10.0
+_MAX_SAMPLES = 10_000
+_STOP_POLL = 0.1  # how soon a set stop event is noticed while idle
+
+
+def slot_name(options: PostgresOptions, peer: str) -> str:
+    return options.slot or "dragent_" + "".join(c if c.isalnum() else "_" for c in peer.lower())
+
+
+class LsnClock:
+    """(LSN, wall time) samples: the time at which the primary's insert position was LSN.
+
+    ``time_at(p)`` is the time of the newest sample at or before ``p``: a byte at
+    ``p`` was written no earlier, so RPO figures derived from it err on the safe
+    (larger) side by at most one sample interval.
+    """
+
+    def __init__(self) -> None:
+        self._lsns: list[int] = []
+        self._times: list[float] = []
+
+    def add(self, lsn: int, at: float) -> None:
+        if self._lsns and lsn < self._lsns[-1]:
+            return
+        self._lsns.append(lsn)
+        self._times.append(at)
+        if len(self._lsns) > _MAX_SAMPLES:
+            del self._lsns[: _MAX_SAMPLES // 2], self._times[: _MAX_SAMPLES // 2]
+
+    def time_at(self, lsn: int) -> float | None:
+        i = bisect.bisect_right(self._lsns, lsn)
+        return self._times[i - 1] if i else None
+
+    def forget_before(self, lsn: int) -> None:
+        """Drop samples no longer needed for positions at or after ``lsn``."""
+        i = bisect.bisect_right(self._lsns, lsn) - 1
+        if i > 0:
+            del self._lsns[:i], self._times[:i]
+
+
+class WalSource:
+    KIND: ClassVar[str] = KIND
+
+    def __init__(self, options: PostgresOptions, peer: str) -> None:
+        self.options = options
+        self.slot = slot_name(options, peer)
+        self.log = logs.get("postgres.source", slot=self.slot)
+        self.clock = LsnClock()
+        self.timeline = 0
+        self.retained_bytes = 0
+        self.flush_lag: float | None = None
+        self._conn: Any = None
+        self._cursor: Any = None
+        self._db: asyncpg.Connection | None = None
+        self._buf: deque[tuple[int, bytes, float]] = deque()
+        self._received = 0
+        self._acked = 0
+        self._failed: BaseException | None = None
+        self._data = asyncio.Event()
+        self._next_sample = 0.0
+        self._next_heartbeat = 0.0
+        self._next_slot_check = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def resume(self, position: int) -> None:
+        """(Re)connect and stream from ``position`` (0: a new stream, from the slot)."""
+        await self.aclose()
+        self._failed = None
+        self._buf.clear()
+        try:
+            self._db = await asyncpg.connect(self.options.dsn.reveal(), timeout=10)
+            restart = await self._ensure_slot()
+            start = position if position else L.segment_start(restart)
+            if position and position < L.segment_start(restart):
+                raise SourceError(
+                    f"slot {self.slot} no longer holds WAL at {L.format_lsn(position)} "
+                    f"(restart_lsn {L.format_lsn(restart)}): a new base backup is needed"
+                )
+            await asyncio.to_thread(self._start_replication, start)
+        except (OSError, asyncpg.PostgresError, psycopg2.Error) as exc:
+            await self.aclose()
+            raise SourceError(f"cannot stream from the primary: {exc}") from exc
+        self._received = self._acked = start
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self._conn.fileno(), self._on_readable)
+        await self._sample(heartbeat=True)
+        self.log.info("streaming", start=L.format_lsn(start), timeline=self.timeline)
+
+    async def _ensure_slot(self) -> int:
+        assert self._db is not None
+        row = await self._db.fetchrow(
+            "SELECT restart_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+            self.slot,
+        )
+        if row is None:
+            self.log.info("creating replication slot")
+            await self._db.execute(
+                "SELECT pg_create_physical_replication_slot($1, true)", self.slot
+            )
+            return await self._ensure_slot()
+        if row["wal_status"] == "lost" or row["restart_lsn"] is None:
+            raise SourceError(
+                f"replication slot {self.slot} was invalidated (max_slot_wal_keep_size): "
+                "drop it and re-seed the destination with a new base backup"
+            )
+        return L.parse_lsn(row["restart_lsn"])
+
+    def _start_replication(self, start: int) -> None:
+        """Blocking: connect, identify the timeline, START_REPLICATION, first feedback."""
+        conn = psycopg2.connect(
+            self.options.dsn.reveal(),
+            connection_factory=psycopg2.extras.PhysicalReplicationConnection,
+            application_name=self.slot,
+            connect_timeout=10,
+        )
+        try:
+            cur = conn.cursor()
+            cur.execute("IDENTIFY_SYSTEM")
+            self.timeline = int(cur.fetchone()[1])
+            cur.start_replication(slot_name=self.slot, start_lsn=start, status_interval=1)
+            # A synchronous primary counts us only after one feedback with a flush position.
+            cur.send_feedback(write_lsn=start, flush_lsn=start, force=True)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._cursor = conn, cur
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._conn.fileno())
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = self._cursor = None
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                await self._db.close(timeout=2)
+            self._db = None
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """Drain every message the socket holds; record a failure instead of raising."""
+        try:
+            while (msg := self._cursor.read_message()) is not None:
+                start = int(msg.data_start)
+                payload = bytes(msg.payload)
+                if start != self._received:
+                    raise SourceError(
+                        f"WAL stream jumped from {L.format_lsn(self._received)} "
+                        f"to {L.format_lsn(start)}"
+                    )
+                now = time.time()
+                for piece_start, piece in L.split_at_boundaries(start, payload):
+                    self._buf.append((piece_start, piece, now))
+                self._received = start + len(payload)
+                self._data.set()
+        except Exception as exc:
+            self._failed = exc
+            self._data.set()
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._conn.fileno())
+
+    def _check_failed(self) -> None:
+        if self._failed is not None:
+            raise SourceError(f"replication stream lost: {self._failed}") from self._failed
+        if self._conn is None:
+            raise SourceError("not streaming (resume() was not called or failed)")
+
+    # -- batches ----------------------------------------------------------------------------
+
+    async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
+        """WAL byte runs within one WAL file, up to ``max_bytes`` or ``max_age`` old."""
+        batch: list[Change] = []
+        size = 0
+        first_seen: float | None = None
+        while True:
+            self._check_failed()
+            await self._housekeeping()
+            while self._buf and size < max_bytes:
+                start, data, seen = self._buf[0]
+                if batch and L.segment_start(start) != L.segment_start(batch[0].start):
+                    return batch
+                self._buf.popleft()
+                batch.append(self._change(start, data, seen))
+                size += len(data)
+                first_seen = first_seen if first_seen is not None else seen
+                if (start + len(data)) % L.WAL_SEGMENT_SIZE == 0:
+                    return batch
+            now = time.time()
+            if size >= max_bytes or stop.is_set():
+                return batch
+            if first_seen is not None and now >= first_seen + max_age:
+                return batch
+            wake = min(self._next_sample, self._next_heartbeat)
+            if first_seen is not None:
+                wake = min(wake, first_seen + max_age)
+            self._data.clear()
+            if self._buf or self._failed:
+                continue
+            await _wait(self._data, min(wake - now, _STOP_POLL))
+
+    def _change(self, start: int, data: bytes, seen: float) -> Change:
+        t = self.clock.time_at(start)
+        source_time = seen if t is None else min(t, seen)
+        return Change(
+            L.pack_record(self.timeline, start, data), start, start + len(data), source_time
+        )
+
+    def pending_since(self) -> float | None:
+        """Source time of the oldest WAL received but not yet batched."""
+        if not self._buf:
+            return None
+        start, _, seen = self._buf[0]
+        t = self.clock.time_at(start)
+        return seen if t is None else min(t, seen)
+
+    async def ack(self, position: int) -> None:
+        """Report ``position`` flushed: the primary may now recycle WAL before it."""
+        if position <= self._acked or self._cursor is None:
+            return
+        self._acked = position
+        self.clock.forget_before(position)
+        try:
+            self._cursor.send_feedback(write_lsn=self._received, flush_lsn=position, force=True)
+        except psycopg2.Error as exc:
+            self._failed = exc
+
+    # -- primary-side queries ---------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        now = time.time()
+        if now >= self._next_sample:
+            await self._sample(heartbeat=now >= self._next_heartbeat)
+        if now >= self._next_slot_check:
+            self._next_slot_check = now + _SLOT_CHECK_EVERY
+            await self._check_slot()
+
+    async def _sample(self, heartbeat: bool) -> None:
+        """One (insert LSN, time) sample; with ``heartbeat`` also a WAL heartbeat message."""
+        assert self._db is not None
+        at = time.time()
+        try:
+            if heartbeat:
+                body = json.dumps({"time": at, "slot": self.slot})
+                row = await self._db.fetchrow(
+                    "SELECT pg_current_wal_insert_lsn()::text AS lsn, "
+                    "pg_logical_emit_message(false, $1, $2)",
+                    HEARTBEAT_PREFIX,
+                    body,
+                )
+                self._next_heartbeat = at + self.options.heartbeat_interval
+            else:
+                row = await self._db.fetchrow("SELECT pg_current_wal_insert_lsn()::text AS lsn")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise SourceError(f"primary unreachable: {exc}") from exc
+        assert row is not None
+        self.clock.add(L.parse_lsn(row["lsn"]), at)
+        self._next_sample = at + self.options.sample_interval
+
+    async def _check_slot(self) -> None:
+        """Retained WAL of our slot and PostgreSQL's own lag figures for our walsender."""
+        assert self._db is not None
+        row = await self._db.fetchrow(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained, "
+            "s.wal_status, extract(epoch FROM r.flush_lag)::float8 AS flush_lag "
+            "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r "
+            "ON r.pid = s.active_pid WHERE s.slot_name = $1",
+            self.slot,
+        )
+        if row is None:
+            raise SourceError(f"replication slot {self.slot} disappeared")
+        self.retained_bytes = int(row["retained"] or 0)
+        self.flush_lag = row["flush_lag"]
+        if self.retained_bytes > int(self.options.slot_warn_bytes):
+            self.log.warning(
+                "slot retains too much WAL",
+                retained_bytes=self.retained_bytes,
+                warn_bytes=int(self.options.slot_warn_bytes),
+                wal_status=row["wal_status"],
+            )
+
+
+async def _wait(event: asyncio.Event, delay: float) -> None:
+    if delay <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay):
+            await event.wait()
