@@ -1,12 +1,46 @@
-"""``[streams.artifacts]``: the model store replicated and where it is materialized."""
+"""``[streams.artifacts]``: the model store replicated, how versions are found and chunked."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from agent.configbase import Section
+from pydantic import ByteSize, Field, model_validator
+
+from agent.configbase import Duration, PositiveDuration, Section
 
 
 class ArtifactsOptions(Section):
     root: Path
-    """The model store directory (``<model>/<version>/<files>``) in this region."""
+    """The model store directory (``<model>/<version>/<files>``) in this region: read on the
+    active side, materialized on the passive side."""
+    marker: str | None = None
+    """A version is complete once this file exists in its directory (e.g. ``_COMPLETE``).
+    Unset: a version is complete once nothing in it changed for ``quiet_period``."""
+    quiet_period: Duration = 30.0
+    scan_interval: PositiveDuration = 60.0
+    """The periodic full scan, the safety net under the file-system watch."""
+    watch: bool = True
+    """Wake up on inotify events (watchfiles) in addition to the periodic scan."""
+    chunk_min: ByteSize = ByteSize(256 * 1024)
+    chunk_avg: ByteSize = ByteSize(1024 * 1024)
+    chunk_max: ByteSize = ByteSize(8 * 1024 * 1024)
+    pack_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    """Chunks are packed into sealed pack objects of about this size."""
+    uploads: int = Field(default=4, ge=1, le=64)
+    """Pack uploads in flight at once."""
+    gc_grace: Duration = 24 * 3600.0
+    """A pack no manifest references is collected only once it is older than this."""
+
+    @model_validator(mode="after")
+    def _chunk_sizes(self) -> ArtifactsOptions:
+        if not 64 <= self.chunk_min <= 1 << 20:
+            raise ValueError("chunk_min must be 64B..1MiB")
+        if not 256 <= self.chunk_avg <= 4 << 20:
+            raise ValueError("chunk_avg must be 256B..4MiB")
+        if not max(1024, self.chunk_avg) <= self.chunk_max <= 16 << 20:
+            raise ValueError("chunk_max must be at least chunk_avg and at most 16MiB")
+        if self.chunk_min > self.chunk_avg:
+            raise ValueError("chunk_min must not exceed chunk_avg")
+        if self.pack_size < self.chunk_max:
+            raise ValueError("pack_size must be at least chunk_max")
+        return self

@@ -1,0 +1,174 @@
+"""Rebuild a version's files from its manifest and the packs in a vault.
+
+Every pack the manifest names is fetched once and verified in full (its
+authentication tags and Merkle root, ``packs.open_pack``); every chunk taken
+from it is checked against its id (SHA-256) and length before it is written
+at its offset. Files are fsynced, given their mode, and the directory is
+fsynced. Any failure raises ``ArtifactIntegrityError`` naming the artifact,
+the file, the chunk and the pack, and leaves nothing published (callers
+assemble into a hidden directory and rename it into place).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from replicators.artifacts.chunker import chunk_id
+from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, locate
+from replicators.artifacts.packs import PackRef, damaged_records, open_pack
+from replicators.errors import IntegrityError, NotFound
+from replicators.keys import KeyProvider
+from replicators.store import ObjectStore
+
+PARALLEL_PACKS = 4
+
+Occurrence = tuple[FileEntry, int, int, ChunkRef]
+
+
+class ArtifactIntegrityError(IntegrityError):
+    """A chunk of an artifact cannot be trusted: names artifact, file, chunk and pack."""
+
+
+def describe(m: Manifest, occ: Occurrence) -> str:
+    f, index, offset, ref = occ
+    return (
+        f"artifact {m.name}: file {f.path} chunk {index} "
+        f"(offset {offset}, {ref.length} bytes, id {ref.id.hex()[:16]}…)"
+    )
+
+
+def pack_error(m: Manifest, key: str, occs: list[Occurrence], exc: Exception) -> IntegrityError:
+    """The error for a pack that failed verification, naming the chunks it damages."""
+    hit = occs
+    if isinstance(exc, IntegrityError):
+        lengths = {ref.record: ref.length for _, _, _, ref in occs}
+        records = damaged_records(exc, lengths)
+        if records:
+            hit = [o for o in occs if o[3].record in records] or occs
+    more = f" and {len(hit) - 1} more chunks" if len(hit) > 1 else ""
+    return ArtifactIntegrityError(
+        f"{describe(m, hit[0])}{more}: pack {key} failed verification: {exc}",
+        hint="scrub the stream (`dragent verify <stream> --deep`) and restore from another vault",
+    )
+
+
+async def fetch_pack(
+    store: ObjectStore, keys: KeyProvider, m: Manifest, key: str, occs: list[Occurrence]
+) -> list[bytes]:
+    """Fetch and verify one pack; return its records. Raises ``ArtifactIntegrityError``."""
+    try:
+        ref = PackRef.parse(key)
+        blob = await store.get(key)
+        return (await open_pack(ref, blob, keys)).records
+    except NotFound as exc:
+        raise pack_error(m, key, occs, exc) from None
+    except IntegrityError as exc:
+        raise pack_error(m, key, occs, exc) from None
+
+
+def check_chunk(m: Manifest, occ: Occurrence, records: list[bytes], key: str) -> bytes:
+    """The chunk's bytes, once its length and id are right."""
+    ref = occ[3]
+    if ref.record >= len(records):
+        why = f"pack {key} has {len(records)} records, chunk is record {ref.record}"
+        raise ArtifactIntegrityError(f"{describe(m, occ)}: {why}")
+    data = records[ref.record]
+    if len(data) != ref.length or chunk_id(data) != ref.id:
+        raise ArtifactIntegrityError(
+            f"{describe(m, occ)}: record {ref.record} of pack {key} does not hash to the chunk id"
+        )
+    return data
+
+
+def _prepare(directory: Path, m: Manifest) -> dict[str, int]:
+    directory.mkdir(parents=True, exist_ok=False)
+    fds = {}
+    for f in m.files:
+        path = directory / f.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(fd, f.size)
+        fds[f.path] = fd
+    return fds
+
+
+def _write(fds: dict[str, int], pieces: list[tuple[str, int, bytes]]) -> None:
+    for path, offset, data in pieces:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fds[path], view, offset)
+            view, offset = view[n:], offset + n
+
+
+def _finish(directory: Path, m: Manifest, fds: dict[str, int]) -> None:
+    for f in m.files:
+        fd = fds[f.path]
+        os.fchmod(fd, f.mode & 0o7777)
+        os.fsync(fd)
+    dirs = {directory} | {(directory / f.path).parent for f in m.files}
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(d)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def assemble(
+    m: Manifest,
+    store: ObjectStore,
+    keys: KeyProvider,
+    directory: Path,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write every file of ``m`` under ``directory`` (created; must not exist).
+
+    ``progress(n)`` is called with the bytes written after each pack. Raises
+    ``ArtifactIntegrityError`` (a bad, missing or mismatching pack or chunk),
+    ``KeyAccessError``, ``Unavailable`` or ``OSError``; on any error the
+    directory may hold partial files and is the caller's to remove.
+    """
+    fds = await asyncio.to_thread(_prepare, directory, m)
+    slots = asyncio.Semaphore(PARALLEL_PACKS)
+
+    async def one(key: str, occs: list[Occurrence]) -> None:
+        async with slots:
+            records = await fetch_pack(store, keys, m, key, occs)
+            pieces = [(o[0].path, o[2], check_chunk(m, o, records, key)) for o in occs]
+            del records
+            await asyncio.to_thread(_write, fds, pieces)
+        if progress is not None:
+            progress(sum(len(p[2]) for p in pieces))
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for key, occs in locate(m).items():
+                tg.create_task(one(key, occs))
+        await asyncio.to_thread(_finish, directory, m, fds)
+    except BaseExceptionGroup as group:
+        raise _first(group) from None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    """The most telling error of a task group: an integrity error first."""
+    flat: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            walk(e) if isinstance(e, BaseExceptionGroup) else flat.append(e)
+
+    walk(group)
+    for e in flat:
+        if isinstance(e, IntegrityError):
+            return e
+    return flat[0]

@@ -1,0 +1,222 @@
+"""The ``artifacts`` stream kind: model checkpoints, content-defined chunks, packs, manifests.
+
+docs/artifacts.md describes the design. The active side (``source``) ships
+the chunks a destination lacks in packs and then each version's manifest
+through the stream; the passive side (``target``) materializes the model
+store from the manifests and the packs in its own vault; ``verify`` compares
+manifest roots (and, deep, re-reads and re-hashes every chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from replicators.artifacts import layout
+from replicators.artifacts.chunker import Chunker
+from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest
+from replicators.artifacts.options import ArtifactsOptions
+from replicators.artifacts.restore import catalogue, scrub
+from replicators.artifacts.source import ArtifactsSource
+from replicators.artifacts.target import ArtifactsTarget
+from replicators.keys import KeyProvider, build_key_provider
+from replicators.s3 import S3Store
+from replicators.vault import Vault
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.stream import Source, Target
+
+KIND = "artifacts"
+
+
+def _options(stream: StreamConfig) -> ArtifactsOptions:
+    assert stream.artifacts is not None  # StreamConfig requires the table for this kind
+    return stream.artifacts
+
+
+class _SourceWithStore(ArtifactsSource):
+    """Opens the destination's store on ``resume`` and closes it with the source."""
+
+    def __init__(self, stream: StreamConfig, peer: PeerConfig, state_dir: Path) -> None:
+        self._peer = peer
+        self._stack = AsyncExitStack()
+        keys = build_key_provider(peer.keys)
+        super().__init__(stream.name, _options(stream), _Unopened(), keys, state_dir)
+
+    async def resume(self, position: int) -> None:
+        if isinstance(self.store, _Unopened):
+            self.store = await S3Store.open(self._peer.vault)
+            self._stack.push_async_callback(self.store.aclose)
+            self._stack.push_async_callback(self.keys.aclose)
+        await super().resume(position)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._stack.aclose()
+
+
+class _TargetWithStore(ArtifactsTarget):
+    def __init__(self, stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> None:
+        self._agent = agent
+        self._stack = AsyncExitStack()
+        super().__init__(_options(stream), _Unopened(), build_key_provider(agent.keys), state_dir)
+
+    async def state(self) -> Any:
+        if isinstance(self.store, _Unopened):
+            self.store = await S3Store.open(self._agent.vault)
+            self._stack.push_async_callback(self.store.aclose)
+            self._stack.push_async_callback(self.keys.aclose)
+        return await super().state()
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+
+class _Unopened:
+    """Stands for a store until it is opened; any use is a bug."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("the artifacts store is used before it was opened")
+
+
+def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
+    return _SourceWithStore(stream, peer, state_dir)
+
+
+def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+    return _TargetWithStore(stream, agent, state_dir)
+
+
+# -- verification ------------------------------------------------------------------------------
+
+
+def local_manifest(root: Path, v: layout.VersionInfo, chunker: Chunker) -> Manifest:
+    """The manifest of a version as it is on disk now (every file re-read and re-hashed)."""
+    files = []
+    for f in v.files:
+        refs = tuple(ChunkRef(p.id, p.length, 0, 0) for p in chunker.cut_file(v.directory / f.path))
+        files.append(FileEntry(f.path, sum(r.length for r in refs), f.mode, refs))
+    return Manifest(v.model, v.version, tuple(files), ("",), chunker.params, time.time(), v.newest)
+
+
+def _chunker(options: ArtifactsOptions) -> Chunker:
+    return Chunker(int(options.chunk_min), int(options.chunk_avg), int(options.chunk_max))
+
+
+async def _local_roots(options: ArtifactsOptions, complete_only: bool) -> dict[str, str]:
+    """``{model/version: root hex}`` of the versions in this region's model store."""
+    chunker = _chunker(options)
+    now = time.time()
+    out = {}
+    for v in await asyncio.to_thread(layout.scan, options.root):
+        if complete_only and not layout.complete(v, now, options.marker, options.quiet_period):
+            continue
+        m = await asyncio.to_thread(local_manifest, options.root, v, chunker)
+        out[v.name] = m.root().hex()
+    return out
+
+
+def _differences(
+    ours: dict[str, str], theirs: dict[str, str], a: str, b: str
+) -> list[dict[str, str]]:
+    out = []
+    for name in sorted(set(ours) | set(theirs)):
+        x, y = ours.get(name), theirs.get(name)
+        if x == y:
+            continue
+        if y is None:
+            out.append({"what": f"missing in {b}", "where": name, a: x or ""})
+        elif x is None:
+            out.append({"what": f"missing in {a}", "where": name, b: y})
+        else:
+            out.append({"what": "root mismatch", "where": name, a: x, b: y})
+    return out
+
+
+def _combined(roots: dict[str, str]) -> str:
+    from verifiers.merkle import leaf_hash, merkle_root
+
+    leaves = [leaf_hash(f"{k}\0{v}".encode()) for k, v in sorted(roots.items())]
+    return merkle_root(leaves).hex()
+
+
+async def _vault_side(
+    vault: Vault, keys: KeyProvider, stream: str, deep: bool
+) -> tuple[dict[str, str], list[dict[str, str]], dict[str, int]]:
+    manifests = await catalogue(vault, keys, stream)
+    roots = {m.name: m.root().hex() for m in manifests.values()}
+    if not deep:
+        return roots, [], {}
+    result = await scrub(vault, keys, list(manifests.values()))
+    stats = {
+        "packs_read": result.packs,
+        "chunks_hashed": result.chunks,
+        "bytes_hashed": result.bytes,
+    }
+    return roots, result.damaged, stats
+
+
+async def verify(
+    stream: StreamConfig, agent: AgentConfig, *, deep: bool = False, repair: bool = False
+) -> dict[str, Any]:
+    """Compare manifest roots: this region's model store against the vault's manifests.
+
+    Active region: the local store (complete versions) against each peer's
+    vault. Passive region: its own vault against the materialized store.
+    Roots of the local store are computed by re-reading every file (chunk
+    ids are content hashes, so nothing cached is trusted). ``deep`` also
+    reads every pack the vault's manifests reference, verifies it and
+    re-hashes every chunk (the scrub). ``repair`` is not supported: a
+    difference is repaired by the stream itself (re-shipping a changed
+    version) and reported here.
+    """
+    options = _options(stream)
+    started = time.time()
+    local = await _local_roots(options, complete_only=agent.role == "active")
+    where = (
+        [(p.name, p.vault, p.keys) for p in agent.peers]
+        if agent.role == "active"
+        else [("vault", agent.vault, agent.keys)]
+    )
+    roots = {agent.region: _combined(local)}
+    counts = {agent.region: len(local)}
+    differences: list[dict[str, str]] = []
+    stats: dict[str, int] = {}
+    for name, vault_cfg, keys_cfg in where:
+        store = await S3Store.open(vault_cfg)
+        keys = build_key_provider(keys_cfg)
+        try:
+            theirs, damaged, more = await _vault_side(Vault(store), keys, stream.name, deep)
+        finally:
+            await keys.aclose()
+            await store.aclose()
+        roots[name], counts[name] = _combined(theirs), len(theirs)
+        differences += _differences(local, theirs, agent.region, name) + damaged
+        stats.update(more)
+    ok = not differences
+    summary = (
+        f"{len(local)} versions match" + (" and every chunk re-hashed" if deep else "")
+        if ok
+        else f"{len(differences)} differences"
+    )
+    return {
+        "kind": KIND,
+        "stream": stream.name,
+        "region": agent.region,
+        "started_at": started,
+        "finished_at": time.time(),
+        "at": f"model store {options.root} and the stream's manifests at {time.time():.0f}",
+        "ok": ok,
+        "deep": deep,
+        "repair": "not supported: the stream re-ships changed versions" if repair else None,
+        "summary": summary,
+        "roots": roots,
+        "counts": counts,
+        "versions": {"local": local},
+        "stats": stats,
+        "differences": differences,
+    }

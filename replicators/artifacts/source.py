@@ -1,0 +1,319 @@
+"""The active side: ship the chunks of complete versions the destination lacks, then manifests.
+
+For each complete version not yet shipped (``layout``), every file is cut into
+chunks (``chunker``); a chunk the destination already holds (``index``) is
+only referenced, any other is packed into a new pack (``packs``) that is
+sealed for the destination and published in its vault. When every pack of
+the version is durable, ``next_batch`` returns one change: the manifest.
+The shipper seals it into the stream's next segment, so a version becomes
+visible at the destination only after all its chunks are there (chunks
+first, manifest last).
+
+Positions count manifest records: record ``i`` covers ``[i, i + 1)``.
+After a crash, ``resume`` asks the vault about packs whose upload was in
+flight (present: kept; absent: forgotten), so completed packs are never sent
+again, and the version is re-chunked locally with only missing chunks
+uploaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import watchfiles
+
+from agent import logs
+from replicators.artifacts import layout
+from replicators.artifacts.chunker import Chunker, Piece
+from replicators.artifacts.index import SourceIndex
+from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, encode
+from replicators.artifacts.options import ArtifactsOptions
+from replicators.artifacts.packs import PackRef, seal_pack
+from replicators.errors import NotFound, SourceError
+from replicators.keys import KeyProvider
+from replicators.store import ObjectStore
+from replicators.stream import Change
+
+KIND = "artifacts"
+_STEP_BYTES = 32 << 20  # bytes chunked per worker-thread step
+
+
+@dataclass
+class _OpenPack:
+    ref: PackRef
+    chunks: list[bytes] = field(default_factory=list)
+    ids: list[tuple[bytes, int]] = field(default_factory=list)
+    size: int = 0
+
+
+class _Packer:
+    """Collects new chunks into packs and publishes each full pack in the background.
+
+    ``place(id, data)`` returns the chunk's (pack key, record); chunks already
+    placed in this run are placed once. ``finish()`` publishes the last pack
+    and waits for every upload. Uploads run in ``tg`` (bounded by ``slots``).
+    """
+
+    def __init__(self, src: ArtifactsSource, tg: asyncio.TaskGroup) -> None:
+        self.src, self.tg = src, tg
+        self.slots = asyncio.Semaphore(src.options.uploads)
+        self.placed: dict[bytes, tuple[str, int]] = {}
+        self.current: _OpenPack | None = None
+        self.bytes_sent = 0
+
+    async def place(self, piece: Piece) -> tuple[str, int]:
+        known = self.placed.get(piece.id) or self.src.index.lookup(piece.id)
+        if known is not None:
+            return known
+        if self.current is None:
+            seq = self.src.index.next_pack_seq()
+            self.current = _OpenPack(PackRef(self.src.stream, self.src.index.writer, seq))
+        pack = self.current
+        where = (pack.ref.key, len(pack.chunks))
+        pack.chunks.append(bytes(piece.data))
+        pack.ids.append((piece.id, piece.length))
+        pack.size += piece.length
+        self.placed[piece.id] = where
+        if pack.size >= self.src.options.pack_size:
+            await self._publish()
+        return where
+
+    async def _publish(self) -> None:
+        pack, self.current = self.current, None
+        if pack is None:
+            return
+        await self.slots.acquire()  # backpressure: at most `uploads` packs held in memory
+        self.src.index.begin_pack(pack.ref.key, pack.ids)
+        self.tg.create_task(self._upload(pack))
+
+    async def _upload(self, pack: _OpenPack) -> None:
+        try:
+            key = await self.src.keys.data_key()
+            blob = await asyncio.to_thread(seal_pack, pack.ref, pack.chunks, key)
+            pack.chunks = []
+            await self.src.store.put(pack.ref.key, blob, if_absent=True)
+            self.src.index.pack_done(pack.ref.key, len(blob))
+            self.bytes_sent += len(blob)
+        finally:
+            self.slots.release()
+
+    async def finish(self) -> None:
+        await self._publish()
+
+
+class ArtifactsSource:
+    """A ``Source`` over one model store, for one destination vault (its store and keys)."""
+
+    KIND: ClassVar[str] = KIND
+
+    def __init__(
+        self,
+        stream: str,
+        options: ArtifactsOptions,
+        store: ObjectStore,
+        keys: KeyProvider,
+        state_dir: Path,
+    ) -> None:
+        self.stream = stream
+        self.options = options
+        self.store = store
+        self.keys = keys
+        self.index = SourceIndex(state_dir / "source.db")
+        self.chunker = Chunker(
+            int(options.chunk_min), int(options.chunk_avg), int(options.chunk_max)
+        )
+        self.log = logs.get("artifacts", stream=stream)
+        self._next = 0
+        self._pending_since: float | None = None
+        self.bytes_sent = 0
+        """Pack bytes published by this process (tests and benchmarks read it)."""
+
+    def pending_since(self) -> float | None:
+        return self._pending_since
+
+    async def resume(self, position: int) -> None:
+        """Settle in-flight uploads, then drop manifest records that are not durable."""
+        for key in self.index.uploading():
+            try:
+                info = await self.store.stat(key)
+            except NotFound:
+                self.index.forget_pack(key)
+            else:
+                self.index.pack_done(key, info.size)
+        self.index.resume(position)
+        if self.index.last_position() != position:
+            self.log.warning(
+                "manifest journal is behind the vault; versions will be re-announced",
+                journal=self.index.last_position(),
+                vault=position,
+            )
+        self._next = position
+
+    async def ack(self, position: int) -> None:
+        """Records before ``position`` are durable; nothing to release (the store is read-only)."""
+
+    async def aclose(self) -> None:
+        self.index.close()
+
+    # -- finding work -------------------------------------------------------------------------
+
+    async def _due(self) -> tuple[list[layout.VersionInfo], float | None]:
+        """Complete versions not shipped (or changed since), and when the next one may become
+        complete."""
+        versions = await asyncio.to_thread(layout.scan, self.options.root)
+        shipped = self.index.shipped()
+        now, due, wake = time.time(), [], None
+        marker, quiet = self.options.marker, self.options.quiet_period
+        for v in versions:
+            prior = shipped.get(v.key)
+            if prior is not None and prior[0] == v.fingerprint():
+                continue
+            if layout.complete(v, now, marker, quiet):
+                due.append(v)
+            else:
+                at = layout.ready_at(v, marker, quiet)
+                if at is not None:
+                    wake = at if wake is None else min(wake, at)
+        return due, wake
+
+    async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
+        """Ship the chunks of complete versions; return their manifests (at most ``max_bytes``
+        of manifests, or one). Waits for a version (watch, scan) until ``stop``."""
+        while not stop.is_set():
+            due, wake = await self._due()
+            if due:
+                self._pending_since = min(v.newest for v in due)
+                batch: list[Change] = []
+                size = 0
+                for v in due:
+                    if stop.is_set() or (batch and size >= max_bytes):
+                        break
+                    change = await self._ship(v, stop)
+                    if change is not None:
+                        batch.append(change)
+                        size += len(change.payload)
+                self._pending_since = None
+                if batch or stop.is_set():
+                    return batch
+                continue
+            delay = self.options.scan_interval
+            if wake is not None:
+                delay = min(delay, max(0.0, wake - time.time()) + 0.01)
+            await self._wait_for_change(delay, stop)
+        return []
+
+    async def _wait_for_change(self, delay: float, stop: asyncio.Event) -> None:
+        """Sleep ``delay`` seconds, less when the tree changes (watch) or ``stop`` is set."""
+        woke = asyncio.Event()
+        done = asyncio.Event()
+
+        async def watch() -> None:
+            root = self.options.root
+            if not self.options.watch or not root.is_dir():
+                return
+            with contextlib.suppress(OSError, RuntimeError):
+                async for _ in watchfiles.awatch(root, stop_event=done, debounce=200, step=50):
+                    woke.set()
+                    return
+
+        async def waiter() -> None:
+            waits = [asyncio.ensure_future(e.wait()) for e in (woke, stop)]
+            try:
+                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            done.set()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(watch())
+            tg.create_task(waiter())
+
+    # -- shipping one version -------------------------------------------------------------------
+
+    async def _ship(self, v: layout.VersionInfo, stop: asyncio.Event) -> Change | None:
+        """Publish every chunk of ``v`` the destination lacks; return its manifest change, or
+        None if the version changed while it was read (it is tried again later) or on stop."""
+        started = time.monotonic()
+        files: list[tuple[layout.FileInfo, list[tuple[bytes, int, str, int]]]] = []
+        async with asyncio.TaskGroup() as tg:
+            packer = _Packer(self, tg)
+            for f in v.files:
+                if stop.is_set():
+                    break
+                files.append((f, await self._chunk_file(v.directory / f.path, packer)))
+            await packer.finish()
+        self.bytes_sent += packer.bytes_sent
+        again = await asyncio.to_thread(layout.scan_version, self.options.root, v.model, v.version)
+        if stop.is_set() or again is None or again.fingerprint() != v.fingerprint():
+            return None
+        manifest = _manifest(v, files, self.chunker.params)
+        payload = encode(manifest)
+        position = self._next
+        self.index.add_record(position, v.model, v.version, v.fingerprint(), manifest.root().hex())
+        self._next += 1
+        self.log.info(
+            "version shipped",
+            version=v.name,
+            bytes=v.size,
+            sent=packer.bytes_sent,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return Change(payload, position, position + 1, v.newest)
+
+    async def _chunk_file(self, path: Path, packer: _Packer) -> list[tuple[bytes, int, str, int]]:
+        """Cut one file (hashing in a worker thread); place its chunks. Returns
+        ``[(id, length, pack key, record)]`` in file order."""
+        out: list[tuple[bytes, int, str, int]] = []
+        try:
+            pieces = self.chunker.cut_file(path)
+            while True:
+                step = await asyncio.to_thread(_take, pieces, _STEP_BYTES)
+                if not step:
+                    break
+                for piece in step:
+                    key, record = await packer.place(piece)
+                    out.append((piece.id, piece.length, key, record))
+        except OSError as exc:
+            raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+        return out
+
+
+def _take(pieces: Iterator[Piece], limit: int) -> list[Piece]:
+    out, size = [], 0
+    for piece in pieces:
+        out.append(piece)
+        size += piece.length
+        if size >= limit:
+            break
+    return out
+
+
+def _manifest(
+    v: layout.VersionInfo,
+    files: list[tuple[layout.FileInfo, list[tuple[bytes, int, str, int]]]],
+    chunking: str,
+) -> Manifest:
+    packs: dict[str, int] = {}
+    entries = []
+    for f, chunks in files:
+        refs = tuple(
+            ChunkRef(cid, length, packs.setdefault(key, len(packs)), record)
+            for cid, length, key, record in chunks
+        )
+        entries.append(FileEntry(f.path, sum(c.length for c in refs), f.mode, refs))
+    return Manifest(
+        model=v.model,
+        version=v.version,
+        files=tuple(entries),
+        packs=tuple(packs),
+        chunking=chunking,
+        created_at=time.time(),
+        source_time=v.newest,
+    )

@@ -1,0 +1,121 @@
+"""The passive side: materialize every shipped version in this region's model store.
+
+``apply`` receives verified segments whose records are manifests. For each,
+the version is assembled from the vault's packs into a hidden directory
+``<root>/<model>/.dragent-<version>-<random>`` (every chunk checked against its
+id, files fsynced) and then renamed to ``<root>/<model>/<version>``: serving
+never sees a half-written version. A version already materialized with the
+same root is skipped, so re-applying a segment after a crash is idempotent.
+The target keeps each applied manifest under ``state_dir/manifests`` (for
+verification) and its stream position in ``applied.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from agent import logs
+from replicators import checkpoint
+from replicators.artifacts.assemble import assemble, fsync_dir
+from replicators.artifacts.manifest import Manifest, decode, encode
+from replicators.artifacts.options import ArtifactsOptions
+from replicators.keys import KeyProvider
+from replicators.segment import SegmentHeader
+from replicators.store import ObjectStore
+from replicators.stream import Applied
+from replicators.vault import SegmentRef
+
+KIND = "artifacts"
+
+
+class ArtifactsTarget:
+    KIND: ClassVar[str] = KIND
+
+    def __init__(
+        self, options: ArtifactsOptions, store: ObjectStore, keys: KeyProvider, state_dir: Path
+    ) -> None:
+        self.options = options
+        self.store = store
+        self.keys = keys
+        self.state_dir = state_dir
+        self.state_path = state_dir / "applied.json"
+        self.manifests_dir = state_dir / "manifests"
+        self.log = logs.get("artifacts-target")
+
+    async def state(self) -> Applied | None:
+        state = checkpoint.load(self.state_path)
+        if state is None:
+            return None
+        ref = SegmentRef(epoch=state["epoch"], seq=state["seq"], stream=state["stream"])
+        return Applied(ref=ref, end=int(state["end"]), source_time=float(state["source_time"]))
+
+    async def apply(self, ref: SegmentRef, header: SegmentHeader, records: Sequence[bytes]) -> None:
+        """Materialize each manifest in order, then record the segment as applied."""
+        for record in records:
+            await self.materialize(decode(record))
+        state = {
+            "stream": ref.stream,
+            "epoch": ref.epoch,
+            "seq": ref.seq,
+            "end": int(header.end),
+            "source_time": header.last_source_time,
+        }
+        await asyncio.to_thread(checkpoint.save, self.state_path, state)
+
+    def manifest_path(self, model: str, version: str) -> Path:
+        return self.manifests_dir / model / f"{version}.json"
+
+    def applied_manifest(self, model: str, version: str) -> Manifest | None:
+        path = self.manifest_path(model, version)
+        return decode(path.read_bytes()) if path.exists() else None
+
+    async def materialize(self, m: Manifest) -> None:
+        """Publish ``m`` at ``<root>/<model>/<version>``; a no-op if already there."""
+        final = self.options.root / m.model / m.version
+        prior = self.applied_manifest(m.model, m.version)
+        if prior is not None and prior.root() == m.root() and final.is_dir():
+            return
+        parent = final.parent
+        work = parent / f".dragent-{m.version}-{secrets.token_hex(4)}"
+        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            await assemble(m, self.store, self.keys, work)
+            await asyncio.to_thread(_publish, work, final)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            raise
+        path = self.manifest_path(m.model, m.version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_write_atomic, path, encode(m))
+        self.log.info("version materialized", version=m.name, bytes=m.size, root=m.root().hex())
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _publish(work: Path, final: Path) -> None:
+    """Rename ``work`` to ``final``; an existing ``final`` is moved aside first, then removed."""
+    old = None
+    if final.exists():
+        old = final.parent / f".dragent-old-{final.name}-{secrets.token_hex(4)}"
+        os.rename(final, old)
+    os.rename(work, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
