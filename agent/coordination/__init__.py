@@ -1,0 +1,1 @@
+"""Coordination between regions: leader lease and epoch in etcd, health, fencing, takeover."""

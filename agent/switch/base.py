@@ -1,0 +1,48 @@
+"""The switch interface and its construction from ``[[failover.switches]]``.
+
+A switch moves traffic to a region: ``point_to(region)`` is idempotent and
+raises ``SwitchError`` naming the provider and what was refused;
+``describe()`` names it for logs and records (never a secret).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from agent.failover_config import SwitchConfig
+from replicators.errors import DragentError
+
+
+class SwitchError(DragentError):
+    """A traffic switch failed."""
+
+
+class Switch(Protocol):
+    def describe(self) -> str: ...
+
+    async def point_to(self, region: str) -> None: ...
+
+
+def record_value(records: Mapping[str, str], region: str) -> str:
+    try:
+        return records[region]
+    except KeyError:
+        raise SwitchError(f"no record value configured for region {region!r}") from None
+
+
+def build_switch(cfg: SwitchConfig) -> Switch:
+    """The provider for one configured switch."""
+    if cfg.provider == "rfc2136":
+        from agent.switch.rfc2136 import Rfc2136
+
+        return Rfc2136(cfg)
+    if cfg.provider == "route53":
+        from agent.switch.route53 import Route53
+
+        return Route53(cfg)
+    from agent.switch.hooks import ExecHook, WebhookHook
+
+    if cfg.provider == "exec":
+        return ExecHook(cfg)
+    return WebhookHook(cfg)

@@ -1,0 +1,162 @@
+"""Traffic switches: RFC 2136 against a real BIND 9, Route 53 against a small fake,
+exec and webhook hooks.
+
+Route 53 has no local server, so its test runs against a fake of the two calls
+used (ChangeResourceRecordSets, GetChange) that parses the request body the
+real aiobotocore client sends.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from agent.failover_config import ExecSwitch, Rfc2136Switch, Route53Switch, WebhookSwitch
+from agent.lab import Lab
+from agent.lab.bind import ADDRESSES, BindServer, lab_dns, resolve
+from agent.switch.base import SwitchError, build_switch
+from agent.switch.hooks import ExecHook, WebhookHook
+from agent.switch.rfc2136 import Rfc2136
+
+pytestmark = pytest.mark.lab
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def named(lab: Lab) -> AsyncIterator[BindServer]:
+    server = lab_dns(lab)
+    await server.stop()
+    await server.start()
+    await server.wait_ready()
+    yield server
+    await server.stop()
+
+
+async def test_rfc2136_moves_the_record_between_regions(named: BindServer) -> None:
+    switch = build_switch(Rfc2136Switch(**named.switch_config()))
+    assert isinstance(switch, Rfc2136)
+    await switch.point_to("b")
+    assert await resolve(named.port) == [ADDRESSES["b"]]
+    await switch.point_to("b")  # idempotent
+    assert await switch.current() == [ADDRESSES["b"]]
+    await switch.point_to("a")
+    assert await resolve(named.port) == [ADDRESSES["a"]]
+    await switch.check_credentials()
+
+
+async def test_rfc2136_wrong_key_is_refused_and_nothing_changes(
+    named: BindServer, tmp_path: Path
+) -> None:
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text(base64.b64encode(secrets.token_bytes(32)).decode())
+    cfg = Rfc2136Switch(**{**named.switch_config(), "tsig_secret": f"file:{wrong}"})
+    before = await resolve(named.port)
+    with pytest.raises(SwitchError, match=r"TSIG|NOTAUTH|not answered"):
+        await Rfc2136(cfg).point_to("b" if before == [ADDRESSES["a"]] else "a")
+    assert await resolve(named.port) == before
+
+
+async def test_rfc2136_unknown_region_is_an_operator_error(named: BindServer) -> None:
+    with pytest.raises(SwitchError, match="no record value configured for region 'c'"):
+        await Rfc2136(Rfc2136Switch(**named.switch_config())).point_to("c")
+
+
+def _route53_fake(seen: list[dict[str, str]]) -> web.Application:
+    ns = "{https://route53.amazonaws.com/doc/2013-04-01/}"
+
+    def info(status: str) -> str:
+        return (
+            f"<ChangeInfo><Id>/change/C1</Id><Status>{status}</Status>"
+            "<SubmittedAt>2026-11-28T10:00:00Z</SubmittedAt></ChangeInfo>"
+        )
+
+    async def change(request: web.Request) -> web.Response:
+        body = ElementTree.fromstring(await request.read())
+        rrset = body.find(f".//{ns}ResourceRecordSet")
+        assert rrset is not None
+        seen.append(
+            {
+                "zone": request.match_info["zone"],
+                "action": body.findtext(f".//{ns}Action") or "",
+                "name": rrset.findtext(f"{ns}Name") or "",
+                "value": rrset.findtext(f".//{ns}Value") or "",
+            }
+        )
+        xml = f'<ChangeResourceRecordSetsResponse xmlns="{ns[1:-1]}">{info("PENDING")}'
+        return web.Response(text=xml + "</ChangeResourceRecordSetsResponse>")
+
+    async def get_change(request: web.Request) -> web.Response:
+        xml = f'<GetChangeResponse xmlns="{ns[1:-1]}">{info("INSYNC")}</GetChangeResponse>'
+        return web.Response(text=xml)
+
+    app = web.Application()
+    app.router.add_post("/2013-04-01/hostedzone/{zone}/rrset/", change)
+    app.router.add_post("/2013-04-01/hostedzone/{zone}/rrset", change)
+    app.router.add_get("/2013-04-01/change/{id}", get_change)
+    return app
+
+
+async def test_route53_upserts_and_waits_for_insync(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[dict[str, str]] = []
+    runner = web.AppRunner(_route53_fake(seen))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setenv("R53_AK", "AKIDEXAMPLE")
+    monkeypatch.setenv("R53_SK", "secret")
+    try:
+        cfg = Route53Switch(
+            hosted_zone_id="Z123",
+            name="app.example.com.",
+            records={"a": "192.0.2.1", "b": "192.0.2.2"},
+            endpoint=f"http://127.0.0.1:{port}",
+            access_key="env:R53_AK",
+            secret_key="env:R53_SK",
+        )
+        await build_switch(cfg).point_to("b")
+    finally:
+        await runner.cleanup()
+    assert seen == [
+        {"zone": "Z123", "action": "UPSERT", "name": "app.example.com.", "value": "192.0.2.2"}
+    ]
+
+
+async def test_exec_hook_substitutes_the_region(tmp_path: Path) -> None:
+    out = tmp_path / "switched"
+    code = f"open({str(out)!r}, 'w').write(__import__('sys').argv[1])"
+    await ExecHook(ExecSwitch(argv=[sys.executable, "-c", code, "{region}"])).point_to("b")
+    assert out.read_text() == "b"
+    with pytest.raises(SwitchError, match="exited 3"):
+        await ExecHook(ExecSwitch(argv=[sys.executable, "-c", "exit(3)"])).point_to("b")
+
+
+async def test_webhook_hook_posts_the_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    got: list[object] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/switch", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    monkeypatch.setenv("HOOK_URL", f"http://127.0.0.1:{port}/switch")
+    try:
+        hook_switch = WebhookHook(WebhookSwitch(url="env:HOOK_URL"))
+        await hook_switch.point_to("b")
+        assert "127.0.0.1" not in repr(hook_switch.describe())
+    finally:
+        await runner.cleanup()
+    assert got == [{"region": "b"}]
