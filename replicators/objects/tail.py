@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from replicators.objects.events import Hint, JsonStream, filer_hints
 from replicators.objects.options import FilerEvents
 
 log = logging.getLogger(__name__)
 READ = 1 << 16
+REPLAY = 10.0
 
 
 class FilerTail:
@@ -30,6 +32,7 @@ class FilerTail:
         self._json = JsonStream()
         self._lost = False
         self._restart = False
+        self._last_event = 0.0
         self._pending: list[Hint] = []
         self._reader: asyncio.Task[bytes] | None = None
 
@@ -42,12 +45,19 @@ class FilerTail:
             "filer.meta.tail",
             f"-filer={self.cfg.filer}",
             f"-pathPrefix={self.path}",
+            f"-timeAgo={self._replay_ms()}ms",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             stdin=asyncio.subprocess.DEVNULL,
         )
         self._json = JsonStream()
         self._restart = False
+
+    def _replay_ms(self) -> int:
+        """Replay from a little before the last event seen (or ``REPLAY`` seconds on a first
+        start): the subscription connects asynchronously, and a duplicate hint is harmless."""
+        since = self._last_event - 1.0 if self._last_event else time.time() - REPLAY
+        return max(1, int((time.time() - since) * 1000))
 
     async def poll(self) -> list[Hint]:
         """Hints received since the last call (waits only to restart a dead subscription)."""
@@ -69,6 +79,7 @@ class FilerTail:
                 self._died()
                 break
             for event in self._json.feed(data):
+                self._last_event = max(self._last_event, int(event.get("tsNs", 0) or 0) / 1e9)
                 out += [
                     h for h in filer_hints(event, self.cfg.buckets_dir) if h.bucket == self.bucket
                 ]
