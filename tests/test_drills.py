@@ -90,7 +90,9 @@ async def test_restore_drill_records_rto_and_equal_merkle_verdict(
     assert [e["type"] for e in chain.entries] == ["evidence.genesis", DRILL_RESTORE]
 
 
-async def test_restore_drill_to_a_past_time(cfg_b: AgentConfig, unique: str, tmp_path: Path) -> None:
+async def test_restore_drill_to_a_past_time(
+    cfg_b: AgentConfig, unique: str, tmp_path: Path
+) -> None:
     cfg = drill_config(cfg_b, unique, tmp_path)
     lasts = await publish(cfg, unique, segments=4, per=10)
     report = await restore_drill(cfg, at=lasts[1] + 0.001)

@@ -134,12 +134,18 @@ def _load_public(pem: str) -> Ed25519PublicKey | None:
 
 
 def _signature_ok(entry: dict[str, Any], public: Ed25519PublicKey) -> bool:
+    # The signature object is outside what it signs: every field of it is checked exactly.
     sig = entry.get("signature")
-    if not isinstance(sig, dict) or sig.get("key_id") != key_id(public):
+    if not isinstance(sig, dict) or set(sig) != {"alg", "key_id", "value"}:
+        return False
+    if sig["alg"] != "ed25519" or sig["key_id"] != key_id(public):
         return False
     try:
-        public.verify(base64.b64decode(sig["value"], validate=True), canonical(entry))
-    except (InvalidSignature, ValueError, KeyError, TypeError):
+        value = base64.b64decode(sig["value"], validate=True)
+        if base64.b64encode(value).decode() != sig["value"]:
+            return False  # non-canonical base64 (unused bits set)
+        public.verify(value, canonical(entry))
+    except (InvalidSignature, ValueError, TypeError):
         return False
     return True
 
