@@ -21,9 +21,9 @@ class ArtifactsOptions(Section):
     """The periodic full scan, the safety net under the file-system watch."""
     watch: bool = True
     """Wake up on inotify events (watchfiles) in addition to the periodic scan."""
-    chunk_min: ByteSize = ByteSize(256 * 1024)
-    chunk_avg: ByteSize = ByteSize(1024 * 1024)
-    chunk_max: ByteSize = ByteSize(8 * 1024 * 1024)
+    chunk_min: ByteSize = ByteSize(128 * 1024)
+    chunk_avg: ByteSize = ByteSize(512 * 1024)
+    chunk_max: ByteSize = ByteSize(2 * 1024 * 1024)
     pack_size: ByteSize = ByteSize(16 * 1024 * 1024)
     """Chunks are packed into sealed pack objects of about this size."""
     uploads: int = Field(default=4, ge=1, le=64)
