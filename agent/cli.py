@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent.lab.cli import register
 
     register(sub)
+    from agent import cli_postgres
+
+    cli_postgres.register(sub)
     return parser
 
 
