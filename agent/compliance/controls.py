@@ -29,6 +29,7 @@ KEY_ROTATION = "key.rotation"
 FAILOVER = "failover"
 SWITCHOVER = "switchover"
 CONTROL_CHANGE = "compliance.change"
+FAILOVER_KINDS = (DRILL_FAILOVER, FAILOVER, SWITCHOVER)
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,9 @@ def evidence_intact(facts: Facts) -> Outcome:
 
 
 def failover_tested(facts: Facts) -> Outcome:
-    kinds = (DRILL_FAILOVER, FAILOVER, SWITCHOVER)
-    return _due(facts, kinds, max(YEAR, facts.policy.drill_every), "failover or switchover")
+    return _due(
+        facts, FAILOVER_KINDS, max(YEAR, facts.policy.drill_every), "failover or switchover"
+    )
 
 
 Check = Callable[[Facts], Outcome]

@@ -105,7 +105,13 @@ class EvidenceLog:
 
     async def verify(self, public: Ed25519PublicKey | None = None) -> ChainReport:
         """Check the whole chain (see ``chain.check_chain``) against the local head."""
-        return check_chain(self.region, await self.raw_entries(), public=public, head=self._head())
+        return self.check(await self.raw_entries(), public)
+
+    def check(
+        self, items: list[tuple[str, bytes]], public: Ed25519PublicKey | None = None
+    ) -> ChainReport:
+        """``check_chain`` of already read entries, against the local head."""
+        return check_chain(self.region, items, public=public, head=self._head())
 
     # -- writing ---------------------------------------------------------------------
 
@@ -142,6 +148,22 @@ class EvidenceLog:
                 if seq > 0:
                     return entry
             raise AlreadyExists("evidence log: lost the append race repeatedly", key=self.prefix)
+
+    async def ensure(self) -> None:
+        """Create the genesis entry if the log is empty (idempotent)."""
+        if self._writer is None or self._key is None:
+            return
+        async with self._lock:
+            seq, _ = await self._next()
+            if seq == 0:
+                _, raw = genesis(self.region, time.time(), self._key)
+                try:
+                    await self._writer.put(
+                        entry_key(self.region, 0), raw, retain_seconds=self.retention
+                    )
+                    self._remember(0, digest(raw))
+                except AlreadyExists:
+                    self._tail = None
 
     async def lock_enabled(self) -> bool:
         return False if self._writer is None else await self._writer.lock_enabled()

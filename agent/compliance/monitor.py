@@ -1,0 +1,316 @@
+"""The compliance monitor: evidence + live metrics -> controls, continuously.
+
+``ComplianceMonitor(cfg, live_rpo=...)`` is a component of the daemon:
+
+- ``collector``: a Prometheus ``Collector`` to register on the agent's
+  registry (``dragent_compliance_control{control,status}`` and the drill and
+  key-age series the alert rules use);
+- ``status()``: a dict for ``/status``;
+- ``async run(stop)``: until ``stop`` is set, every second take the live RPO
+  into a running maximum; every ``rpo_sample_every`` record that maximum as
+  an ``rpo.sample`` evidence entry (on a region that ships); every
+  ``evaluate_every`` read new evidence, record key rotations it sees, run a
+  restore drill when one is due (passive region, ``drill_schedule``), then
+  evaluate the controls and record status changes as evidence.
+
+Storage errors are logged (rate-limited) and the step is tried again at the
+next tick; the last results stay, marked with their evaluation time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent import logs
+from agent.compliance import controls as c
+from agent.compliance.keyage import key_ages
+from agent.config import AgentConfig
+from agent.evidence import EvidenceLog
+from replicators.errors import DragentError
+
+_FULL_CHECK_EVERY = 3600.0  # re-read and re-check the whole chain this often
+_DRILL_RETRY = 3600.0  # after a failed scheduled drill
+
+
+class ComplianceMonitor:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        live_rpo: Callable[[], Mapping[str, float]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self._live_rpo = live_rpo or dict
+        self._clock = clock
+        self.log = logs.get("compliance", region=cfg.region)
+        self._errors = logs.RateLimited(300.0)
+        self.results: list[c.ControlResult] = []
+        self.evaluated_at: float | None = None
+        self.chain_ok: bool | None = None
+        self.object_lock: bool | None = None
+        self._evidence: EvidenceLog | None = None
+        self._raw: list[tuple[str, bytes]] = []
+        self._own: list[dict[str, Any]] = []
+        self._peers: dict[str, list[dict[str, Any]]] = {}
+        self._full_at = 0.0
+        self._rpo_max: dict[str, float] = {}
+        self._rpo_since = clock()
+        self.keys: dict[str, tuple[str | None, float | None]] = {}
+        self._drill_attempt = 0.0
+        self.collector = ComplianceCollector(self)
+
+    def update_config(self, cfg: AgentConfig) -> None:
+        """Take a reloaded configuration (same region)."""
+        self.cfg = cfg
+
+    # -- evidence ------------------------------------------------------------------
+
+    async def evidence(self) -> EvidenceLog:
+        if self._evidence is None:
+            self._evidence = await EvidenceLog.open(self.cfg)
+            await self._evidence.ensure()
+        return self._evidence
+
+    async def refresh(self, now: float) -> None:
+        """Read new entries of this region's log (all of it, hourly) and of the peers'."""
+        log = await self.evidence()
+        full = now - self._full_at >= _FULL_CHECK_EVERY or not self._raw
+        if full:
+            self._raw, self._full_at = await log.raw_entries(), now
+        else:
+            last = c_seq(self._raw[-1][0])
+            self._raw += await log.raw_entries(after=last)
+        report = await asyncio.to_thread(log.check, self._raw)
+        self.chain_ok, self._own = report.ok, report.entries
+        if not report.ok and self._errors.allow("chain") is not None:
+            self.log.error("evidence log damaged", problems=report.problems[:5])
+        self.object_lock = await log.lock_enabled()
+        for peer in self.cfg.peers:
+            self._peers[peer.name] = await self._peer_entries(peer.name, peer.vault)
+
+    async def _peer_entries(self, region: str, vault: Any) -> list[dict[str, Any]]:
+        reader = await EvidenceLog.reader(region, vault)
+        try:
+            return await reader.entries()
+        finally:
+            await reader.aclose()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry known: this region's and its peers'."""
+        return [*self._own, *(e for entries in self._peers.values() for e in entries)]
+
+    # -- facts -----------------------------------------------------------------------
+
+    def observe_rpo(self) -> None:
+        for stream, rpo in self._live_rpo().items():
+            self._rpo_max[stream] = max(self._rpo_max.get(stream, 0.0), rpo)
+
+    async def flush_rpo(self, now: float) -> dict[str, Any] | None:
+        """Record the highest RPO seen per stream since the last sample (if any stream ships)."""
+        if not self._rpo_max:
+            self._rpo_since = now
+            return None
+        policy = self.cfg.policy
+        streams = {
+            s: {"max_rpo": round(v, 6), "target": policy.rpo_target(s)}
+            for s, v in sorted(self._rpo_max.items())
+        }
+        data = {"period": [self._rpo_since, now], "streams": streams}
+        entry = await (await self.evidence()).append(c.RPO_SAMPLE, data, at=now)
+        self._rpo_max, self._rpo_since = {}, now
+        return entry
+
+    async def record_keys(self, now: float) -> None:
+        """Append a ``key.rotation`` entry for every key whose current version is new."""
+        named = {self.cfg.region: self.cfg.keys, **{p.name: p.keys for p in self.cfg.peers}}
+        self.keys = key_ages(named)
+        seen = {
+            (e["data"].get("key"), e["data"].get("key_id"))
+            for e in self._own
+            if e.get("type") == c.KEY_ROTATION
+        }
+        for name, (key_id, created) in sorted(self.keys.items()):
+            if key_id is not None and (name, key_id) not in seen:
+                data = {"key": name, "key_id": key_id, "created_at": created}
+                self._own.append(await (await self.evidence()).append(c.KEY_ROTATION, data))
+
+    def facts(self, now: float) -> c.Facts:
+        cfg = self.cfg
+        return c.Facts(
+            now=now,
+            policy=cfg.policy,
+            streams=[s.name for s in cfg.streams],
+            peers=[p.name for p in cfg.peers],
+            entries=self.entries(),
+            live_rpo=dict(self._live_rpo()),
+            key_created={name: created for name, (_, created) in self.keys.items()},
+            encrypted={p.name: p.keys is not None for p in cfg.peers} or {cfg.region: True},
+            chain_ok=self.chain_ok,
+            object_lock=self.object_lock,
+        )
+
+    # -- drills ----------------------------------------------------------------------
+
+    def drill_due(self, now: float) -> bool:
+        cfg = self.cfg
+        if cfg.role != "passive" or not cfg.policy.drill_schedule or not cfg.streams:
+            return False
+        if now - self._drill_attempt < min(_DRILL_RETRY, cfg.policy.drill_every):
+            return False
+        ok = [e for e in c.of_type(self._own, c.DRILL_RESTORE) if e["data"].get("ok")]
+        return not ok or now - float(ok[-1]["time"]) >= cfg.policy.drill_every
+
+    async def drill(self, now: float) -> None:
+        from agent.drills import run_restore_drill
+
+        self._drill_attempt = now
+        self.log.info("restore drill starting")
+        report, entry = await run_restore_drill(self.cfg, await self.evidence())
+        self._own.append(entry)
+        self.log.info("restore drill finished", ok=report["ok"], rto=report["rto_seconds"])
+
+    # -- evaluation ------------------------------------------------------------------
+
+    async def evaluate_once(self, now: float | None = None) -> list[c.ControlResult]:
+        """Refresh evidence, record key rotations, drill if due, evaluate, record changes."""
+        now = self._clock() if now is None else now
+        await self.refresh(now)
+        await self.record_keys(now)
+        if self.drill_due(now):
+            await self.drill(now)
+        results = c.evaluate(self.facts(now))
+        await self._record_changes(results)
+        self.results, self.evaluated_at = results, now
+        return results
+
+    async def _record_changes(self, results: list[c.ControlResult]) -> None:
+        before = {r.control: r.status for r in self.results}
+        changes = [
+            {"control": r.control, "from": before.get(r.control), "to": r.status, "why": r.reason}
+            for r in results
+            if before.get(r.control) != r.status
+        ]
+        if changes:
+            await (await self.evidence()).append(c.CONTROL_CHANGE, {"changes": changes})
+            for ch in changes:
+                self.log.info("control status", control=ch["control"], status=ch["to"])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Observe, sample and evaluate until ``stop`` is set (see the module docstring)."""
+        next_eval = next_sample = 0.0
+        try:
+            while not stop.is_set():
+                now = self._clock()
+                self.observe_rpo()
+                if now >= next_sample:
+                    if next_sample:
+                        await self._step("rpo sample", self.flush_rpo(now))
+                    next_sample = now + self.cfg.policy.rpo_sample_every
+                if now >= next_eval:
+                    await self._step("evaluation", self.evaluate_once(now))
+                    next_eval = now + self.cfg.policy.evaluate_every
+                try:
+                    async with asyncio.timeout(1.0):
+                        await stop.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            await self.aclose()
+
+    async def _step(self, what: str, step: Any) -> None:
+        try:
+            await step
+        except (DragentError, OSError) as exc:
+            held = self._errors.allow(what)
+            if held is not None:
+                self.log.warning(f"{what} failed", error=f"{type(exc).__name__}: {exc}", held=held)
+
+    def status(self) -> dict[str, Any]:
+        counts = {s: sum(r.status == s for r in self.results) for s in c.STATUSES}
+        return {
+            "evaluated_at": self.evaluated_at,
+            "evidence_chain_ok": self.chain_ok,
+            "object_lock": self.object_lock,
+            "counts": counts,
+            "controls": [r.as_dict() for r in self.results],
+        }
+
+    def last_success(self, kinds: tuple[str, ...]) -> float | None:
+        ok = [e for e in c.of_type(self.entries(), *kinds) if e["data"].get("ok")]
+        return float(ok[-1]["time"]) if ok else None
+
+    async def aclose(self) -> None:
+        if self._evidence is not None:
+            await self._evidence.aclose()
+            self._evidence = None
+
+
+def c_seq(key: str) -> int:
+    """The seq of an evidence entry key."""
+    return int(key.rsplit("/", 1)[1].split(".")[0])
+
+
+class ComplianceCollector(Collector):
+    """Scrape-time metrics from the monitor's last evaluation."""
+
+    def __init__(self, monitor: ComplianceMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.monitor
+        control = GaugeMetricFamily(
+            "dragent_compliance_control",
+            "1 for the control's current status (pass, fail, unknown).",
+            labels=["control", "status"],
+        )
+        for r in m.results:
+            for s in c.STATUSES:
+                control.add_metric([r.control, s], 1.0 if r.status == s else 0.0)
+        yield control
+        yield from self._drills()
+        yield from self._keys()
+
+    def _drills(self) -> Iterator[Metric]:
+        m, policy = self.monitor, self.monitor.cfg.policy
+        last = GaugeMetricFamily(
+            "dragent_drill_last_success_timestamp_seconds",
+            "Unix time of the last successful drill, by drill.",
+            labels=["drill"],
+        )
+        every = GaugeMetricFamily(
+            "dragent_drill_interval_seconds", "Drill interval from the policy.", labels=["drill"]
+        )
+        drills = {
+            "restore": ((c.DRILL_RESTORE,), policy.drill_every),
+            "failover": (c.FAILOVER_KINDS, max(c.YEAR, policy.drill_every)),
+        }
+        for name, (kinds, interval) in drills.items():
+            every.add_metric([name], interval)
+            when = m.last_success(kinds)
+            if m.evaluated_at is not None:
+                last.add_metric([name], when or 0.0)
+        yield last
+        yield every
+
+    def _keys(self) -> Iterator[Metric]:
+        m = self.monitor
+        age = GaugeMetricFamily(
+            "dragent_key_age_seconds", "Age of the current key-encryption key.", labels=["key"]
+        )
+        limit = GaugeMetricFamily(
+            "dragent_key_max_age_seconds", "Maximum key age from the policy.", labels=["key"]
+        )
+        now = time.time()
+        for name, (_, created) in sorted(m.keys.items()):
+            limit.add_metric([name], m.cfg.policy.max_key_age)
+            if created is not None:
+                age.add_metric([name], max(0.0, now - created))
+        yield age
+        yield limit
