@@ -54,3 +54,39 @@ async def _same(src: object, dst: object) -> bool:
     a = await snapshot(src)  # type: ignore[arg-type]
     b = await snapshot(dst)  # type: ignore[arg-type]
     return a == b and len(a) > 0
+
+
+async def test_verify_reports_then_repairs_the_mirror(rig: Rig) -> None:
+    from verifiers.objects import verify_buckets
+
+    src, dst = await rig.source_bucket(), await rig.mirror_bucket()
+    try:
+        for i in range(20):
+            await src.write(f"v/{i:02d}", os.urandom(2000 + i), "text/plain", {"i": str(i)})
+        await src.write("v/large", os.urandom(7 * 1024 * 1024), "application/x-model", {})
+        async with rig.running():
+            await eventually(lambda: _same(src, dst), within=60, every=0.5)
+        clean = await verify_buckets(rig.name, rig.opts, deep=True)
+        assert clean["ok"] and clean["differences"] == []
+        assert clean["roots"]["source"] == clean["roots"]["mirror"]
+        # break the mirror: silently corrupt bytes (metadata intact), lose one, add one
+        head = await dst.head("v/03")
+        await dst.write("v/03", b"corrupt", head.content_type, head.metadata)
+        await dst.delete("v/04")
+        await dst.write("v/zz-extra", b"x", "", {})
+        shallow = await verify_buckets(rig.name, rig.opts)
+        wheres = {d["where"] for d in shallow["differences"]}
+        assert {"v/03", "v/04", "v/zz-extra"} <= wheres and not shallow["ok"]
+        deep = await verify_buckets(rig.name, rig.opts, deep=True)
+        assert {"what": "bytes differ from their recorded hash", "where": "v/03"} in deep[
+            "differences"
+        ]
+        assert (await dst.head("v/zz-extra")).size == 1  # not repaired: dry run
+        fixed = await verify_buckets(rig.name, rig.opts, deep=True, repair=True)
+        assert fixed["repaired"] >= 3
+        after = await verify_buckets(rig.name, rig.opts, deep=True)
+        assert after["ok"] and after["roots"]["source"] == after["roots"]["mirror"]
+        assert await _same(src, dst)
+    finally:
+        await src.aclose()
+        await dst.aclose()

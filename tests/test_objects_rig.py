@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig, StreamConfig
 from agent.lab import Lab
+from replicators.errors import NotFound
 from replicators.keys import build_key_provider
 from replicators.metrics import Metrics
 from replicators.objects.bucket import Bucket
@@ -130,8 +131,11 @@ async def snapshot(bucket: Bucket, deep: bool = True) -> dict[str, tuple[Any, ..
     out: dict[str, tuple[Any, ...]] = {}
     async for page in bucket.scan():
         for obj in page:
-            head = await bucket.head(obj.key)
+            try:
+                head = await bucket.head(obj.key)
+                digest = await bucket.content_hash(obj.key) if deep else ""
+            except NotFound:
+                continue  # deleted since listed
             meta = {k: v for k, v in head.metadata.items() if not k.startswith("dragent-")}
-            digest = await bucket.content_hash(obj.key) if deep else ""
             out[obj.key] = (head.size, head.content_type, meta, digest)
     return out

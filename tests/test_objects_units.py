@@ -146,3 +146,37 @@ def test_change_queue_deduplicates_and_holds_keys_in_flight() -> None:
     assert q.pop() == ("b", 3.0)
     assert q.pop() == ("a", 9.0)
     assert q.pop() is None and q.oldest() is None
+
+
+def test_key_tree_is_incremental_and_order_independent() -> None:
+    from verifiers.objects import KeyTree
+
+    a, b = KeyTree(depth=8), KeyTree(depth=8)
+    for i in range(500):
+        a.put(f"k{i}", i, f"{i:032x}")
+    for i in reversed(range(600)):
+        b.put(f"k{i}", i, f"{i:032x}")
+    a.root()  # computed, then changed incrementally
+    for i in range(500, 600):
+        a.put(f"k{i}", i, f"{i:032x}")
+    a.put("k7", 1, "0" * 32)
+    a.put("k7", 7, f"{7:032x}")
+    assert a.root() == b.root() and len(a) == 600
+    b.remove("k3")
+    assert a.root() != b.root()
+
+
+def test_key_tree_comparison_descends_only_into_differences() -> None:
+    from verifiers.objects import KeyTree, compare
+
+    a, b = KeyTree(), KeyTree()
+    for i in range(20_000):
+        a.put(f"d/{i}", i, f"{i:032x}")
+        b.put(f"d/{i}", i, f"{i:032x}")
+    b.put("d/5", 5, "f" * 32)  # content differs
+    b.remove("d/6")  # missing
+    b.put("extra", 1, "0" * 32)  # only in b
+    found = compare(a, b)
+    assert found.keys == ["d/5", "d/6", "extra"]
+    assert found.nodes_compared <= 3 * 2 * (a.depth + 1)
+    assert compare(a, a).nodes_compared == 1

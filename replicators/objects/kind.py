@@ -108,4 +108,12 @@ async def verify(
     """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects)."""
     from verifiers.objects import verify_buckets
 
-    return await verify_buckets(stream.name, _options(stream), deep=deep, repair=repair)
+    indexes = sorted((agent.data_dir / "streams" / stream.name).glob("to-*/shipped.sqlite"))
+    return await verify_buckets(
+        stream.name,
+        _options(stream),
+        index_path=indexes[0] if indexes else None,
+        region=agent.region,
+        deep=deep,
+        repair=repair,
+    )

@@ -1,0 +1,320 @@
+"""Merkle anti-entropy over an object key space.
+
+``KeyTree`` is a binary Merkle tree of fixed depth ``D`` over ``2**D``
+buckets; a key falls in the bucket given by the top ``D`` bits of
+``xxh3_64(key)``. A key's leaf is ``leaf_hash(key, size, content hash)``; a
+bucket's node is the leaf hash of (sum of its leaves mod 2**128, count), so
+adding, changing or removing a key costs O(1) on its bucket plus the ``D``
+nodes above it (recomputed lazily, once per ``root()``). Two trees over the
+same ``D`` are compared top-down, descending only where nodes differ:
+``k`` differences among ``n`` keys cost O(k·D) = O(k log n) node comparisons
+plus the keys of the differing buckets.
+
+``verify_buckets`` builds the tree of the source (content hashes from the
+shipping index when the object is unchanged since shipped, else read and
+hashed) and of the mirror (hashes from the mirror objects' ``dragent-xxh3``
+metadata: no re-read unless ``deep``, which re-reads and re-hashes every
+mirror object), compares them and repairs each difference (copy from the
+source, or delete from the mirror) unless ``repair`` is false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from replicators.errors import AlreadyExists, NotFound
+from replicators.objects.bucket import Bucket
+from replicators.objects.index import ShippedIndex
+from replicators.objects.mirror import mirror_metadata
+from replicators.objects.records import META_HASH, Head, Version
+from verifiers.merkle import HASH_SIZE, leaf_hash, node_hash
+
+DEPTH = 16
+_MOD = 1 << 128
+
+
+def key_leaf(key: str, size: int, content_hash: str) -> bytes:
+    return leaf_hash(key.encode() + b"\x00" + size.to_bytes(8, "big") + bytes.fromhex(content_hash))
+
+
+@dataclass
+class KeyTree:
+    depth: int = DEPTH
+    _buckets: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    _sums: dict[int, int] = field(default_factory=dict)
+    _nodes: dict[int, bytes] = field(default_factory=dict)
+    _dirty: set[int] = field(default_factory=set)
+
+    def bucket(self, key: str) -> int:
+        return xxhash.xxh3_64_intdigest(key.encode()) >> (64 - self.depth)
+
+    def put(self, key: str, size: int, content_hash: str) -> None:
+        """Add or replace ``key``'s leaf. O(1) now, O(depth) at the next ``root()``."""
+        self._set(key, key_leaf(key, size, content_hash))
+
+    def remove(self, key: str) -> None:
+        self._set(key, None)
+
+    def _set(self, key: str, leaf: bytes | None) -> None:
+        b = self.bucket(key)
+        leaves = self._buckets.setdefault(b, {})
+        total = self._sums.get(b, 0)
+        old = leaves.pop(key, None)
+        if old is not None:
+            total -= int.from_bytes(old, "big")
+        if leaf is not None:
+            leaves[key] = leaf
+            total += int.from_bytes(leaf, "big")
+        self._sums[b] = total % _MOD
+        if not leaves:
+            del self._buckets[b], self._sums[b]
+        self._dirty.add(b)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._buckets.values())
+
+    def leaves(self, bucket: int) -> dict[str, bytes]:
+        return self._buckets.get(bucket, {})
+
+    def node(self, index: int) -> bytes | None:
+        """Heap-indexed node (1 is the root); None for an empty subtree."""
+        self._refresh()
+        return self._nodes.get(index)
+
+    def root(self) -> bytes:
+        return self.node(1) or b"\x00" * HASH_SIZE
+
+    def _refresh(self) -> None:
+        if not self._dirty:
+            return
+        base = 1 << self.depth
+        level = set()
+        for b in self._dirty:
+            if b in self._buckets:
+                n = len(self._buckets[b])
+                self._nodes[base + b] = leaf_hash(
+                    self._sums[b].to_bytes(16, "big") + n.to_bytes(8, "big")
+                )
+            else:
+                self._nodes.pop(base + b, None)
+            level.add((base + b) >> 1)
+        self._dirty.clear()
+        while level:
+            parents = set()
+            for i in level:
+                left, right = self._nodes.get(2 * i), self._nodes.get(2 * i + 1)
+                if left is None and right is None:
+                    self._nodes.pop(i, None)
+                else:
+                    self._nodes[i] = node_hash(
+                        left or b"\x00" * HASH_SIZE, right or b"\x00" * HASH_SIZE
+                    )
+                if i > 1:
+                    parents.add(i >> 1)
+            level = parents
+
+
+@dataclass
+class Comparison:
+    keys: list[str]
+    """Keys whose leaves differ (present on one side only, or with other size/content)."""
+    nodes_compared: int
+
+
+def compare(a: KeyTree, b: KeyTree) -> Comparison:
+    """Keys that differ between ``a`` and ``b`` (same depth), descending only into differences."""
+    if a.depth != b.depth:
+        raise ValueError("trees of different depths cannot be compared")
+    base = 1 << a.depth
+    stack, keys, compared = [1], [], 0
+    while stack:
+        i = stack.pop()
+        compared += 1
+        if a.node(i) == b.node(i):
+            continue
+        if i >= base:
+            la, lb = a.leaves(i - base), b.leaves(i - base)
+            keys += [k for k in la.keys() | lb.keys() if la.get(k) != lb.get(k)]
+        else:
+            stack += [2 * i, 2 * i + 1]
+    return Comparison(sorted(keys), compared)
+
+
+# -- source against mirror ------------------------------------------------------
+
+CONCURRENCY = 16
+
+
+async def _map(items: list[Any], fn: Any) -> list[Any]:
+    sem = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(item: Any) -> Any:
+        async with sem:
+            return await fn(item)
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(one(i)) for i in items]
+    return [t.result() for t in tasks]
+
+
+async def source_tree(bucket: Any, index: Any | None) -> tuple[KeyTree, dict[str, Any], int]:
+    """The source's tree; hashes from ``index`` for objects unchanged since shipped.
+
+    Returns (tree, key → ObjectState, objects read and hashed).
+    """
+    tree, states, hashed = KeyTree(), {}, 0
+    async for page in bucket.scan():
+        need = []
+        for obj in page:
+            states[obj.key] = obj
+            e = index.get(obj.key) if index is not None else None
+            if e is not None and (e.etag, e.size, e.time_ns) == (obj.etag, obj.size, obj.time_ns):
+                tree.put(obj.key, obj.size, e.content_hash)
+            else:
+                need.append(obj)
+        digests = await _map(need, lambda o: _hash_or_none(bucket, o.key, o.etag))
+        for obj, digest in zip(need, digests, strict=True):
+            if digest is None:
+                del states[obj.key]  # changed or deleted since listed: left out
+            else:
+                tree.put(obj.key, obj.size, digest)
+        hashed += len(need)
+    return tree, states, hashed
+
+
+async def _hash_or_none(bucket: Bucket, key: str, etag: str) -> str | None:
+    try:
+        return await bucket.content_hash(key, etag)
+    except (NotFound, AlreadyExists):
+        return None
+
+
+async def mirror_tree(bucket: Any, deep: bool) -> tuple[KeyTree, list[dict[str, Any]]]:
+    """The mirror's tree from its metadata hashes; ``deep`` re-reads and re-hashes each object.
+
+    Returns (tree, problems found by the deep scrub or missing metadata).
+    """
+
+    tree, problems = KeyTree(), []
+
+    async def leaf(obj: Any) -> tuple[Any, str, str] | None:
+        try:
+            head = await bucket.head(obj.key)
+            actual = await bucket.content_hash(obj.key, head.etag) if deep else ""
+        except (NotFound, AlreadyExists):
+            return None  # changed or deleted since listed: left out
+        return obj, head.metadata.get(META_HASH, ""), actual
+
+    async for page in bucket.scan():
+        for item in await _map(page, leaf):
+            if item is None:
+                continue
+            obj, recorded, actual = item
+            if not recorded:
+                problems.append({"what": "no content hash in metadata", "where": obj.key})
+            if deep and recorded != actual:
+                problems.append({"what": "bytes differ from their recorded hash", "where": obj.key})
+            tree.put(obj.key, obj.size, actual if deep else recorded or "0" * 32)
+    return tree, problems
+
+
+async def copy_object(src: Any, dst: Any, key: str, part_size: int) -> str:
+    """Copy ``key`` from ``src`` to ``dst`` as the mirror holds it (metadata, hash, version),
+    part by part for large objects. Returns the content hash. Raises the stores' errors."""
+
+    state = await src.head(key)
+    digest = await src.content_hash(key, state.etag)
+    meta = {k: v for k, v in state.metadata.items() if not k.startswith("dragent-")}
+    head = Head(state.size, state.content_type, meta, digest)
+    metadata = mirror_metadata(head, Version(state.time_ns, 0))
+    if state.size <= part_size:
+        await dst.write(key, await src.read(key, state.etag), state.content_type, metadata)
+        return digest
+    upload = await dst.start_upload(key, state.content_type, metadata)
+    etags = []
+    for number, offset in enumerate(range(0, state.size, part_size), start=1):
+        body = await src.read(key, state.etag, offset, min(offset + part_size, state.size))
+        etags.append(await dst.upload_part(key, upload, number, body))
+    await dst.finish_upload(key, upload, etags)
+    return digest
+
+
+async def verify_buckets(
+    name: str,
+    options: Any,
+    *,
+    index_path: Path | None = None,
+    region: str = "",
+    deep: bool = False,
+    repair: bool = False,
+) -> dict[str, Any]:
+    """Compare the source bucket with the mirror and (with ``repair``) fix the mirror.
+
+    ``index_path``: the source's shipping index (``shipped.sqlite``), if it exists.
+    Returns the unsigned report (verifiers.report fields). Raises the stores' errors.
+    """
+
+    started = time.time()
+    src, dst = await Bucket.open(options.source), await Bucket.open(options.mirror)
+    index = ShippedIndex(index_path) if index_path is not None else None
+    try:
+        (stree, states, hashed), (mtree, problems) = await asyncio.gather(
+            source_tree(src, index), mirror_tree(dst, deep)
+        )
+        found = compare(stree, mtree)
+        differences = list(_describe(found.keys, stree, mtree)) + problems
+        repaired = 0
+        if repair:
+            keys = sorted(set(found.keys) | {p["where"] for p in problems})
+            for key in keys:
+                if key in states:
+                    await copy_object(src, dst, key, int(options.part_size))
+                else:
+                    await dst.delete(key)
+                repaired += 1
+    finally:
+        if index is not None:
+            index.close()
+        await src.aclose()
+        await dst.aclose()
+    ok = not differences or (repair and repaired == len({d["where"] for d in differences}))
+    return {
+        "kind": "objects",
+        "stream": name,
+        "region": region,
+        "started_at": started,
+        "finished_at": time.time(),
+        "at": f"listings of {options.source.bucket}/{options.source.prefix} and "
+        f"{options.mirror.bucket}/{options.mirror.prefix}",
+        "ok": bool(ok),
+        "summary": f"{len(differences)} differences among {len(stree)} source and "
+        f"{len(mtree)} mirror objects" + (f"; {repaired} repaired" if repair else ""),
+        "roots": {"source": stree.root().hex(), "mirror": mtree.root().hex()},
+        "counts": {"source": len(stree), "mirror": len(mtree)},
+        "differences": differences,
+        "repaired": repaired,
+        "deep": deep,
+        "nodes_compared": found.nodes_compared,
+        "source_objects_hashed": hashed,
+    }
+
+
+def _describe(keys: list[str], src: KeyTree, dst: KeyTree) -> Iterator[dict[str, Any]]:
+    for key in keys:
+        b = src.bucket(key)
+        in_src, in_dst = key in src.leaves(b), key in dst.leaves(b)
+        what = (
+            "missing in the mirror"
+            if not in_dst
+            else "not in the source"
+            if not in_src
+            else "size or content differs"
+        )
+        yield {"what": what, "where": key}
