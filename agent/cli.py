@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent import cli_postgres
 
     cli_postgres.register(sub)
+    from agent import cli_artifacts
+
+    cli_artifacts.register(sub)
     return parser
 
 

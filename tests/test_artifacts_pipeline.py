@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import filecmp
 import hashlib
+import re
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +16,15 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, load_config
+from agent.lab import Lab
 from benchmarks.artifacts import changed, tensors, write_version
+from replicators.artifacts.kind import verify
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import packs_prefix
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
+from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
 from replicators.progress import StreamProgress
@@ -177,3 +183,83 @@ async def test_reapplying_after_a_crash_is_idempotent(rig: Rig) -> None:
     await apply_all(rig)
     assert same_tree(v1, rig.dst / "bert" / "1")
     assert [p.name for p in (rig.dst / "bert").iterdir()] == ["1"]  # no leftovers
+
+
+def agent_config(rig: Rig, base: Path, root: Path) -> Path:
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads(base.read_text())
+    data["data_dir"] = str(rig.workdir / "agent-b")
+    data["streams"] = [{"name": rig.stream, "kind": "artifacts", "artifacts": {"root": str(root)}}]
+    path = rig.workdir / "b.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", *args, stdout=PIPE, stderr=PIPE
+    )
+    async with asyncio.timeout(120):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode()
+
+
+async def test_restore_command_and_a_corrupted_pack(rig: Rig, lab: Lab) -> None:
+    v1 = publish(rig.src, "gpt", "7", 40 * MiB)
+    shipper = rig.shipper()
+    await shipper.recover()
+    await ship_once(shipper)
+    config = agent_config(rig, lab.config_path("b"), rig.dst)
+
+    code, out = await run_cli(
+        "restore", "artifacts", "--config", str(config), "--model", "gpt", "--version", "7",
+        "--to", str(rig.workdir / "restored"),
+    )  # fmt: skip
+    assert code == 0, out
+    assert same_tree(v1, rig.workdir / "restored")
+
+    keys = [i.key async for i in rig.vault.store.list(packs_prefix(rig.stream))]
+    assert len(keys) >= 2
+    victim = keys[1]
+    blob = bytearray(await rig.vault.store.get(victim))
+    blob[len(blob) // 2] ^= 0x40
+    await rig.vault.store.put(victim, bytes(blob))
+
+    code, out = await run_cli(
+        "restore", "artifacts", "--config", str(config), "--model", "gpt", "--version", "7",
+        "--to", str(rig.workdir / "again"),
+    )  # fmt: skip
+    assert code == 1
+    assert re.search(r"artifact gpt/7: file model.safetensors chunk \d+ \(offset \d+", out), out
+    assert victim in out and "failed authentication" in out
+    assert not (rig.workdir / "again").exists()
+
+    sink, _ = rig.sink()
+    await sink.recover()
+    with pytest.raises(IntegrityError, match=r"artifact gpt/7: file model.safetensors chunk \d+"):
+        await sink.sync_once(asyncio.Event())
+    assert not (rig.dst / "gpt" / "7").exists()
+
+    cfg = load_config(config)
+    report = await verify(cfg.streams[0], cfg, deep=True)
+    assert not report["ok"]
+    damaged = [d for d in report["differences"] if d["what"] == "damaged chunk"]
+    assert damaged and all(d["pack"] == victim for d in damaged)
+    assert all(
+        re.match(r"artifact gpt/7 file model.safetensors chunk \d+", d["where"]) for d in damaged
+    )
+    # the frame that failed maps to the few chunks it held, not the whole pack
+    assert len(damaged) < len(await chunks_in(rig, victim))
+
+
+async def chunks_in(rig: Rig, key: str) -> list[bytes]:
+    from replicators.artifacts.restore import catalogue
+
+    known = await catalogue(rig.vault, rig.recv_keys, rig.stream)
+    return [
+        c.id for m in known.values() for f in m.files for c in f.chunks if m.packs[c.pack] == key
+    ]
