@@ -22,7 +22,7 @@ def obs(**kw: object) -> Observation:
         last_leader="a",
         holding=False,
         renewed_at=None,
-        fenced=False,
+        fenced=True,
         bootstrap_active=False,
         peer_down_since=90.0,
         lag=0.5,
@@ -31,7 +31,8 @@ def obs(**kw: object) -> Observation:
 
 
 def holder(**kw: object) -> Observation:
-    return replace(obs(region="a", leader="a", holding=True, renewed_at=99.5), **kw)  # type: ignore[arg-type]
+    base = obs(region="a", leader="a", holding=True, renewed_at=99.5, fenced=False)
+    return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def test_holder_renews_and_unfences_after_a_renewal() -> None:
@@ -66,6 +67,15 @@ def test_follower_follows_a_leader() -> None:
     assert decide(obs(leader="a"), RULES).kinds() == []
 
 
+def test_a_follower_keeps_its_database_fenced() -> None:
+    assert decide(obs(leader="a", fenced=False), RULES).kinds() == ["fence"]
+    assert decide(obs(peer_down_since=None, fenced=False), RULES).kinds() == ["fence"]
+    # a takeover promotes and unfences: no fence first
+    assert decide(obs(fenced=False), RULES).kinds() == ["takeover"]
+    # nor before a bootstrap or reclaiming its own expired lease
+    assert decide(obs(region="a", fenced=False), RULES).kinds() == ["acquire"]
+
+
 def test_adopts_its_own_leader_key_after_a_restart() -> None:
     d = decide(obs(region="a", leader="a"), RULES)
     assert d.kinds() == ["adopt"] and d.role == "active"
@@ -73,7 +83,9 @@ def test_adopts_its_own_leader_key_after_a_restart() -> None:
 
 def test_bootstrap_only_by_the_configured_active_region() -> None:
     assert decide(obs(epoch=0, last_leader=None), RULES).kinds() == []
-    d = decide(obs(region="a", epoch=0, last_leader=None, bootstrap_active=True), RULES)
+    d = decide(
+        obs(region="a", epoch=0, last_leader=None, bootstrap_active=True, fenced=False), RULES
+    )
     assert d.kinds() == ["acquire"] and d.actions[0].expect_epoch == 0
 
 

@@ -22,6 +22,8 @@ The safety argument, in the order the rules are checked:
    automation is not paused, the last failover is older than ``lockout``, and
    its lag is within ``max_lag``; otherwise it waits or pages a human.
 4. Without an etcd answer nothing is acquired: a minority side never acts.
+5. A region that is not the leader keeps its database fenced (a standby is
+   read-only anyway; an old primary coming back stays read-only).
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def _as_follower(o: Observation, r: Rules) -> Decision:
     if o.leader == o.region:
         return Decision("active", (Action("adopt", "the leader key names this region"),), "adopt")
     if o.leader is not None:
-        return _wait(f"following {o.leader} (epoch {o.epoch})")
+        why = f"following {o.leader} (epoch {o.epoch})"
+        return Decision("passive", _fence(o, why), why)
     if o.epoch == 0:
         if o.bootstrap_active:
             return Decision("passive", (Action("acquire", "bootstrap", 0),), "bootstrap")
@@ -128,7 +131,10 @@ def _as_follower(o: Observation, r: Rules) -> Decision:
     if o.last_leader == o.region:
         why = "this region was the last leader: reclaiming the lease"
         return Decision("passive", (Action("acquire", why, o.epoch),), why)
-    return _takeover_or_wait(o, r)
+    decision = _takeover_or_wait(o, r)
+    if decision.kinds() == ["takeover"]:
+        return decision
+    return Decision("passive", _fence(o, decision.summary) + decision.actions, decision.summary)
 
 
 def _takeover_or_wait(o: Observation, r: Rules) -> Decision:

@@ -44,9 +44,12 @@ def _host(dsn: str) -> str:
 
 
 async def fence_read_only(dsn: str) -> int:
-    """Make the cluster read-only and end every other session; return how many."""
+    """Make the cluster read-only and end every other session; return how many.
+    A standby (in recovery) takes no writes: nothing to do, returns 0."""
     conn = await _connect(dsn)
     try:
+        if await conn.fetchval("SELECT pg_is_in_recovery()"):
+            return 0
         await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         await conn.execute("SELECT pg_reload_conf()")
         # pg_reload_conf only signals: wait until the postmaster re-read the file,
@@ -72,6 +75,8 @@ async def unfence(dsn: str) -> None:
     """Undo ``fence_read_only`` (only ever called by the lease holder)."""
     conn = await _connect(dsn)
     try:
+        if await conn.fetchval("SELECT pg_is_in_recovery()"):
+            return
         await conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
         await conn.execute("SELECT pg_reload_conf()")
     except asyncpg.PostgresError as exc:

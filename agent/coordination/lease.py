@@ -106,7 +106,7 @@ class EtcdLease:
         names = ("leader", "epoch", "paused", "last_failover")
         t = self._clients[self._current].transactions
         _, responses = await self._call(
-            "transaction", compare=[], success=[t.get(self.key(n)) for n in names]
+            "transaction", compare=[], success=[t.get(self.key(n)) for n in names], failure=[]
         )
         kvs = [r[0][1] if r else None for r in responses]
         leader, epoch, _, last = (_load(kv.value if kv else None) for kv in kvs)

@@ -1,0 +1,368 @@
+"""The coordinator: one region's failover loop, owned by the daemon's TaskGroup.
+
+``Coordinator.run(stop)`` runs three loops until ``stop`` is set: the decision
+cycle every ``renew_interval`` (renew or read the lease, ``decide``, act),
+probes of the other regions every ``probe_interval`` (and this region's
+health published in etcd), and the heartbeat write while this region holds
+the lease unfenced. ``step()`` is one decision cycle, public for tests.
+
+The daemon reads ``role`` and ``epoch`` (the fencing token of every segment
+it writes) and waits on ``role_changed()`` to drain and rebuild its streams
+when they change. ``status()`` is the coordinator's part of ``/status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from agent import logs
+from agent.config import AgentConfig
+from agent.coordination import events, fencing
+from agent.coordination.decide import Action, Decision, Observation, Role, Rules, decide
+from agent.coordination.health import Heartbeat, PeerWatch
+from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
+from agent.coordination.takeover import Takeover
+from agent.switch.base import build_switch
+
+PAGE_EVERY = 300.0
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        catch_up: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.f = cfg.failover
+        self.region = cfg.region
+        self.lease = EtcdLease(cfg.etcd, cfg.region, self.f.lease_ttl)
+        self.peers = PeerWatch(self.f.peer_probes, self.f.probe_timeout)
+        dsn = self.f.postgres_dsn
+        self.heartbeat = Heartbeat(dsn, cfg.region) if dsn else None
+        self.switches = [build_switch(s) for s in self.f.switches]
+        self.catch_up = catch_up
+        self.rules = Rules(
+            automatic=self.f.automatic,
+            fence_after=self.f.fence_after,
+            takeover_after=self.f.takeover_after,
+            lockout=self.f.lockout,
+            max_lag=self.f.max_lag,
+        )
+        self.role: Role = "passive"
+        self.epoch = 0
+        self.fenced = False
+        self.holding = False
+        self.renewed_at: float | None = None
+        self.view: ClusterView | None = None
+        self.decision: Decision | None = None
+        self.last_record: dict[str, Any] | None = None
+        self.last_heartbeat: float | None = None
+        self.lag: float | None = None
+        self._changed = asyncio.Event()
+        self._pages = logs.RateLimited(PAGE_EVERY)
+        self._warnings = logs.RateLimited(30.0)
+        self.log = logs.get("failover", region=cfg.region)
+
+    # -- daemon interface -------------------------------------------------------------
+    async def role_changed(self) -> tuple[Role, int]:
+        """Wait until role or epoch change; return the new ones."""
+        await self._changed.wait()
+        self._changed.clear()
+        return self.role, self.epoch
+
+    @property
+    def writable(self) -> bool:
+        return self.role == "active" and not self.fenced
+
+    def status(self) -> dict[str, Any]:
+        view = self.view
+        return {
+            "region": self.region,
+            "role": self.role,
+            "epoch": self.epoch,
+            "fenced": self.fenced,
+            "holding_lease": self.holding,
+            "leader": view.leader if view else None,
+            "paused": view.paused if view else None,
+            "decision": self.decision.summary if self.decision else None,
+            "peers": self.peers.view(),
+            "last_heartbeat": self.last_heartbeat,
+            "lag_seconds": self.lag,
+            "last_failover": self.last_record,
+        }
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; close the etcd and database connections."""
+        await self._initial_fence_state()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._every(self.f.probe_interval, self._probe, stop))
+                tg.create_task(self._every(self.f.heartbeat_interval, self._beat, stop))
+                await self._every(self.f.renew_interval, self.step, stop)
+        finally:
+            if self.heartbeat:
+                await self.heartbeat.aclose()
+            await self.lease.aclose()
+
+    async def _every(
+        self, interval: float, job: Callable[[], Awaitable[object]], stop: asyncio.Event
+    ) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            await job()
+            with contextlib.suppress(TimeoutError):
+                wait = max(0.0, interval - (time.monotonic() - started))
+                async with asyncio.timeout(wait):
+                    await stop.wait()
+
+    async def _initial_fence_state(self) -> None:
+        if self.f.postgres_dsn and self.f.fencing == "read-only":
+            with contextlib.suppress(fencing.FencingError, OSError, asyncpg.PostgresError):
+                self.fenced = await fencing.is_fenced(self.f.postgres_dsn)
+
+    # -- one cycle --------------------------------------------------------------------
+    async def observe(self) -> Observation:
+        """Renew the held lease (recording when the renewal was sent), then read
+        the coordination keys. etcd failures become ``etcd_ok=False``."""
+        etcd_ok = True
+        try:
+            if self.holding:
+                sent = time.monotonic()
+                if await self.lease.renew():
+                    self.renewed_at = sent
+            self.view = await self.lease.view()
+        except EtcdUnavailable as exc:
+            etcd_ok = False
+            self._warn("etcd unavailable", str(exc))
+        view = self.view or ClusterView(None, 0, 0, 0, None, False, None)
+        self.lag = await self._lag(view.last_leader)
+        return Observation(
+            region=self.region,
+            now=time.monotonic(),
+            wall=time.time(),
+            etcd_ok=etcd_ok,
+            leader=view.leader,
+            epoch=view.epoch,
+            last_leader=view.last_leader,
+            holding=self.holding,
+            renewed_at=self.renewed_at,
+            fenced=self.fenced,
+            bootstrap_active=self.cfg.role == "active",
+            paused=view.paused,
+            last_failover=view.last_failover,
+            peer_down_since=self.peers.down_since.get(view.last_leader or ""),
+            lag=self.lag,
+        )
+
+    async def step(self) -> Decision:
+        """One cycle: observe, decide, act. Never raises for an outage."""
+        decision = decide(await self.observe(), self.rules)
+        if self.decision is None or decision.summary != self.decision.summary:
+            self.log.info("failover cycle", decision=decision.summary, role=decision.role)
+        self.decision = decision
+        for action in decision.actions:
+            await self._act(action)
+        return decision
+
+    async def _act(self, action: Action) -> None:
+        handler = getattr(self, f"_do_{action.kind}")
+        try:
+            await handler(action)
+        except (EtcdUnavailable, fencing.FencingError, OSError, asyncpg.PostgresError) as exc:
+            self._warn(f"{action.kind} failed", f"{type(exc).__name__}: {exc}")
+
+    async def _do_renew(self, action: Action) -> None:
+        """Renewal happens in ``observe``; nothing more to do."""
+
+    async def _do_fence(self, action: Action) -> None:
+        self.log.warning("fencing this region", reason=action.reason, mode=self.f.fencing)
+        account = await fencing.fence(self.f.postgres_dsn, self.f.fencing, self.f.stop_command)
+        self.fenced = True
+        self.log.warning("fenced", result=account)
+
+    async def _do_unfence(self, action: Action) -> None:
+        if self.f.postgres_dsn and self.f.fencing == "read-only":
+            await fencing.unfence(self.f.postgres_dsn)
+        self.fenced = False
+        self.log.info("unfenced", reason=action.reason)
+
+    async def _do_release(self, action: Action) -> None:
+        self.holding = False
+        self.renewed_at = None
+        await self.lease.release()
+        self._set_role("passive", self.view.epoch if self.view else self.epoch)
+
+    async def _do_adopt(self, action: Action) -> None:
+        if self.view is None or not self.view.leader_lease:
+            return
+        self.lease.adopt(self.view.leader_lease)
+        self.holding = True
+        self.renewed_at = None
+        self._set_role("active", self.view.leader_epoch)
+
+    async def _do_acquire(self, action: Action) -> None:
+        sent = time.monotonic()
+        epoch = await self.lease.acquire(action.expect_epoch)
+        if epoch is None:
+            return
+        self.holding, self.renewed_at = True, sent
+        self.log.info("lease acquired", epoch=epoch, reason=action.reason)
+        self._set_role("active", epoch)
+
+    async def _do_page(self, action: Action) -> None:
+        if self._pages.allow(action.reason) is None:
+            return
+        self.log.error("human needed", reason=action.reason)
+        record = {"kind": "page", "region": self.region, "reason": action.reason, "epoch": 0}
+        await events.notify(self.f.notify, record)
+
+    async def _do_takeover(self, action: Action) -> None:
+        seen = self._failure_seen()
+        sent = time.monotonic()
+        epoch = await self.lease.acquire(action.expect_epoch)
+        if epoch is None:
+            self.log.info("takeover lost the race: another region acquired the lease")
+            return
+        self.holding, self.renewed_at = True, sent
+        old = self.view.last_leader if self.view else "?"
+        self.log.warning("taking over", epoch=epoch, old=old, reason=action.reason)
+        run = Takeover(
+            region=self.region,
+            old_region=old or "?",
+            epoch=epoch,
+            reason=action.reason,
+            dsn=self.f.postgres_dsn,
+            switches=self.switches,
+            old_dsns=[u for u in self.f.peer_probes.get(old or "", []) if "postgres" in u],
+            catch_up=self.catch_up,
+            catchup_timeout=self.f.catchup_timeout,
+        )
+        run.timeline["failure_seen"] = seen
+        run.mark("acquired")
+        stop_keepalive = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._every(self.f.renew_interval, self._keepalive, stop_keepalive))
+            try:
+                await run.run()
+                if self.heartbeat and old:
+                    run.notes["local_last_heartbeat"] = await self.heartbeat.last(old)
+                primary_last = self.peers.last_heartbeat.get(old or "")
+                await self._serving(epoch, run)
+            finally:
+                stop_keepalive.set()
+        self.fenced = False
+        self._set_role("active", epoch)
+        await self._record(run, primary_last)
+
+    async def _keepalive(self) -> None:
+        with contextlib.suppress(EtcdUnavailable):
+            sent = time.monotonic()
+            if await self.lease.renew():
+                self.renewed_at = sent
+
+    async def _serving(self, epoch: int, run: Takeover) -> None:
+        if self.heartbeat is None:
+            run.mark("serving")
+            return
+        for _ in range(100):
+            try:
+                self.last_heartbeat = await self.heartbeat.beat(epoch)
+                run.mark("serving")
+                return
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(0.1)
+        run.errors.append(f"not serving: {error}")
+
+    def _failure_seen(self) -> float:
+        view = self.view
+        since = self.peers.down_since.get(view.last_leader or "") if view else None
+        if since is None:
+            return time.time()
+        return time.time() - (time.monotonic() - since)
+
+    async def _record(self, run: Takeover, primary_last: float | None) -> None:
+        replayed = run.notes.get("local_last_heartbeat")
+        rpo = None
+        if primary_last is not None and replayed is not None:
+            rpo = round(max(0.0, primary_last - replayed), 3)
+        t = run.timeline
+        record = {
+            "kind": "failover",
+            "epoch": run.epoch,
+            "from": run.old_region,
+            "to": run.region,
+            "region": run.region,
+            "reason": run.reason,
+            "timeline": t,
+            "phases": events.phases(t),
+            "rto_seconds": round(t.get("serving", t["dns_switched"]) - t["failure_seen"], 3),
+            "rpo_seconds": rpo,
+            "primary_last_heartbeat": primary_last,
+            "notes": run.notes,
+            "errors": run.errors,
+        }
+        self.last_record = record
+        events.write_local(self.cfg.data_dir, record)
+        with contextlib.suppress(EtcdUnavailable):
+            await self.lease.put_json(f"failovers/{run.epoch:010d}", record)
+            await self.lease.put_json(
+                "last_failover", {"at": t["acquired"], "epoch": run.epoch, "region": run.region}
+            )
+        self.log.warning("failover done", **{k: record[k] for k in ("epoch", "rto_seconds")})
+        await events.notify(self.f.notify, record)
+
+    # -- probes and heartbeat --------------------------------------------------------------
+    async def _probe(self) -> None:
+        await self.peers.probe_all(time.monotonic())
+        health = {
+            "at": time.time(),
+            "role": self.role,
+            "epoch": self.epoch,
+            "fenced": self.fenced,
+            "heartbeat": self.last_heartbeat,
+            "peers": self.peers.view(),
+        }
+        with contextlib.suppress(EtcdUnavailable):
+            await self.lease.put_json(f"health/{self.region}", health)
+
+    async def _beat(self) -> None:
+        if self.heartbeat is None or not self.writable:
+            return
+        try:
+            self.last_heartbeat = await self.heartbeat.beat(self.epoch)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._warn("heartbeat failed", f"{type(exc).__name__}: {exc}")
+
+    async def _lag(self, leader: str | None) -> float | None:
+        """How much of the leader's WAL this region lacks, in seconds of heartbeats:
+        the leader's last heartbeat seen by the probes minus the last one replayed here."""
+        if self.heartbeat is None or not leader or leader == self.region:
+            return None
+        primary = self.peers.last_heartbeat.get(leader)
+        try:
+            local = await self.heartbeat.last(leader)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return None
+        if primary is None or local is None:
+            return None
+        return max(0.0, primary - local)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _set_role(self, role: Role, epoch: int) -> None:
+        if (role, epoch) != (self.role, self.epoch):
+            self.log.info("role changed", role=role, epoch=epoch, was=self.role)
+            self.role, self.epoch = role, epoch
+            self._changed.set()
+
+    def _warn(self, message: str, error: str) -> None:
+        if self._warnings.allow(message) is not None:
+            self.log.warning(message, error=error)

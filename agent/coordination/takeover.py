@@ -1,0 +1,132 @@
+"""The takeover steps a region runs once it holds the new epoch.
+
+In order, each timed: fence the old region if it still answers (best effort:
+it fenced itself already if it is alive and cut off), catch up (the caller's
+``catch_up`` — the daemon's final apply of the vault — then wait until the
+local standby's replay stops moving), promote (``pg_promote``), switch DNS
+and every other switch, then check the region serves (a heartbeat write under
+the new epoch). The old region becomes a destination through the role change
+the coordinator announces afterwards (the daemon rebuilds its streams).
+
+``promote`` and ``wait_replayed`` are idempotent: promoting a primary is a
+no-op. Errors of a switch are recorded, not raised: the database is already
+promoted, a human must finish the switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from agent.coordination import fencing
+from agent.switch.base import Switch, SwitchError
+from replicators.errors import DragentError
+
+REPLAY = """
+SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text"""
+
+
+class PromotionError(DragentError):
+    """The standby could not be promoted."""
+
+
+async def wait_replayed(dsn: str, within: float, settle: float = 0.3) -> str | None:
+    """Wait until the standby has replayed what it received and replay stopped
+    moving for ``settle`` seconds; return the replay LSN (None on a primary).
+    Returns at the deadline with whatever was replayed."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        last: str | None = None
+        stable_since = time.monotonic()
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            recovering, replayed, received = await conn.fetchrow(REPLAY)
+            if not recovering:
+                return None
+            if replayed != last:
+                last, stable_since = replayed, time.monotonic()
+            caught = received is None or received == replayed
+            if caught and time.monotonic() - stable_since >= settle:
+                break
+            await asyncio.sleep(0.05)
+        return last
+    finally:
+        await conn.close()
+
+
+async def promote(dsn: str, within: float = 60.0) -> bool:
+    """Promote the standby at ``dsn`` and wait until it accepts writes; False if it
+    already was a primary. Raises ``PromotionError``."""
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if not await conn.fetchval("SELECT pg_is_in_recovery()"):
+                return False
+            if not await conn.fetchval("SELECT pg_promote(true, $1)", int(within)):
+                raise PromotionError(f"pg_promote did not finish within {within:g}s")
+        finally:
+            await conn.close()
+        await fencing.unfence(dsn)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise PromotionError(f"promotion failed: {exc}") from None
+    return True
+
+
+@dataclass
+class Takeover:
+    """One takeover's inputs and its timeline (wall clock)."""
+
+    region: str
+    old_region: str
+    epoch: int
+    reason: str
+    dsn: str | None
+    switches: Sequence[Switch]
+    old_dsns: Sequence[str] = ()
+    catch_up: Callable[[], Awaitable[None]] | None = None
+    catchup_timeout: float = 30.0
+    timeline: dict[str, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def mark(self, name: str) -> None:
+        self.timeline[name] = time.time()
+
+    async def run(self) -> None:
+        """Every step after the epoch was acquired (see the module docstring)."""
+        await self._fence_old()
+        self.mark("fenced")
+        if self.catch_up is not None:
+            try:
+                async with asyncio.timeout(self.catchup_timeout):
+                    await self.catch_up()
+            except Exception as exc:  # recorded; promotion goes on with what was applied
+                self.errors.append(f"catch-up: {type(exc).__name__}: {exc}")
+        if self.dsn:
+            self.notes["replayed_lsn"] = await wait_replayed(self.dsn, self.catchup_timeout)
+        self.mark("caught_up")
+        if self.dsn:
+            self.notes["promoted"] = await promote(self.dsn)
+        self.mark("promoted")
+        await self._switch()
+        self.mark("dns_switched")
+
+    async def _fence_old(self) -> None:
+        for dsn in self.old_dsns:
+            try:
+                async with asyncio.timeout(2.0):
+                    self.notes["old_fenced"] = await fencing.fence_read_only(dsn)
+            except (TimeoutError, fencing.FencingError, OSError) as exc:
+                self.notes["old_fenced"] = f"unreachable ({type(exc).__name__})"
+
+    async def _switch(self) -> None:
+        for switch in self.switches:
+            try:
+                await switch.point_to(self.region)
+            except SwitchError as exc:
+                self.errors.append(f"{switch.describe()}: {exc}")

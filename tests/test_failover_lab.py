@@ -1,0 +1,167 @@
+"""Failover on the lab: real etcd (3 members), real PostgreSQL, real BIND.
+
+Region b's standby is a streaming replica of region a made for each test
+(``agent.coordination.drill``); each test has its own etcd prefix. Links are
+cut as ``agent.lab.netns`` describes: a region isolated from b and from the
+witness is an etcd member that answers nobody (suspended) plus the cut link
+b→a; the a–b link alone is the cut link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from agent.coordination import fencing
+from agent.coordination.drill import Drill, Writer, present_ids
+from agent.lab import Lab
+from agent.lab.bind import ADDRESSES, BindServer, lab_dns, resolve
+from agent.lab.netns import heal_etcd, isolate_etcd
+from tests.support import eventually
+
+pytestmark = pytest.mark.lab
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def named(lab: Lab) -> AsyncIterator[BindServer]:
+    server = lab_dns(lab)
+    await server.stop()
+    await server.start()
+    await server.wait_ready()
+    yield server
+    await server.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def drill(lab: Lab, named: BindServer, unique: str, tmp_path: Path) -> AsyncIterator[Drill]:
+    from agent.failover_config import Rfc2136Switch
+    from agent.switch.rfc2136 import Rfc2136
+
+    await Rfc2136(Rfc2136Switch(**named.switch_config())).point_to("a")
+    async with Drill(lab, unique, tmp_path, dns=named) as d:
+        a, b = d.coordinators["a"], d.coordinators["b"]
+        await eventually(lambda: a.writable and a.epoch == 1, within=20)
+        await eventually(lambda: b.view is not None and b.view.leader == "a", within=20)
+        await eventually(lambda: b.lag is not None, within=20)
+        yield d
+
+
+async def _write_while(writer: Writer, stop: asyncio.Event) -> None:
+    await writer.setup()
+    await writer.run(stop)
+
+
+async def test_lease_epoch_and_fencing_token(drill: Drill) -> None:
+    a, b = drill.coordinators["a"], drill.coordinators["b"]
+    assert (a.role, a.epoch, a.fenced) == ("active", 1, False)
+    assert b.role == "passive" and b.fenced  # its database is a standby: read-only
+    assert not await fencing.is_fenced(drill.a_dsn)
+    # a second acquisition cannot happen while a holds the lease
+    assert await b.lease.acquire(1) is None
+    assert await b.lease.acquire(0) is None
+    assert (await b.lease.view()).epoch == 1
+
+
+async def test_a_isolated_fences_itself_before_b_promotes(
+    drill: Drill, lab: Lab, named: BindServer
+) -> None:
+    a, b = drill.coordinators["a"], drill.coordinators["b"]
+    writer = Writer(drill.a_dsn, "isolated_" + drill.name.replace("-", "_"))
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_write_while(writer, stop))
+        await eventually(lambda: len(writer.committed) > 5, within=10)
+        cut_at = time.time()
+        isolate_etcd(lab, "a")
+        drill.link.cut()
+        try:
+            await eventually(lambda: a.fenced, within=15)
+            fenced_at = time.time()
+            await eventually(lambda: b.writable, within=30)
+            promoted_at = time.time()
+            await asyncio.sleep(1.0)  # the writer keeps trying against a
+        finally:
+            stop.set()
+            heal_etcd(lab, "a")
+            drill.link.heal()
+    assert fenced_at < promoted_at
+    assert b.epoch == 2
+    assert writer.committed_after(promoted_at) == []
+    assert writer.committed_after(fenced_at) == []
+    assert any(t > promoted_at for t, _ in writer.refused)  # it did keep trying
+    assert cut_at < fenced_at
+    assert await resolve(named.port) == [ADDRESSES["b"]]
+    # healed: a sees b's lease and stays fenced, as a follower
+    await eventually(lambda: a.role == "passive" and a.view and a.view.leader == "b", within=15)
+    assert a.fenced and await fencing.is_fenced(drill.a_dsn)
+
+
+async def test_only_the_a_b_link_cut_no_failover_no_flapping(drill: Drill) -> None:
+    a, b = drill.coordinators["a"], drill.coordinators["b"]
+    writer = Writer(drill.a_dsn, "abcut_" + drill.name.replace("-", "_"))
+    stop = asyncio.Event()
+    summaries: set[str] = set()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_write_while(writer, stop))
+        drill.link.cut()
+        try:
+            await eventually(lambda: b.peers.down_since.get("a") is not None, within=10)
+            deadline = time.monotonic() + 3 * a.f.lease_ttl
+            while time.monotonic() < deadline:
+                assert a.writable and a.epoch == 1
+                assert b.role == "passive" and not b.holding
+                if b.decision:
+                    summaries.add(b.decision.summary.split(" (")[0])
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            drill.link.heal()
+    assert not a.fenced and (await a.lease.view()).epoch == 1
+    assert summaries == {"following a"}
+    assert not writer.refused
+
+
+async def test_region_a_killed_whole_b_serves_dns_switched(
+    drill: Drill, lab: Lab, named: BindServer
+) -> None:
+    b = drill.coordinators["b"]
+    table = "killed_" + drill.name.replace("-", "_")
+    writer = Writer(drill.a_dsn, table)
+    stop = asyncio.Event()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(_write_while(writer, stop))
+            await eventually(lambda: len(writer.committed) > 20, within=10)
+            killed_at = time.time()
+            await drill.kill("a")
+            await lab.fault("a", "all", "kill")
+            stop.set()
+        await eventually(lambda: b.writable and b.last_record is not None, within=45)
+        serving_at = time.time()
+    finally:
+        await lab.fault("a", "all", "start")
+    record = b.last_record
+    assert record is not None and record["epoch"] == 2 and not record["errors"]
+    assert await resolve(named.port) == [ADDRESSES["b"]]
+    assert serving_at - killed_at < 60
+    assert set(record["phases"]) == {
+        "detection",
+        "fencing",
+        "catch_up",
+        "promotion",
+        "dns",
+        "serving",
+    }
+    assert record["rto_seconds"] < 60
+    # RPO from the client's log of acknowledged commits
+    present = await present_ids(drill.b_dsn, table)
+    lost = [(i, t) for i, t in writer.committed if i not in present]
+    rpo = killed_at - min(t for _, t in lost) if lost else 0.0
+    assert rpo <= 1.0, lost
+    assert record["rpo_seconds"] is not None and record["rpo_seconds"] <= 1.0
+    assert (Path(drill.workdir) / "b" / "failovers").exists()
