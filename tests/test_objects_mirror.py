@@ -13,7 +13,7 @@ from agent.config import AgentConfig
 from agent.lab import Lab
 from replicators.objects.records import META_HASH, META_VERSION, content_hash
 from tests.support import eventually
-from tests.test_objects_rig import Rig, options, snapshot
+from tests.test_objects_rig import Rig, options, same
 
 pytestmark = pytest.mark.lab
 
@@ -35,25 +35,19 @@ async def test_scan_mirrors_puts_overwrites_large_objects_and_deletes(rig: Rig) 
         big = os.urandom(12 * 1024 * 1024 + 123)
         await src.write("big/one.bin", big, "application/octet-stream", {"kind": "model"})
         async with rig.running():
-            await eventually(lambda: _same(src, dst), within=60, every=0.5)
+            await eventually(lambda: same(src, dst), within=60, every=0.5)
             for i in range(0, 30, 3):
                 await src.write(f"small/{i:03d}", b"v2-" + os.urandom(50), "text/csv", {"v": "2"})
             for i in range(1, 30, 5):
                 await src.delete(f"small/{i:03d}")
             await src.write("big/one.bin", os.urandom(6 * 1024 * 1024), "", {})
-            await eventually(lambda: _same(src, dst), within=60, every=0.5)
+            await eventually(lambda: same(src, dst), within=60, every=0.5)
         head = await dst.head("small/000")
         assert head.metadata[META_HASH] == content_hash(await src.read("small/000", ""))
         assert head.metadata[META_VERSION]
     finally:
         await src.aclose()
         await dst.aclose()
-
-
-async def _same(src: object, dst: object) -> bool:
-    a = await snapshot(src)  # type: ignore[arg-type]
-    b = await snapshot(dst)  # type: ignore[arg-type]
-    return a == b and len(a) > 0
 
 
 async def test_verify_reports_then_repairs_the_mirror(rig: Rig) -> None:
@@ -65,7 +59,7 @@ async def test_verify_reports_then_repairs_the_mirror(rig: Rig) -> None:
             await src.write(f"v/{i:02d}", os.urandom(2000 + i), "text/plain", {"i": str(i)})
         await src.write("v/large", os.urandom(7 * 1024 * 1024), "application/x-model", {})
         async with rig.running():
-            await eventually(lambda: _same(src, dst), within=60, every=0.5)
+            await eventually(lambda: same(src, dst), within=60, every=0.5)
         clean = await verify_buckets(rig.name, rig.opts, deep=True)
         assert clean["ok"] and clean["differences"] == []
         assert clean["roots"]["source"] == clean["roots"]["mirror"]
@@ -86,7 +80,7 @@ async def test_verify_reports_then_repairs_the_mirror(rig: Rig) -> None:
         assert fixed["repaired"] >= 3
         after = await verify_buckets(rig.name, rig.opts, deep=True)
         assert after["ok"] and after["roots"]["source"] == after["roots"]["mirror"]
-        assert await _same(src, dst)
+        assert await same(src, dst)
     finally:
         await src.aclose()
         await dst.aclose()

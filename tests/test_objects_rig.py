@@ -139,3 +139,10 @@ async def snapshot(bucket: Bucket, deep: bool = True) -> dict[str, tuple[Any, ..
             meta = {k: v for k, v in head.metadata.items() if not k.startswith("dragent-")}
             out[obj.key] = (head.size, head.content_type, meta, digest)
     return out
+
+
+async def same(src: Bucket, dst: Bucket) -> bool:
+    """The two buckets hold the same keys, bytes, content types and user metadata."""
+    a = await snapshot(src)
+    b = await snapshot(dst)
+    return a == b and len(a) > 0

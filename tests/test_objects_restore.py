@@ -1,0 +1,70 @@
+"""Point-in-time restore of a prefix from region b's vault into a fresh bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.lab import Lab
+from agent.lab.seaweed import ensure_buckets
+from replicators.keys import build_key_provider
+from replicators.objects.bucket import Bucket
+from replicators.objects.restore import restore
+from replicators.s3 import S3Store
+from replicators.vault import Vault
+from tests.support import eventually
+from tests.test_objects_rig import Rig, options, same, snapshot
+
+pytestmark = pytest.mark.lab
+
+
+async def test_restore_a_prefix_to_a_time_in_the_past(
+    lab: Lab, cfg_a: AgentConfig, cfg_b: AgentConfig, unique: str, tmp_path: Path
+) -> None:
+    rig = Rig(unique, options(lab, f"{unique}/", scan_interval=0.5), cfg_a, cfg_b, tmp_path)
+    src, dst = await rig.source_bucket(), await rig.mirror_bucket()
+    then: dict[str, bytes] = {}
+    try:
+        async with rig.running():
+            for i in range(8):
+                then[f"p/{i}"] = os.urandom(1000 + i)
+                await src.write(f"p/{i}", then[f"p/{i}"], "text/plain", {"gen": "1"})
+            then["p/big"] = os.urandom(6 * 1024 * 1024 + 7)
+            await src.write("p/big", then["p/big"], "application/x-model", {"gen": "1"})
+            await src.write("other/x", b"outside the prefix", "", {})
+            await eventually(lambda: same(src, dst), within=60, every=0.5)
+            await asyncio.sleep(1.2)  # LastModified has a one-second resolution here
+            at = time.time_ns()
+            await asyncio.sleep(1.2)
+            await src.write("p/0", b"second generation", "text/plain", {"gen": "2"})
+            await src.write("p/big", os.urandom(6 * 1024 * 1024), "", {"gen": "2"})
+            await src.delete("p/1")
+            await src.write("p/new", b"born after", "", {})
+            await eventually(lambda: same(src, dst), within=60, every=0.5)
+        bucket = f"restore-{time.time_ns() % 10**9}"
+        await ensure_buckets(lab.s3_endpoint("b"), lab.s3_credentials, [bucket])
+        into_cfg = rig.opts.mirror.model_copy(update={"bucket": bucket, "prefix": ""})
+        into = await Bucket.open(into_cfg)
+        store = await S3Store.open(cfg_b.vault)
+        keys = build_key_provider(cfg_b.keys)
+        try:
+            result = await restore(Vault(store), keys, unique, "p/", at, into, progress=False)
+            assert result.objects == len(then)
+            restored = await snapshot(into)
+            assert sorted(restored) == sorted(then)
+            for key, body in then.items():
+                assert await into.read(key, "") == body
+            assert (await into.head("p/3")).metadata == {"gen": "1"}
+            assert (await into.head("p/3")).content_type == "text/plain"
+        finally:
+            await keys.aclose()
+            await store.aclose()
+            await into.aclose()
+    finally:
+        await src.aclose()
+        await dst.aclose()
