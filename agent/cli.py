@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent import cli_artifacts
 
     cli_artifacts.register(sub)
+    from agent import cli_objects
+
+    cli_objects.register(sub)
     return parser
 
 
