@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent import cli_objects
 
     cli_objects.register(sub)
+    from agent import cli_dr
+
+    cli_dr.register(sub)
     return parser
 
 
