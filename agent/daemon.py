@@ -29,6 +29,7 @@ from agent.streams import EPOCH, build_tasks
 from agent.supervise import StreamTask, run_stream
 from agent.systemd import Notifier
 from replicators.metrics import Metrics
+from replicators.postgres.pgmetrics import COLLECTOR as PG_COLLECTOR
 from replicators.wrappers import StoreMetrics
 
 
@@ -56,6 +57,7 @@ class Agent(StatusSource):
                 lambda: self.cfg.policy,
             )
         )
+        self.registry.register(PG_COLLECTOR)  # the postgres kind's slot/replay/sync gauges
 
     # -- StatusSource -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:

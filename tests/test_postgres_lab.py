@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from replicators.metrics import Metrics
 from replicators.postgres import lsn as L
 from replicators.postgres import standby
 from replicators.postgres.basebackup import take_backup
+from replicators.postgres.guard import SyncGuard
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.restore import RestoreTarget, restore
 from replicators.postgres.spool import WalSpool
@@ -128,6 +129,8 @@ async def pg(lab: Lab, cfg_a: AgentConfig, cfg_b: AgentConfig, unique: str) -> A
         await store.aclose()
         conn = await asyncpg.connect(lab.pg_dsn("a"))
         try:
+            await conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            await conn.execute("SELECT pg_reload_conf()")
             await conn.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                 "WHERE slot_name = $1 AND NOT active",
@@ -144,10 +147,13 @@ async def running(*runners: Shipper | Sink, idle: float = 0.1) -> AsyncIterator[
     stop = asyncio.Event()
 
     async def loop(runner: Shipper | Sink) -> None:
-        await runner.recover()
-        while not stop.is_set():
-            if not await runner.sync_once(stop):
-                await asyncio.sleep(idle)
+        try:
+            await runner.recover()
+            while not stop.is_set():
+                if not await runner.sync_once(stop):
+                    await asyncio.sleep(idle)
+        finally:
+            await (runner.source if isinstance(runner, Shipper) else runner.target).aclose()
 
     async with asyncio.TaskGroup() as tg:
         for r in runners:
@@ -290,10 +296,10 @@ async def test_corrupted_segment_is_refused_and_nothing_of_it_served(
         )
 
 
-def agent_config(pg: PgRig, region: str, dsn_file: Path) -> Path:
+def agent_config(pg: PgRig, region: str, dsn_file: Path, **options: object) -> Path:
     data = tomllib.loads(pg.lab.config_path(region).read_text())
     data["data_dir"] = str(pg.workdir / f"agent-{region}")
-    postgres = {"dsn": f"file:{dsn_file}", "slot": pg.options.slot}
+    postgres = {"dsn": f"file:{dsn_file}", "slot": pg.options.slot, **options}
     data["streams"] = [
         {"name": pg.stream.name, "kind": "postgres", "segment_max_age": "100ms",
          "postgres": postgres}
@@ -313,13 +319,19 @@ async def cli(*args: str) -> str:
     return out.decode()
 
 
-async def test_kill_9_of_primary_and_agent_then_restore_latest(pg: PgRig) -> None:
-    """Every transaction acknowledged at least 1 s before the kill is in the restored copy."""
+@pytest.mark.parametrize("synchronous", [False, True], ids=["async", "sync"])
+async def test_kill_9_of_primary_and_agent_then_restore_latest(
+    pg: PgRig, synchronous: bool
+) -> None:
+    """Every transaction acknowledged at least 1 s before the kill is in the restored copy;
+    with ``synchronous = true``, every acknowledged transaction."""
     table, primary = table_of(pg), pg.lab.pg_dsn("a")
     await execute(primary, f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
     dsn_file = pg.workdir / "dsn"
     dsn_file.write_text(primary)
-    cfg_a, cfg_b = agent_config(pg, "a", dsn_file), agent_config(pg, "b", dsn_file)
+    sync = {"synchronous": True, "synchronous_fallback_after": "60s"} if synchronous else {}
+    cfg_a = agent_config(pg, "a", dsn_file, **sync)
+    cfg_b = agent_config(pg, "b", dsn_file)
     await cli("backup", "postgres", "--config", str(cfg_a))
     agent = AgentProcess(cfg_a, pg.workdir / "a.log", pg.workdir / "a.pid", pg.lab.agent_url("a"))
     acked: list[tuple[int, float]] = []
@@ -337,6 +349,11 @@ async def test_kill_9_of_primary_and_agent_then_restore_latest(pg: PgRig) -> Non
     await agent.start()
     try:
         await agent.wait_ready()
+        if synchronous:
+            names = "SELECT current_setting('synchronous_standby_names')"
+            await eventually(
+                lambda: _contains(fetchval(primary, names), str(pg.options.slot)), within=30
+            )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(writer())
             await asyncio.sleep(random.uniform(2.5, 4.0))
@@ -361,6 +378,39 @@ async def test_kill_9_of_primary_and_agent_then_restore_latest(pg: PgRig) -> Non
         present = {r[0] for r in await conn.fetch(f"SELECT id FROM {table}")}
     finally:
         await conn.close()
-    must = {i for i, t in acked if t <= killed_at - 1.0}
-    assert len(must) > 100
+    must = {i for i, t in acked if synchronous or t <= killed_at - 1.0}
+    assert len(must) > (10 if synchronous else 100)  # a sync commit waits for the vault
     assert must <= present, f"missing {sorted(must - present)[:10]}"
+
+
+async def _contains(value: Awaitable[object], part: str) -> bool:
+    return part in str(await value)
+
+
+async def test_synchronous_mode_falls_back_when_the_agent_stops_acknowledging(pg: PgRig) -> None:
+    primary = pg.lab.pg_dsn("a")
+    table = table_of(pg)
+    await execute(primary, f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    options = pg.options.model_copy(update={"synchronous": True, "synchronous_fallback_after": 1.0})
+    guard = SyncGuard(options, pg.stream.name, str(pg.options.slot))
+    guard_stop = asyncio.Event()
+
+    async def guard_loop() -> None:
+        await guard.recover()
+        while not guard_stop.is_set():
+            await guard.sync_once(guard_stop)
+            await asyncio.sleep(0.2)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(guard_loop())
+        async with running(pg.shipper()):
+            await eventually(lambda: guard.synchronous, within=20)
+            await execute(primary, f"INSERT INTO {table} VALUES (1)")  # waits for the vault
+        # the shipper is gone: a commit blocks until the guard falls back
+        commit = asyncio.create_task(execute(primary, f"INSERT INTO {table} VALUES (2)"))
+        await asyncio.sleep(0.5)
+        assert not commit.done()
+        async with asyncio.timeout(20):
+            await commit
+        assert guard.synchronous is False
+        guard_stop.set()

@@ -48,7 +48,9 @@ max_connections = 50
 shared_buffers = '32MB'
 wal_level = replica
 max_wal_senders = 10
-max_replication_slots = 10
+max_replication_slots = 20
+# A stuck agent must not fill the primary's disk: its slot is invalidated past this.
+max_slot_wal_keep_size = '1GB'
 wal_keep_size = '64MB'
 wal_log_hints = on
 hot_standby = on

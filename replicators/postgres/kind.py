@@ -18,9 +18,10 @@ from agent import logs
 from replicators.keys import build_key_provider
 from replicators.kinds import Background
 from replicators.postgres.basebackup import list_backups, take_backup
+from replicators.postgres.guard import StandbyMonitor, SyncGuard
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
-from replicators.postgres.walsource import WalSource
+from replicators.postgres.walsource import WalSource, slot_name
 from replicators.s3 import S3Store
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def spool_dir(stream: StreamConfig, state_dir: Path) -> Path:
 
 
 def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
-    return WalSource(options_of(stream), peer.name)
+    return WalSource(options_of(stream), peer.name, stream.name)
 
 
 def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
@@ -86,10 +87,17 @@ class BackupSchedule:
 def background(
     stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
 ) -> list[Background]:
-    every = options_of(stream).backup_every
-    if role != "active" or every <= 0:
-        return []
-    return [
-        Background(f"backup-{peer.name}", BackupSchedule(stream, peer), min(every, 60.0))
-        for peer in agent.peers
-    ]
+    """Active: base-backup schedules, the zero-loss guard. Passive: the standby monitor."""
+    options = options_of(stream)
+    if role != "active":
+        spool = spool_dir(stream, state_dir / "target")
+        return [Background("standby-monitor", StandbyMonitor(options, stream.name, spool), 2.0)]
+    jobs = []
+    for peer in agent.peers:
+        if options.backup_every > 0:
+            every = min(options.backup_every, 60.0)
+            jobs.append(Background(f"backup-{peer.name}", BackupSchedule(stream, peer), every))
+        if options.synchronous:
+            guard = SyncGuard(options, stream.name, slot_name(options, peer.name))
+            jobs.append(Background(f"sync-guard-{peer.name}", guard, 1.0))
+    return jobs

@@ -32,6 +32,13 @@ class PostgresOptions(Section):
     """Active side: take a base backup into each destination vault this often (0 = never)."""
     backup_part_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
     """A base backup's tar stream is cut into sealed parts of this size."""
+    synchronous: bool = False
+    """Zero-loss mode: the agent lists its slot in the primary's synchronous_standby_names,
+    so a commit is acknowledged only once its WAL is durable in the destination vault."""
+    synchronous_fallback_after: Duration = 0.0
+    """With ``synchronous``: fall back to asynchronous commits (with an error log and
+    ``dragent_pg_synchronous`` 0) after the agent has not acknowledged for this long;
+    0 = never (commits block until the agent is back)."""
     os_user: str = "postgres"
     """The OS user PostgreSQL programs run as when the agent runs as root."""
     bin_dir: Path | None = None

@@ -35,12 +35,13 @@ import psycopg2.extras
 from agent import logs
 from replicators.errors import SourceError
 from replicators.postgres import lsn as L
+from replicators.postgres import pgmetrics
 from replicators.postgres.options import PostgresOptions
 from replicators.stream import Change
 
 KIND = "postgres"
 HEARTBEAT_PREFIX = "dragent-heartbeat"
-_SLOT_CHECK_EVERY = 10.0
+_SLOT_CHECK_EVERY = 5.0
 _MAX_SAMPLES = 10_000
 _STOP_POLL = 0.1  # how soon a set stop event is noticed while idle
 
@@ -73,6 +74,9 @@ class LsnClock:
         i = bisect.bisect_right(self._lsns, lsn)
         return self._times[i - 1] if i else None
 
+    def newest(self) -> int | None:
+        return self._lsns[-1] if self._lsns else None
+
     def forget_before(self, lsn: int) -> None:
         """Drop samples no longer needed for positions at or after ``lsn``."""
         i = bisect.bisect_right(self._lsns, lsn) - 1
@@ -83,14 +87,16 @@ class LsnClock:
 class WalSource:
     KIND: ClassVar[str] = KIND
 
-    def __init__(self, options: PostgresOptions, peer: str) -> None:
+    def __init__(self, options: PostgresOptions, peer: str, stream: str = "") -> None:
         self.options = options
+        self.stream = stream
         self.slot = slot_name(options, peer)
         self.log = logs.get("postgres.source", slot=self.slot)
         self.clock = LsnClock()
         self.timeline = 0
         self.retained_bytes = 0
         self.flush_lag: float | None = None
+        self.write_lag: float | None = None
         self._conn: Any = None
         self._cursor: Any = None
         self._db: asyncpg.Connection | None = None
@@ -102,6 +108,7 @@ class WalSource:
         self._next_sample = 0.0
         self._next_heartbeat = 0.0
         self._next_slot_check = 0.0
+        pgmetrics.track_source(self)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -258,6 +265,13 @@ class WalSource:
         t = self.clock.time_at(start)
         return seen if t is None else min(t, seen)
 
+    def lag_bytes(self) -> dict[str, int]:
+        """The primary's newest sampled insert LSN minus the received and acked positions."""
+        head = self.clock.newest()
+        if head is None:
+            return {}
+        return {"captured": max(0, head - self._received), "durable": max(0, head - self._acked)}
+
     async def ack(self, position: int) -> None:
         """Report ``position`` flushed: the primary may now recycle WAL before it."""
         if position <= self._acked or self._cursor is None:
@@ -306,7 +320,8 @@ class WalSource:
         assert self._db is not None
         row = await self._db.fetchrow(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained, "
-            "s.wal_status, extract(epoch FROM r.flush_lag)::float8 AS flush_lag "
+            "s.wal_status, extract(epoch FROM r.flush_lag)::float8 AS flush_lag, "
+            "extract(epoch FROM r.write_lag)::float8 AS write_lag "
             "FROM pg_replication_slots s LEFT JOIN pg_stat_replication r "
             "ON r.pid = s.active_pid WHERE s.slot_name = $1",
             self.slot,
@@ -315,6 +330,7 @@ class WalSource:
             raise SourceError(f"replication slot {self.slot} disappeared")
         self.retained_bytes = int(row["retained"] or 0)
         self.flush_lag = row["flush_lag"]
+        self.write_lag = row["write_lag"]
         if self.retained_bytes > int(self.options.slot_warn_bytes):
             self.log.warning(
                 "slot retains too much WAL",
