@@ -93,7 +93,7 @@ def time_series(
             fill = "#d62728" if over else color
             out.append(
                 f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{fill}" '
-                f'data-t="{_num(t)}" data-v="{_num(v)}"><title>{escape(label)} '
+                f'data-t="{t:.3f}" data-v="{_num(v)}"><title>{escape(label)} '
                 f"{_fmt_time(t)}: {_num(v)}{unit}</title></circle>"
             )
         out.append("</g>")

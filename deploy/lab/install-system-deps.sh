@@ -9,6 +9,7 @@ command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v runuser >/dev/null || need+=(util-linux)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v chromium >/dev/null || need+=(chromium)  # headless rendering of HTML reports
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
