@@ -1,4 +1,27 @@
-"""Synthetic model checkpoints laid out like safetensors files (tests and benchmarks).
+"""Artifacts benchmark: dragent against restic on two versions of a checkpoint.
+
+Usage: ``python benchmarks/artifacts.py [--size-mib 1024] [--changed 0.10] [--json FILE]``
+
+Writes a synthetic checkpoint laid out like a safetensors file (v1), then a
+second version with ``--changed`` of its tensors rewritten (v2). In one run,
+on the same files (both read from the page cache):
+
+- dragent: the artifacts source ships v1 then v2 to region b's vault in a lab
+  (real SeaweedFS S3 over HTTP): chunking, SHA-256, packing, zstd where it
+  pays, AES-256-GCM, PUTs, then each manifest through a sealed segment;
+- restic (Debian ``restic``): ``restic backup`` of v1 then v2 into a local
+  repository with its defaults (content-defined chunking, zstd "auto",
+  AES-256-CTR + Poly1305).
+
+Reported per version: seconds, throughput (MB/s, 10^6 bytes of checkpoint per
+second) and bytes stored (the vault's packs and segments for dragent, the
+repository directory for restic), plus the bytes dragent shipped for v2 as a
+share of v2's size. Targets: throughput at least restic's, bytes stored at
+most 1.1x restic's, shipped for v2 at most 20 %.
+
+The module also provides the checkpoint generator the tests use.
+
+Synthetic model checkpoints laid out like safetensors files:
 
 ``write_checkpoint(path, size, seed)`` writes one file: an 8-byte
 little-endian header length, a JSON header naming every tensor (dtype, shape,
@@ -15,10 +38,15 @@ import hashlib
 import json
 import random
 import struct
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @dataclass(frozen=True)
@@ -94,3 +122,160 @@ def write_version(directory: Path, size: int, rewrite: set[str] | None = None) -
     """A registry version directory: the weights, a config and a marker-free layout."""
     write_checkpoint(directory / "model.safetensors", size, rewrite=rewrite)
     (directory / "config.json").write_text(json.dumps({"hidden_size": 1024, "dtype": "float16"}))
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+MIB = 1 << 20
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _restic(repo: Path, source: Path, env: dict[str, str]) -> float:
+    import subprocess
+
+    started = time.perf_counter()
+    subprocess.run(
+        ["restic", "--repo", str(repo), "backup", "--quiet", str(source)],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def run_restic(work: Path, versions: list[Path]) -> list[dict[str, float]]:
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("restic") is None:
+        raise SystemExit("restic is not installed (Debian: apt-get install -y restic)")
+    repo = work / "restic-repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    env = {**os.environ, "RESTIC_PASSWORD": "benchmark", "RESTIC_CACHE_DIR": str(work / "rc")}
+    subprocess.run(
+        ["restic", "--repo", str(repo), "init"], check=True, env=env, stdout=subprocess.DEVNULL
+    )
+    out = []
+    for v in versions:
+        seconds = _restic(repo, v, env)
+        out.append({"seconds": seconds, "stored": _dir_size(repo)})
+    return out
+
+
+async def run_dragent(work: Path, versions: list[Path], uploads: int) -> list[dict[str, float]]:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from agent.config import load_config
+    from agent.lab import Lab
+    from replicators.artifacts.options import ArtifactsOptions
+    from replicators.artifacts.source import ArtifactsSource
+    from replicators.keys import build_key_provider
+    from replicators.metrics import Metrics
+    from replicators.progress import StreamProgress
+    from replicators.s3 import S3Store
+    from replicators.shipper import Shipper, ShipperSettings
+    from replicators.vault import Vault
+
+    lab = Lab(work / "lab")
+    await lab.up()
+    stream = f"bench-{int(time.time())}"
+    out = []
+    try:
+        peer = load_config(lab.config_path("a")).peers[0]
+        store = await S3Store.open(peer.vault)
+        keys = build_key_provider(peer.keys)
+        options = ArtifactsOptions(
+            root=work / "src", marker="_COMPLETE", watch=False, uploads=uploads
+        )
+        source = ArtifactsSource(stream, options, store, keys, work / f"state-{stream}")
+        shipper = Shipper(
+            ShipperSettings(stream, "b", 1, 8 * MIB, 0.2),
+            source,
+            Vault(store),
+            keys,
+            work / f"state-{stream}" / "shipped.json",
+            StreamProgress(stream, "artifacts", "source", "b"),
+            Metrics(CollectorRegistry()).stream(stream, "b"),
+        )
+        await shipper.recover()
+        for v in versions:
+            (v / "_COMPLETE").write_bytes(b"")
+            sent_before = source.bytes_sent
+            started = time.perf_counter()
+            assert await shipper.sync_once(asyncio.Event())
+            seconds = time.perf_counter() - started
+            stored = 0
+            for prefix in (f"artifacts/{stream}/", f"streams/{stream}/"):
+                stored += sum([i.size async for i in store.list(prefix)])
+            out.append(
+                {"seconds": seconds, "stored": stored, "shipped": source.bytes_sent - sent_before}
+            )
+        await source.aclose()
+        await keys.aclose()
+        await store.aclose()
+    finally:
+        await lab.down(purge=True)
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = [
+        f"checkpoint {res['size'] / 1e6:.0f} MB, {res['changed']:.0%} of tensors changed in v2",
+        f"{'':10}{'tool':9}{'seconds':>9}{'MB/s':>9}{'stored MB':>11}",
+    ]
+    for i, name in enumerate(("v1", "v2")):
+        for tool in ("dragent", "restic"):
+            r = res[tool][i]
+            mbs = res["size"] / r["seconds"] / 1e6
+            lines.append(f"{name:10}{tool:9}{r['seconds']:9.2f}{mbs:9.1f}{r['stored'] / 1e6:11.1f}")
+    d, r = res["dragent"], res["restic"]
+    lines += [
+        f"throughput dragent/restic: v1 {r[0]['seconds'] / d[0]['seconds']:.2f}x, "
+        f"v2 {r[1]['seconds'] / d[1]['seconds']:.2f}x (target >= 1)",
+        f"bytes stored dragent/restic after v2: {d[1]['stored'] / r[1]['stored']:.3f} "
+        "(target <= 1.1)",
+        f"shipped for v2: {d[1]['shipped'] / 1e6:.1f} MB = {d[1]['shipped'] / res['size']:.1%} "
+        "of its size (target <= 20%)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import asyncio
+    import shutil
+
+    parser = argparse.ArgumentParser(description="artifacts: dragent against restic")
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--changed", type=float, default=0.10)
+    parser.add_argument("--uploads", type=int, default=4)
+    parser.add_argument("--dir", default="/tmp/dragent-bench-artifacts")
+    parser.add_argument("--json", help="also write the figures as JSON to this file")
+    args = parser.parse_args(argv)
+    work = Path(args.dir).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    size = args.size_mib * MIB
+    v1, v2 = work / "src" / "llama" / "v1", work / "src" / "llama" / "v2"
+    write_version(v1, size)
+    write_version(v2, size, changed(tensors(size), args.changed, seed=3))
+    size = _dir_size(v1)
+    res: dict[str, Any] = {"size": size, "changed": args.changed}
+    res["dragent"] = asyncio.run(run_dragent(work, [v1, v2], args.uploads))
+    for v in (v1, v2):
+        (v / "_COMPLETE").unlink()
+    res["restic"] = run_restic(work, [v1, v2])
+    print(table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

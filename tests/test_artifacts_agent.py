@@ -93,7 +93,7 @@ async def chunks_per_pack(lab: Lab, stream: str) -> dict[str, list[bytes]]:
 
 
 async def test_kill_9_during_an_upload_resumes_without_resending_chunks(pair: Pair) -> None:
-    version = publish(pair.src, "llama", "v1", 96 * MiB)
+    version = publish(pair.src, "llama", "v1", 64 * MiB)
     await pair.b.start()
     await pair.b.wait_ready()
     await pair.a.start()

@@ -51,7 +51,9 @@ class SourceIndex:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode survives a process crash (kill -9) whole; a power loss may drop the
+        # last transactions, which only makes the index claim less than the vault holds.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         if self._meta("writer") is None:
             with self._tx():

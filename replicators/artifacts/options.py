@@ -24,8 +24,9 @@ class ArtifactsOptions(Section):
     chunk_min: ByteSize = ByteSize(128 * 1024)
     chunk_avg: ByteSize = ByteSize(512 * 1024)
     chunk_max: ByteSize = ByteSize(2 * 1024 * 1024)
-    pack_size: ByteSize = ByteSize(16 * 1024 * 1024)
-    """Chunks are packed into sealed pack objects of about this size."""
+    pack_size: ByteSize = ByteSize(15 * 1024 * 1024)
+    """Chunks are packed into sealed pack objects of at most this size (plus under 1 KiB per
+    MiB of framing): keep it below the vault's ``multipart_threshold`` so a pack is one PUT."""
     uploads: int = Field(default=4, ge=1, le=64)
     """Pack uploads in flight at once."""
     gc_grace: Duration = 24 * 3600.0

@@ -71,6 +71,9 @@ class _Packer:
         known = self.placed.get(piece.id) or self.src.index.lookup(piece.id)
         if known is not None:
             return known
+        limit = self.src.options.pack_size
+        if self.current is not None and self.current.size + piece.length > limit:
+            await self._publish()  # a pack never exceeds pack_size (one PUT, no multipart)
         if self.current is None:
             seq = self.src.index.next_pack_seq()
             self.current = _OpenPack(PackRef(self.src.stream, self.src.index.writer, seq))
@@ -80,8 +83,6 @@ class _Packer:
         pack.ids.append((piece.id, piece.length))
         pack.size += piece.length
         self.placed[piece.id] = where
-        if pack.size >= self.src.options.pack_size:
-            await self._publish()
         return where
 
     async def _publish(self) -> None:
