@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 import tomli_w
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 
 from agent.agentproc import AgentProcess
@@ -48,6 +49,8 @@ from replicators.shipper import Shipper, ShipperSettings
 from replicators.sink import Sink, SinkSettings
 from replicators.vault import SegmentRef, Vault
 from tests.support import eventually
+from verifiers.postgres import compare
+from verifiers.report import check, sign
 
 pytestmark = pytest.mark.lab
 
@@ -414,3 +417,36 @@ async def test_synchronous_mode_falls_back_when_the_agent_stops_acknowledging(pg
             await commit
         assert guard.synchronous is False
         guard_stop.set()
+
+
+async def test_verify_equal_roots_then_names_the_changed_key_range(pg: PgRig) -> None:
+    table, primary = table_of(pg), pg.lab.pg_dsn("a")
+    await execute(primary, f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    shipper = pg.shipper()
+    async with running(shipper):
+        await take_backup(pg.options, pg.stream.name, pg.store, pg.send_keys)
+        await insert_range(primary, table, 0, 5000)
+        end = await current_lsn(primary)
+        await eventually(lambda: shipper.end >= end, within=20)
+    data_dir = pg.workdir / "copy"
+    pg.clusters.append(data_dir)
+    port = free_port()
+    await restore(
+        pg.options, pg.stream.name, pg.store, pg.recv_keys,
+        target=RestoreTarget(), data_dir=data_dir, port=port,
+    )  # fmt: skip
+    copy = f"postgresql://dragent@127.0.0.1:{port}/app"
+    qualified = f"public.{table}"
+    same = await compare(primary, copy, [qualified])
+    assert same["ok"] and same["differences"] == []
+    assert same["roots"][f"{qualified}@primary"] == same["roots"][f"{qualified}@copy"]
+    assert same["counts"][f"{qualified}@copy"] == 5000
+    await execute(copy, f"UPDATE {table} SET v = 'changed' WHERE id = 3210")
+    report = await compare(primary, copy, [qualified])
+    assert not report["ok"]
+    [diff] = report["differences"]
+    assert diff["lo"] <= 3210 <= diff["hi"] and diff["hi"] - diff["lo"] < 64
+    assert report["range_queries"] < 100  # descended only into the differing ranges
+    key = Ed25519PrivateKey.generate()
+    signed = sign({**report, "stream": pg.stream.name, "region": "a"}, key)
+    check(signed, key.public_key())

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent import logs
+from replicators.errors import SourceError
 from replicators.keys import build_key_provider
 from replicators.kinds import Background
 from replicators.postgres.basebackup import list_backups, take_backup
@@ -101,3 +102,22 @@ def background(
             guard = SyncGuard(options, stream.name, slot_name(options, peer.name))
             jobs.append(Background(f"sync-guard-{peer.name}", guard, 1.0))
     return jobs
+
+
+async def verify(
+    stream: StreamConfig, agent: AgentConfig, *, deep: bool = False, repair: bool = False
+) -> dict[str, Any]:
+    """Compare ``dsn`` with ``verify_dsn`` table by table (verifiers/postgres.py); returns
+    the unsigned report. Every comparison is complete (``deep`` changes nothing); repair
+    is not done here: a differing standby is rebuilt with ``dragent standby init``."""
+    from verifiers.postgres import compare
+
+    options = options_of(stream)
+    if repair:
+        raise SourceError("postgres verify cannot repair: rebuild the copy (dragent standby init)")
+    if options.verify_dsn is None:
+        raise SourceError(f"stream {stream.name}: set [streams.postgres] verify_dsn to verify")
+    report = await compare(
+        options.dsn.reveal(), options.verify_dsn.reveal(), list(options.verify_tables) or None
+    )
+    return {**report, "stream": stream.name, "region": agent.region}

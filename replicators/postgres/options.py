@@ -39,6 +39,11 @@ class PostgresOptions(Section):
     """With ``synchronous``: fall back to asynchronous commits (with an error log and
     ``dragent_pg_synchronous`` 0) after the agent has not acknowledged for this long;
     0 = never (commits block until the agent is back)."""
+    verify_dsn: SecretRef | None = None
+    """The copy ``dragent verify`` compares this region's database with (a standby or a
+    restored copy); the comparison runs at the same LSN."""
+    verify_tables: list[str] = []
+    """Tables to verify (default: every table with a single integer primary key)."""
     os_user: str = "postgres"
     """The OS user PostgreSQL programs run as when the agent runs as root."""
     bin_dir: Path | None = None

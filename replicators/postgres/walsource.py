@@ -240,6 +240,8 @@ class WalSource:
             now = time.time()
             if size >= max_bytes or stop.is_set():
                 return batch
+            if batch and self.options.synchronous:
+                return batch  # commits are waiting for this ack: ship as soon as we are idle
             if first_seen is not None and now >= first_seen + max_age:
                 return batch
             wake = min(self._next_sample, self._next_heartbeat)
