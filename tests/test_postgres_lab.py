@@ -450,3 +450,27 @@ async def test_verify_equal_roots_then_names_the_changed_key_range(pg: PgRig) ->
     key = Ed25519PrivateKey.generate()
     signed = sign({**report, "stream": pg.stream.name, "region": "a"}, key)
     check(signed, key.public_key())
+
+
+async def test_source_survives_a_primary_restart(pg: PgRig) -> None:
+    """The supervising loop reconnects; the vault stays one contiguous WAL log."""
+    table, primary = table_of(pg), pg.lab.pg_dsn("a")
+    await execute(primary, f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    shipper = pg.shipper()
+    task = StreamTask("pg->b", shipper, shipper.progress)
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(run_stream(task, stop, pg.metrics))
+        await insert_range(primary, table, 0, 100)
+        await pg.lab.fault("a", "postgres", "restart")
+        await insert_range(primary, table, 100, 200)
+        end = await current_lsn(primary)
+        await eventually(lambda: shipper.end >= end, within=60)
+        assert pg.metrics.restarts.labels("pg->b", "SourceError")._value.get() >= 1
+        stop.set()
+    await shipper.source.aclose()
+    sink = pg.sink()
+    await sink.recover()
+    await sink.sync_once(asyncio.Event())  # continuity checked segment by segment
+    applied = await sink.target.state()
+    assert applied is not None and applied.end == shipper.end
