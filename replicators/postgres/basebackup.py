@@ -35,6 +35,7 @@ from replicators.postgres import pgtools
 from replicators.postgres.options import PostgresOptions
 from replicators.segment import seal
 from replicators.store import ObjectStore
+from verifiers.merkle import leaf_hash, merkle_root
 
 _START = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
 _END = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
@@ -43,6 +44,11 @@ _PREFETCH = 4
 
 def backup_prefix(stream: str, backup_id: str | None = None) -> str:
     return f"backups/{stream}/" + (f"{backup_id}/" if backup_id else "")
+
+
+def sealed_name(stream: str, backup_id: str) -> str:
+    """The stream name sealed into a backup's objects: binds every part to its backup."""
+    return f"{stream}:backup:{backup_id}"
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,8 @@ class BackupManifest:
 
 async def _seal_put(
     store: ObjectStore, keys: KeyProvider, key: str, stream: str, seq: int, data: bytes, **h: Any
-) -> bytes:
-    """Seal one object (records=[data]) and publish it once; returns the sealed blob."""
+) -> tuple[bytes, bytes]:
+    """Seal one object (records=[data]) and publish it once; returns (blob, Merkle root)."""
     data_key = await keys.data_key()
     now = time.time()
     blob = await asyncio.to_thread(
@@ -89,7 +95,7 @@ async def _seal_put(
         created_at=now,
     )
     await store.put(key, blob, if_absent=True)
-    return blob
+    return blob, merkle_root([leaf_hash(data)])
 
 
 async def take_backup(
@@ -137,17 +143,19 @@ async def take_backup(
             async for chunk in _chunks(proc.stdout, int(options.backup_part_bytes)):
                 seq = len(parts) + 1
                 key = f"{prefix}part-{seq:08d}.seg"
-                blob = await _seal_put(
+                blob, root = await _seal_put(
                     store,
                     keys,
                     key,
-                    stream,
+                    sealed_name(stream, backup_id),
                     seq,
                     chunk,
                     start=str(total),
                     end=str(total + len(chunk)),
                 )
-                parts.append({"key": key, "size": len(chunk), "stored": len(blob)})
+                parts.append(
+                    {"key": key, "size": len(chunk), "stored": len(blob), "root": root.hex()}
+                )
                 total += len(chunk)
                 if on_bytes:
                     on_bytes(len(chunk))
@@ -175,7 +183,7 @@ async def take_backup(
         store,
         keys,
         prefix + "manifest.seg",
-        stream,
+        sealed_name(stream, backup_id),
         0,
         manifest.to_json(),
         source_time=manifest.end_time,
@@ -199,9 +207,14 @@ async def list_backups(store: ObjectStore, keys: KeyProvider, stream: str) -> li
     out = []
     async for info in store.list(backup_prefix(stream)):
         if info.key.endswith("/manifest.seg"):
+            backup_id = info.key.split("/")[-2]
             blob = await store.get(info.key)
-            opened = await unseal(blob, keys, expect_stream=stream, expect_seq=0)
-            out.append(BackupManifest.from_json(opened.records[0]))
+            name = sealed_name(stream, backup_id)
+            opened = await unseal(blob, keys, expect_stream=name, expect_seq=0)
+            manifest = BackupManifest.from_json(opened.records[0])
+            if manifest.id != backup_id or manifest.stream != stream:
+                raise IntegrityError(f"{info.key}: manifest names another backup")
+            out.append(manifest)
     return sorted(out, key=lambda m: m.start_time)
 
 
@@ -271,7 +284,12 @@ async def _fetch_part(
 ) -> bytes:
     part = manifest.parts[seq - 1]
     blob = await store.get(part["key"])
-    opened = await unseal(blob, keys, expect_stream=manifest.stream, expect_seq=seq)
-    if len(opened.records) != 1 or len(opened.records[0]) != part["size"]:
-        raise IntegrityError(f"backup part {part['key']}: size differs from the manifest")
+    name = sealed_name(manifest.stream, manifest.id)
+    opened = await unseal(blob, keys, expect_stream=name, expect_seq=seq)
+    if (
+        len(opened.records) != 1
+        or len(opened.records[0]) != part["size"]
+        or opened.root.hex() != part["root"]
+    ):
+        raise IntegrityError(f"backup part {part['key']}: differs from the backup's manifest")
     return opened.records[0]
