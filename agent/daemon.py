@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import logs
 from agent.collector import ProgressCollector
+from agent.compliance.monitor import ComplianceMonitor
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.http import HttpServer, StatusSource, build_app
 from agent.streams import EPOCH, build_tasks
@@ -58,6 +59,15 @@ class Agent(StatusSource):
             )
         )
         self.registry.register(PG_COLLECTOR)  # the postgres kind's slot/replay/sync gauges
+        self.compliance = ComplianceMonitor(cfg, live_rpo=self._live_rpo)
+        self.registry.register(self.compliance.collector)
+
+    def _live_rpo(self) -> dict[str, float]:
+        now, out = time.time(), {}
+        for t in self.tasks:
+            if t.progress.side == "source":
+                out[t.progress.stream] = max(out.get(t.progress.stream, 0.0), t.progress.rpo(now))
+        return out
 
     # -- StatusSource -----------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -78,6 +88,7 @@ class Agent(StatusSource):
                 }
                 for t in self.tasks
             ],
+            "compliance": self.compliance.status(),
         }
 
     def healthy(self) -> tuple[bool, str]:
@@ -118,8 +129,10 @@ class Agent(StatusSource):
         try:
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(self._watchdog())
+                compliance = tg.create_task(self.compliance.run(asyncio.Event()))
                 code = await self._generations()
                 watchdog.cancel()
+                compliance.cancel()
         finally:
             self.notifier.stopping()
             await server.aclose()
@@ -167,6 +180,7 @@ class Agent(StatusSource):
             return False
         logs.configure(new.log.format, new.log.level)
         self.cfg = new
+        self.compliance.update_config(new)
         return True
 
     async def _drain(self, gen: asyncio.Task[None]) -> bool:

@@ -149,7 +149,7 @@ async def test_monitor_key_age_and_drill_against_the_vault(
     cfg = cfg.model_copy(update={"policy": policy, "peers": []})
     await publish(cfg, unique, segments=2, per=10)
 
-    monitor = ComplianceMonitor(cfg)
+    monitor = ComplianceMonitor(cfg, drill_after=0.0)
     try:
         results = {r.control: r for r in await monitor.evaluate_once()}
         assert results["key-age"].status == "fail"

@@ -45,6 +45,7 @@ class ComplianceMonitor:
         *,
         live_rpo: Callable[[], Mapping[str, float]] | None = None,
         clock: Callable[[], float] = time.time,
+        drill_after: float = _DRILL_RETRY,
     ) -> None:
         self.cfg = cfg
         self._live_rpo = live_rpo or dict
@@ -63,7 +64,9 @@ class ComplianceMonitor:
         self._rpo_max: dict[str, float] = {}
         self._rpo_since = clock()
         self.keys: dict[str, tuple[str | None, float | None]] = {}
-        self._drill_attempt = 0.0
+        # the first scheduled drill waits ``drill_after`` seconds: an agent that just
+        # started (or a test's) does not launch a drill at once
+        self._drill_attempt = clock() - _DRILL_RETRY + drill_after
         self.collector = ComplianceCollector(self)
 
     def update_config(self, cfg: AgentConfig) -> None:
@@ -88,7 +91,7 @@ class ComplianceMonitor:
             last = c_seq(self._raw[-1][0])
             self._raw += await log.raw_entries(after=last)
         report = await asyncio.to_thread(log.check, self._raw)
-        self.chain_ok, self._own = report.ok, report.entries
+        self.chain_ok, self._own = report.ok, well_formed(report.entries)
         if not report.ok and self._errors.allow("chain") is not None:
             self.log.error("evidence log damaged", problems=report.problems[:5])
         self.object_lock = await log.lock_enabled()
@@ -98,7 +101,7 @@ class ComplianceMonitor:
     async def _peer_entries(self, region: str, vault: Any) -> list[dict[str, Any]]:
         reader = await EvidenceLog.reader(region, vault)
         try:
-            return await reader.entries()
+            return well_formed(reader.check(await reader.raw_entries()).entries)
         finally:
             await reader.aclose()
 
@@ -225,12 +228,16 @@ class ComplianceMonitor:
             await self.aclose()
 
     async def _step(self, what: str, step: Any) -> None:
+        # Compliance must never take replication down with it: any failure of a step is
+        # logged (rate-limited) and the step runs again at its next tick.
         try:
             await step
-        except (DragentError, OSError) as exc:
+        except Exception as exc:
             held = self._errors.allow(what)
             if held is not None:
-                self.log.warning(f"{what} failed", error=f"{type(exc).__name__}: {exc}", held=held)
+                level = "warning" if isinstance(exc, DragentError | OSError) else "error"
+                error = f"{type(exc).__name__}: {exc}"
+                getattr(self.log, level)(f"{what} failed", error=error, held=held)
 
     def status(self) -> dict[str, Any]:
         counts = {s: sum(r.status == s for r in self.results) for s in c.STATUSES}
@@ -250,6 +257,17 @@ class ComplianceMonitor:
         if self._evidence is not None:
             await self._evidence.aclose()
             self._evidence = None
+
+
+def well_formed(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries with the fields the controls read (a damaged one is left out, not fatal)."""
+    return [
+        e
+        for e in entries
+        if isinstance(e.get("time"), int | float)
+        and isinstance(e.get("type"), str)
+        and isinstance(e.get("data"), dict)
+    ]
 
 
 def c_seq(key: str) -> int:
