@@ -474,3 +474,56 @@ async def test_source_survives_a_primary_restart(pg: PgRig) -> None:
     await sink.sync_once(asyncio.Event())  # continuity checked segment by segment
     applied = await sink.target.state()
     assert applied is not None and applied.end == shipper.end
+
+
+async def test_agents_and_standby_end_to_end_with_metrics(pg: PgRig) -> None:
+    """Both agents as processes: a streams, b rebuilds the spool, the CLI-built standby
+    follows, and both /metrics show the postgres gauges."""
+    table, primary = table_of(pg), pg.lab.pg_dsn("a")
+    await execute(primary, f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    port = free_port()
+    replica = f"postgresql://dragent@127.0.0.1:{port}/app"
+    (pg.workdir / "dsn-a").write_text(primary)
+    (pg.workdir / "dsn-b").write_text(replica)
+    cfg_a = agent_config(pg, "a", pg.workdir / "dsn-a")
+    cfg_b = agent_config(
+        pg, "b", pg.workdir / "dsn-b",
+        standby_data_dir=str(pg.workdir / "standby"), standby_port=port,
+    )  # fmt: skip
+    await cli("backup", "postgres", "--config", str(cfg_a))
+    agents = [
+        AgentProcess(cfg, pg.workdir / f"{r}.log", pg.workdir / f"{r}.pid", pg.lab.agent_url(r))
+        for r, cfg in (("a", cfg_a), ("b", cfg_b))
+    ]
+    try:
+        for agent in agents:
+            await agent.start()
+            await agent.wait_ready()
+        pg.clusters.append(pg.workdir / "standby")
+        await cli("standby", "init", "--config", str(cfg_b))
+        await insert_range(primary, table, 0, 300)
+
+        async def followed() -> bool:
+            with contextlib.suppress(asyncpg.PostgresError, OSError):
+                return await fetchval(replica, f"SELECT count(*) FROM {table}") == 300
+            return False
+
+        await eventually(followed, within=30)
+        metrics_a = await _metrics(pg.lab.agent_url("a"))
+        assert f'dragent_pg_slot_retained_bytes{{slot="{pg.options.slot}"' in metrics_a
+        assert "dragent_rpo_seconds{" in metrics_a
+
+        async def replay_metric() -> bool:
+            return "dragent_pg_standby_replay_lag_bytes{" in await _metrics(pg.lab.agent_url("b"))
+
+        await eventually(replay_metric, within=20)
+    finally:
+        for agent in agents:
+            await agent.stop(grace=10)
+
+
+async def _metrics(url: str) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        return await resp.text()
