@@ -67,6 +67,31 @@ class Bucket(S3Store):
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise classify(exc, key) from exc
 
+    async def fetch(
+        self, key: str, inline_max: int, skip_etag: str = ""
+    ) -> tuple[ObjectState, bytes | None]:
+        """One GET: the object's state and, if it is at most ``inline_max`` bytes and its
+        etag is not ``skip_etag``, its bytes (else None, the body left unread).
+
+        Raises ``NotFound`` when the key does not exist.
+        """
+        out = await self._call(key, "get_object", Key=self._key(key))
+        state = ObjectState(
+            key=key,
+            size=int(out["ContentLength"]),
+            etag=str(out.get("ETag", "")).strip('"'),
+            time_ns=_ns(out["LastModified"]),
+            content_type=str(out.get("ContentType", "")),
+            metadata=dict(out.get("Metadata", {})),
+        )
+        try:
+            async with asyncio.timeout(self._deadline), out["Body"] as body:
+                if state.size > inline_max or (skip_etag and state.etag == skip_etag):
+                    return state, None
+                return state, bytes(await body.read())
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise classify(exc, key) from exc
+
     async def content_hash(self, key: str, etag: str = "") -> str:
         """xxh3-128 (hex) of the whole object, streamed in ``READ_CHUNK`` pieces."""
         extra: dict[str, Any] = {"IfMatch": f'"{etag}"'} if etag else {}

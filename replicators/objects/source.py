@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -35,6 +36,17 @@ from replicators.stream import Change
 log = logging.getLogger(__name__)
 KIND = "objects"
 IDLE_WAIT = 0.05
+FETCH_AHEAD = 16
+
+
+@dataclass
+class Fetched:
+    """A key read ahead of its turn: its state (None: absent) and its bytes if inline."""
+
+    key: str
+    since: float
+    state: ObjectState | None
+    body: bytes | None
 
 
 @dataclass
@@ -67,6 +79,7 @@ class ObjectsSource:
         self._inflight: list[tuple[int, str, Entry | None]] = []
         self._latest: dict[str, Entry | None] = {}
         self._transfer: Transfer | None = None
+        self._ready: deque[Fetched] = deque()
 
     # -- Source interface ---------------------------------------------------
 
@@ -75,6 +88,7 @@ class ObjectsSource:
         self._inflight.clear()
         self._latest.clear()
         self._transfer = None
+        self._ready.clear()
         self.scanner.start_now()
         if self.tail is not None:
             await self.tail.start()
@@ -83,6 +97,7 @@ class ObjectsSource:
         times = [t for t in (self.queue.oldest(), self.scanner.pending_since()) if t]
         if self._transfer is not None:
             times.append(self._transfer.since)
+        times += [f.since for f in self._ready]
         return min(times) if times else None
 
     async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
@@ -98,9 +113,10 @@ class ObjectsSource:
                     first = time.time()
                 batch.append(change)
                 size += len(change.payload)
-                continue
             if batch and time.time() >= first + max_age:
                 break
+            if change is not None:
+                continue
             if not await self.scanner.step():
                 await self._idle(stop)
         return batch
@@ -147,21 +163,46 @@ class ObjectsSource:
             if self.options.part_size + 4096 > room:
                 return None
             return await self._next_part(self._transfer)
-        while (item := self.queue.pop()) is not None:
-            key, since = item
-            change = await self._capture(key, since, room)
-            if change is not None:
+        if not self._ready:
+            await self._fetch_some()
+        while self._ready:
+            got = self._ready[0]
+            if got.body is not None and len(got.body) + 4096 > room:
+                return None  # first in the next batch
+            self._ready.popleft()
+            change = await self._capture(got, room)
+            if change is not None or self._transfer is not None:
                 return change
         return None
 
     def _shipped(self, key: str) -> Entry | None:
         return self._latest[key] if key in self._latest else self.index.get(key)
 
-    async def _capture(self, key: str, since: float, room: int) -> Change | None:
-        try:
-            state = await self.bucket.head(key)
-        except NotFound:
-            state = None
+    async def _fetch_some(self) -> None:
+        """Read up to ``FETCH_AHEAD`` queued keys at once (one GET each), in queue order."""
+        items = []
+        while len(items) < FETCH_AHEAD and (item := self.queue.pop()) is not None:
+            items.append(item)
+        if not items:
+            return
+        inline_max = int(self.options.inline_max)
+
+        async def fetch(key: str, since: float) -> Fetched:
+            shipped = self._shipped(key)
+            try:
+                state, body = await self.bucket.fetch(
+                    key, inline_max, shipped.etag if shipped else ""
+                )
+            except NotFound:
+                return Fetched(key, since, None, None)
+            return Fetched(key, since, state, body)
+
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(fetch(key, since)) for key, since in items]
+        self._ready.extend(t.result() for t in tasks)
+
+    async def _capture(self, got: Fetched, room: int) -> Change | None:
+        key, since, state, body = got.key, got.since, got.state, got.body
         shipped = self._shipped(key)
         if state is None:
             if shipped is None:
@@ -176,14 +217,12 @@ class ObjectsSource:
             return None
         if state.size > self.options.inline_max:
             return await self._start_transfer(state, since, room)
-        if state.size + 4096 > room:
-            self.queue.add(key, since)
-            return None
-        try:
-            body = await self.bucket.read(key, state.etag)
-        except (AlreadyExists, NotFound):
-            self.queue.add(key, since)  # changed under us: capture its newer state
-            return None
+        if body is None:  # same etag as shipped, yet rewritten: read it
+            try:
+                body = await self.bucket.read(key, state.etag)
+            except (AlreadyExists, NotFound):
+                self.queue.add(key, since)  # changed under us: capture its newer state
+                return None
         head = _head(state, rec.content_hash(body))
         version = rec.Version(state.time_ns, self._seq)
         entry = Entry(key, state.etag, state.size, state.time_ns, head.content_hash)

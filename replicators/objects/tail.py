@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import signal
+import sys
 import time
 
 from replicators.objects.events import Hint, JsonStream, filer_hints
@@ -20,6 +23,12 @@ from replicators.objects.options import FilerEvents
 log = logging.getLogger(__name__)
 READ = 1 << 16
 REPLAY = 10.0
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the agent dies (even by kill -9), so no orphan is left."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class FilerTail:
@@ -49,6 +58,7 @@ class FilerTail:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         self._json = JsonStream()
         self._restart = False
