@@ -10,6 +10,7 @@ command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v runuser >/dev/null || need+=(util-linux)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v chromium >/dev/null || need+=(chromium)  # headless rendering of HTML reports
+command -v rclone >/dev/null || need+=(rclone)  # baseline of benchmarks/objects.py
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
