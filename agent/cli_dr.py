@@ -3,6 +3,9 @@
 - ``dragent drill restore --config F [--at TIME] [--stream S] [--format ...] [--out FILE]``:
   a restore drill from this region's vault into scratch copies, timed and
   Merkle-verified, recorded in the evidence log; exit 1 if it failed.
+- ``dragent drill failover --config F [--i-understand]``: on a lab, kill region a,
+  measure RTO/RPO by a writer's ground truth, fail back, record (refused unless
+  ``[policy] drillable`` or ``--i-understand``).
 - ``dragent evidence ls|verify --config F [--region R] [--public-key FILE]``.
 - ``dragent evidence add-report FILE --config F``: record a signed
   verification report (``dragent verify ... --format json``) as evidence.
@@ -105,6 +108,27 @@ def _drill_text(report: dict[str, Any]) -> str:
         if s["problem"]:
             lines.append(f"    problem: {s['problem']}")
     return "\n".join(lines)
+
+
+def _cmd_drill_failover(args: argparse.Namespace) -> int:
+    from agent.drills.failover import check_allowed, failover_drill
+    from agent.evidence import EvidenceLog
+
+    cfg = load_config(args.config)
+    root = check_allowed(cfg, Path(args.config), args.i_understand)
+
+    async def run() -> dict[str, Any]:
+        log = await EvidenceLog.open(cfg)
+        try:
+            data, entry = await failover_drill(cfg, root, log, within=args.within)
+        finally:
+            await log.aclose()
+        print(f"evidence: {cfg.region}#{entry['seq']}", file=sys.stderr)
+        return data
+
+    data = asyncio.run(run())
+    _write(_dump(data) if args.json else data["summary"], None)
+    return 0 if data["ok"] else 1
 
 
 # -- evidence --------------------------------------------------------------------------
@@ -268,6 +292,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     rest.add_argument("--format", choices=["text", "json", "md", "html"], default="text")
     rest.add_argument("--out")
     rest.set_defaults(func=_cmd_drill_restore)
+
+    fo = dsub.add_parser("failover", help="game day on a lab: kill region a, measure, fail back")
+    fo.add_argument("--config", required=True, help="a lab region's agent.toml")
+    fo.add_argument("--i-understand", action="store_true", help="run on a non-drillable config")
+    fo.add_argument("--within", type=float, default=60.0, help="give up after this many seconds")
+    fo.add_argument("--json", action="store_true")
+    fo.set_defaults(func=_cmd_drill_failover)
 
     ev = sub.add_parser("evidence", help="the hash-chained evidence log")
     esub = ev.add_subparsers(dest="action", required=True)

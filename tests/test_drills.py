@@ -11,6 +11,8 @@ from agent.compliance.controls import DRILL_RESTORE
 from agent.config import AgentConfig, StreamConfig, SyntheticOptions
 from agent.drills import restore_drill, run_restore_drill
 from agent.evidence import EvidenceLog
+from agent.lab import Lab
+from agent.policy_config import PolicyConfig
 from replicators.keys import build_key_provider
 from replicators.s3 import S3Store
 from replicators.segment import seal
@@ -118,3 +120,36 @@ async def test_restore_drill_fails_on_a_corrupted_segment(
     assert not report["ok"]
     assert "integrity" in report["differences"][0]["what"]
     assert report["scratch_removed"]
+
+
+def test_failover_drill_is_refused_unless_drillable(cfg_b: AgentConfig, tmp_path: Path) -> None:
+    from agent.drills.failover import DrillRefused, check_allowed
+
+    with pytest.raises(DrillRefused, match="not marked drillable"):
+        check_allowed(cfg_b, tmp_path / "b" / "agent.toml", i_understand=False)
+    drillable = cfg_b.model_copy(update={"policy": PolicyConfig(drillable=True)})
+    with pytest.raises(DrillRefused, match="not a lab configuration"):
+        check_allowed(drillable, tmp_path / "b" / "agent.toml", i_understand=False)
+
+
+async def test_failover_drill_measures_and_records(
+    lab: Lab, cfg_b: AgentConfig, unique: str, tmp_path: Path
+) -> None:
+    from agent.compliance import controls as c
+    from agent.drills.failover import check_allowed, failover_drill
+
+    cfg = cfg_b.model_copy(update={"region": unique, "data_dir": tmp_path})
+    root = check_allowed(cfg, lab.config_path("b"), i_understand=True)
+    log = await EvidenceLog.open(cfg)
+    try:
+        data, entry = await failover_drill(cfg, root, log)
+        entries = (await log.verify()).entries
+    finally:
+        await log.aclose()
+    assert entry["type"] == "drill.failover" and data["ok"]
+    assert 0 < data["rto_seconds"] < 60 and data["committed_rows"] > 0
+    assert {"failure_seen", "promoted", "serving"} <= set(data["timeline"])
+    now = entry["time"] + 1
+    facts = c.Facts(now=now, policy=cfg.policy, streams=[], peers=["a"], entries=entries)
+    result = next(r for r in c.evaluate(facts) if r.control == "failover-tested")
+    assert result.status == "pass" and result.evidence[0]["seq"] == entry["seq"]
