@@ -108,9 +108,13 @@ class Coordinator:
                 tg.create_task(self._every(self.f.heartbeat_interval, self._beat, stop))
                 await self._every(self.f.renew_interval, self.step, stop)
         finally:
-            if self.heartbeat:
-                await self.heartbeat.aclose()
-            await self.lease.aclose()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the database and etcd connections (the lease is left to expire)."""
+        if self.heartbeat:
+            await self.heartbeat.aclose()
+        await self.lease.aclose()
 
     async def _every(
         self, interval: float, job: Callable[[], Awaitable[object]], stop: asyncio.Event

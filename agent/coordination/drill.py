@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,12 @@ import asyncpg
 from agent.config import AgentConfig, parse_config
 from agent.coordination import fencing
 from agent.coordination.coordinator import Coordinator
+from agent.coordination.takeover import promote
 from agent.lab import Lab
 from agent.lab.bind import BindServer
 from agent.lab.netns import Link
 from agent.lab.postgres import OWNER_FILE, PostgresServer, _chown
+from agent.lab.processes import poll
 
 FAST = {
     "automatic": True,
@@ -132,6 +135,7 @@ class Writer:
     dsn: str
     table: str
     every: float = 0.02
+    first_id: int = 1
     committed: list[tuple[int, float]] = field(default_factory=list)
     refused: list[tuple[float, str]] = field(default_factory=list)
 
@@ -144,7 +148,7 @@ class Writer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Write until ``stop``; reconnect after each failure."""
-        next_id = 1
+        next_id = self.first_id
         conn: asyncpg.Connection | None = None
         while not stop.is_set():
             try:
@@ -155,7 +159,7 @@ class Writer:
                     await conn.execute(f"INSERT INTO {self.table} VALUES ($1)", next_id)
                 self.committed.append((next_id, time.time()))
                 next_id += 1
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            except Exception as e:  # a client logs every refusal and reconnects
                 self.refused.append((time.time(), type(e).__name__))
                 if conn is not None:
                     conn.terminate()
@@ -182,8 +186,16 @@ class Drill:
     ``async with Drill(...)`` builds everything and starts the coordinators;
     leaving it stops them, removes the standby and unfences region a."""
 
-    def __init__(self, lab: Lab, name: str, workdir: Path, dns: BindServer | None = None) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        name: str,
+        workdir: Path,
+        dns: BindServer | None = None,
+        failover: dict[str, Any] | None = None,
+    ) -> None:
         self.lab = lab
+        self.failover = failover or {}
         self.name = name
         self.workdir = workdir
         self.dns = dns
@@ -219,11 +231,25 @@ class Drill:
         if self.standby is not None:
             await self.standby.stop()
             self.standby.remove()
+        # region a's cluster is the lab's: leave it a writable primary
+        with contextlib.suppress(Exception):
+            await promote(self.a_dsn)
         with contextlib.suppress(fencing.FencingError):
             await fencing.unfence(self.a_dsn)
 
+    async def ready(self, within: float = 30.0) -> None:
+        """Wait until a holds the lease unfenced and b follows it with a known lag."""
+        a, b = self.coordinators["a"], self.coordinators["b"]
+
+        def steady() -> bool:
+            following = b.view is not None and b.view.leader == "a"
+            return a.writable and following and b.lag is not None
+
+        async with asyncio.timeout(within):
+            await poll(_true(steady), 0.1)
+
     def config(self, region: str, **failover: Any) -> AgentConfig:
-        switches = [self.dns.switch_config()] if self.dns and region == "b" else []
+        switches = [self.dns.switch_config()] if self.dns else []
         if region == "a":
             dsn, probes = self.a_dsn, {"b": [self.b_dsn]}
         else:
@@ -251,7 +277,7 @@ class Drill:
         )
 
     def start(self, region: str, **failover: Any) -> Coordinator:
-        coordinator = Coordinator(self.config(region, **failover))
+        coordinator = Coordinator(self.config(region, **{**self.failover, **failover}))
         stop = asyncio.Event()
         self.coordinators[region] = coordinator
         self.stops[region] = stop
@@ -271,3 +297,61 @@ class Drill:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+
+
+def _true(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def wrapped() -> bool:
+        return check()
+
+    return wrapped
+
+
+async def kill_trial(drill: Drill, within: float = 60.0) -> dict[str, Any]:
+    """Kill region a whole (its coordinator, PostgreSQL, S3 and etcd member) while a
+    client writes to it; wait until b serves; restart region a's servers.
+
+    Returns the failover record of b and the client's view: ``rto_client``
+    (kill → DNS answers b and b's database took a write under the new epoch),
+    ``rpo_client`` (acknowledged commits missing in b, as the time between the
+    last acknowledged commit and the last one b has) and ``lost_rows``."""
+    from agent.lab.bind import ADDRESSES, resolve
+
+    b = drill.coordinators["b"]
+    table = "killed_" + drill.name.replace("-", "_")
+    writer = Writer(drill.a_dsn, table)
+    stop = asyncio.Event()
+    await writer.setup()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(writer.run(stop))
+            await poll(_true(lambda: len(writer.committed) >= 20), 0.05)
+            killed_at = time.time()
+            await drill.kill("a")
+            await drill.lab.fault("a", "all", "kill")
+            stop.set()
+        async with asyncio.timeout(within):
+            await poll(_true(lambda: b.writable and b.last_record is not None), 0.05)
+            if drill.dns is not None:
+                port = drill.dns.port
+
+                async def dns_says_b() -> bool:
+                    return await resolve(port) == [ADDRESSES["b"]]
+
+                await poll(dns_says_b, 0.05)
+        served_at = time.time()
+    finally:
+        await drill.lab.fault("a", "all", "start")
+    present = await present_ids(drill.b_dsn, table)
+    kept = [t for i, t in writer.committed if i in present]
+    lost = [i for i, _ in writer.committed if i not in present]
+    last_ack = writer.committed[-1][1]
+    record = b.last_record or {}
+    return {
+        "record": record,
+        "killed_at": killed_at,
+        "rto_client": round(served_at - killed_at, 3),
+        "rto_from_kill": round(record["timeline"].get("serving", served_at) - killed_at, 3),
+        "rpo_client": round(max(0.0, last_ack - max(kept)) if lost and kept else 0.0, 3),
+        "lost_rows": len(lost),
+        "committed_rows": len(writer.committed),
+    }

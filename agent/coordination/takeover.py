@@ -31,8 +31,55 @@ REPLAY = """
 SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text"""
 
 
+async def until(check: Callable[[], Awaitable[bool]], every: float = 0.05) -> None:
+    """Return once ``check()`` is true, checking every ``every`` seconds (the
+    caller bounds it with ``asyncio.timeout``)."""
+    while True:
+        if await check():
+            return
+        await asyncio.sleep(every)
+
+
 class PromotionError(DragentError):
     """The standby could not be promoted."""
+
+
+class CatchUpError(DragentError):
+    """A standby did not replay up to an LSN in time."""
+
+
+LSN_DONE = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), $1::text::pg_lsn) >= 0"
+
+
+async def current_lsn(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+    finally:
+        await conn.close()
+
+
+async def wait_lsn(dsn: str, lsn: str, within: float) -> None:
+    """Wait until the standby at ``dsn`` has replayed ``lsn``. Raises CatchUpError."""
+    conn = await asyncpg.connect(dsn)
+
+    async def replayed() -> bool:
+        return bool(await conn.fetchval(LSN_DONE, lsn))
+
+    try:
+        async with asyncio.timeout(within):
+            await until(replayed)
+    except TimeoutError:
+        state = await conn.fetchrow(
+            "SELECT pg_last_wal_replay_lsn()::text AS replayed, "
+            "(SELECT status FROM pg_stat_wal_receiver) AS receiver"
+        )
+        raise CatchUpError(
+            f"the standby did not replay {lsn} within {within:g}s "
+            f"(replayed {state['replayed']}, wal receiver {state['receiver'] or 'not running'})"
+        ) from None
+    finally:
+        await conn.close()
 
 
 async def wait_replayed(dsn: str, within: float, settle: float = 0.3) -> str | None:
