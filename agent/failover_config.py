@@ -8,6 +8,7 @@ own probes of the active region failed for ``takeover_after``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -90,6 +91,9 @@ class FailoverConfig(Section):
     fencing: Literal["read-only", "stop"] = "read-only"
     stop_command: list[str] = []
     postgres_dsn: str | None = None
+    postgres_data_dir: Path | None = None
+    postgres_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    postgres_os_user: str | None = None
     heartbeat_interval: PositiveDuration = 0.2
     peer_probes: dict[Name, list[str]] = {}
     switches: list[SwitchConfig] = []
