@@ -123,6 +123,11 @@ async def _newest_versions_won(src: Bucket, dst: Bucket) -> None:
 async def test_kill_9_while_churning_mirror_equals_source(
     lab: Lab, tmp_path: Path, unique: str
 ) -> None:
+    await run_scenario(lab, tmp_path, unique, n=400, n_large=2)
+
+
+@pytest.mark.soak
+async def test_kill_9_soak_1000_objects(lab: Lab, tmp_path: Path, unique: str) -> None:
     await run_scenario(lab, tmp_path, unique, n=1000, n_large=3)
 
 

@@ -127,18 +127,24 @@ class Rig:
 
 async def snapshot(bucket: Bucket, deep: bool = True) -> dict[str, tuple[Any, ...]]:
     """key → (size, content type, user metadata without ours, bytes hash) of a bucket."""
-
     out: dict[str, tuple[Any, ...]] = {}
-    async for page in bucket.scan():
-        for obj in page:
+    sem = asyncio.Semaphore(16)
+
+    async def one(key: str) -> None:
+        async with sem:
             try:
-                head = await bucket.head(obj.key)
-                digest = await bucket.content_hash(obj.key) if deep else ""
+                head = await bucket.head(key)
+                digest = await bucket.content_hash(key) if deep else ""
             except NotFound:
-                continue  # deleted since listed
-            meta = {k: v for k, v in head.metadata.items() if not k.startswith("dragent-")}
-            out[obj.key] = (head.size, head.content_type, meta, digest)
-    return out
+                return  # deleted since listed
+        meta = {k: v for k, v in head.metadata.items() if not k.startswith("dragent-")}
+        out[key] = (head.size, head.content_type, meta, digest)
+
+    async for page in bucket.scan():
+        async with asyncio.TaskGroup() as tg:
+            for obj in page:
+                tg.create_task(one(obj.key))
+    return dict(sorted(out.items()))
 
 
 async def same(src: Bucket, dst: Bucket) -> bool:
