@@ -1,14 +1,14 @@
 """Measured RPO of PostgreSQL WAL shipping, side by side with two baselines, in one run.
 
 Usage: ``python benchmarks/rpo_postgres.py [--seconds 60] [--rate 200] [--json]
-[--lab-dir DIR] [--no-pgbackrest]``
+[--segment-max-age 0.2] [--lab-dir DIR] [--no-pgbackrest]``
 
 A fresh lab (real PostgreSQL 15 and SeaweedFS) runs ``pgbench`` at a fixed rate
 (``-R``) against region a's primary for ``--seconds``. Three shippers take the
 same WAL at the same time:
 
 - **dragent**: the postgres source (a physical slot) sealing segments into
-  region b's vault (segment_max_age 200 ms, 8 MiB), in-process;
+  region b's vault (``--segment-max-age``, default 200 ms; 8 MiB), in-process;
 - **pg_receivewal** to a local directory (``--synchronous``): the floor of
   streaming, with no object store at all;
 - **pgBackRest** ``archive-push`` (Debian ``pgbackrest``) from
@@ -183,7 +183,7 @@ async def _bench(args: argparse.Namespace, lab: Lab, work: Path) -> dict[str, An
     options = PostgresOptions(dsn=Secret(primary, "bench"), slot=SLOT)
     progress = StreamProgress(STREAM, "postgres", "source", "b")
     shipper = Shipper(
-        ShipperSettings(STREAM, "b", 1, 8 << 20, 0.2),
+        ShipperSettings(STREAM, "b", 1, 8 << 20, args.segment_max_age),
         WalSource(options, "b", STREAM),
         Vault(store),
         keys,
@@ -299,6 +299,7 @@ async def _bench(args: argparse.Namespace, lab: Lab, work: Path) -> dict[str, An
     rows["dragent"]["exported_rpo_gauge_p99"] = pct(gauge, 0.99)
     return {
         "seconds": args.seconds,
+        "segment_max_age": args.segment_max_age,
         "rate_tps": args.rate,
         "shippers": rows,
         "pgbackrest": "installed" if backrest else "not available",
@@ -360,7 +361,8 @@ async def _commit_costs(primary: str, store: S3Store, keys: Any, work: Path) -> 
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"pgbench at {result['rate_tps']} tps for {result['seconds']} s "
+    print(f"pgbench at {result['rate_tps']} tps for {result['seconds']} s, dragent "
+          f"segment_max_age {result['segment_max_age']} s "
           f"(pgBackRest: {result['pgbackrest']})")  # fmt: skip
     print(f"{'shipper':<15}{'RPO p50 s':>11}{'p99 s':>9}{'max s':>9}{'beats':>7}{'req/hour':>11}")
     for name, r in result["shippers"].items():
@@ -381,6 +383,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--rate", type=int, default=200, help="pgbench transactions per second")
+    parser.add_argument("--segment-max-age", type=float, default=0.2, help="seconds")
     parser.add_argument("--lab-dir", help="use (and keep) this lab directory")
     parser.add_argument("--no-pgbackrest", action="store_true")
     parser.add_argument("--json", action="store_true")

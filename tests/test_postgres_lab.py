@@ -527,3 +527,45 @@ async def _metrics(url: str) -> str:
 
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
         return await resp.text()
+
+
+async def test_timeline_history_follows_a_promoted_primary(pg: PgRig) -> None:
+    """A standby promoted to primary (timeline 2) streams its history file first; the
+    spool serves it and names the new WAL files on timeline 2."""
+    async with running(pg.shipper()):
+        await take_backup(pg.options, pg.stream.name, pg.store, pg.send_keys)
+    port = free_port()
+    data_dir = pg.workdir / "promoted"
+    pg.clusters.append(data_dir)
+    await restore(
+        pg.options, pg.stream.name, pg.store, pg.recv_keys,
+        target=RestoreTarget(), data_dir=data_dir, port=port,
+    )  # fmt: skip
+    new_primary = f"postgresql://dragent@127.0.0.1:{port}/app"
+    options = pg.options.model_copy(update={"dsn": Secret(new_primary, "test")})
+    name = pg.stream.name + "-tl2"
+    shipper = Shipper(
+        ShipperSettings(name, "b", 1, 8 << 20, 0.1),
+        WalSource(options, "b", name),
+        pg.vault,
+        pg.send_keys,
+        pg.workdir / "tl2-shipped.json",
+        StreamProgress(name, "postgres", "source", "b"),
+        pg.metrics.stream(name, "b"),
+    )
+    async with running(shipper):
+        await execute(new_primary, "CREATE TABLE after_promotion (id int PRIMARY KEY)")
+        end = await current_lsn(new_primary)
+        await eventually(lambda: shipper.end >= end, within=20)
+    spool = WalSpool(pg.workdir / "tl2-spool")
+    sink = Sink(
+        SinkSettings(name, "a"), pg.vault, pg.recv_keys, spool,
+        StreamProgress(name, "postgres", "sink", "vault"), pg.metrics.stream(name, "vault"),
+    )  # fmt: skip
+    await sink.recover()
+    await sink.sync_once(asyncio.Event())
+    out = pg.workdir / "history"
+    assert fetch(spool.directory, "00000002.history", out) == 0
+    assert out.read_bytes().startswith(b"1\t")
+    assert any(p.name.startswith("00000002") for p in spool.directory.iterdir())
+    await execute(new_primary, "SELECT pg_drop_replication_slot('" + str(pg.options.slot) + "')")

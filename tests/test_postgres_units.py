@@ -96,3 +96,13 @@ def test_restore_target_parsing() -> None:
     t = RestoreTarget.parse("2026-11-28T10:00:00")
     assert t.time == 1795860000.0
     assert "recovery_target_time" in t.settings()
+
+
+def test_history_records_travel_without_moving_the_position() -> None:
+    rec = L.pack_history(2, b"1\t0/3000000\tno recovery target specified\n")
+    assert L.unpack_record(rec) == (2, L.HISTORY, rec[12:])
+    recs = [rec, L.pack_record(2, 100, b"ab")]
+    pieces = decode_records(_header(100, 102), recs)
+    assert [p[1] for p in pieces] == [L.HISTORY, 100]
+    with pytest.raises(ValueError):
+        L.unpack_record(L.pack_history(1, b""))

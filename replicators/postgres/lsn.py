@@ -79,6 +79,8 @@ def split_at_boundaries(start: int, data: bytes) -> list[tuple[int, bytes]]:
 
 
 _RECORD_HEAD = struct.Struct(">IQ")
+HISTORY = 0xFFFF_FFFF_FFFF_FFFF
+"""The start LSN that marks a record as a timeline history file, not WAL bytes."""
 
 
 def pack_record(timeline: int, start: int, data: bytes) -> bytes:
@@ -86,12 +88,26 @@ def pack_record(timeline: int, start: int, data: bytes) -> bytes:
     return _RECORD_HEAD.pack(timeline, start) + data
 
 
+def pack_history(timeline: int, content: bytes) -> bytes:
+    """A vault record carrying timeline ``timeline``'s history file."""
+    return _RECORD_HEAD.pack(timeline, HISTORY) + content
+
+
+def history_file_name(timeline: int) -> str:
+    return f"{timeline:08X}.history"
+
+
 def unpack_record(record: bytes) -> tuple[int, int, bytes]:
-    """``pack_record`` reversed. Raises ``ValueError`` on a record that cannot be WAL."""
+    """``pack_record`` / ``pack_history`` reversed (a history record has start
+    ``HISTORY``). Raises ``ValueError`` on a record that cannot be WAL."""
     if len(record) < _RECORD_HEAD.size:
         raise ValueError("WAL record shorter than its header")
     timeline, start = _RECORD_HEAD.unpack_from(record)
     data = record[_RECORD_HEAD.size :]
+    if start == HISTORY:
+        if timeline < 2:
+            raise ValueError(f"history record for timeline {timeline}")
+        return timeline, start, data
     if timeline == 0 or (data and segment_start(start) != segment_start(start + len(data) - 1)):
         raise ValueError(f"WAL record at {format_lsn(start)} crosses a WAL file or has no timeline")
     return timeline, start, data

@@ -5,6 +5,8 @@ Layout of a spool directory (readable by the PostgreSQL OS user, who runs
 
 - ``<WAL file name>``: one 16 MiB file per WAL file, named as PostgreSQL names
   it (timeline-aware), preallocated; bytes are written at their LSN's offset.
+- ``<TLI>.history``: a timeline's history file, shipped by a source that
+  streams from a server on a timeline after 1 (a promoted standby).
 - ``state.json``: the last applied segment, the applied end LSN and timeline.
   ``wal-fetch`` serves bytes only below that end, so bytes written by an apply
   that crashed before recording its state are never served.
@@ -70,6 +72,9 @@ def decode_records(header: SegmentHeader, records: Sequence[bytes]) -> list[tupl
             timeline, start, data = L.unpack_record(record)
         except ValueError as exc:
             raise IntegrityError(str(exc), where=f"segment {header.seq}") from exc
+        if start == L.HISTORY:
+            out.append((timeline, start, data))
+            continue
         if start != expect:
             raise IntegrityError(
                 f"WAL record starts at {L.format_lsn(start)}, expected {L.format_lsn(expect)}",
@@ -105,7 +110,8 @@ class WalSpool:
     async def apply(self, ref: SegmentRef, header: SegmentHeader, records: Sequence[bytes]) -> None:
         """Write the segment's WAL bytes into their files, fsync, then record the state."""
         pieces = decode_records(header, records)
-        timeline = pieces[-1][0] if pieces else int(self._timeline())
+        wal = [p for p in pieces if p[1] != L.HISTORY]
+        timeline = max([p[0] for p in wal], default=self._timeline())
         await asyncio.to_thread(self._write, pieces)
         state = {
             "stream": ref.stream,
@@ -125,6 +131,13 @@ class WalSpool:
         touched: dict[Path, int] = {}
         try:
             for timeline, start, data in pieces:
+                if start == L.HISTORY:
+                    path = self.directory / L.history_file_name(timeline)
+                    fd = touched.get(path) or os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                    touched[path] = fd
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, data, 0)
+                    continue
                 path = self.directory / L.wal_file_name(timeline, start)
                 fd = touched.get(path)
                 if fd is None:

@@ -10,6 +10,8 @@
   is not yet safe, and a synchronous primary waits for exactly that.
 - Changes are WAL byte runs ``[start LSN, end LSN)``; a batch never crosses a
   WAL file boundary, so a vault segment maps onto one WAL file.
+- On a timeline after 1 (a promoted standby), the timeline's history file is
+  sent first, as a record of its own, so standbys and restores can follow it.
 - Source times come from (insert LSN, wall time) samples taken on the primary
   every ``sample_interval``; every ``heartbeat_interval`` a heartbeat message is
   written into the WAL so an idle primary still produces WAL.
@@ -98,6 +100,7 @@ class WalSource:
         self.flush_lag: float | None = None
         self.write_lag: float | None = None
         self._conn: Any = None
+        self._history: bytes | None = None
         self._cursor: Any = None
         self._db: asyncpg.Connection | None = None
         self._buf: deque[tuple[int, bytes, float]] = deque()
@@ -167,6 +170,12 @@ class WalSource:
             cur = conn.cursor()
             cur.execute("IDENTIFY_SYSTEM")
             self.timeline = int(cur.fetchone()[1])
+            self._history = None
+            if self.timeline > 1:
+                cur.execute(f"TIMELINE_HISTORY {self.timeline}")
+                content = cur.fetchone()[1]
+                content = content.encode() if isinstance(content, str) else bytes(content)
+                self._history = L.pack_history(self.timeline, content)
             cur.start_replication(slot_name=self.slot, start_lsn=start, status_interval=1)
             # A synchronous primary counts us only after one feedback with a flush position.
             cur.send_feedback(write_lsn=start, flush_lsn=start, force=True)
@@ -224,6 +233,11 @@ class WalSource:
         batch: list[Change] = []
         size = 0
         first_seen: float | None = None
+        if self._history is not None:
+            # A new timeline's history file travels first, so a standby can follow it.
+            at = self._buf[0][0] if self._buf else self._received
+            batch.append(Change(self._history, at, at, time.time()))
+            self._history = None
         while True:
             self._check_failed()
             await self._housekeeping()
