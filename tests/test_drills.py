@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -9,15 +10,29 @@ import pytest
 
 from agent.compliance.controls import DRILL_RESTORE
 from agent.config import AgentConfig, StreamConfig, SyntheticOptions
+from agent.configbase import Secret
 from agent.drills import restore_drill, run_restore_drill
+from agent.drills.postgres import SCRATCH_ROOT
 from agent.evidence import EvidenceLog
 from agent.lab import Lab
 from agent.policy_config import PolicyConfig
 from replicators.keys import build_key_provider
+from replicators.postgres.options import PostgresOptions
 from replicators.s3 import S3Store
 from replicators.segment import seal
 from replicators.synthetic import make_record
 from replicators.vault import SegmentRef, Vault
+from tests.support import eventually
+from tests.test_postgres_lab import (  # the postgres kind's lab rig, reused as is
+    PgRig,
+    current_lsn,
+    execute,
+    free_port,
+    insert_range,
+    pg,  # noqa: F401 - a fixture
+    running,
+    table_of,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -153,3 +168,47 @@ async def test_failover_drill_measures_and_records(
     facts = c.Facts(now=now, policy=cfg.policy, streams=[], peers=["a"], entries=entries)
     result = next(r for r in c.evaluate(facts) if r.control == "failover-tested")
     assert result.status == "pass" and result.evidence[0]["seq"] == entry["seq"]
+
+
+async def test_postgres_restore_drill_compares_with_the_standby(
+    pg: PgRig,  # noqa: F811 - the fixture imported above
+    cfg_b: AgentConfig,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    """A postgres stream: PITR into a scratch cluster, Merkle-compared with b's standby."""
+    from replicators.postgres import standby
+    from replicators.postgres.basebackup import take_backup
+
+    table, primary = table_of(pg), pg.lab.pg_dsn("a")
+    await execute(primary, f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+    shipper, sink = pg.shipper(), pg.sink()
+    port = free_port()
+    standby_dir = pg.workdir / "standby"
+    async with running(shipper, sink):
+        await insert_range(primary, table, 0, 300)
+        await take_backup(pg.options, pg.stream.name, pg.store, pg.send_keys)
+        await insert_range(primary, table, 300, 500)
+        pg.clusters.append(standby_dir)
+        await standby.init_standby(
+            pg.options, pg.stream.name, pg.store, pg.recv_keys,
+            data_dir=standby_dir, port=port, spool=pg.workdir / "spool",
+        )  # fmt: skip
+        end = await current_lsn(primary)
+        await eventually(lambda: shipper.end >= end, within=30)
+        options = PostgresOptions(
+            dsn=Secret(f"postgresql://dragent@127.0.0.1:{port}/app", "test"),
+            verify_tables=[f"public.{table}"],
+        )
+        stream = StreamConfig(name=pg.stream.name, kind="postgres", postgres=options)
+        cfg = cfg_b.model_copy(update={"region": unique, "data_dir": tmp_path, "streams": [stream]})
+        report = await restore_drill(cfg)
+    result = report["streams"][0]
+    assert report["ok"] and report["equal"], report["differences"]
+    assert result["method"] == "postgres-pitr" and result["records"] == 500
+    assert (
+        result["tables"][f"public.{table}"]["restored"]
+        == (result["tables"][f"public.{table}"]["source"])
+    )
+    assert {"restore", "verify", "teardown"} <= set(report["phases"])
+    assert not any(SCRATCH_ROOT.glob(f"*-{os.getpid()}"))

@@ -1,6 +1,8 @@
 """The restore drill: a cold restore from this region's vault into scratch copies, timed.
 
-For every stream whose segments this region's vault holds, the drill reads
+A ``postgres`` stream is restored as a running cluster and compared table by
+table with this region's standby (``agent/drills/postgres.py``). For every
+other stream whose segments this region's vault holds, the drill reads
 the segments in log order (all, or those sealed up to ``--at``), opens each
 with full verification (authentication, Merkle root, name against header),
 checks continuity (next seq, start where the previous ended), and writes the
@@ -24,6 +26,7 @@ job (``run_restore_drill`` does both).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -64,10 +67,12 @@ class StreamResult:
     equal: bool = False
     problem: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    tables: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.problem is None and self.equal and self.segments > 0
+        restored = self.segments > 0 or self.method == "postgres-pitr"
+        return self.problem is None and self.equal and restored
 
 
 class _Clock:
@@ -143,6 +148,14 @@ async def _restore_stream(
     at: float | None,
 ) -> StreamResult:
     result = StreamResult(stream.name, stream.kind)
+    if stream.kind == "postgres" and stream.postgres is not None:
+        from agent.drills.postgres import restore_and_compare
+
+        drill_id = f"{scratch_dir.name}-{os.getpid()}"
+        await restore_and_compare(
+            stream, vault.store, keys, drill_id=drill_id, at=at, result=result
+        )
+        return result
     scratch = SyntheticTarget(scratch_dir / stream.name)
     clock = _Clock()
     t = time.monotonic()
