@@ -302,7 +302,7 @@ async def _bench(args: argparse.Namespace, lab: Lab, work: Path) -> dict[str, An
         "segment_max_age": args.segment_max_age,
         "rate_tps": args.rate,
         "shippers": rows,
-        "pgbackrest": "installed" if backrest else "not available",
+        "pgbackrest": "used" if backrest else "skipped" if args.no_pgbackrest else "not installed",
         "commit_latency_ms": commit,
     }
 

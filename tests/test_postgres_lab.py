@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 
 from agent.agentproc import AgentProcess
-from agent.config import AgentConfig, StreamConfig
+from agent.config import AgentConfig, StreamConfig, load_config
 from agent.configbase import Secret
 from agent.lab import Lab
 from agent.supervise import StreamTask, run_stream
@@ -38,6 +38,7 @@ from replicators.postgres import lsn as L
 from replicators.postgres import standby
 from replicators.postgres.basebackup import take_backup
 from replicators.postgres.guard import SyncGuard
+from replicators.postgres.kind import verify as kind_verify
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.restore import RestoreTarget, restore
 from replicators.postgres.spool import WalSpool
@@ -437,13 +438,20 @@ async def test_verify_equal_roots_then_names_the_changed_key_range(pg: PgRig) ->
     )  # fmt: skip
     copy = f"postgresql://dragent@127.0.0.1:{port}/app"
     qualified = f"public.{table}"
-    same = await compare(primary, copy, [qualified])
-    assert same["ok"] and same["differences"] == []
-    assert same["roots"][f"{qualified}@primary"] == same["roots"][f"{qualified}@copy"]
-    assert same["counts"][f"{qualified}@copy"] == 5000
+    stream = pg.stream.model_copy(
+        update={
+            "postgres": pg.options.model_copy(
+                update={"verify_dsn": Secret(copy, "test"), "verify_tables": [qualified]}
+            )
+        }
+    )
+    same = await kind_verify(stream, load_config(pg.lab.config_path("a")))
+    assert same["ok"] and same["differences"] == [] and same["stream"] == pg.stream.name
+    assert same["roots"]["primary"] == same["roots"]["copy"]
+    assert same["tables"][qualified]["copy"]["rows"] == same["counts"]["copy"] == 5000
     await execute(copy, f"UPDATE {table} SET v = 'changed' WHERE id = 3210")
     report = await compare(primary, copy, [qualified])
-    assert not report["ok"]
+    assert not report["ok"] and report["roots"]["primary"] != report["roots"]["copy"]
     [diff] = report["differences"]
     assert diff["lo"] <= 3210 <= diff["hi"] and diff["hi"] - diff["lo"] < 64
     assert report["range_queries"] < 100  # descended only into the differing ranges

@@ -23,6 +23,7 @@ usable primary key (the report lists such tables as skipped instead).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -164,8 +165,7 @@ async def compare(
             await _wait_replayed(c, primary_lsn, catch_up_within)
         _, copy_lsn = await _lsn_state(c)
         names = tables or await list_tables(p)
-        roots: dict[str, str] = {}
-        counts: dict[str, int] = {}
+        per_table: dict[str, dict[str, Any]] = {}
         differences: list[dict[str, Any]] = []
         skipped: list[str] = []
         queries = 0
@@ -175,16 +175,15 @@ async def compare(
                 skipped.append(table)
                 continue
             ha, hb = TableHasher(p, table, key), TableHasher(c, table, key)
-            ba, bb = await ha.bounds(), await hb.bounds()
-            if ba is None and bb is None:
-                roots[f"{table}@primary"] = roots[f"{table}@copy"] = "0" * 16
-                counts[f"{table}@primary"] = counts[f"{table}@copy"] = 0
-                continue
-            lo = min(x[0] for x in (ba, bb) if x)
-            hi = max(x[1] for x in (ba, bb) if x)
+            bounds = [b for b in (await ha.bounds(), await hb.bounds()) if b is not None]
+            lo = min((b[0] for b in bounds), default=0)
+            hi = max((b[1] for b in bounds), default=0)
             ra, rb = await asyncio.gather(ha.node(lo, hi), hb.node(lo, hi))
-            roots[f"{table}@primary"], roots[f"{table}@copy"] = _hex(ra), _hex(rb)
-            counts[f"{table}@primary"], counts[f"{table}@copy"] = ra.count, rb.count
+            per_table[table] = {
+                "key": key,
+                "primary": {"root": _hex(ra), "rows": ra.count},
+                "copy": {"root": _hex(rb), "rows": rb.count},
+            }
             found = await diff_ranges(ha, hb, lo, hi)
             if standby and found:
                 found = await _recheck(p, c, ha, hb, found, catch_up_within)
@@ -201,16 +200,25 @@ async def compare(
         "at": {"primary_lsn": primary_lsn, "copy_lsn": copy_lsn, "copy_is_standby": standby},
         "ok": ok,
         "summary": (
-            f"{len(roots) // 2} tables equal"
+            f"{len(per_table)} tables equal"
             if ok
-            else f"{len(differences)} differing key ranges in {len(roots) // 2} tables"
+            else f"{len(differences)} differing key ranges in {len(per_table)} tables"
         ),
-        "roots": roots,
-        "counts": counts,
+        "roots": {side: _combined(per_table, side) for side in ("primary", "copy")},
+        "counts": {
+            side: sum(t[side]["rows"] for t in per_table.values()) for side in ("primary", "copy")
+        },
+        "tables": per_table,
         "differences": differences,
         "skipped_tables": skipped,
         "range_queries": queries,
     }
+
+
+def _combined(per_table: dict[str, dict[str, Any]], side: str) -> str:
+    """One root per side over every table: SHA-256 of the sorted (table, root, rows)."""
+    lines = [f"{t}\t{v[side]['root']}\t{v[side]['rows']}" for t, v in sorted(per_table.items())]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 async def _recheck(
