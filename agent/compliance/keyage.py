@@ -15,6 +15,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.configbase import KeysConfig
 
@@ -54,3 +55,9 @@ def key_ages(keys: dict[str, KeysConfig]) -> dict[str, tuple[str | None, float |
         key_id = current_key_id(cfg)
         out[name] = (key_id, created_at(key_id) if key_id else None)
     return out
+
+
+def named_keys(cfg: Any) -> dict[str, KeysConfig]:
+    """The KEKs an agent uses, by metric label: ``kek`` (its own: what it unwraps with)
+    and ``kek-<peer>`` (what it wraps with for each destination)."""
+    return {"kek": cfg.keys, **{f"kek-{p.name}": p.keys for p in cfg.peers}}

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from agent import logs
 from agent.compliance import controls as c
-from agent.compliance.keyage import key_ages
+from agent.compliance.keyage import key_ages, named_keys
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog
 from replicators.errors import DragentError
@@ -132,8 +132,7 @@ class ComplianceMonitor:
 
     async def record_keys(self, now: float) -> None:
         """Append a ``key.rotation`` entry for every key whose current version is new."""
-        named = {self.cfg.region: self.cfg.keys, **{p.name: p.keys for p in self.cfg.peers}}
-        self.keys = key_ages(named)
+        self.keys = key_ages(named_keys(self.cfg))
         seen = {
             (e["data"].get("key"), e["data"].get("key_id"))
             for e in self._own
@@ -305,6 +304,11 @@ class ComplianceCollector(Collector):
         every = GaugeMetricFamily(
             "dragent_drill_interval_seconds", "Drill interval from the policy.", labels=["drill"]
         )
+        duration = GaugeMetricFamily(
+            "dragent_drill_last_duration_seconds",
+            "Measured RTO of the last drill, by drill.",
+            labels=["drill"],
+        )
         drills = {
             "restore": ((c.DRILL_RESTORE,), policy.drill_every),
             "failover": (c.FAILOVER_KINDS, max(c.YEAR, policy.drill_every)),
@@ -314,8 +318,13 @@ class ComplianceCollector(Collector):
             when = m.last_success(kinds)
             if m.evaluated_at is not None:
                 last.add_metric([name], when or 0.0)
+            latest = c.of_type(m.entries(), *kinds)
+            rto = latest[-1]["data"].get("rto_seconds") if latest else None
+            if isinstance(rto, int | float):
+                duration.add_metric([name], float(rto))
         yield last
         yield every
+        yield duration
 
     def _keys(self) -> Iterator[Metric]:
         m = self.monitor

@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.compliance import controls as c
-from agent.compliance.keyage import key_ages
+from agent.compliance.keyage import key_ages, named_keys
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog, digest, entry_key
 from agent.evidence.chain import check_chain
@@ -63,7 +63,7 @@ async def compliance_report(
     now = time.time() if now is None else now
     entries, heads = await read_all(cfg)
     upto = [e for e in entries if float(e["time"]) <= end]
-    keys = key_ages({cfg.region: cfg.keys, **{p.name: p.keys for p in cfg.peers}})
+    keys = key_ages(named_keys(cfg))
     own = heads.get(cfg.region, {})
     facts = c.Facts(
         now=min(end, now),
