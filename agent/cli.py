@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     from agent import cli_dr
 
     cli_dr.register(sub)
+    from agent import cli_verify
+
+    cli_verify.register(sub)
     from agent import cli_failover
 
     cli_failover.register(sub)

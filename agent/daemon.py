@@ -25,10 +25,12 @@ from agent import logs
 from agent.collector import ProgressCollector
 from agent.compliance.monitor import ComplianceMonitor
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.coordination.coordinator import Coordinator
 from agent.http import HttpServer, StatusSource, build_app
 from agent.streams import EPOCH, build_tasks
 from agent.supervise import StreamTask, run_stream
 from agent.systemd import Notifier
+from agent.verifyjobs import VerifyJobs
 from replicators.metrics import Metrics
 from replicators.postgres.pgmetrics import COLLECTOR as PG_COLLECTOR
 from replicators.wrappers import StoreMetrics
@@ -49,12 +51,13 @@ class Agent(StatusSource):
         self._signals = 0
         self.notifier = Notifier()
         self.log = logs.get("agent", region=cfg.region)
+        self.coordinator = Coordinator(cfg) if cfg.failover.enabled else None
         self.registry.register(
             ProgressCollector(
                 cfg.region,
                 lambda: self.tasks,
-                lambda: self.cfg.role,
-                lambda: EPOCH,
+                lambda: self._effective().role,
+                lambda: self._epoch(),
                 lambda: self.cfg.policy,
             )
         )
@@ -74,8 +77,9 @@ class Agent(StatusSource):
         now = time.time()
         return {
             "region": self.cfg.region,
-            "role": self.cfg.role,
-            "epoch": EPOCH,
+            "role": self._effective().role,
+            "epoch": self._epoch(),
+            "failover": self.coordinator.status() if self.coordinator else None,
             "generation": self.generation,
             "uptime_seconds": round(now - self.started_at, 3),
             "streams": [
@@ -110,6 +114,35 @@ class Agent(StatusSource):
             self._force.set()
         self._events.put_nowait("stop")
 
+    def _effective(self) -> AgentConfig:
+        """The configuration with the role the coordinator decided, if there is one."""
+        return self.coordinator.effective(self.cfg) if self.coordinator else self.cfg
+
+    def _epoch(self) -> int:
+        return self.coordinator.epoch if self.coordinator else EPOCH
+
+    async def _follow_role(self, coordinator: Coordinator) -> None:
+        """Each role or epoch change rebuilds the streams, like a reload."""
+        while True:
+            role, epoch = await coordinator.role_changed()
+            self.log.info("role from the coordinator", role=role, epoch=epoch)
+            self._events.put_nowait("role")
+
+    async def _start_coordinator(
+        self, tg: asyncio.TaskGroup, stop: asyncio.Event
+    ) -> asyncio.Task[None] | None:
+        """Start the coordinator, wait (up to a lease TTL) for its first decision;
+        return the task that follows its role changes (to cancel at the end)."""
+        if self.coordinator is None:
+            return None
+        tg.create_task(self.coordinator.run(stop))
+        try:
+            async with asyncio.timeout(self.cfg.failover.lease_ttl):
+                await self.coordinator.wait_decided()
+        except TimeoutError:
+            self.log.warning("no failover decision yet: starting passive")
+        return tg.create_task(self._follow_role(self.coordinator))
+
     def request_reload(self) -> None:
         self._events.put_nowait("reload")
 
@@ -123,14 +156,20 @@ class Agent(StatusSource):
     async def run(self) -> int:
         self._install_signals()
         token = self.cfg.http.token.reveal() if self.cfg.http.token else None
-        server = HttpServer(self.cfg.http, build_app(self, self.registry, token))
+        app = build_app(self, self.registry, token, VerifyJobs(lambda: self.cfg))
+        server = HttpServer(self.cfg.http, app)
         await server.start()
         self.log.info("http listening", listen=self.cfg.http.listen)
         try:
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(self._watchdog())
                 compliance = tg.create_task(self.compliance.run(asyncio.Event()))
+                coordination = asyncio.Event()
+                follower = await self._start_coordinator(tg, coordination)
                 code = await self._generations()
+                coordination.set()
+                if follower is not None:
+                    follower.cancel()
                 watchdog.cancel()
                 compliance.cancel()
         finally:
@@ -143,7 +182,7 @@ class Agent(StatusSource):
         while True:
             self.generation += 1
             stop = asyncio.Event()
-            gen = asyncio.create_task(self._generation(self.cfg, stop))
+            gen = asyncio.create_task(self._generation(self._effective(), stop))
             event = await self._next_event(gen)
             stop.set()
             drained = await self._drain(gen)
@@ -162,6 +201,8 @@ class Agent(StatusSource):
             event = getter.result()
             if event == "stop":
                 return "stop"
+            if event == "role":
+                return "reload"
             self.notifier.reloading()
             if self._reload():
                 return "reload"
@@ -206,7 +247,9 @@ class Agent(StatusSource):
 
     async def _generation(self, cfg: AgentConfig, stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            self.tasks = await build_tasks(cfg, self.metrics, stack, self.store_metrics)
+            self.tasks = await build_tasks(
+                cfg, self.metrics, stack, self.store_metrics, epoch=self._epoch()
+            )
             self.notifier.ready(self._summary())
             self.log.info("streams starting", role=cfg.role, streams=[t.name for t in self.tasks])
             async with asyncio.TaskGroup() as tg:

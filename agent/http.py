@@ -1,24 +1,46 @@
-"""The agent's HTTP endpoint (aiohttp): /metrics, /healthz, /readyz, /status.
+"""The agent's HTTP endpoint (aiohttp): /metrics, /healthz, /readyz, /status, the status
+page and the verification API.
 
-``/metrics`` and ``/healthz`` are open (Prometheus and probes); everything
-else needs ``Authorization: Bearer <token>`` when a token is configured. TLS
-is on when a certificate is configured, and client certificates are required
-when a client CA is configured.
+``/metrics`` and ``/healthz`` are open (Prometheus and probes), and so is the
+status page ``/`` (it holds no data: its script polls ``/status`` with the
+token from the URL fragment); everything else needs ``Authorization: Bearer
+<token>`` when a token is configured. TLS is on when a certificate is
+configured, and client certificates are required when a client CA is
+configured.
+
+API (when the app is given a ``VerifyJobs``):
+
+- ``POST /api/v1/verify/{stream}`` (``?deep=1``) queues a verification and
+  answers 202 ``{"id", "state", "report_url"}``; 404 for an unknown stream,
+  501 if its kind has no verification.
+- ``GET /api/v1/reports/{id}``: 202 with the job while it runs; 200 with the
+  signed report when done (JSON, or HTML when the ``Accept`` header prefers
+  ``text/html``, Markdown for ``text/markdown``); 500 with the error if the
+  verification could not run; 404 for an unknown id.
+- ``GET /api/v1/reports``: every kept job, newest first.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ssl
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from agent.config import HttpConfig
+from agent.statuspage import PAGE, RpoHistory, local_alerts
+from agent.verifyjobs import Job, VerifyJobs, VerifyUnavailable
+from verifiers.report import to_html, to_markdown
 
-OPEN_PATHS = frozenset({"/metrics", "/healthz"})
+OPEN_PATHS = frozenset({"/metrics", "/healthz", "/"})
+SAMPLE_EVERY = 1.0
+DRILLS = ("restore", "failover")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -53,9 +75,17 @@ def _auth_middleware(token: str | None) -> Any:
 
 
 def build_app(
-    source: StatusSource, registry: CollectorRegistry, token: str | None
+    source: StatusSource,
+    registry: CollectorRegistry,
+    token: str | None,
+    jobs: VerifyJobs | None = None,
 ) -> web.Application:
+    """The endpoint's application. With ``jobs``, the verification API is served,
+    ``jobs.collector`` is registered on ``registry`` and ``jobs.serve()`` runs for the
+    life of the app, as does the RPO history sampler."""
     app = web.Application(middlewares=[_auth_middleware(token)])
+    history = RpoHistory()
+    drills: dict[str, float] = {}
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -70,13 +100,139 @@ def build_app(
         return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(source.status())
+        body = source.status()
+        verifications = (
+            {k: j.summary() for k, j in jobs.latest().items()} if jobs is not None else {}
+        )
+        body.setdefault("verifications", verifications)
+        body.setdefault("drills", dict(drills))
+        body.setdefault("rpo_history", history.series())
+        body.setdefault("alerts", local_alerts(body, verifications))
+        return web.json_response(body)
 
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html", charset="utf-8")
+
+    async def background(_: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_background(source, registry, history, drills, jobs))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(background)
+    app.router.add_get("/", page)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    if jobs is not None:
+        registry.register(jobs.collector)
+        _add_api(app, jobs)
     return app
+
+
+async def _background(
+    source: StatusSource,
+    registry: CollectorRegistry,
+    history: RpoHistory,
+    drills: dict[str, float],
+    jobs: VerifyJobs | None,
+) -> None:
+    """The app's own tasks, owned by one TaskGroup: the RPO sampler and the verify jobs."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(_sample(source, registry, history, drills))
+        if jobs is not None:
+            tg.create_task(jobs.serve())
+
+
+async def _sample(
+    source: StatusSource,
+    registry: CollectorRegistry,
+    history: RpoHistory,
+    drills: dict[str, float],
+) -> None:
+    """Every second, one RPO/lag sample per stream; every ten, the drill times."""
+    tick = 0
+    while True:
+        try:
+            history.add(time.time(), source.status())
+            if tick % 10 == 0:
+                drills.update(_drill_times(registry))
+        except Exception:  # a status that fails now must not end the sampling for good
+            pass
+        tick += 1
+        await asyncio.sleep(SAMPLE_EVERY)
+
+
+def _drill_times(registry: CollectorRegistry) -> dict[str, float]:
+    out = {}
+    for drill in DRILLS:
+        value = registry.get_sample_value(
+            "dragent_drill_last_success_timestamp_seconds", {"drill": drill}
+        )
+        if value:
+            out[drill] = value
+    return out
+
+
+def _add_api(app: web.Application, jobs: VerifyJobs) -> None:
+    async def start_verify(request: web.Request) -> web.Response:
+        deep = request.query.get("deep", "") in ("1", "true", "yes")
+        try:
+            job = jobs.submit(request.match_info["stream"], deep=deep)
+        except VerifyUnavailable as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
+        return web.json_response(
+            {"id": job.id, "state": job.state, "report_url": f"/api/v1/reports/{job.id}"},
+            status=202,
+        )
+
+    async def report(request: web.Request) -> web.Response:
+        job = jobs.get(request.match_info["id"])
+        if job is None:
+            return web.json_response({"error": "no such report"}, status=404)
+        return _report_response(job, request.headers.get("Accept", ""))
+
+    async def reports(_: web.Request) -> web.Response:
+        return web.json_response({"reports": [j.summary() for j in jobs.jobs()]})
+
+    app.router.add_post("/api/v1/verify/{stream}", start_verify)
+    app.router.add_get("/api/v1/reports", reports)
+    app.router.add_get("/api/v1/reports/{id}", report)
+
+
+def _report_response(job: Job, accept: str) -> web.Response:
+    if job.state == "failed":
+        return web.json_response(job.summary(), status=500)
+    if job.report is None:
+        return web.json_response(job.summary(), status=202)
+    wanted = preferred_type(accept)
+    if wanted == "text/html":
+        return web.Response(text=to_html(job.report), content_type="text/html", charset="utf-8")
+    if wanted == "text/markdown":
+        return web.Response(
+            text=to_markdown(job.report), content_type="text/markdown", charset="utf-8"
+        )
+    return web.json_response(job.report)
+
+
+def preferred_type(accept: str) -> str:
+    """``text/html``, ``text/markdown`` or ``application/json`` from an Accept header:
+    the offered type with the highest q, the earliest on a tie; JSON by default."""
+    best, best_q = "application/json", 0.0
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            if param.startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        if media in ("text/html", "text/markdown", "application/json") and q > best_q:
+            best, best_q = media, q
+    return best
 
 
 def ssl_context(cfg: HttpConfig) -> ssl.SSLContext | None:

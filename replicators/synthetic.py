@@ -24,6 +24,7 @@ from replicators import checkpoint
 from replicators.errors import IntegrityError
 from replicators.segment import SegmentHeader
 from replicators.stream import Applied, Change
+from replicators.synthetic_verify import verify as verify  # the kind's on-demand check
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig, PeerConfig, StreamConfig
