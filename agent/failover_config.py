@@ -79,7 +79,8 @@ SwitchConfig = Annotated[
 class FailoverConfig(Section):
     """Automatic failover settings (leader lease, fencing, guard rails, switches)."""
 
-    automatic: bool = False
+    enabled: bool = False  # the agent runs the coordinator (lease, fencing, probes)
+    automatic: bool = False  # ... and takes over by itself when the rules allow
     lease_ttl: PositiveDuration = 10.0
     renew_interval: PositiveDuration = 1.0
     fence_after: PositiveDuration = 6.0

@@ -21,7 +21,7 @@ from replicators.sink import Sink, SinkSettings
 from replicators.vault import Vault
 from replicators.wrappers import StoreMetrics, build_store
 
-EPOCH = 1  # fixed until the coordination layer hands out epochs
+EPOCH = 1  # without a coordinator ([failover] enabled = false) the epoch is fixed
 
 
 async def _keys(stack: AsyncExitStack, provider: KeyProvider) -> KeyProvider:
@@ -34,8 +34,10 @@ async def build_tasks(
     metrics: Metrics,
     stack: AsyncExitStack,
     store_metrics: StoreMetrics | None = None,
+    epoch: int = EPOCH,
 ) -> list[StreamTask]:
-    """Open every store and key provider the role needs (closed by ``stack``)."""
+    """Open every store and key provider the role needs (closed by ``stack``).
+    ``epoch`` is the fencing token written into every segment shipped."""
     tasks: list[StreamTask] = []
     streams_dir = cfg.data_dir / "streams"
     if cfg.role == "active":
@@ -48,7 +50,7 @@ async def build_tasks(
                 settings = ShipperSettings(
                     stream=s.name,
                     destination=peer.name,
-                    epoch=EPOCH,
+                    epoch=epoch,
                     segment_max_bytes=int(s.segment_max_bytes),
                     segment_max_age=s.segment_max_age,
                 )

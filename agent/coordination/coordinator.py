@@ -67,6 +67,7 @@ class Coordinator:
         self.last_heartbeat: float | None = None
         self.lag: float | None = None
         self._changed = asyncio.Event()
+        self._decided = asyncio.Event()
         self._pages = logs.RateLimited(PAGE_EVERY)
         self._warnings = logs.RateLimited(30.0)
         self.log = logs.get("failover", region=cfg.region)
@@ -77,6 +78,16 @@ class Coordinator:
         await self._changed.wait()
         self._changed.clear()
         return self.role, self.epoch
+
+    async def wait_decided(self) -> None:
+        """Wait until the first decision cycle ran (the role is known); the caller
+        bounds it with ``asyncio.timeout`` and starts passive if it expires."""
+        await self._decided.wait()
+
+    def effective(self, cfg: AgentConfig) -> AgentConfig:
+        """``cfg`` with the role this coordinator decided (the file's role only
+        says which region bootstraps the lease)."""
+        return cfg.model_copy(update={"role": self.role})
 
     @property
     def writable(self) -> bool:
@@ -174,6 +185,7 @@ class Coordinator:
         self.decision = decision
         for action in decision.actions:
             await self._act(action)
+        self._decided.set()
         return decision
 
     async def _act(self, action: Action) -> None:
@@ -348,8 +360,11 @@ class Coordinator:
 
     async def _lag(self, leader: str | None) -> float | None:
         """How much of the leader's WAL this region lacks, in seconds of heartbeats:
-        the leader's last heartbeat seen by the probes minus the last one replayed here."""
-        if self.heartbeat is None or not leader or leader == self.region:
+        the leader's last heartbeat seen by the probes minus the last one replayed here.
+        A region without a database (``postgres_dsn`` unset) has no lag to gate on: 0."""
+        if self.heartbeat is None:
+            return 0.0
+        if not leader or leader == self.region:
             return None
         primary = self.peers.last_heartbeat.get(leader)
         try:
