@@ -30,6 +30,7 @@ from agent.http import HttpServer, StatusSource, build_app
 from agent.streams import EPOCH, build_tasks
 from agent.supervise import StreamTask, run_stream
 from agent.systemd import Notifier
+from agent.verifyjobs import VerifyJobs
 from replicators.metrics import Metrics
 from replicators.postgres.pgmetrics import COLLECTOR as PG_COLLECTOR
 from replicators.wrappers import StoreMetrics
@@ -155,7 +156,8 @@ class Agent(StatusSource):
     async def run(self) -> int:
         self._install_signals()
         token = self.cfg.http.token.reveal() if self.cfg.http.token else None
-        server = HttpServer(self.cfg.http, build_app(self, self.registry, token))
+        app = build_app(self, self.registry, token, VerifyJobs(lambda: self.cfg))
+        server = HttpServer(self.cfg.http, app)
         await server.start()
         self.log.info("http listening", listen=self.cfg.http.listen)
         try:
