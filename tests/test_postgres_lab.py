@@ -32,6 +32,7 @@ from agent.config import AgentConfig, StreamConfig, load_config
 from agent.configbase import Secret
 from agent.lab import Lab
 from agent.supervise import StreamTask, run_stream
+from replicators.errors import SourceError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
 from replicators.postgres import lsn as L
@@ -577,3 +578,33 @@ async def test_timeline_history_follows_a_promoted_primary(pg: PgRig) -> None:
     assert out.read_bytes().startswith(b"1\t")
     assert any(p.name.startswith("00000002") for p in spool.directory.iterdir())
     await execute(new_primary, "SELECT pg_drop_replication_slot('" + str(pg.options.slot) + "')")
+
+
+async def test_slot_retention_warns_and_an_invalidated_slot_is_a_clear_error(
+    pg: PgRig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    primary = pg.lab.pg_dsn("a")
+    options = pg.options.model_copy(update={"slot_warn_bytes": 1})
+    source = WalSource(options, "b", pg.stream.name)
+    await source.resume(0)
+    await source.aclose()  # the slot stays, nobody streams: it retains WAL
+    conn = await asyncpg.connect(primary)
+    try:
+        await conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '32MB'")
+        await conn.execute("SELECT pg_reload_conf()")
+        for _ in range(10):  # 160 MiB of WAL files past the slot (wal_keep_size is 64MB)
+            await conn.execute("SELECT pg_logical_emit_message(false, 'fill', 'x')")
+            await conn.execute("SELECT pg_switch_wal()")
+        source = WalSource(options, "b", pg.stream.name)
+        await source.resume(0)  # still valid: retained WAL reported and warned about
+        await source._check_slot()
+        assert source.retained_bytes > 32 << 20
+        assert "slot retains too much WAL" in "".join(capsys.readouterr())
+        await source.aclose()
+        await conn.execute("CHECKPOINT")  # the checkpoint invalidates the slot
+        with pytest.raises(SourceError, match="invalidated"):
+            await WalSource(options, "b", pg.stream.name).resume(0)
+    finally:
+        await conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        await conn.execute("SELECT pg_reload_conf()")
+        await conn.close()
