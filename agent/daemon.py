@@ -52,6 +52,8 @@ class Agent(StatusSource):
         self.notifier = Notifier()
         self.log = logs.get("agent", region=cfg.region)
         self.coordinator = Coordinator(cfg) if cfg.failover.enabled else None
+        if self.coordinator is not None:
+            self.registry.register(self.coordinator.collector())
         self.registry.register(
             ProgressCollector(
                 cfg.region,

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 import tomli_w
@@ -96,6 +97,10 @@ async def test_killed_active_agent_passive_takes_over_and_ships(
     await eventually(steady, within=30)
     sa = await a.status()
     assert failover(sa)["holding_lease"] and any("->b" in s["task"] for s in sa["streams"])
+    async with aiohttp.ClientSession() as session, session.get(f"{a.url}/metrics") as r:
+        metrics = await r.text()
+    assert "dragent_failover_lease_held 1.0" in metrics
+    assert 'dragent_failover_peer_up{peer="b"} 1.0' in metrics
 
     await a.kill()
 

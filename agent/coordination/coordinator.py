@@ -31,6 +31,7 @@ from agent.coordination.takeover import Takeover
 from agent.switch.base import build_switch
 
 PAGE_EVERY = 300.0
+READINESS_EVERY = 15.0
 
 
 class Coordinator:
@@ -66,6 +67,7 @@ class Coordinator:
         self.last_record: dict[str, Any] | None = None
         self.last_heartbeat: float | None = None
         self.lag: float | None = None
+        self.readiness: dict[str, dict[str, Any]] = {}
         self._changed = asyncio.Event()
         self._decided = asyncio.Event()
         self._pages = logs.RateLimited(PAGE_EVERY)
@@ -107,6 +109,7 @@ class Coordinator:
             "peers": self.peers.view(),
             "last_heartbeat": self.last_heartbeat,
             "lag_seconds": self.lag,
+            "readiness": self.readiness,
             "last_failover": self.last_record,
         }
 
@@ -117,6 +120,7 @@ class Coordinator:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._every(self.f.probe_interval, self._probe, stop))
                 tg.create_task(self._every(self.f.heartbeat_interval, self._beat, stop))
+                tg.create_task(self._every(READINESS_EVERY, self._check_readiness, stop))
                 await self._every(self.f.renew_interval, self.step, stop)
         finally:
             await self.aclose()
@@ -375,6 +379,33 @@ class Coordinator:
             return None
         return max(0.0, primary - local)
 
+    async def _check_readiness(self) -> None:
+        """Can this region take over now? Separate from health: nothing here
+        triggers a failover. Checks: etcd answers, the standby replays (or this
+        is the primary), lag within ``max_lag``, each switch's credentials."""
+        out: dict[str, dict[str, Any]] = {}
+        out["etcd"] = _result(self.view is not None and self.decision is not None, "")
+        if self.f.postgres_dsn:
+            out["database"] = await _db_readiness(self.f.postgres_dsn)
+            lag_ok = self.role == "active" or (self.lag is not None and self.lag <= self.f.max_lag)
+            out["lag"] = _result(lag_ok, f"lag {self.lag}s, max {self.f.max_lag:g}s")
+        for switch in self.switches:
+            check = getattr(switch, "check_credentials", None)
+            if check is None:
+                continue
+            try:
+                await check()
+                out[switch.describe()] = _result(True, "credentials accepted")
+            except Exception as exc:  # a readiness check reports every failure
+                out[switch.describe()] = _result(False, f"{type(exc).__name__}: {exc}")
+        self.readiness = out
+
+    def collector(self) -> Any:
+        """A Prometheus collector of this coordinator's state (scrape-time)."""
+        from agent.coordination.metrics import FailoverCollector
+
+        return FailoverCollector(self)
+
     # -- helpers ---------------------------------------------------------------------------
     def _set_role(self, role: Role, epoch: int) -> None:
         if (role, epoch) != (self.role, self.epoch):
@@ -385,3 +416,23 @@ class Coordinator:
     def _warn(self, message: str, error: str) -> None:
         if self._warnings.allow(message) is not None:
             self.log.warning(message, error=error)
+
+
+def _result(ok: bool, detail: str) -> dict[str, Any]:
+    return {"ok": ok, "detail": detail}
+
+
+async def _db_readiness(dsn: str) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(2.0):
+            conn = await asyncpg.connect(dsn)
+            try:
+                recovering = await conn.fetchval("SELECT pg_is_in_recovery()")
+                receiver = await conn.fetchval("SELECT status FROM pg_stat_wal_receiver")
+            finally:
+                await conn.close()
+    except Exception as exc:  # reported, never raised
+        return _result(False, f"{type(exc).__name__}: {exc}")
+    if not recovering:
+        return _result(True, "primary")
+    return _result(True, f"standby, wal receiver {receiver or 'not running (restore_command)'}")
