@@ -11,6 +11,7 @@ command -v runuser >/dev/null || need+=(util-linux)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v chromium >/dev/null || need+=(chromium)  # headless rendering of HTML reports
 command -v rclone >/dev/null || need+=(rclone)  # baseline of benchmarks/objects.py
+[ -x /usr/sbin/named ] || need+=(bind9)  # the lab's DNS server for the failover switch tests
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
@@ -30,3 +31,5 @@ if command -v pg_lsclusters >/dev/null && [ -n "$(pg_lsclusters -h 2>/dev/null)"
 fi
 # Debian starts etcd as a service on the default ports; the lab runs its own members.
 systemctl disable --now etcd 2>/dev/null || true
+# Debian starts BIND as a service on port 53; the lab runs its own named.
+systemctl disable --now named 2>/dev/null || true
