@@ -93,7 +93,7 @@ async def chunks_per_pack(lab: Lab, stream: str) -> dict[str, list[bytes]]:
 
 
 async def test_kill_9_during_an_upload_resumes_without_resending_chunks(pair: Pair) -> None:
-    version = publish(pair.src, "llama", "v1", 64 * MiB)
+    version = publish(pair.src, "llama", "v1", 128 * MiB)
     await pair.b.start()
     await pair.b.wait_ready()
     await pair.a.start()
@@ -102,14 +102,14 @@ async def test_kill_9_during_an_upload_resumes_without_resending_chunks(pair: Pa
     async def some_packs_published() -> bool:
         return len(await vault_keys(pair.lab, packs)) >= 4
 
-    await eventually(some_packs_published, within=60, every=0.05)
+    await eventually(some_packs_published, within=120, every=0.05)
     await pair.a.kill()  # kill -9 in the middle of the version's upload
     before = set(await vault_keys(pair.lab, packs))
     assert not await vault_keys(pair.lab, f"streams/{pair.stream}/")  # no manifest yet
 
     await pair.a.start()
     target = pair.dst / "llama" / "v1"
-    await eventually(lambda: (target / "_COMPLETE").exists(), within=120, every=0.2)
+    await eventually(lambda: (target / "_COMPLETE").exists(), within=180, every=0.2)
     assert same_tree(version, target)
     contents = await chunks_per_pack(pair.lab, pair.stream)
     assert before <= set(contents)  # every pack published before the kill is kept and used

@@ -18,10 +18,12 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig, load_config
 from agent.lab import Lab
-from benchmarks.artifacts import changed, tensors, write_version
+from benchmarks.artifacts import changed, tensors, write_checkpoint, write_version
+from replicators.artifacts.gc import collect
 from replicators.artifacts.kind import verify
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import packs_prefix
+from replicators.artifacts.restore import catalogue
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
 from replicators.errors import IntegrityError
@@ -143,8 +145,12 @@ async def apply_all(rig: Rig) -> ArtifactsTarget:
     return target
 
 
-async def test_second_version_ships_only_changed_chunks_and_arrives_identical(rig: Rig) -> None:
-    size = 128 * MiB
+@pytest.mark.parametrize(
+    "size", [128 * MiB, pytest.param(1024 * MiB, marks=pytest.mark.soak, id="1GiB")]
+)
+async def test_second_version_ships_only_changed_chunks_and_arrives_identical(
+    rig: Rig, size: int
+) -> None:
     v1 = publish(rig.src, "llama", "v1", size)
     shipper = rig.shipper()
     await shipper.recover()
@@ -257,9 +263,53 @@ async def test_restore_command_and_a_corrupted_pack(rig: Rig, lab: Lab) -> None:
 
 
 async def chunks_in(rig: Rig, key: str) -> list[bytes]:
-    from replicators.artifacts.restore import catalogue
-
     known = await catalogue(rig.vault, rig.recv_keys, rig.stream)
     return [
         c.id for m in known.values() for f in m.files for c in f.chunks if m.packs[c.pack] == key
     ]
+
+
+async def test_the_watch_finds_a_new_version_long_before_the_scan(rig: Rig) -> None:
+    rig.src.mkdir(parents=True)
+    options = ArtifactsOptions(root=rig.src, quiet_period=0.3, scan_interval=600, watch=True)
+    source = ArtifactsSource(rig.stream, options, rig.vault.store, rig.send_keys, rig.workdir / "w")
+    await source.resume(0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(source.next_batch(1 << 20, 0.2, stop))
+    await asyncio.sleep(0.5)  # the source is waiting: nothing to ship yet
+    assert not task.done()
+    write_version(rig.src / "t5" / "base", 2 * MiB)  # no marker: complete after the quiet period
+    async with asyncio.timeout(30):
+        batch = await task
+    assert [len(c.payload) > 0 for c in batch] == [True]
+    assert ("t5", "base") in source.index.shipped()
+    await source.aclose()
+
+
+async def test_gc_collects_unreferenced_packs_after_grace_never_during_an_upload(rig: Rig) -> None:
+    version = publish(rig.src, "gc", "1", 6 * MiB)
+    shipper = rig.shipper()
+    await shipper.recover()
+    await ship_once(shipper)
+    first = {i.key async for i in rig.vault.store.list(packs_prefix(rig.stream))}
+    write_checkpoint(version / "model.safetensors", 6 * MiB, seed=9)  # rewritten in place
+    await ship_once(shipper)  # shipped again: the first packs are now unreferenced
+    source = shipper.source
+    assert isinstance(source, ArtifactsSource)
+    index, store, keys = source.index, rig.vault.store, rig.send_keys
+
+    known = await catalogue(rig.vault, rig.recv_keys, rig.stream)
+    orphans = first - set(known[("gc", "1")].packs)  # the header and config chunks are shared
+    assert orphans
+    kept = await collect(store, keys, index, rig.stream, grace=3600)
+    assert kept.deleted == [] and kept.young == len(orphans)
+    index.begin_upload()  # an upload may reference any indexed chunk: hands off
+    held = await collect(store, keys, index, rig.stream, grace=0)
+    assert held.skipped and held.deleted == []
+    index.end_upload()
+    done = await collect(store, keys, index, rig.stream, grace=0)
+    assert sorted(done.deleted) == sorted(orphans)
+    left = {i.key async for i in rig.vault.store.list(packs_prefix(rig.stream))}
+    assert left and not left & orphans
+    await apply_all(rig)
+    assert same_tree(version, rig.dst / "gc" / "1")

@@ -32,6 +32,10 @@ class ArtifactIntegrityError(IntegrityError):
     """A chunk of an artifact cannot be trusted: names artifact, file, chunk and pack."""
 
 
+class MissingPack(ArtifactIntegrityError):
+    """A pack the manifest names is not in the vault (collected, or never there)."""
+
+
 def describe(m: Manifest, occ: Occurrence) -> str:
     f, index, offset, ref = occ
     return (
@@ -40,7 +44,9 @@ def describe(m: Manifest, occ: Occurrence) -> str:
     )
 
 
-def pack_error(m: Manifest, key: str, occs: list[Occurrence], exc: Exception) -> IntegrityError:
+def pack_error(
+    m: Manifest, key: str, occs: list[Occurrence], exc: Exception
+) -> ArtifactIntegrityError:
     """The error for a pack that failed verification, naming the chunks it damages."""
     hit = occs
     if isinstance(exc, IntegrityError):
@@ -49,7 +55,8 @@ def pack_error(m: Manifest, key: str, occs: list[Occurrence], exc: Exception) ->
         if records:
             hit = [o for o in occs if o[3].record in records] or occs
     more = f" and {len(hit) - 1} more chunks" if len(hit) > 1 else ""
-    return ArtifactIntegrityError(
+    kind = MissingPack if isinstance(exc, NotFound) else ArtifactIntegrityError
+    return kind(
         f"{describe(m, hit[0])}{more}: pack {key} failed verification: {exc}",
         hint="scrub the stream (`dragent verify <stream> --deep`) and restore from another vault",
     )

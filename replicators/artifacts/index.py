@@ -138,6 +138,47 @@ class SourceIndex:
                 [(cid, key, rec, length) for cid, rec, length in chunks],
             )
 
+    def pack_created(self, key: str) -> float | None:
+        with self._lock:
+            row = self._db.execute("SELECT created FROM packs WHERE key = ?", (key,)).fetchone()
+        return None if row is None else float(row[0])
+
+    # -- garbage collection guard ------------------------------------------------------------
+
+    def begin_upload(self) -> None:
+        """An upload may now reference any chunk in the index (GC must wait). Every upload
+        also bumps ``generation``, so a collection planned before it is refused."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('upload', ?)", (str(time.time()),))
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('generation', ?)",
+                (str(self.generation() + 1),),
+            )
+
+    def generation(self) -> int:
+        return int(self._meta("generation") or "0")
+
+    def end_upload(self) -> None:
+        """Every manifest handed out is durable and no version is being shipped."""
+        with self._tx() as db:
+            db.execute("DELETE FROM meta WHERE name = 'upload'")
+
+    def upload_in_progress(self) -> bool:
+        with self._lock:
+            return self._meta("upload") is not None
+
+    def condemn(self, keys: list[str], generation: int) -> bool:
+        """Forget ``keys`` before they are deleted, unless an upload is in progress or one
+        began since ``generation`` was read (then nothing changes and False is returned).
+        After this no lookup returns their chunks, so no new manifest can reference them."""
+        with self._tx() as db:
+            if self._meta("upload") is not None or self.generation() != generation:
+                return False
+            for key in keys:
+                db.execute("DELETE FROM chunks WHERE pack = ?", (key,))
+                db.execute("DELETE FROM packs WHERE key = ?", (key,))
+        return True
+
     def shipped_bytes(self) -> int:
         with self._lock:
             row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM packs").fetchone()

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from replicators.artifacts import layout
 from replicators.artifacts.chunker import Chunker
+from replicators.artifacts.gc import Collector
 from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.restore import catalogue, scrub
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
 from replicators.keys import KeyProvider, build_key_provider
+from replicators.kinds import Background
 from replicators.s3 import S3Store
 from replicators.vault import Vault
 
@@ -89,6 +91,23 @@ def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir
 
 def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
     return _TargetWithStore(stream, agent, state_dir)
+
+
+def background(
+    stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
+) -> list[Background]:
+    """The active side collects unreferenced packs in every peer's vault (``gc.py``)."""
+    if role != "active":
+        return []
+    options = _options(stream)
+    return [
+        Background(
+            name=f"gc-{peer.name}",
+            runner=Collector(stream.name, peer, state_dir / f"to-{peer.name}", options.gc_grace),
+            every=options.gc_interval,
+        )
+        for peer in agent.peers
+    ]
 
 
 # -- verification ------------------------------------------------------------------------------

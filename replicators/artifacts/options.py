@@ -31,6 +31,8 @@ class ArtifactsOptions(Section):
     """Pack uploads in flight at once."""
     gc_grace: Duration = 24 * 3600.0
     """A pack no manifest references is collected only once it is older than this."""
+    gc_interval: PositiveDuration = 3600.0
+    """How often the active side looks for unreferenced packs in each destination vault."""
 
     @model_validator(mode="after")
     def _chunk_sizes(self) -> ArtifactsOptions:

@@ -131,6 +131,8 @@ class ArtifactsSource:
         )
         self.log = logs.get("artifacts", stream=stream)
         self._next = 0
+        self._acked = 0
+        self._shipping = False
         self._pending_since: float | None = None
         self.bytes_sent = 0
         """Pack bytes published by this process (tests and benchmarks read it)."""
@@ -157,7 +159,11 @@ class ArtifactsSource:
         self._next = position
 
     async def ack(self, position: int) -> None:
-        """Records before ``position`` are durable; nothing to release (the store is read-only)."""
+        """Records before ``position`` are durable: once all are and no version is being
+        shipped, garbage collection may run again."""
+        self._acked = position
+        if position >= self._next and not self._shipping:
+            self.index.end_upload()
 
     async def aclose(self) -> None:
         self.index.close()
@@ -190,12 +196,17 @@ class ArtifactsSource:
             due, wake = await self._due()
             if due:
                 self._pending_since = min(v.newest for v in due)
+                self.index.begin_upload()
                 batch: list[Change] = []
                 size = 0
                 for v in due:
                     if stop.is_set() or (batch and size >= max_bytes):
                         break
-                    change = await self._ship(v, stop)
+                    self._shipping = True
+                    try:
+                        change = await self._ship(v, stop)
+                    finally:
+                        self._shipping = False
                     if change is not None:
                         batch.append(change)
                         size += len(change.payload)
@@ -203,6 +214,8 @@ class ArtifactsSource:
                 if batch or stop.is_set():
                     return batch
                 continue
+            if self._acked >= self._next and self.index.upload_in_progress():
+                self.index.end_upload()  # idle, and everything handed out is durable
             delay = self.options.scan_interval
             if wake is not None:
                 delay = min(delay, max(0.0, wake - time.time()) + 0.01)

@@ -22,14 +22,15 @@ from typing import ClassVar
 
 from agent import logs
 from replicators import checkpoint
-from replicators.artifacts.assemble import assemble, fsync_dir
+from replicators.artifacts.assemble import MissingPack, assemble, fsync_dir
 from replicators.artifacts.manifest import Manifest, decode, encode
 from replicators.artifacts.options import ArtifactsOptions
+from replicators.artifacts.restore import catalogue
 from replicators.keys import KeyProvider
 from replicators.segment import SegmentHeader
 from replicators.store import ObjectStore
 from replicators.stream import Applied
-from replicators.vault import SegmentRef
+from replicators.vault import SegmentRef, Vault
 
 KIND = "artifacts"
 
@@ -47,6 +48,7 @@ class ArtifactsTarget:
         self.state_path = state_dir / "applied.json"
         self.manifests_dir = state_dir / "manifests"
         self.log = logs.get("artifacts-target")
+        self.stream: str | None = None
 
     async def state(self) -> Applied | None:
         state = checkpoint.load(self.state_path)
@@ -57,6 +59,7 @@ class ArtifactsTarget:
 
     async def apply(self, ref: SegmentRef, header: SegmentHeader, records: Sequence[bytes]) -> None:
         """Materialize each manifest in order, then record the segment as applied."""
+        self.stream = ref.stream
         for record in records:
             await self.materialize(decode(record))
         state = {
@@ -87,6 +90,12 @@ class ArtifactsTarget:
         try:
             await assemble(m, self.store, self.keys, work)
             await asyncio.to_thread(_publish, work, final)
+        except MissingPack:
+            await asyncio.to_thread(shutil.rmtree, work, True)
+            if not await self._superseded(m):
+                raise
+            self.log.info("superseded version skipped: its packs were collected", version=m.name)
+            return
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, work, True)
             raise
@@ -94,6 +103,15 @@ class ArtifactsTarget:
         path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_write_atomic, path, encode(m))
         self.log.info("version materialized", version=m.name, bytes=m.size, root=m.root().hex())
+
+    async def _superseded(self, m: Manifest) -> bool:
+        """Does the log hold a later, different manifest of the same version? (Then a lagging
+        target may skip ``m``: the collector may have deleted packs only ``m`` used.)"""
+        assert self.stream is not None
+        latest = (await catalogue(Vault(self.store), self.keys, self.stream)).get(
+            (m.model, m.version)
+        )
+        return latest is not None and latest.root() != m.root()
 
     async def aclose(self) -> None:
         pass
