@@ -135,7 +135,7 @@ def failover(cfg: AgentConfig, path: str, have: set[str]) -> str:
             "3. Take over (fences the old side through the lease, catches up from the vault, "
             "promotes, switches DNS, records the measured RTO and RPO):",
             "",
-            _cmd(have, "failover", f"dragent failover --config {path}",
+            _cmd(have, "failover", f"dragent failover --to {cfg.region} --config {path}",
                  "bump the epoch, promote the standby, switch DNS by hand, then record it"),
             "",
             "4. Check every stream is served from this region and note the data lost:",
@@ -150,14 +150,16 @@ def failover(cfg: AgentConfig, path: str, have: set[str]) -> str:
 
 
 def switchover(cfg: AgentConfig, path: str, have: set[str]) -> str:
-    to = cfg.peers[0].name if cfg.peers else "REGION"
+    peers = ", ".join(p.name for p in cfg.peers) or "another region"
     return "\n".join(
         [
             "## Switchover",
             "",
-            "Planned change of the active region; loses nothing (the old side drains first).",
+            f"Planned move of the active role to this region ({cfg.region}); loses nothing "
+            f"(the old side drains first). To move it to {peers}, run the same command from "
+            "that region's runbook.",
             "",
-            _cmd(have, "switchover", f"dragent switchover --config {path} --to {to}",
+            _cmd(have, "switchover", f"dragent switchover --to {cfg.region} --config {path}",
                  "stop writes, wait for RPO 0, then fail over"),
             "",
         ]
