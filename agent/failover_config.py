@@ -100,6 +100,9 @@ class FailoverConfig(Section):
     switches: list[SwitchConfig] = []
     notify: list[SecretRef] = []
     catchup_timeout: PositiveDuration = 30.0
+    # replay must stand still this long to count as caught up; a standby fed by a
+    # restore_command asks again every wal_retrieve_retry_interval (5 s by default)
+    catchup_settle: PositiveDuration = 0.3
 
     @model_validator(mode="after")
     def _timing(self) -> FailoverConfig:

@@ -264,6 +264,7 @@ class Coordinator:
             old_dsns=[u for u in self.f.peer_probes.get(old or "", []) if "postgres" in u],
             catch_up=self.catch_up,
             catchup_timeout=self.f.catchup_timeout,
+            catchup_settle=self.f.catchup_settle,
         )
         run.timeline["failure_seen"] = seen
         run.mark("acquired")

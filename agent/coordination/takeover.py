@@ -137,6 +137,7 @@ class Takeover:
     old_dsns: Sequence[str] = ()
     catch_up: Callable[[], Awaitable[None]] | None = None
     catchup_timeout: float = 30.0
+    catchup_settle: float = 0.3
     timeline: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -155,7 +156,9 @@ class Takeover:
             except Exception as exc:  # recorded; promotion goes on with what was applied
                 self.errors.append(f"catch-up: {type(exc).__name__}: {exc}")
         if self.dsn:
-            self.notes["replayed_lsn"] = await wait_replayed(self.dsn, self.catchup_timeout)
+            self.notes["replayed_lsn"] = await wait_replayed(
+                self.dsn, self.catchup_timeout, self.catchup_settle
+            )
         self.mark("caught_up")
         if self.dsn:
             self.notes["promoted"] = await promote(self.dsn)
