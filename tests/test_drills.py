@@ -212,3 +212,31 @@ async def test_postgres_restore_drill_compares_with_the_standby(
     )
     assert {"restore", "verify", "teardown"} <= set(report["phases"])
     assert not any(SCRATCH_ROOT.glob(f"*-{os.getpid()}"))
+
+
+async def test_objects_restore_drill_compares_a_scratch_bucket_with_the_mirror(
+    lab: Lab, cfg_a: AgentConfig, cfg_b: AgentConfig, unique: str, tmp_path: Path
+) -> None:
+    from agent.evidence.locked import s3_client
+    from tests.test_objects_rig import Rig, options, same, stream_config
+
+    rig = Rig(unique, options(lab, f"{unique}/", scan_interval=0.5), cfg_a, cfg_b, tmp_path)
+    src, dst = await rig.source_bucket(), await rig.mirror_bucket()
+    try:
+        for i in range(12):
+            await src.write(f"k/{i:02d}", os.urandom(200 + i), "text/plain", {"n": str(i)})
+        async with rig.running():
+            await eventually(lambda: same(src, dst), within=60, every=0.5)
+    finally:
+        await src.aclose()
+        await dst.aclose()
+    stream = stream_config(unique, rig.opts)
+    cfg = cfg_b.model_copy(update={"region": unique, "data_dir": tmp_path, "streams": [stream]})
+    report = await restore_drill(cfg)
+    result = report["streams"][0]
+    assert report["ok"] and report["equal"], report["differences"]
+    assert result["method"] == "objects-pitr" and result["records"] == 12
+    assert result["roots"]["restored"] == result["roots"]["mirror"]
+    async with s3_client(rig.opts.mirror) as s3:
+        names = [b["Name"] for b in (await s3.list_buckets())["Buckets"]]
+    assert not [n for n in names if n.startswith("dragent-drill-")]

@@ -1,7 +1,9 @@
 """The restore drill: a cold restore from this region's vault into scratch copies, timed.
 
 A ``postgres`` stream is restored as a running cluster and compared table by
-table with this region's standby (``agent/drills/postgres.py``). For every
+table with this region's standby (``agent/drills/postgres.py``); an
+``objects`` stream into a scratch bucket compared with the mirror
+(``agent/drills/objects.py``). For every
 other stream whose segments this region's vault holds, the drill reads
 the segments in log order (all, or those sealed up to ``--at``), opens each
 with full verification (authentication, Merkle root, name against header),
@@ -26,6 +28,7 @@ job (``run_restore_drill`` does both).
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -48,6 +51,9 @@ from replicators.vault import Vault
 from verifiers.merkle import MerkleBuilder
 
 KIND = "drill.restore"
+# Kinds restored by their own restore code into a scratch copy of the real thing; each module
+# has ``restore_and_compare(stream, store, keys, *, drill_id, at, result)``.
+KIND_DRILLS = {"postgres": "agent.drills.postgres", "objects": "agent.drills.objects"}
 
 
 @dataclass
@@ -71,7 +77,7 @@ class StreamResult:
 
     @property
     def ok(self) -> bool:
-        restored = self.segments > 0 or self.method == "postgres-pitr"
+        restored = self.segments > 0 or self.method != "vault-replay"
         return self.problem is None and self.equal and restored
 
 
@@ -148,11 +154,10 @@ async def _restore_stream(
     at: float | None,
 ) -> StreamResult:
     result = StreamResult(stream.name, stream.kind)
-    if stream.kind == "postgres" and stream.postgres is not None:
-        from agent.drills.postgres import restore_and_compare
-
-        drill_id = f"{scratch_dir.name}-{os.getpid()}"
-        await restore_and_compare(
+    if stream.kind in KIND_DRILLS and getattr(stream, stream.kind) is not None:
+        module = importlib.import_module(KIND_DRILLS[stream.kind])
+        drill_id = f"{scratch_dir.name}-{os.getpid()}".lower()
+        await module.restore_and_compare(
             stream, vault.store, keys, drill_id=drill_id, at=at, result=result
         )
         return result

@@ -25,6 +25,26 @@ from agent.configbase import S3Config
 from replicators.s3 import classify
 
 
+def s3_client(cfg: S3Config) -> Any:
+    """An aiobotocore S3 client for ``cfg`` (an async context manager), botocore retrying."""
+    creds: dict[str, str] = {}
+    if cfg.access_key is not None and cfg.secret_key is not None:
+        creds = {
+            "aws_access_key_id": cfg.access_key.reveal(),
+            "aws_secret_access_key": cfg.secret_key.reveal(),
+        }
+    config = Config(
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+        s3={"addressing_style": cfg.addressing_style},
+    )
+    session = aiobotocore.session.get_session()
+    return session.create_client(
+        "s3", endpoint_url=cfg.endpoint, region_name=cfg.region_name, config=config, **creds
+    )
+
+
 class LockedWriter:
     """Create-only puts into one bucket, locked when the bucket has Object Lock."""
 
@@ -38,24 +58,7 @@ class LockedWriter:
     @classmethod
     async def open(cls, cfg: S3Config) -> LockedWriter:
         stack = AsyncExitStack()
-        creds: dict[str, str] = {}
-        if cfg.access_key is not None and cfg.secret_key is not None:
-            creds = {
-                "aws_access_key_id": cfg.access_key.reveal(),
-                "aws_secret_access_key": cfg.secret_key.reveal(),
-            }
-        config = Config(
-            connect_timeout=cfg.connect_timeout,
-            read_timeout=cfg.read_timeout,
-            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
-            s3={"addressing_style": cfg.addressing_style},
-        )
-        session = aiobotocore.session.get_session()
-        client = await stack.enter_async_context(
-            session.create_client(
-                "s3", endpoint_url=cfg.endpoint, region_name=cfg.region_name, config=config, **creds
-            )
-        )
+        client = await stack.enter_async_context(s3_client(cfg))
         return cls(cfg, client, stack)
 
     async def _call(self, key: str, op: str, **kwargs: Any) -> Any:
