@@ -13,9 +13,11 @@ on the same files (both read from the page cache):
   repository with its defaults (content-defined chunking, zstd "auto",
   AES-256-CTR + Poly1305).
 
-Reported per version: seconds, throughput (MB/s, 10^6 bytes of checkpoint per
-second) and bytes stored (the vault's packs and segments for dragent, the
-repository directory for restic), plus the bytes dragent shipped for v2 as a
+Both run ``--rounds`` times, alternating, on one lab; medians are reported
+(the machine may be shared with other work). Reported per version: seconds,
+throughput (MB/s, 10^6 bytes of checkpoint per second) and bytes stored
+(the vault's packs and segments for dragent, the repository directory for
+restic), plus the bytes dragent shipped for v2 as a
 share of v2's size. Targets: throughput at least restic's, bytes stored at
 most 1.1x restic's, shipped for v2 at most 20 %.
 
@@ -166,13 +168,15 @@ def run_restic(work: Path, versions: list[Path]) -> list[dict[str, float]]:
     return out
 
 
-async def run_dragent(work: Path, versions: list[Path], uploads: int) -> list[dict[str, float]]:
+async def run_dragent(
+    lab: Any, work: Path, versions: list[Path], uploads: int, stream: str
+) -> list[dict[str, float]]:
+    """Ship ``versions`` in order to region b's vault as a fresh stream; time each."""
     import asyncio
 
     from prometheus_client import CollectorRegistry
 
     from agent.config import load_config
-    from agent.lab import Lab
     from replicators.artifacts.options import ArtifactsOptions
     from replicators.artifacts.source import ArtifactsSource
     from replicators.keys import build_key_provider
@@ -182,27 +186,22 @@ async def run_dragent(work: Path, versions: list[Path], uploads: int) -> list[di
     from replicators.shipper import Shipper, ShipperSettings
     from replicators.vault import Vault
 
-    lab = Lab(work / "lab")
-    await lab.up()
-    stream = f"bench-{int(time.time())}"
     out = []
+    peer = load_config(lab.config_path("a")).peers[0]
+    store = await S3Store.open(peer.vault)
+    keys = build_key_provider(peer.keys)
+    options = ArtifactsOptions(root=work / "src", marker="_COMPLETE", watch=False, uploads=uploads)
+    source = ArtifactsSource(stream, options, store, keys, work / f"state-{stream}")
+    shipper = Shipper(
+        ShipperSettings(stream, "b", 1, 8 * MIB, 0.2),
+        source,
+        Vault(store),
+        keys,
+        work / f"state-{stream}" / "shipped.json",
+        StreamProgress(stream, "artifacts", "source", "b"),
+        Metrics(CollectorRegistry()).stream(stream, "b"),
+    )
     try:
-        peer = load_config(lab.config_path("a")).peers[0]
-        store = await S3Store.open(peer.vault)
-        keys = build_key_provider(peer.keys)
-        options = ArtifactsOptions(
-            root=work / "src", marker="_COMPLETE", watch=False, uploads=uploads
-        )
-        source = ArtifactsSource(stream, options, store, keys, work / f"state-{stream}")
-        shipper = Shipper(
-            ShipperSettings(stream, "b", 1, 8 * MIB, 0.2),
-            source,
-            Vault(store),
-            keys,
-            work / f"state-{stream}" / "shipped.json",
-            StreamProgress(stream, "artifacts", "source", "b"),
-            Metrics(CollectorRegistry()).stream(stream, "b"),
-        )
         await shipper.recover()
         for v in versions:
             (v / "_COMPLETE").write_bytes(b"")
@@ -216,17 +215,46 @@ async def run_dragent(work: Path, versions: list[Path], uploads: int) -> list[di
             out.append(
                 {"seconds": seconds, "stored": stored, "shipped": source.bytes_sent - sent_before}
             )
+    finally:
+        for v in versions:
+            (v / "_COMPLETE").unlink(missing_ok=True)
         await source.aclose()
         await keys.aclose()
         await store.aclose()
+    return out
+
+
+async def run_rounds(work: Path, versions: list[Path], uploads: int, rounds: int) -> dict[str, Any]:
+    """Alternate dragent and restic ``rounds`` times on one lab (the machine may be shared:
+    medians are reported)."""
+    from agent.lab import Lab
+
+    lab = Lab(work / "lab")
+    await lab.up()
+    runs: dict[str, list[list[dict[str, float]]]] = {"dragent": [], "restic": []}
+    try:
+        for r in range(rounds):
+            stream = f"bench-{int(time.time())}-{r}"
+            runs["dragent"].append(await run_dragent(lab, work, versions, uploads, stream))
+            runs["restic"].append(run_restic(work, versions))
     finally:
         await lab.down(purge=True)
-    return out
+    return runs
+
+
+def _median(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    import statistics
+
+    return [
+        {k: statistics.median(run[i][k] for run in runs) for k in runs[0][i]}
+        for i in range(len(runs[0]))
+    ]
 
 
 def table(res: dict[str, Any]) -> str:
     lines = [
-        f"checkpoint {res['size'] / 1e6:.0f} MB, {res['changed']:.0%} of tensors changed in v2",
+        f"checkpoint {res['size'] / 1e6:.0f} MB, {res['changed']:.0%} of tensors changed in v2, "
+        f"medians of {res['rounds']} alternating rounds",
         f"{'':10}{'tool':9}{'seconds':>9}{'MB/s':>9}{'stored MB':>11}",
     ]
     for i, name in enumerate(("v1", "v2")):
@@ -255,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--changed", type=float, default=0.10)
     parser.add_argument("--uploads", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
     parser.add_argument("--dir", default="/tmp/dragent-bench-artifacts")
     parser.add_argument("--json", help="also write the figures as JSON to this file")
     args = parser.parse_args(argv)
@@ -265,11 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     write_version(v1, size)
     write_version(v2, size, changed(tensors(size), args.changed, seed=3))
     size = _dir_size(v1)
-    res: dict[str, Any] = {"size": size, "changed": args.changed}
-    res["dragent"] = asyncio.run(run_dragent(work, [v1, v2], args.uploads))
-    for v in (v1, v2):
-        (v / "_COMPLETE").unlink()
-    res["restic"] = run_restic(work, [v1, v2])
+    res: dict[str, Any] = {"size": size, "changed": args.changed, "rounds": args.rounds}
+    runs = asyncio.run(run_rounds(work, [v1, v2], args.uploads, args.rounds))
+    res["dragent"], res["restic"] = _median(runs["dragent"]), _median(runs["restic"])
+    res["runs"] = runs
     print(table(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
