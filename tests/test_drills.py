@@ -240,3 +240,43 @@ async def test_objects_restore_drill_compares_a_scratch_bucket_with_the_mirror(
     async with s3_client(rig.opts.mirror) as s3:
         names = [b["Name"] for b in (await s3.list_buckets())["Buckets"]]
     assert not [n for n in names if n.startswith("dragent-drill-")]
+
+
+async def test_artifacts_restore_drill_compares_a_scratch_directory_with_the_model_store(
+    cfg_a: AgentConfig, cfg_b: AgentConfig, unique: str, tmp_path: Path
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from replicators.metrics import Metrics
+    from tests.test_artifacts_pipeline import Rig, apply_all, publish, ship_once
+
+    peer_b = cfg_a.peers[0]
+    store = await S3Store.open(peer_b.vault)
+    send, recv = build_key_provider(peer_b.keys), build_key_provider(cfg_b.keys)
+    rig = Rig(unique, Vault(store), send, recv, tmp_path, Metrics(CollectorRegistry()))
+    try:
+        publish(rig.src, "tiny", "v1", 2 << 20)
+        publish(rig.src, "tiny", "v2", 2 << 20)
+        shipper = rig.shipper()
+        await shipper.recover()
+        await ship_once(shipper)
+        await apply_all(rig)
+    finally:
+        await send.aclose()
+        await recv.aclose()
+        await store.aclose()
+    stream = StreamConfig(name=unique, kind="artifacts", artifacts=rig.options(rig.dst))
+    cfg = cfg_b.model_copy(update={"region": unique, "data_dir": tmp_path, "streams": [stream]})
+    report = await restore_drill(cfg)
+    result = report["streams"][0]
+    assert report["ok"] and report["equal"], report["differences"]
+    assert result["method"] == "artifacts-restore" and result["records"] == 2
+    assert result["roots"]["restored"] == result["roots"]["model-store"]
+    assert not any((rig.dst.parent / ".dragent-drills").rglob("*.safetensors"))
+    # one changed byte in the model store: the drill names the version
+    weights = rig.dst / "tiny" / "v2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    report = await restore_drill(cfg)
+    assert not report["ok"] and "tiny/v2" in report["differences"][0]["what"]

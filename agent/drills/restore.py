@@ -3,7 +3,9 @@
 A ``postgres`` stream is restored as a running cluster and compared table by
 table with this region's standby (``agent/drills/postgres.py``); an
 ``objects`` stream into a scratch bucket compared with the mirror
-(``agent/drills/objects.py``). For every
+(``agent/drills/objects.py``); an ``artifacts`` stream into a scratch model
+directory compared with the model store (``agent/drills/artifacts.py``).
+For every
 other stream whose segments this region's vault holds, the drill reads
 the segments in log order (all, or those sealed up to ``--at``), opens each
 with full verification (authentication, Merkle root, name against header),
@@ -53,7 +55,11 @@ from verifiers.merkle import MerkleBuilder
 KIND = "drill.restore"
 # Kinds restored by their own restore code into a scratch copy of the real thing; each module
 # has ``restore_and_compare(stream, store, keys, *, drill_id, at, result)``.
-KIND_DRILLS = {"postgres": "agent.drills.postgres", "objects": "agent.drills.objects"}
+KIND_DRILLS = {
+    "postgres": "agent.drills.postgres",
+    "objects": "agent.drills.objects",
+    "artifacts": "agent.drills.artifacts",
+}
 
 
 @dataclass
