@@ -12,6 +12,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v chromium >/dev/null || need+=(chromium)  # headless rendering of HTML reports
 command -v rclone >/dev/null || need+=(rclone)  # baseline of benchmarks/objects.py
 [ -x /usr/sbin/named ] || need+=(bind9)  # the lab's DNS server for the failover switch tests
+command -v promtool >/dev/null || need+=(prometheus)  # alert-rule tests, Prometheus over the lab
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
@@ -33,3 +34,5 @@ fi
 systemctl disable --now etcd 2>/dev/null || true
 # Debian starts BIND as a service on port 53; the lab runs its own named.
 systemctl disable --now named 2>/dev/null || true
+# Debian starts Prometheus as a service; the tests run their own.
+systemctl disable --now prometheus 2>/dev/null || true
