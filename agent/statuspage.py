@@ -156,6 +156,13 @@ function spark(points, target) {
   line.setAttribute("points", xy.map((p) => p[0].toFixed(1) + "," + p[1].toFixed(1)).join(" "));
   line.setAttribute("fill", "none"); line.setAttribute("stroke", "#0969da");
   svg.appendChild(line);
+  if (target) {  // the RPO target as a dashed line
+    const y = (h - target / top * (h - 2) - 1).toFixed(1);
+    const goal = document.createElementNS(ns, "line");
+    for (const [k, v] of [["x1", 0], ["x2", w], ["y1", y], ["y2", y], ["stroke", "#b42318"],
+                          ["stroke-dasharray", "3 2"]]) goal.setAttribute(k, v);
+    svg.appendChild(goal);
+  }
   svg.setAttribute("data-points", String(points.length));
   return svg;
 }
