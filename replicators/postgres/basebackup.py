@@ -20,9 +20,11 @@ stream is never held in memory whole: one part at a time.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,12 +260,14 @@ async def extract_backup(
     assert tar.stdin is not None and tar.stderr is not None
     try:
         async with asyncio.TaskGroup() as tg:
-            tasks: list[asyncio.Task[bytes]] = []
-            for index in range(len(manifest.parts)):
-                while len(tasks) < min(len(manifest.parts), index + _PREFETCH):
-                    seq = len(tasks) + 1
-                    tasks.append(tg.create_task(_fetch_part(store, keys, manifest, seq)))
-                data = await tasks[index]
+            pending: deque[asyncio.Task[bytes]] = deque()
+            seqs = iter(range(1, len(manifest.parts) + 1))
+            for seq in itertools.islice(seqs, _PREFETCH):
+                pending.append(tg.create_task(_fetch_part(store, keys, manifest, seq)))
+            while pending:
+                data = await pending.popleft()  # in order; only _PREFETCH parts in memory
+                if (seq := next(seqs, None)) is not None:
+                    pending.append(tg.create_task(_fetch_part(store, keys, manifest, seq)))
                 tar.stdin.write(data)
                 await tar.stdin.drain()
                 if on_bytes:

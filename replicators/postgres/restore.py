@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
+import shutil
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +103,15 @@ async def fill_spool(
         )
 
     async with asyncio.TaskGroup() as tg:
-        tasks: list[asyncio.Task[OpenedSegment]] = []
-        for index, ref in enumerate(refs):
-            while len(tasks) < min(len(refs), index + PREFETCH):
-                tasks.append(tg.create_task(fetch(refs[len(tasks)])))
-            opened = await tasks[index]
+        pending: deque[tuple[SegmentRef, asyncio.Task[OpenedSegment]]] = deque()
+        upcoming = iter(refs)
+        for ref in itertools.islice(upcoming, PREFETCH):
+            pending.append((ref, tg.create_task(fetch(ref))))
+        while pending:
+            ref, task = pending.popleft()
+            opened = await task  # in log order; only PREFETCH segments in memory
+            if (nxt := next(upcoming, None)) is not None:
+                pending.append((nxt, tg.create_task(fetch(nxt))))
             header = opened.header
             check_continuity(last, ref, header)
             last = Applied(ref=ref, end=int(header.end), source_time=header.last_source_time)
@@ -115,7 +122,7 @@ async def fill_spool(
             if on_segment:
                 on_segment(int(header.end) - int(header.start))
             if _past(target, int(header.start), header.first_source_time):
-                for t in tasks[index + 1 :]:
+                for _, t in pending:
                     t.cancel()
                 break
     return applied
@@ -165,6 +172,8 @@ async def restore(
     dsn = f"postgresql://{_user()}@127.0.0.1:{port}/postgres"
     await standby.wait_promoted(dsn, within)
     lsn, replay_time = await standby.replay_position(dsn)
+    # Promoted: the cluster no longer reads the restore spool.
+    await asyncio.to_thread(shutil.rmtree, spool_path, True)
     return RestoreResult(backup.id, lsn or "", replay_time, count)
 
 

@@ -60,6 +60,9 @@ def configure(
         "restore_command": f"'{restore_command(spool)}'",
         "recovery_target_timeline": "'latest'",
         "hot_standby": "on",
+        # After a not-yet-complete file, ask wal-fetch again soon (default 5s): this is what
+        # lets a standby follow the primary within about a second.
+        "wal_retrieve_retry_interval": "'500ms'",
         "archive_mode": "off",
         "synchronous_standby_names": "''",
         **(settings or {}),
@@ -108,11 +111,20 @@ async def init_standby(
     spool: Path,
     run: bool = True,
 ) -> BackupManifest:
-    """Build a standby in ``data_dir`` (must be absent or empty) from the newest backup."""
+    """Build a standby in ``data_dir`` (must be absent or empty) from the newest backup.
+
+    The standby removes spool files it no longer needs (``archive_cleanup_command``
+    with ``pg_archivecleanup`` at each restartpoint), so the spool directory is handed
+    to the PostgreSQL OS user."""
     require_empty(data_dir)
     manifest = await newest_backup(store, keys, stream)
     await extract_backup(options, store, keys, manifest, data_dir)
-    configure(options, data_dir, port=port, spool=spool, signal="standby.signal")
+    pgtools.give_to_owner(options, spool, mode=0o755)
+    cleanup = f"'{pgtools.bin_dir(options) / 'pg_archivecleanup'} {spool} %r'"
+    configure(
+        options, data_dir, port=port, spool=spool, signal="standby.signal",
+        settings={"archive_cleanup_command": cleanup},
+    )  # fmt: skip
     if run:
         await start(options, data_dir)
     return manifest

@@ -100,6 +100,7 @@ class WalSource:
         self.flush_lag: float | None = None
         self.write_lag: float | None = None
         self._conn: Any = None
+        self._fd = -1
         self._history: bytes | None = None
         self._cursor: Any = None
         self._db: asyncpg.Connection | None = None
@@ -135,7 +136,8 @@ class WalSource:
             raise SourceError(f"cannot stream from the primary: {exc}") from exc
         self._received = self._acked = start
         loop = asyncio.get_running_loop()
-        loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._fd = self._conn.fileno()
+        loop.add_reader(self._fd, self._on_readable)
         await self._sample(heartbeat=True)
         self.log.info("streaming", start=L.format_lsn(start), timeline=self.timeline)
 
@@ -187,7 +189,7 @@ class WalSource:
     async def aclose(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._conn.fileno())
+                asyncio.get_running_loop().remove_reader(self._fd)
             with contextlib.suppress(Exception):
                 self._conn.close()
             self._conn = self._cursor = None
@@ -218,7 +220,7 @@ class WalSource:
             self._failed = exc
             self._data.set()
             with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._conn.fileno())
+                asyncio.get_running_loop().remove_reader(self._fd)
 
     def _check_failed(self) -> None:
         if self._failed is not None:
