@@ -1,6 +1,6 @@
 """The passive side: applies object records to the mirror bucket.
 
-Per record, in stream order:
+Per key, records apply in stream order (different keys concurrently):
 
 - put: written with the source's content type and user metadata plus ours
   (``dragent-xxh3``: content hash; ``dragent-version``: ``TIME.SEQ``);
@@ -20,6 +20,7 @@ re-applies the segment with the same result.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from replicators.vault import SegmentRef
 
 log = logging.getLogger(__name__)
 KIND = "objects"
+APPLY_CONCURRENCY = 16
 
 
 def mirror_metadata(head: rec.Head, version: rec.Version) -> dict[str, str]:
@@ -68,8 +70,24 @@ class MirrorTarget:
         return Applied(ref=ref, end=state["end"], source_time=state["source_time"])
 
     async def apply(self, ref: SegmentRef, header: SegmentHeader, records: Sequence[bytes]) -> None:
+        """Apply a segment: each key's records in order, different keys concurrently."""
+        chains: dict[str, list[rec.Record]] = {}
         for raw in records:
-            await self.apply_record(rec.decode(raw))
+            record = rec.decode(raw)
+            chains.setdefault(record.key, []).append(record)
+        slots = asyncio.Semaphore(APPLY_CONCURRENCY)
+
+        async def chain(items: list[rec.Record]) -> None:
+            for record in items:
+                async with slots:
+                    await self.apply_record(record)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for items in chains.values():
+                    tg.create_task(chain(items))
+        except* Exception as group:  # the first error, unwrapped: callers classify it
+            raise group.exceptions[0] from None
         self._state |= {
             "stream": ref.stream,
             "epoch": ref.epoch,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -106,8 +107,9 @@ class ObjectsSource:
         first = 0.0
         while not stop.is_set() and size < max_bytes:
             await self._drain_events()
-            room = max_bytes - size
-            change = await self._next_change(room if batch else max_bytes)
+            # the first record of a batch always fits, even one larger than max_bytes
+            room = max_bytes - size if batch else sys.maxsize
+            change = await self._next_change(room)
             if change is not None:
                 if not batch:
                     first = time.time()
