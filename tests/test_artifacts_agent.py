@@ -32,7 +32,10 @@ def config(lab: Lab, region: str, workdir: Path, stream: str, root: Path) -> Pat
         "root": str(root),
         "marker": "_COMPLETE",
         "scan_interval": "500ms",
-        "pack_size": "2MiB",
+        "chunk_min": "64KiB",
+        "chunk_avg": "256KiB",
+        "chunk_max": "1MiB",
+        "pack_size": "1MiB",
         "uploads": 2,
     }
     data["streams"] = [{"name": stream, "kind": "artifacts", "artifacts": artifacts}]
@@ -93,14 +96,14 @@ async def chunks_per_pack(lab: Lab, stream: str) -> dict[str, list[bytes]]:
 
 
 async def test_kill_9_during_an_upload_resumes_without_resending_chunks(pair: Pair) -> None:
-    version = publish(pair.src, "llama", "v1", 128 * MiB)
+    version = publish(pair.src, "llama", "v1", 64 * MiB)
     await pair.b.start()
     await pair.b.wait_ready()
     await pair.a.start()
     packs = packs_prefix(pair.stream)
 
     async def some_packs_published() -> bool:
-        return len(await vault_keys(pair.lab, packs)) >= 4
+        return len(await vault_keys(pair.lab, packs)) >= 6
 
     await eventually(some_packs_published, within=120, every=0.05)
     await pair.a.kill()  # kill -9 in the middle of the version's upload

@@ -6,6 +6,7 @@ import asyncio
 import filecmp
 import hashlib
 import re
+import shutil
 import sys
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, StreamConfig, load_config
 from agent.lab import Lab
 from benchmarks.artifacts import changed, tensors, write_checkpoint, write_version
 from replicators.artifacts.gc import collect
@@ -215,7 +216,7 @@ async def run_cli(*args: str) -> tuple[int, str]:
 
 
 async def test_restore_command_and_a_corrupted_pack(rig: Rig, lab: Lab) -> None:
-    v1 = publish(rig.src, "gpt", "7", 40 * MiB)
+    v1 = publish(rig.src, "gpt", "7", 24 * MiB)
     shipper = rig.shipper()
     await shipper.recover()
     await ship_once(shipper)
@@ -313,3 +314,33 @@ async def test_gc_collects_unreferenced_packs_after_grace_never_during_an_upload
     assert left and not left & orphans
     await apply_all(rig)
     assert same_tree(version, rig.dst / "gc" / "1")
+
+
+async def test_a_lost_source_index_is_rebuilt_from_the_destination(
+    rig: Rig, cfg_a: AgentConfig
+) -> None:
+    publish(rig.src, "mistral", "1", 24 * MiB)
+    first = rig.shipper()
+    await first.recover()
+    await ship_once(first)
+    sent_first = first.source.bytes_sent
+    await first.source.aclose()
+    shutil.rmtree(rig.workdir / "a")  # the active region lost its state directory
+    publish(rig.src, "mistral", "2", 24 * MiB, changed(tensors(24 * MiB), 0.10, seed=5))
+    again = rig.shipper()
+    await again.recover()  # position 1 from the vault; the index is rebuilt from manifests
+    await ship_once(again)
+    source = again.source
+    assert isinstance(source, ArtifactsSource)
+    assert 0 < source.bytes_sent < 0.5 * sent_first  # only v2's changed chunks travelled
+    shipped = source.index.shipped()
+    assert set(shipped) == {("mistral", "1"), ("mistral", "2")}
+    target = await apply_all(rig)
+    assert target.applied_manifest("mistral", "1") is not None  # v1 was not announced twice
+    assert same_tree(rig.src / "mistral" / "2", rig.dst / "mistral" / "2")
+
+    stream = StreamConfig(name=rig.stream, kind="artifacts", artifacts=rig.options(rig.src))
+    active = cfg_a.model_copy(update={"streams": [stream]})
+    report = await verify(stream, active)
+    assert report["ok"], report["differences"]
+    assert report["counts"] == {"a": 2, "b": 2} and report["roots"]["a"] == report["roots"]["b"]

@@ -179,6 +179,10 @@ class SourceIndex:
                 db.execute("DELETE FROM packs WHERE key = ?", (key,))
         return True
 
+    def empty(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM packs LIMIT 1").fetchone() is None
+
     def shipped_bytes(self) -> int:
         with self._lock:
             row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM packs").fetchone()
@@ -192,7 +196,7 @@ class SourceIndex:
             db.execute("DELETE FROM records WHERE position >= ?", (position,))
 
     def last_position(self) -> int:
-        """One past the last record handed out (0 when none)."""
+        """One past the last record handed out (0 when none; adopted records are negative)."""
         with self._lock:
             row = self._db.execute("SELECT MAX(position) FROM records").fetchone()
         return 0 if row[0] is None else int(row[0]) + 1
@@ -203,6 +207,16 @@ class SourceIndex:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?)",
+                (position, model, version, fingerprint, root),
+            )
+
+    def add_adopted(self, model: str, version: str, fingerprint: str, root: str) -> None:
+        """Record a version the destination already holds (no stream position of its own)."""
+        with self._tx() as db:
+            row = db.execute("SELECT MIN(position) FROM records").fetchone()
+            position = min(0, int(row[0] or 0)) - 1
+            db.execute(
+                "INSERT INTO records VALUES (?, ?, ?, ?, ?)",
                 (position, model, version, fingerprint, root),
             )
 

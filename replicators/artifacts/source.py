@@ -35,10 +35,12 @@ from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, encode
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import PackRef, seal_pack
+from replicators.artifacts.restore import catalogue
 from replicators.errors import NotFound, SourceError
 from replicators.keys import KeyProvider
 from replicators.store import ObjectStore
 from replicators.stream import Change
+from replicators.vault import Vault
 
 KIND = "artifacts"
 _STEP_BYTES = 32 << 20  # bytes chunked per worker-thread step
@@ -134,6 +136,7 @@ class ArtifactsSource:
         self._acked = 0
         self._shipping = False
         self._pending_since: float | None = None
+        self._vault_roots: dict[tuple[str, str], str] = {}
         self.bytes_sent = 0
         """Pack bytes published by this process (tests and benchmarks read it)."""
 
@@ -150,13 +153,25 @@ class ArtifactsSource:
             else:
                 self.index.pack_done(key, info.size)
         self.index.resume(position)
-        if self.index.last_position() != position:
-            self.log.warning(
-                "manifest journal is behind the vault; versions will be re-announced",
-                journal=self.index.last_position(),
-                vault=position,
-            )
+        if position > 0 and self.index.empty():
+            await self._rebuild()
         self._next = position
+
+    async def _rebuild(self) -> None:
+        """A lost (or new) index for a destination that already holds versions: learn its
+        chunks from the manifests in its vault, so none of them is sent again."""
+        known = await catalogue(Vault(self.store), self.keys, self.stream)
+        packs: dict[str, dict[bytes, tuple[int, int]]] = {}
+        for m in known.values():
+            for f in m.files:
+                for c in f.chunks:
+                    packs.setdefault(m.packs[c.pack], {})[c.id] = (c.record, c.length)
+        for key, chunks in packs.items():
+            self.index.adopt(key, 0, [(cid, rec, n) for cid, (rec, n) in chunks.items()])
+        self._vault_roots = {k: m.root().hex() for k, m in known.items()}
+        self.log.info(
+            "chunk index rebuilt from the destination", versions=len(known), packs=len(packs)
+        )
 
     async def ack(self, position: int) -> None:
         """Records before ``position`` are durable: once all are and no version is being
@@ -268,9 +283,14 @@ class ArtifactsSource:
         if stop.is_set() or again is None or again.fingerprint() != v.fingerprint():
             return None
         manifest = _manifest(v, files, self.chunker.params)
+        root = manifest.root().hex()
+        if self._vault_roots.get(v.key) == root:  # already there (rebuilt index): no record
+            self.index.add_adopted(v.model, v.version, v.fingerprint(), root)
+            del self._vault_roots[v.key]
+            return None
         payload = encode(manifest)
         position = self._next
-        self.index.add_record(position, v.model, v.version, v.fingerprint(), manifest.root().hex())
+        self.index.add_record(position, v.model, v.version, v.fingerprint(), root)
         self._next += 1
         self.log.info(
             "version shipped",
