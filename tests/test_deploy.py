@@ -180,7 +180,8 @@ def test_overlay_renders_and_its_references_hold(region: str) -> None:
         p["name"] for p in svc["spec"]["ports"]
     }
     assert mon["spec"]["endpoints"][0]["path"] == "/metrics"
-    assert mon["metadata"]["name"] == "dragent"  # job label: what the alert rules select
+    job = svc["metadata"]["labels"][mon["spec"]["jobLabel"]]
+    assert job == "dragent"  # the job label the alert rules and the dashboard select
 
     assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert "/readyz" in " ".join(agent["readinessProbe"]["exec"]["command"])

@@ -157,3 +157,29 @@ def test_accept_header_picks_the_report_format() -> None:
     assert preferred_type("application/json, text/html;q=0.5") == "application/json"
     assert preferred_type("text/markdown") == "text/markdown"
     assert preferred_type("text/html;q=0.2, text/markdown;q=0.8") == "text/markdown"
+
+
+async def test_verify_jobs_refuse_unknown_streams_and_export_the_last_result(cfg_b) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.verifyjobs import Job, VerifyJobs, VerifyUnavailable
+
+    jobs = VerifyJobs(lambda: cfg_b, keep=2)
+    with pytest.raises(VerifyUnavailable) as refused:
+        jobs.submit("no-such-stream")
+    assert refused.value.status == 404
+    for i, ok in enumerate((True, False, True)):
+        job = Job(f"j{i}", "synthetic", "synthetic", False, 100.0 + i)
+        job.state, job.finished_at = "done", 200.0 + i
+        job.report = {"ok": ok, "differences": [] if ok else [{"what": "x", "where": "y"}]}
+        jobs._jobs[job.id] = job
+        jobs._trim()
+    assert [j.id for j in jobs.jobs()] == ["j2", "j1"]  # the oldest finished job is dropped
+    registry = CollectorRegistry()
+    registry.register(jobs.collector)
+    value = registry.get_sample_value
+    assert value("dragent_verification_ok", {"stream": "synthetic"}) == 1.0
+    assert value("dragent_verification_last_run_timestamp_seconds", {"stream": "synthetic"}) == 202
+    assert value("dragent_verification_differences", {"stream": "synthetic"}) == 0.0
+    ts = value("dragent_verification_last_success_timestamp_seconds", {"stream": "synthetic"})
+    assert ts == 202.0
