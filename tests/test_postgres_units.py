@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from replicators.errors import IntegrityError
 from replicators.postgres import lsn as L
 from replicators.postgres.restore import RestoreTarget
 from replicators.postgres.spool import decode_records
-from replicators.postgres.walfetch import fetch
+from replicators.postgres.walfetch import FILLING, fetch
 from replicators.postgres.walsource import LsnClock
 from replicators.segment import SegmentHeader
 
@@ -106,3 +108,16 @@ def test_history_records_travel_without_moving_the_position() -> None:
     assert [p[1] for p in pieces] == [L.HISTORY, 100]
     with pytest.raises(ValueError):
         L.unpack_record(L.pack_history(1, b""))
+
+
+def test_wal_fetch_waits_for_whole_files_while_a_restore_fills(tmp_path: Path) -> None:
+    name = L.wal_file_name(1, SEG)
+    (tmp_path / name).write_bytes(b"A" * 100 + bytes(SEG - 100))
+    (tmp_path / "state.json").write_text(json.dumps({"end": SEG + 100}))
+    (tmp_path / FILLING).touch()
+    timer = threading.Timer(0.3, (tmp_path / FILLING).unlink)
+    timer.start()
+    started = time.monotonic()
+    assert fetch(tmp_path, name, tmp_path / "out") == 0
+    assert time.monotonic() - started >= 0.25  # held back until the fill was done
+    timer.join()

@@ -6,8 +6,9 @@
    each fully verified, checked for continuity and written into a restore
    spool in log order, up to the target (segments before the backup are
    skipped once their header is read).
-3. The cluster starts with ``recovery.signal``, restore_command serving the
-   spool through ``wal-fetch``, the recovery target and
+3. At the same time (replay does not wait for the fetch), the cluster starts
+   with ``recovery.signal``, restore_command serving the spool through
+   ``wal-fetch`` (whole files only until the fetch is done), the recovery target and
    ``recovery_target_action = promote``; we wait for the promotion and report
    the LSN and the commit time reached.
 
@@ -18,6 +19,7 @@ restore stops with ``IntegrityError`` before the cluster starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import shutil
@@ -32,6 +34,7 @@ from replicators.postgres import standby
 from replicators.postgres.basebackup import choose_backup, extract_backup, list_backups
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
+from replicators.postgres.walfetch import FILLING
 from replicators.sink import check_continuity
 from replicators.store import ObjectStore
 from replicators.stream import Applied
@@ -157,20 +160,33 @@ async def restore(
     await extract_backup(options, store, keys, backup, data_dir, on_bytes=on_bytes)
     spool_path = spool_dir or data_dir.with_name(data_dir.name + ".wal")
     spool = WalSpool(spool_path)
-    count = await fill_spool(
-        store, keys, stream, spool, from_lsn=backup.start_lsn, target=target, on_segment=on_bytes
-    )
+    marker = spool_path / FILLING
+    marker.touch()  # wal-fetch serves only whole files until the fill is complete
+
+    async def fill() -> int:
+        try:
+            return await fill_spool(
+                store, keys, stream, spool, from_lsn=backup.start_lsn, target=target,
+                on_segment=on_bytes,
+            )  # fmt: skip
+        finally:
+            marker.unlink(missing_ok=True)
+
     standby.configure(
-        options,
-        data_dir,
-        port=port,
-        spool=spool_path,
-        signal="recovery.signal",
+        options, data_dir, port=port, spool=spool_path, signal="recovery.signal",
         settings=target.settings(),
-    )
-    await standby.start(options, data_dir, wait=False)
+    )  # fmt: skip
     dsn = f"postgresql://{_user()}@127.0.0.1:{port}/postgres"
-    await standby.wait_promoted(dsn, within)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            filled = tg.create_task(fill())  # replay starts while WAL is still fetched
+            await standby.start(options, data_dir, wait=False)
+            await standby.wait_promoted(dsn, within, data_dir=data_dir)
+    except BaseExceptionGroup as group:
+        with contextlib.suppress(Exception):
+            await standby.stop(options, data_dir)
+        raise group.exceptions[0] from None
+    count = filled.result()
     lsn, replay_time = await standby.replay_position(dsn)
     # Promoted: the cluster no longer reads the restore spool.
     await asyncio.to_thread(shutil.rmtree, spool_path, True)

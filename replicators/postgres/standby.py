@@ -144,10 +144,20 @@ async def replay_position(dsn: str) -> tuple[str | None, float | None]:
     return row["lsn"], row["t"]
 
 
-async def wait_promoted(dsn: str, within: float) -> None:
-    """Wait until the cluster at ``dsn`` accepts writes (recovery finished)."""
+async def wait_promoted(dsn: str, within: float, *, data_dir: Path | None = None) -> None:
+    """Wait until the cluster at ``dsn`` accepts writes (recovery finished). With
+    ``data_dir``, raise ``SourceError`` with the log's tail as soon as the server has
+    exited (e.g. the recovery target lies beyond the WAL in the vault)."""
     deadline = time.monotonic() + within
+    started = time.monotonic()
     while True:
+        if (
+            data_dir is not None
+            and time.monotonic() - started > 5.0
+            and not await asyncio.to_thread((data_dir / "postmaster.pid").exists)
+        ):
+            tail = await asyncio.to_thread(_log_tail, data_dir)
+            raise SourceError(f"PostgreSQL stopped during recovery:\n{tail}")
         try:
             conn = await asyncpg.connect(dsn, timeout=5)
             try:
@@ -160,3 +170,11 @@ async def wait_promoted(dsn: str, within: float) -> None:
         if time.monotonic() > deadline:
             raise SourceError(f"recovery did not finish within {within:.0f}s")
         await asyncio.sleep(0.2)
+
+
+def _log_tail(data_dir: Path, lines: int = 8) -> str:
+    try:
+        text = (data_dir / "postgres.log").read_text(errors="replace")
+    except OSError:
+        return "    (no postgres.log)"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])

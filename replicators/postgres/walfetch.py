@@ -7,7 +7,10 @@
   with zeros to 16 MiB, so PostgreSQL replays up to its last complete record
   and asks again (the applied end moves on as the sink applies segments);
 - anything at or past the applied end, or missing, exits 1 ("not yet"), which
-  PostgreSQL treats as the end of the archive for now.
+  PostgreSQL treats as the end of the archive for now;
+- while a point-in-time restore is still filling the spool (a ``FILLING``
+  marker), a file is served only once complete, waiting for it: replay runs
+  while later segments are still being fetched.
 
 The spool holds only bytes of segments that passed full verification (the
 sink writes nothing else), and bytes past the recorded applied end are never
@@ -26,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 try:
@@ -34,6 +38,9 @@ except ImportError:  # run as a script by the PostgreSQL OS user
     import lsn as L  # type: ignore[import-not-found, no-redef]
 
 FOUND, NOT_YET, FAILED = 0, 1, 2
+FILLING = "FILLING"
+"""Marker file: a restore is still writing this spool; wal-fetch waits for whole files."""
+FILL_WAIT = 600.0
 
 
 def fetch(spool: Path, name: str, dest: Path) -> int:
@@ -48,9 +55,8 @@ def fetch(spool: Path, name: str, dest: Path) -> int:
         _, file_start = L.parse_wal_file_name(name)
     except ValueError:
         return NOT_YET  # backup history files, .partial names: not kept here
-    try:
-        state = json.loads((spool / "state.json").read_text())
-    except FileNotFoundError:
+    state = _wait_while_filling(spool, file_start)
+    if state is None:
         return NOT_YET
     end = int(state["end"])
     source = spool / name
@@ -70,6 +76,25 @@ def fetch(spool: Path, name: str, dest: Path) -> int:
 
     _copy_into_place(dest, write)
     return FOUND
+
+
+def _read_state(spool: Path) -> dict[str, object] | None:
+    try:
+        return json.loads((spool / "state.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _wait_while_filling(spool: Path, file_start: int) -> dict[str, object] | None:
+    """While a restore is still filling the spool (``FILLING`` exists), wait until the
+    requested file is complete: a partial file served then would end recovery early."""
+    deadline = time.monotonic() + FILL_WAIT
+    while (spool / FILLING).exists() and time.monotonic() < deadline:
+        state = _read_state(spool)
+        if state is not None and file_start + L.WAL_SEGMENT_SIZE <= int(state["end"]):  # type: ignore[call-overload]
+            return state
+        time.sleep(0.1)
+    return _read_state(spool)
 
 
 def _copy_into_place(dest: Path, write: object) -> None:
