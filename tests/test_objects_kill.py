@@ -123,7 +123,7 @@ async def _newest_versions_won(src: Bucket, dst: Bucket) -> None:
 async def test_kill_9_while_churning_mirror_equals_source(
     lab: Lab, tmp_path: Path, unique: str
 ) -> None:
-    await run_scenario(lab, tmp_path, unique, n=400, n_large=2)
+    await run_scenario(lab, tmp_path, unique, n=200, n_large=1)
 
 
 @pytest.mark.soak
