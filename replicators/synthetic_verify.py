@@ -13,11 +13,14 @@ vault. Synthetic copies are not repaired: ``repair`` is refused.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
 
 from replicators.errors import IntegrityError, SourceError
 from replicators.keys import KeyProvider, build_key_provider, unseal
@@ -117,8 +120,12 @@ async def _vault_side(
 ) -> _VaultSide:
     side = _VaultSide(leaves=[] if collect else None)
     tree = MerkleBuilder()
+    bar = tqdm(
+        desc=f"verify {stream}", unit="seg", file=sys.stderr, disable=not sys.stderr.isatty()
+    )
     try:
         async for w in walk_segments(store, keys, stream):
+            bar.update()
             side.segments += 1
             side.records += len(w.opened.records)
             side.bytes += w.size
@@ -130,6 +137,8 @@ async def _vault_side(
                     side.leaves.append(leaf)
     except IntegrityError as exc:
         side.problem, side.where = str(exc), exc.where or None
+    finally:
+        bar.close()
     side.root = tree.root().hex()
     return side
 
