@@ -219,6 +219,11 @@ async def test_standby_follows_primary_through_the_vault(pg: PgRig) -> None:
 
         await eventually(caught_up, within=30)
         assert await fetchval(replica, "SELECT pg_is_in_recovery()") is True
+        # the live standby, compared at the primary's LSN while writes go on
+        writes = asyncio.create_task(insert_range(primary, table, 1000, 1100))
+        report = await compare(primary, replica, [f"public.{table}"])
+        await writes
+        assert report["ok"] and report["at"]["copy_is_standby"] is True
 
 
 def table_of(pg: PgRig) -> str:

@@ -121,3 +121,14 @@ def test_wal_fetch_waits_for_whole_files_while_a_restore_fills(tmp_path: Path) -
     assert fetch(tmp_path, name, tmp_path / "out") == 0
     assert time.monotonic() - started >= 0.25  # held back until the fill was done
     timer.join()
+
+
+def test_dragent_wal_fetch_command(tmp_path: Path) -> None:
+    from agent.cli import main
+
+    name = L.wal_file_name(1, 0)
+    (tmp_path / name).write_bytes(bytes(SEG))
+    (tmp_path / "state.json").write_text(json.dumps({"end": SEG}))
+    assert main(["wal-fetch", name, str(tmp_path / "out"), "--spool", str(tmp_path)]) == 0
+    assert (tmp_path / "out").stat().st_size == SEG
+    assert main(["wal-fetch", L.wal_file_name(1, SEG), "x", "--spool", str(tmp_path)]) == 1

@@ -138,7 +138,7 @@ async def _lsn_state(conn: asyncpg.Connection) -> tuple[bool, str]:
 
 async def _wait_replayed(copy: asyncpg.Connection, lsn: str, within: float) -> None:
     deadline = time.monotonic() + within
-    while not await copy.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", lsn):
+    while not await copy.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn):
         if time.monotonic() > deadline:
             raise SourceError(f"the standby did not replay {lsn} within {within:.0f}s")
         await asyncio.sleep(0.2)
