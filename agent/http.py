@@ -28,13 +28,15 @@ import hmac
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from agent.config import HttpConfig
-from agent.statuspage import PAGE, RpoHistory, local_alerts
+from agent.config import AgentConfig, HttpConfig
+from agent.statuspage import PAGE, RpoHistory, local_alerts, peer_summary
 from agent.verifyjobs import Job, VerifyJobs, VerifyUnavailable
 from verifiers.report import to_html, to_markdown
 
@@ -84,8 +86,7 @@ def build_app(
     ``jobs.collector`` is registered on ``registry`` and ``jobs.serve()`` runs for the
     life of the app, as does the RPO history sampler."""
     app = web.Application(middlewares=[_auth_middleware(token)])
-    history = RpoHistory()
-    drills: dict[str, float] = {}
+    live = Live()
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -105,8 +106,9 @@ def build_app(
             {k: j.summary() for k, j in jobs.latest().items()} if jobs is not None else {}
         )
         body.setdefault("verifications", verifications)
-        body.setdefault("drills", dict(drills))
-        body.setdefault("rpo_history", history.series())
+        body.setdefault("drills", dict(live.drills))
+        body.setdefault("peers", list(live.peers.values()))
+        body.setdefault("rpo_history", live.history.series())
         body.setdefault("alerts", local_alerts(body, verifications))
         return web.json_response(body)
 
@@ -114,7 +116,7 @@ def build_app(
         return web.Response(text=PAGE, content_type="text/html", charset="utf-8")
 
     async def background(_: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(_background(source, registry, history, drills, jobs))
+        task = asyncio.create_task(_background(source, registry, live, jobs))
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -132,37 +134,64 @@ def build_app(
     return app
 
 
+@dataclass
+class Live:
+    """What the endpoint samples in the background for /status and the page."""
+
+    history: RpoHistory = field(default_factory=RpoHistory)
+    drills: dict[str, float] = field(default_factory=dict)
+    peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 async def _background(
-    source: StatusSource,
-    registry: CollectorRegistry,
-    history: RpoHistory,
-    drills: dict[str, float],
-    jobs: VerifyJobs | None,
+    source: StatusSource, registry: CollectorRegistry, live: Live, jobs: VerifyJobs | None
 ) -> None:
-    """The app's own tasks, owned by one TaskGroup: the RPO sampler and the verify jobs."""
+    """The app's own tasks, owned by one TaskGroup: the sampler and the verify jobs."""
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(_sample(source, registry, history, drills))
+        tg.create_task(_sample(source, registry, live, jobs))
         if jobs is not None:
             tg.create_task(jobs.serve())
 
 
 async def _sample(
-    source: StatusSource,
-    registry: CollectorRegistry,
-    history: RpoHistory,
-    drills: dict[str, float],
+    source: StatusSource, registry: CollectorRegistry, live: Live, jobs: VerifyJobs | None
 ) -> None:
-    """Every second, one RPO/lag sample per stream; every ten, the drill times."""
+    """Every second one RPO/lag sample per stream; every ten the drill times; every
+    five the peers' roles (from their open /metrics)."""
     tick = 0
-    while True:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while True:
+            try:
+                live.history.add(time.time(), source.status())
+                if tick % 10 == 0:
+                    live.drills.update(_drill_times(registry))
+            except Exception:  # a status that fails now must not end the sampling for good
+                pass
+            if tick % 5 == 0 and jobs is not None:
+                await _poll_peers(http, jobs.config(), live)
+            tick += 1
+            await asyncio.sleep(SAMPLE_EVERY)
+
+
+async def _poll_peers(http: aiohttp.ClientSession, cfg: AgentConfig, live: Live) -> None:
+    """Each peer's role and epoch, read from its /metrics; unreachable ones say so."""
+    for peer in cfg.peers:
+        if not peer.agent_url:
+            continue
+        row: dict[str, Any] = {
+            "region": peer.name,
+            "url": peer.agent_url,
+            "checked_at": time.time(),
+        }
         try:
-            history.add(time.time(), source.status())
-            if tick % 10 == 0:
-                drills.update(_drill_times(registry))
-        except Exception:  # a status that fails now must not end the sampling for good
-            pass
-        tick += 1
-        await asyncio.sleep(SAMPLE_EVERY)
+            async with http.get(peer.agent_url.rstrip("/") + "/metrics") as resp:
+                resp.raise_for_status()
+                row.update(peer_summary(await resp.text()), reachable=True)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            row.update(reachable=False, error=type(exc).__name__)
+        live.peers[peer.name] = row
+    for gone in set(live.peers) - {p.name for p in cfg.peers}:
+        del live.peers[gone]
 
 
 def _drill_times(registry: CollectorRegistry) -> dict[str, float]:

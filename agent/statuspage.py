@@ -1,13 +1,15 @@
 """The agent's status page: one self-contained HTML page, and the data it polls.
 
 The page (``PAGE``) carries no data: its script polls ``/status`` every two
-seconds and draws the region and role, each stream's watermarks and RPO (with
+seconds and draws the regions and their roles (this one, and each peer's as
+its open ``/metrics`` says), each stream's watermarks and RPO (with
 a sparkline of the recent samples), the last verification of each stream, the
 last drills and the open alerts. With a bearer token configured, the page
 takes it from the URL fragment (``/#token=...``, never sent to the server or
 its logs) and sends it with each poll.
 
-The pure parts live here: ``RpoHistory`` (a short in-memory history of RPO or
+The pure parts live here: ``peer_summary`` (a peer's role from its metrics),
+``RpoHistory`` (a short in-memory history of RPO or
 apply-lag samples per stream) and ``local_alerts`` (what this agent alone can
 tell is wrong: the conditions of the Prometheus rules it can see itself).
 """
@@ -91,6 +93,23 @@ def local_alerts(
     return sorted(alerts, key=lambda a: order.get(a["severity"], 2))
 
 
+def peer_summary(metrics_text: str) -> dict[str, Any]:
+    """Role and epoch from a peer agent's /metrics text. Raises ``ValueError`` if the
+    text is not Prometheus exposition format or names no role."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, Any] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "dragent_role" and sample.value == 1:
+                out["role"] = sample.labels.get("role")
+            elif sample.name == "dragent_epoch":
+                out["epoch"] = int(sample.value)
+    if "role" not in out:
+        raise ValueError("no dragent_role in the peer's metrics")
+    return out
+
+
 def _alert(name: str, severity: str, summary: str) -> dict[str, str]:
     return {"alert": name, "severity": severity, "summary": summary}
 
@@ -115,6 +134,9 @@ th{background:#f3f4f6}.num{text-align:right;font-variant-numeric:tabular-nums}
 <div>epoch <span id="epoch">?</span> · generation <span id="generation">?</span> ·
 up <span id="uptime">?</span> · updated <span id="updated">never</span>
 <span id="error"></span></div>
+<h2>Regions</h2>
+<table><thead><tr><th>region</th><th>role</th><th>epoch</th><th>agent</th><th>checked</th>
+</tr></thead><tbody id="regions"></tbody></table>
 <h2>Open alerts</h2>
 <ul id="alerts"><li>loading…</li></ul>
 <h2>Streams</h2>
@@ -172,6 +194,16 @@ function render(s) {
   $("epoch").textContent = s.epoch; $("generation").textContent = s.generation;
   $("uptime").textContent = s.uptime_seconds.toFixed(0) + " s";
   $("updated").textContent = new Date().toISOString().slice(11, 19) + " UTC";
+  const regions = $("regions"); regions.replaceChildren();
+  const here = {region: s.region + " (this agent)", role: s.role, epoch: s.epoch,
+                url: location.origin, reachable: true};
+  for (const p of [here, ...(s.peers || [])]) {
+    const r = document.createElement("tr"); r.dataset.region = p.region;
+    cell(r, p.region);
+    cell(r, p.reachable ? p.role : "unreachable (" + p.error + ")", p.reachable ? "" : "bad");
+    cell(r, p.epoch == null ? "–" : String(p.epoch)); cell(r, p.url);
+    cell(r, p.checked_at ? ago(p.checked_at) : "now"); regions.appendChild(r);
+  }
   const alerts = $("alerts"); alerts.replaceChildren();
   for (const a of s.alerts || []) {
     const li = document.createElement("li");

@@ -101,6 +101,10 @@ class VerifyJobs:
         self._log = logs.get("verify")
         self.collector = VerificationCollector(self)
 
+    def config(self) -> AgentConfig:
+        """The agent's configuration as of now (it changes on reload)."""
+        return self._config()
+
     # -- requests -----------------------------------------------------------------
     def submit(self, stream_name: str, *, deep: bool = False) -> Job:
         """Queue a verification of ``stream_name``. Raises ``VerifyUnavailable``."""

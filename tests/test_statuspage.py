@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from agent.lab import Lab
-from agent.statuspage import RpoHistory, local_alerts
+from agent.statuspage import RpoHistory, local_alerts, peer_summary
 from tests.support import eventually
 from tests.test_agent import Pair
 
@@ -42,6 +42,13 @@ def test_history_keeps_recent_samples_per_stream_and_forgets_removed_ones() -> N
     assert h.series() == {"vault->t": [(105.0, 2.0)]}
     h.add(106.0, {"streams": [stream("s->b", rpo_seconds=None)]})  # no value: no sample
     assert h.series() == {}
+
+
+def test_peer_summary_reads_role_and_epoch_from_metrics() -> None:
+    text = 'dragent_role{role="active"} 0.0\ndragent_role{role="passive"} 1.0\ndragent_epoch 4.0\n'
+    assert peer_summary(text) == {"role": "passive", "epoch": 4}
+    with pytest.raises(ValueError):
+        peer_summary("up 1\n")
 
 
 def test_local_alerts_mirror_the_prometheus_rules() -> None:
@@ -139,6 +146,9 @@ async def test_status_page_shows_roles_watermarks_rpo_alerts_and_verification(
         assert re.search(r'class="num rpo (bad|ok)">\d+\.\d\d s<', dom_a)
         assert re.search(r'class="spark"[^>]*data-points="([3-9]|\d\d+)"', dom_a)
         assert "DragentRpoOverTarget" in text_of(dom_a, "alerts")
+        regions = text_of(dom_a, "regions")  # b's role, read from b's open /metrics
+        assert re.search(r"a \(this agent\)\s+active\s+1", regions), regions
+        assert re.search(r"\bb\s+passive\s+1\s+" + re.escape(pair.b.url), regions), regions
 
         dom_b = await dump_dom(f"{pair.b.url}/#token=p4ge-token", tmp_path / "profile-b")
         assert text_of(dom_b, "role").strip() == "passive"
