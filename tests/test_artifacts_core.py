@@ -10,7 +10,17 @@ import pytest
 
 from replicators.artifacts import layout
 from replicators.artifacts.chunker import Chunker, chunk_id
-from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, decode, encode, locate
+from replicators.artifacts.manifest import (
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    Tombstone,
+    decode,
+    decode_record,
+    encode,
+    encode_tombstone,
+    locate,
+)
 from replicators.artifacts.packs import FRAME_SIZE, PackRef, damaged_records, seal_pack
 from replicators.errors import IntegrityError
 from replicators.segment import DataKey, open_segment
@@ -123,3 +133,12 @@ def test_layout_scan_and_completeness(tmp_path: Path) -> None:
     again = layout.scan_version(tmp_path, "llama", "v1")
     assert again is not None and layout.complete(again, now, "_COMPLETE", 30.0)
     assert again.fingerprint() != info.fingerprint()
+
+
+def test_tombstones_round_trip_and_manifests_still_decode() -> None:
+    t = Tombstone("llama", "v1", 5.0)
+    assert decode_record(encode_tombstone(t)) == t
+    m = manifest((entry("w.bin", (b"aa", 0, 0)),))
+    assert decode_record(encode(m)) == m
+    with pytest.raises(IntegrityError, match="unsafe"):
+        decode_record(encode_tombstone(Tombstone("..", "v1", 5.0)))

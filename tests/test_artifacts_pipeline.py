@@ -24,7 +24,7 @@ from replicators.artifacts.gc import collect
 from replicators.artifacts.kind import verify
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import packs_prefix
-from replicators.artifacts.restore import catalogue
+from replicators.artifacts.restore import catalogue, find
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
 from replicators.errors import IntegrityError
@@ -344,3 +344,45 @@ async def test_a_lost_source_index_is_rebuilt_from_the_destination(
     report = await verify(stream, active)
     assert report["ok"], report["differences"]
     assert report["counts"] == {"a": 2, "b": 2} and report["roots"]["a"] == report["roots"]["b"]
+
+
+async def test_a_deleted_version_is_removed_then_collected_after_retention(rig: Rig) -> None:
+    old = publish(rig.src, "del", "1", 6 * MiB)
+    publish(rig.src, "del", "2", 6 * MiB, changed(tensors(6 * MiB), 1.0, seed=1))
+    shipper = rig.shipper()
+    await shipper.recover()
+    await ship_once(shipper)
+    await apply_all(rig)
+    assert (rig.dst / "del" / "1").is_dir()
+    before = {i.key async for i in rig.vault.store.list(packs_prefix(rig.stream))}
+    shutil.rmtree(old)
+    await ship_once(shipper)  # a tombstone
+    target = await apply_all(rig)
+    assert not (rig.dst / "del" / "1").exists() and (rig.dst / "del" / "2").is_dir()
+    assert target.applied_manifest("del", "1") is None
+    kept = await find(rig.vault, rig.recv_keys, rig.stream, "del", "1")  # still restorable
+    source = shipper.source
+    assert isinstance(source, ArtifactsSource)
+    args = (rig.vault.store, rig.send_keys, source.index, rig.stream)
+    assert (await collect(*args, grace=0, retention=3600)).deleted == []
+    done = await collect(*args, grace=0, retention=0)
+    live = await catalogue(rig.vault, rig.recv_keys, rig.stream)
+    assert set(done.deleted) == set(kept.packs) - set(live[("del", "2")].packs)
+    assert done.deleted and set(done.deleted) <= before
+
+
+async def test_an_empty_store_deletes_nothing(rig: Rig) -> None:
+    publish(rig.src, "keep", "1", 1 * MiB)
+    shipper = rig.shipper()
+    await shipper.recover()
+    await ship_once(shipper)
+    shutil.rmtree(rig.src)  # an unmounted volume looks like this
+    rig.src.mkdir()
+    source = shipper.source
+    assert isinstance(source, ArtifactsSource)
+    stop = asyncio.Event()
+    task = asyncio.create_task(source.next_batch(1 << 20, 0.2, stop))
+    await asyncio.sleep(1.0)
+    stop.set()
+    async with asyncio.timeout(10):
+        assert await task == []

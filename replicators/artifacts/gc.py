@@ -6,8 +6,9 @@ published pack, including packs of an interrupted upload that no manifest
 names yet). One pass (``collect``):
 
 1. read the index's upload ``generation``; stop if an upload is in progress;
-2. read the destination's catalogue (every manifest in the stream's log) and
-   the packs it references;
+2. read the destination's catalogue (the stream's log) and the packs its
+   live versions reference, and those of versions deleted less than
+   ``retention`` ago (still restorable);
 3. list the packs; a pack no manifest references and older than ``grace``
    (by the index, or by its sealed header when the index does not know it)
    is a victim;
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 from agent import logs
 from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.packs import packs_prefix
-from replicators.artifacts.restore import catalogue
+from replicators.artifacts.restore import read_catalogue
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.s3 import S3Store
 from replicators.segment import read_header
@@ -61,7 +62,12 @@ def victims(
 
 
 async def collect(
-    store: ObjectStore, keys: KeyProvider, index: SourceIndex, stream: str, grace: float
+    store: ObjectStore,
+    keys: KeyProvider,
+    index: SourceIndex,
+    stream: str,
+    grace: float,
+    retention: float = 7 * 24 * 3600.0,
 ) -> GcResult:
     """One collection pass (see the module docstring). Idempotent; safe to interrupt."""
     result = GcResult()
@@ -69,8 +75,11 @@ async def collect(
     if index.upload_in_progress():
         result.skipped = "an upload is in progress"
         return result
-    manifests = await catalogue(Vault(store), keys, stream)
-    referenced = {key for m in manifests.values() for key in m.packs}
+    known = await read_catalogue(Vault(store), keys, stream)
+    kept = list(known.live.values()) + [
+        m for m, deleted_at in known.deleted.values() if time.time() - deleted_at < retention
+    ]
+    referenced = {key for m in kept for key in m.packs}
     packs: dict[str, tuple[int, float]] = {}
     async for info in store.list(packs_prefix(stream)):
         created = index.pack_created(info.key)
@@ -95,8 +104,11 @@ async def collect(
 class Collector:
     """The background job of one (stream, destination): ``sync_once`` runs one pass."""
 
-    def __init__(self, stream: str, peer: PeerConfig, state_dir: Path, grace: float) -> None:
-        self.stream, self.peer, self.state_dir, self.grace = stream, peer, state_dir, grace
+    def __init__(
+        self, stream: str, peer: PeerConfig, state_dir: Path, grace: float, retention: float
+    ) -> None:
+        self.stream, self.peer, self.state_dir = stream, peer, state_dir
+        self.grace, self.retention = grace, retention
         self.log = logs.get("artifacts-gc", stream=stream, peer=peer.name)
 
     async def recover(self) -> None:
@@ -110,7 +122,7 @@ class Collector:
         keys = build_key_provider(self.peer.keys)
         index = SourceIndex(path)
         try:
-            result = await collect(store, keys, index, self.stream, self.grace)
+            result = await collect(store, keys, index, self.stream, self.grace, self.retention)
         finally:
             index.close()
             await keys.aclose()

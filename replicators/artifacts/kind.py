@@ -103,7 +103,13 @@ def background(
     return [
         Background(
             name=f"gc-{peer.name}",
-            runner=Collector(stream.name, peer, state_dir / f"to-{peer.name}", options.gc_grace),
+            runner=Collector(
+                stream.name,
+                peer,
+                state_dir / f"to-{peer.name}",
+                options.gc_grace,
+                options.retention,
+            ),
             every=options.gc_interval,
         )
         for peer in agent.peers

@@ -26,6 +26,7 @@ from replicators.errors import IntegrityError
 from verifiers.merkle import leaf_hash, merkle_root
 
 FORMAT = "dragent-artifact-manifest/1"
+DELETE_FORMAT = "dragent-artifact-delete/1"
 _U16, _U32, _U64 = struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
 _NAME = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._@+=-]{0,254}$")
 
@@ -197,6 +198,45 @@ def decode(data: bytes) -> Manifest:
     if m.root().hex() != doc.get("root"):
         raise _fail("stated root does not match the listed content", name)
     return m
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """A version deleted at the source (a stream record like a manifest)."""
+
+    model: str
+    version: str
+    deleted_at: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.version}"
+
+
+def encode_tombstone(t: Tombstone) -> bytes:
+    doc = {
+        "format": DELETE_FORMAT,
+        "model": t.model,
+        "version": t.version,
+        "deleted_at": t.deleted_at,
+    }
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode_record(data: bytes) -> Manifest | Tombstone:
+    """A stream record: a manifest or a tombstone. Raises ``IntegrityError`` if neither."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _fail(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != DELETE_FORMAT:
+        return decode(data)
+    model, version, at = doc.get("model"), doc.get("version"), doc.get("deleted_at")
+    if not (isinstance(model, str) and isinstance(version, str) and isinstance(at, int | float)):
+        raise _fail("tombstone needs model, version and deleted_at", "tombstone")
+    if not (valid_name(model) and valid_name(version)):
+        raise _fail("unsafe model or version name", f"tombstone {model}/{version}")
+    return Tombstone(model, version, float(at))
 
 
 def locate(m: Manifest) -> dict[str, list[tuple[FileEntry, int, int, ChunkRef]]]:

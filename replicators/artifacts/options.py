@@ -29,6 +29,11 @@ class ArtifactsOptions(Section):
     MiB of framing): keep it below the vault's ``multipart_threshold`` so a pack is one PUT."""
     uploads: int = Field(default=4, ge=1, le=64)
     """Pack uploads in flight at once."""
+    mirror_deletes: bool = True
+    """A version removed from the store is removed at the destinations too (its manifest and
+    packs stay in the vault for ``retention``). Never when the whole store looks empty."""
+    retention: Duration = 7 * 24 * 3600.0
+    """How long a deleted version stays restorable from the vault before GC may take its packs."""
     gc_grace: Duration = 24 * 3600.0
     """A pack no manifest references is collected only once it is older than this."""
     gc_interval: PositiveDuration = 3600.0

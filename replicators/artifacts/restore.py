@@ -25,36 +25,61 @@ from replicators.artifacts.assemble import (
     fetch_pack,
     fsync_dir,
 )
-from replicators.artifacts.manifest import Manifest, decode, locate
+from replicators.artifacts.manifest import Manifest, Tombstone, decode_record, locate
 from replicators.artifacts.packs import damaged_records
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, unseal
 from replicators.vault import Vault
 
 
-async def catalogue(
-    vault: Vault, keys: KeyProvider, stream: str
-) -> dict[tuple[str, str], Manifest]:
-    """``{(model, version): latest manifest}`` from the stream's log in ``vault``.
+@dataclass
+class Catalogue:
+    """The versions a stream's log describes: live ones, and deleted ones (with when)."""
 
-    Raises ``IntegrityError`` on a segment or manifest that fails verification.
+    live: dict[tuple[str, str], Manifest] = field(default_factory=dict)
+    deleted: dict[tuple[str, str], tuple[Manifest, float]] = field(default_factory=dict)
+
+
+async def read_catalogue(vault: Vault, keys: KeyProvider, stream: str) -> Catalogue:
+    """Replay the stream's log in ``vault`` (every segment verified in full).
+
+    Raises ``IntegrityError`` on a segment or record that fails verification.
     """
-    out: dict[tuple[str, str], Manifest] = {}
+    out = Catalogue()
     async for ref in vault.segments(stream):
         blob = await vault.get_segment(ref)
         opened = await unseal(blob, keys, expect_stream=ref.stream, expect_seq=ref.seq)
         for record in opened.records:
-            m = decode(record)
-            out[(m.model, m.version)] = m
+            item = decode_record(record)
+            key = (item.model, item.version)
+            if isinstance(item, Tombstone):
+                last = out.live.pop(key, None)
+                if last is not None:
+                    out.deleted[key] = (last, item.deleted_at)
+            else:
+                out.live[key] = item
+                out.deleted.pop(key, None)
     return out
 
 
+async def catalogue(
+    vault: Vault, keys: KeyProvider, stream: str
+) -> dict[tuple[str, str], Manifest]:
+    """``{(model, version): latest manifest}`` of the live versions in the stream's log."""
+    return (await read_catalogue(vault, keys, stream)).live
+
+
 async def find(vault: Vault, keys: KeyProvider, stream: str, model: str, version: str) -> Manifest:
-    """The latest manifest of ``model/version``. Raises ``LookupError`` naming what exists."""
-    known = await catalogue(vault, keys, stream)
-    m = known.get((model, version))
+    """The latest manifest of ``model/version``, live or deleted (while its packs are kept).
+
+    Raises ``LookupError`` naming what exists.
+    """
+    known = await read_catalogue(vault, keys, stream)
+    m = known.live.get((model, version))
+    if m is None and (model, version) in known.deleted:
+        m = known.deleted[(model, version)][0]
     if m is None:
-        names = ", ".join(sorted(f"{a}/{b}" for a, b in known)) or "none"
+        names = ", ".join(sorted(f"{a}/{b}" for a, b in known.live)) or "none"
         raise LookupError(f"stream {stream} has no artifact {model}/{version} (it has: {names})")
     return m
 

@@ -32,7 +32,14 @@ from agent import logs
 from replicators.artifacts import layout
 from replicators.artifacts.chunker import Chunker, Piece
 from replicators.artifacts.index import SourceIndex
-from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, encode
+from replicators.artifacts.manifest import (
+    ChunkRef,
+    FileEntry,
+    Manifest,
+    Tombstone,
+    encode,
+    encode_tombstone,
+)
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import PackRef, seal_pack
 from replicators.artifacts.restore import catalogue
@@ -43,6 +50,7 @@ from replicators.stream import Change
 from replicators.vault import Vault
 
 KIND = "artifacts"
+DELETED = "deleted"  # the fingerprint recorded for a tombstone
 _STEP_BYTES = 32 << 20  # bytes chunked per worker-thread step
 
 
@@ -137,6 +145,7 @@ class ArtifactsSource:
         self._shipping = False
         self._pending_since: float | None = None
         self._vault_roots: dict[tuple[str, str], str] = {}
+        self._gone: list[tuple[str, str]] = []
         self.bytes_sent = 0
         """Pack bytes published by this process (tests and benchmarks read it)."""
 
@@ -202,13 +211,38 @@ class ArtifactsSource:
                 at = layout.ready_at(v, marker, quiet)
                 if at is not None:
                     wake = at if wake is None else min(wake, at)
+        self._gone = self._deleted(versions, shipped)
         return due, wake
+
+    def _deleted(
+        self, versions: list[layout.VersionInfo], shipped: dict[tuple[str, str], tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """Shipped versions whose directory is gone. An empty or missing store deletes nothing
+        (an unmounted volume must not empty every destination)."""
+        if not self.options.mirror_deletes or not versions:
+            return []
+        present = {v.key for v in versions}
+        return sorted(k for k, (fp, _) in shipped.items() if fp != DELETED and k not in present)
+
+    def _tombstones(self) -> list[Change]:
+        out = []
+        for model, version in self._gone:
+            now = time.time()
+            payload = encode_tombstone(Tombstone(model, version, now))
+            self.index.add_record(self._next, model, version, DELETED, "")
+            out.append(Change(payload, self._next, self._next + 1, now))
+            self._next += 1
+            self.log.info("version deleted at the source", version=f"{model}/{version}")
+        self._gone = []
+        return out
 
     async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
         """Ship the chunks of complete versions; return their manifests (at most ``max_bytes``
         of manifests, or one). Waits for a version (watch, scan) until ``stop``."""
         while not stop.is_set():
             due, wake = await self._due()
+            if self._gone:
+                return self._tombstones()
             if due:
                 self._pending_since = min(v.newest for v in due)
                 self.index.begin_upload()

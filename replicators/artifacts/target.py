@@ -23,7 +23,7 @@ from typing import ClassVar
 from agent import logs
 from replicators import checkpoint
 from replicators.artifacts.assemble import MissingPack, assemble, fsync_dir
-from replicators.artifacts.manifest import Manifest, decode, encode
+from replicators.artifacts.manifest import Manifest, Tombstone, decode, decode_record, encode
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.restore import catalogue
 from replicators.keys import KeyProvider
@@ -61,7 +61,11 @@ class ArtifactsTarget:
         """Materialize each manifest in order, then record the segment as applied."""
         self.stream = ref.stream
         for record in records:
-            await self.materialize(decode(record))
+            item = decode_record(record)
+            if isinstance(item, Tombstone):
+                await self.remove(item)
+            else:
+                await self.materialize(item)
         state = {
             "stream": ref.stream,
             "epoch": ref.epoch,
@@ -104,6 +108,13 @@ class ArtifactsTarget:
         await asyncio.to_thread(_write_atomic, path, encode(m))
         self.log.info("version materialized", version=m.name, bytes=m.size, root=m.root().hex())
 
+    async def remove(self, t: Tombstone) -> None:
+        """Take a deleted version out of the model store (moved aside, then removed)."""
+        final = self.options.root / t.model / t.version
+        await asyncio.to_thread(_remove, final)
+        self.manifest_path(t.model, t.version).unlink(missing_ok=True)
+        self.log.info("version removed", version=t.name)
+
     async def _superseded(self, m: Manifest) -> bool:
         """Does the log hold a later, different manifest of the same version? (Then a lagging
         target may skip ``m``: the collector may have deleted packs only ``m`` used.)"""
@@ -127,6 +138,15 @@ def _publish(work: Path, final: Path) -> None:
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove(final: Path) -> None:
+    if not final.exists():
+        return
+    old = final.parent / f".dragent-old-{final.name}-{secrets.token_hex(4)}"
+    os.rename(final, old)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
