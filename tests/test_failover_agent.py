@@ -97,10 +97,14 @@ async def test_killed_active_agent_passive_takes_over_and_ships(
     await eventually(steady, within=30)
     sa = await a.status()
     assert failover(sa)["holding_lease"] and any("->b" in s["task"] for s in sa["streams"])
-    async with aiohttp.ClientSession() as session, session.get(f"{a.url}/metrics") as r:
-        metrics = await r.text()
-    assert "dragent_failover_lease_held 1.0" in metrics
-    assert 'dragent_failover_peer_up{peer="b"} 1.0' in metrics
+
+    async def metrics_show_lease_and_peer() -> bool:
+        async with aiohttp.ClientSession() as session, session.get(f"{a.url}/metrics") as r:
+            metrics = await r.text()
+        held = "dragent_failover_lease_held 1.0" in metrics
+        return held and 'dragent_failover_peer_up{peer="b"} 1.0' in metrics
+
+    await eventually(metrics_show_lease_and_peer, within=15)
 
     await a.kill()
 

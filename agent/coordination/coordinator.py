@@ -47,7 +47,7 @@ class Coordinator:
         self.lease = EtcdLease(cfg.etcd, cfg.region, self.f.lease_ttl)
         self.peers = PeerWatch(self.f.peer_probes, self.f.probe_timeout)
         dsn = self.f.postgres_dsn
-        self.heartbeat = Heartbeat(dsn, cfg.region) if dsn else None
+        self.heartbeat = Heartbeat(dsn, cfg.region, self.f.probe_timeout) if dsn else None
         self.switches = [build_switch(s) for s in self.f.switches]
         self.catch_up = catch_up
         self.rules = Rules(
@@ -136,7 +136,12 @@ class Coordinator:
     ) -> None:
         while not stop.is_set():
             started = time.monotonic()
-            await job()
+            try:
+                await job()
+            except Exception as exc:  # one loop for every job: a failed cycle is retried
+                self._warn(
+                    f"{getattr(job, '__name__', 'job')} failed", f"{type(exc).__name__}: {exc}"
+                )
             with contextlib.suppress(TimeoutError):
                 wait = max(0.0, interval - (time.monotonic() - started))
                 async with asyncio.timeout(wait):
@@ -193,10 +198,24 @@ class Coordinator:
         return decision
 
     async def _act(self, action: Action) -> None:
+        """Run one action; a failure is logged and the next cycle decides again
+        (a fence that failed is decided again, the region is not marked fenced).
+        Fencing has a deadline of ``fence_after`` so renewals never wait long."""
         handler = getattr(self, f"_do_{action.kind}")
         try:
-            await handler(action)
-        except (EtcdUnavailable, fencing.FencingError, OSError, asyncpg.PostgresError) as exc:
+            if action.kind in ("fence", "unfence"):
+                async with asyncio.timeout(self.f.fence_after):
+                    await handler(action)
+            else:
+                await handler(action)
+        except (
+            EtcdUnavailable,
+            fencing.FencingError,
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+        ) as exc:
             self._warn(f"{action.kind} failed", f"{type(exc).__name__}: {exc}")
 
     async def _do_renew(self, action: Action) -> None:
@@ -298,7 +317,7 @@ class Coordinator:
                 self.last_heartbeat = await self.heartbeat.beat(epoch)
                 run.mark("serving")
                 return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # retried until the deadline, then recorded
                 error = f"{type(exc).__name__}: {exc}"
                 await asyncio.sleep(0.1)
         run.errors.append(f"not serving: {error}")
@@ -360,7 +379,7 @@ class Coordinator:
             return
         try:
             self.last_heartbeat = await self.heartbeat.beat(self.epoch)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except Exception as exc:  # reported; the heartbeat loop goes on
             self._warn("heartbeat failed", f"{type(exc).__name__}: {exc}")
 
     async def _lag(self, leader: str | None) -> float | None:
@@ -374,7 +393,7 @@ class Coordinator:
         primary = self.peers.last_heartbeat.get(leader)
         try:
             local = await self.heartbeat.last(leader)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        except Exception:  # lag unknown: the max_lag gate then refuses
             return None
         if primary is None or local is None:
             return None

@@ -143,12 +143,16 @@ class PeerWatch:
 
 
 class Heartbeat:
-    """The heartbeat row of one region in its own database."""
+    """The heartbeat row of one region in its own database. One connection,
+    used by one operation at a time (the heartbeat loop and the decision loop
+    both use it); each operation has a deadline of ``within`` seconds."""
 
-    def __init__(self, dsn: str, region: str) -> None:
+    def __init__(self, dsn: str, region: str, within: float = 1.0) -> None:
         self.dsn = dsn
         self.region = region
+        self.within = within
         self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -157,25 +161,27 @@ class Heartbeat:
 
     async def beat(self, epoch: int) -> float:
         """Write the heartbeat; return its commit time (the database's clock).
-        Raises asyncpg/OS errors (a fenced database refuses: read-only)."""
-        conn = await self._connection()
-        try:
-            await conn.execute(HEARTBEAT_DDL)
-            return float(await conn.fetchval(HEARTBEAT_UPSERT, self.region, epoch))
-        except BaseException:
-            await self.aclose()
-            raise
+        Raises asyncpg/OS errors or TimeoutError (a fenced database refuses)."""
+        async with self._lock, asyncio.timeout(self.within):
+            conn = await self._connection()
+            try:
+                await conn.execute(HEARTBEAT_DDL)
+                return float(await conn.fetchval(HEARTBEAT_UPSERT, self.region, epoch))
+            except BaseException:
+                await self.aclose()
+                raise
 
     async def last(self, region: str) -> float | None:
         """The last heartbeat of ``region`` this database has (replayed or written)."""
-        conn = await self._connection()
-        try:
-            return await conn.fetchval(HEARTBEAT_LAST, region)
-        except asyncpg.UndefinedTableError:
-            return None
-        except BaseException:
-            await self.aclose()
-            raise
+        async with self._lock, asyncio.timeout(self.within):
+            conn = await self._connection()
+            try:
+                return await conn.fetchval(HEARTBEAT_LAST, region)
+            except asyncpg.UndefinedTableError:
+                return None
+            except BaseException:
+                await self.aclose()
+                raise
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
