@@ -13,12 +13,16 @@ others; the exit code is 1 if any failed.
 The summary (``benchmarks/results/summary.json`` and ``summary.md``) lists,
 per benchmark, its exit status, wall time and its headline figures: every
 numeric result whose name says it is a percentile, a median, a maximum, a
-ratio or a rate. ``--json`` prints the summary as JSON instead of the table.
+ratio or a rate; and one SVG chart (``benchmarks/results/<name>-<n>.svg``)
+per side-by-side comparison a benchmark reports (a table whose entries, such
+as ``ours`` and ``rclone``, share figures). ``--json`` prints the summary as
+JSON instead of the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import re
 import shlex
@@ -107,6 +111,78 @@ def headline(results: Any) -> dict[str, float]:
     return dict(list(figures.items())[:MAX_FIGURES])
 
 
+def comparisons(value: Any, path: str = "") -> list[tuple[str, dict[str, dict[str, float]]]]:
+    """Side-by-side groups: a table whose entries (``ours``, ``rclone``...) are tables
+    sharing numeric figures; returns ``(path, {figure: {entry: value}})`` per group."""
+    found: list[tuple[str, dict[str, dict[str, float]]]] = []
+    if not isinstance(value, dict):
+        return found
+    entries = {
+        k: {f: float(x) for f, x in v.items() if isinstance(x, int | float)}
+        for k, v in value.items()
+        if isinstance(v, dict)
+    }
+    entries = {k: v for k, v in entries.items() if v}
+    seen: set[frozenset[str]] = set()
+    for anchor in entries.values():
+        cluster = frozenset(k for k, v in entries.items() if len(set(v) & set(anchor)) >= 2)
+        if len(cluster) < 2 or cluster in seen:
+            continue
+        seen.add(cluster)
+        shared = sorted(set.intersection(*(set(entries[k]) for k in cluster)))
+        group = {f: {k: entries[k][f] for k in sorted(cluster)} for f in shared}
+        found.append((path or "results", group))
+    for k, v in value.items():
+        found += comparisons(v, f"{path}.{k}" if path else str(k))
+    return found
+
+
+def svg_chart(title: str, group: dict[str, dict[str, float]]) -> str:
+    """Grouped horizontal bars, one group per figure, each figure on its own scale."""
+    entries = sorted({e for values in group.values() for e in values})
+    colors = ["#0969da", "#bf8700", "#1a7f37", "#8250df", "#cf222e"]
+    bar, gap, label_w, width = 14, 10, 260, 640
+    rows = sum(len(v) for v in group.values())
+    height = 40 + rows * bar + len(group) * gap + 20 * len(entries)
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="4" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+    ]
+    y = 30
+    for figure, values in group.items():
+        top = max(abs(v) for v in values.values()) or 1.0
+        out.append(f'<text x="4" y="{y + bar - 3}">{html.escape(figure)}</text>')
+        for entry, v in sorted(values.items()):
+            w = (width - label_w - 80) * abs(v) / top
+            color = colors[entries.index(entry) % len(colors)]
+            out.append(
+                f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar - 2}" fill="{color}"/>'
+                f'<text x="{label_w + w + 4:.1f}" y="{y + bar - 3}">{v:.4g}</text>'
+            )
+            y += bar
+        y += gap
+    for i, entry in enumerate(entries):
+        color = colors[i % len(colors)]
+        out.append(
+            f'<rect x="4" y="{y + 20 * i}" width="10" height="10" fill="{color}"/>'
+            f'<text x="18" y="{y + 20 * i + 9}">{html.escape(entry)}</text>'
+        )
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def write_charts(runs: list[dict[str, Any]]) -> list[str]:
+    """One SVG per side-by-side group of each benchmark; returns the file names."""
+    names = []
+    for r in runs:
+        for i, (path, group) in enumerate(comparisons(r["results"])):
+            name = f"{r['name']}-{i}.svg"
+            (RESULTS / name).write_text(svg_chart(f"{r['name']}: {path}", group))
+            names.append(name)
+    return names
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| benchmark | status | wall s | figure | value |",
@@ -143,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run_one(name, extra.get(name, []), args.timeout))
     summary = {"finished_at": time.time(), "runs": runs}
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    (RESULTS / "summary.md").write_text("# Benchmarks\n\n" + table(runs) + "\n")
+    charts = write_charts(runs)
+    images = "".join(f"\n![{c}]({c})\n" for c in charts)
+    (RESULTS / "summary.md").write_text("# Benchmarks\n\n" + table(runs) + "\n" + images)
     if args.json:
         json.dump(summary, sys.stdout, indent=2, default=str)
         print()
