@@ -12,7 +12,7 @@ API (when the app is given a ``VerifyJobs``):
 
 - ``POST /api/v1/verify/{stream}`` (``?deep=1``) queues a verification and
   answers 202 ``{"id", "state", "report_url"}``; 404 for an unknown stream,
-  501 if its kind has no verification.
+  501 if its kind has no verification, 429 when too many are queued.
 - ``GET /api/v1/reports/{id}``: 202 with the job while it runs; 200 with the
   signed report when done (JSON, or HTML when the ``Accept`` header prefers
   ``text/html``, Markdown for ``text/markdown``); 500 with the error if the

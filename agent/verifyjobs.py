@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 VerifyFn = Callable[..., Awaitable[dict[str, Any]]]
 State = Literal["queued", "running", "done", "failed"]
 SIGNING_KEY = "report-signing.key"
+MAX_QUEUED = 16
 
 
 class VerifyUnavailable(Exception):
@@ -107,7 +108,8 @@ class VerifyJobs:
 
     # -- requests -----------------------------------------------------------------
     def submit(self, stream_name: str, *, deep: bool = False) -> Job:
-        """Queue a verification of ``stream_name``. Raises ``VerifyUnavailable``."""
+        """Queue a verification of ``stream_name``. Raises ``VerifyUnavailable`` (404 unknown
+        stream, 501 kind without verify, 429 when ``MAX_QUEUED`` jobs already wait)."""
         cfg = self._config()
         try:
             stream = cfg.stream(stream_name)
@@ -115,6 +117,8 @@ class VerifyJobs:
             raise VerifyUnavailable(f"no stream named {stream_name!r}", 404) from None
         if verify_function(stream) is None:
             raise VerifyUnavailable(f"kind {stream.kind!r} has no on-demand verification", 501)
+        if self._queue.qsize() >= MAX_QUEUED:
+            raise VerifyUnavailable(f"{MAX_QUEUED} verifications already queued", 429)
         job = Job(secrets.token_hex(8), stream.name, stream.kind, deep, time.time())
         self._jobs[job.id] = job
         self._trim()

@@ -168,6 +168,13 @@ async def test_verify_jobs_refuse_unknown_streams_and_export_the_last_result(cfg
     with pytest.raises(VerifyUnavailable) as refused:
         jobs.submit("no-such-stream")
     assert refused.value.status == 404
+    from agent.verifyjobs import MAX_QUEUED
+
+    queued = [jobs.submit("synthetic") for _ in range(MAX_QUEUED)]  # nobody serves them here
+    with pytest.raises(VerifyUnavailable) as refused:
+        jobs.submit("synthetic")
+    assert refused.value.status == 429 and all(j.state == "queued" for j in queued)
+    jobs = VerifyJobs(lambda: cfg_b, keep=2)
     for i, ok in enumerate((True, False, True)):
         job = Job(f"j{i}", "synthetic", "synthetic", False, 100.0 + i)
         job.state, job.finished_at = "done", 200.0 + i
