@@ -132,3 +132,11 @@ def test_dragent_wal_fetch_command(tmp_path: Path) -> None:
     assert main(["wal-fetch", name, str(tmp_path / "out"), "--spool", str(tmp_path)]) == 0
     assert (tmp_path / "out").stat().st_size == SEG
     assert main(["wal-fetch", L.wal_file_name(1, SEG), "x", "--spool", str(tmp_path)]) == 1
+
+
+def test_passwords_travel_in_the_environment_not_on_command_lines() -> None:
+    from replicators.postgres.pgtools import conninfo_and_env
+
+    conninfo, env = conninfo_and_env("postgresql://u:s3cret@db.example:5432/app")
+    assert "s3cret" not in conninfo and "host=db.example" in conninfo
+    assert env["PGPASSWORD"] == "s3cret"

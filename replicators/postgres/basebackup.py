@@ -117,24 +117,14 @@ async def take_backup(
     started = time.time()
     backup_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     prefix = backup_prefix(stream, backup_id)
+    conninfo, env = pgtools.conninfo_and_env(options.dsn.reveal())
+    argv = ["-d", conninfo, "-D", "-", "-Ft", "-X", "fetch", "-c", "fast", "-v"]
     proc = await asyncio.create_subprocess_exec(
-        *pgtools.command(
-            options,
-            "pg_basebackup",
-            "-d",
-            options.dsn.reveal(),
-            "-D",
-            "-",
-            "-Ft",
-            "-X",
-            "fetch",
-            "-c",
-            "fast",
-            "-v",
-        ),
+        *pgtools.command(options, "pg_basebackup", *argv),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd="/",
+        env=env,
     )
     assert proc.stdout is not None and proc.stderr is not None
     parts: list[dict[str, Any]] = []
@@ -145,25 +135,23 @@ async def take_backup(
             async for chunk in _chunks(proc.stdout, int(options.backup_part_bytes)):
                 seq = len(parts) + 1
                 key = f"{prefix}part-{seq:08d}.seg"
+                name = sealed_name(stream, backup_id)
                 blob, root = await _seal_put(
-                    store,
-                    keys,
-                    key,
-                    sealed_name(stream, backup_id),
-                    seq,
-                    chunk,
-                    start=str(total),
+                    store, keys, key, name, seq, chunk, start=str(total),
                     end=str(total + len(chunk)),
-                )
+                )  # fmt: skip
                 parts.append(
                     {"key": key, "size": len(chunk), "stored": len(blob), "root": root.hex()}
                 )
                 total += len(chunk)
                 if on_bytes:
                     on_bytes(len(chunk))
-    finally:
-        if proc.returncode is None:
+        await proc.wait()
+    except BaseException:
+        if proc.returncode is None:  # a failed upload: stop pg_basebackup, never block on it
+            proc.kill()
             await proc.wait()
+        raise
     err = err_task.result().decode(errors="replace")
     if proc.returncode:
         raise SourceError(f"pg_basebackup failed (exit {proc.returncode}): {err.strip()[-800:]}")

@@ -8,6 +8,8 @@ import pwd
 import shutil
 from pathlib import Path
 
+import psycopg2.extensions
+
 from replicators.errors import SourceError
 from replicators.postgres.options import PostgresOptions
 
@@ -62,3 +64,14 @@ async def run(options: PostgresOptions, program: str, *args: str, cwd: Path | No
         tail = "\n".join("    " + s for s in text.splitlines()[-15:])
         raise SourceError(f"{program} failed (exit {proc.returncode}):\n{tail}")
     return text
+
+
+def conninfo_and_env(dsn: str) -> tuple[str, dict[str, str]]:
+    """A connection string without its password, and the environment carrying it
+    (``PGPASSWORD``): a password never shows on a command line."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    password = params.pop("password", None)
+    env = dict(os.environ)
+    if password:
+        env["PGPASSWORD"] = password
+    return psycopg2.extensions.make_dsn(**params), env
