@@ -174,6 +174,7 @@ async def test_second_version_ships_only_changed_chunks_and_arrives_identical(
     target = await apply_all(rig)
     assert same_tree(v2, rig.dst / "llama" / "v2")
     assert same_tree(v1, rig.dst / "llama" / "v1")
+    assert target.fetched_bytes <= 0.2 * v2_size  # unchanged chunks copied from v1 on disk
     applied = target.applied_manifest("llama", "v2")
     assert applied is not None and shipper.source.index.shipped()[("llama", "v2")][1] == (
         applied.root().hex()

@@ -128,31 +128,70 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+LocalChunks = dict[bytes, tuple[Path, int, int]]
+"""Chunks already on local disk: ``{id: (file, offset, length)}`` (earlier versions)."""
+
+
+def _copy_local(
+    fds: dict[str, int], occs: list[Occurrence], local: LocalChunks
+) -> list[Occurrence]:
+    """Write the chunks found intact on local disk; return the occurrences still missing.
+    A local chunk is used only if its bytes hash to its id (files may have changed)."""
+    missing = []
+    for occ in occs:
+        f, _, offset, ref = occ
+        where = local.get(ref.id)
+        data = b""
+        if where is not None and where[2] == ref.length:
+            try:
+                with open(where[0], "rb") as src:
+                    src.seek(where[1])
+                    data = src.read(ref.length)
+            except OSError:
+                data = b""
+        if len(data) == ref.length and chunk_id(data) == ref.id:
+            _write(fds, [(f.path, offset, data)])
+        else:
+            missing.append(occ)
+    return missing
+
+
 async def assemble(
     m: Manifest,
     store: ObjectStore,
     keys: KeyProvider,
     directory: Path,
     progress: Callable[[int], None] | None = None,
-) -> None:
+    local: LocalChunks | None = None,
+) -> int:
     """Write every file of ``m`` under ``directory`` (created; must not exist).
 
-    ``progress(n)`` is called with the bytes written after each pack. Raises
-    ``ArtifactIntegrityError`` (a bad, missing or mismatching pack or chunk),
-    ``KeyAccessError``, ``Unavailable`` or ``OSError``; on any error the
-    directory may hold partial files and is the caller's to remove.
+    Chunks in ``local`` (verified by their hash) are copied from local disk;
+    the others come from the packs, each pack fetched at most once.
+    ``progress(n)`` is called with the bytes written after each pack. Returns
+    the bytes taken from packs. Raises ``ArtifactIntegrityError`` (a bad,
+    missing or mismatching pack or chunk), ``KeyAccessError``, ``Unavailable``
+    or ``OSError``; on any error the directory may hold partial files and is
+    the caller's to remove.
     """
     fds = await asyncio.to_thread(_prepare, directory, m)
     slots = asyncio.Semaphore(PARALLEL_PACKS)
+    fetched = 0
 
     async def one(key: str, occs: list[Occurrence]) -> None:
+        nonlocal fetched
         async with slots:
-            records = await fetch_pack(store, keys, m, key, occs)
-            pieces = [(o[0].path, o[2], check_chunk(m, o, records, key)) for o in occs]
-            del records
-            await asyncio.to_thread(_write, fds, pieces)
+            total = sum(o[3].length for o in occs)
+            if local:
+                occs = await asyncio.to_thread(_copy_local, fds, occs, local)
+            if occs:
+                records = await fetch_pack(store, keys, m, key, occs)
+                pieces = [(o[0].path, o[2], check_chunk(m, o, records, key)) for o in occs]
+                del records
+                await asyncio.to_thread(_write, fds, pieces)
+                fetched += sum(len(p[2]) for p in pieces)
         if progress is not None:
-            progress(sum(len(p[2]) for p in pieces))
+            progress(total)
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -164,6 +203,7 @@ async def assemble(
     finally:
         for fd in fds.values():
             os.close(fd)
+    return fetched
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from agent import logs
 from replicators import checkpoint
-from replicators.artifacts.assemble import MissingPack, assemble, fsync_dir
+from replicators.artifacts.assemble import LocalChunks, MissingPack, assemble, fsync_dir
 from replicators.artifacts.manifest import Manifest, Tombstone, decode, decode_record, encode
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.restore import catalogue
@@ -49,6 +49,8 @@ class ArtifactsTarget:
         self.manifests_dir = state_dir / "manifests"
         self.log = logs.get("artifacts-target")
         self.stream: str | None = None
+        self.fetched_bytes = 0
+        """Bytes taken from packs by this process (the rest was copied from local versions)."""
 
     async def state(self) -> Applied | None:
         state = checkpoint.load(self.state_path)
@@ -92,7 +94,9 @@ class ArtifactsTarget:
         work = parent / f".dragent-{m.version}-{secrets.token_hex(4)}"
         parent.mkdir(parents=True, exist_ok=True)
         try:
-            await assemble(m, self.store, self.keys, work)
+            local = await asyncio.to_thread(self._local_chunks, m.model)
+            fetched = await assemble(m, self.store, self.keys, work, local=local)
+            self.fetched_bytes += fetched
             await asyncio.to_thread(_publish, work, final)
         except MissingPack:
             await asyncio.to_thread(shutil.rmtree, work, True)
@@ -107,6 +111,21 @@ class ArtifactsTarget:
         path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_write_atomic, path, encode(m))
         self.log.info("version materialized", version=m.name, bytes=m.size, root=m.root().hex())
+
+    def _local_chunks(self, model: str) -> LocalChunks:
+        """Chunks of the versions of ``model`` already materialized here (a new version
+        usually shares most of them); each is re-hashed before use."""
+        out: LocalChunks = {}
+        directory = self.manifests_dir / model
+        if not directory.is_dir():
+            return out
+        for path in sorted(directory.glob("*.json")):
+            m = decode(path.read_bytes())
+            base = self.options.root / m.model / m.version
+            for f in m.files:
+                for offset, c in zip(f.offsets(), f.chunks, strict=True):
+                    out.setdefault(c.id, (base / f.path, offset, c.length))
+        return out
 
     async def remove(self, t: Tombstone) -> None:
         """Take a deleted version out of the model store (moved aside, then removed)."""
