@@ -244,7 +244,8 @@ def _rate(objects: int, total: int, seconds: float) -> dict[str, Any]:
 
 def _rclone_env(lab: Lab) -> dict[str, str]:
     creds = lab.s3_credentials
-    env = dict(os.environ)
+    # rclone's S3 backend refuses a custom CA bundle on its HTTP transport (the lab is plain HTTP)
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
     for name, region in (("SRC", "a"), ("DST", "b")):
         env |= {
             f"RCLONE_CONFIG_{name}_TYPE": "s3",
