@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.test_postgres_lab import (  # the postgres kind's lab rig, reused as 
     PgRig,
     current_lsn,
     execute,
+    fetchval,
     free_port,
     insert_range,
     pg,  # noqa: F401 - a fixture
@@ -196,8 +198,16 @@ async def test_postgres_restore_drill_compares_with_the_standby(
         )  # fmt: skip
         end = await current_lsn(primary)
         await eventually(lambda: shipper.end >= end, within=30)
+        standby_dsn = f"postgresql://dragent@127.0.0.1:{port}/app"
+
+        async def replayed() -> bool:
+            with contextlib.suppress(Exception):
+                return await fetchval(standby_dsn, f"SELECT count(*) FROM {table}") == 500
+            return False
+
+        await eventually(replayed, within=60, every=0.2)
         options = PostgresOptions(
-            dsn=Secret(f"postgresql://dragent@127.0.0.1:{port}/app", "test"),
+            dsn=Secret(standby_dsn, "test"),
             verify_tables=[f"public.{table}"],
         )
         stream = StreamConfig(name=pg.stream.name, kind="postgres", postgres=options)

@@ -108,15 +108,18 @@ def _at_port(dsn: str, port: int) -> str:
 
 
 def _take(result: Any, report: dict[str, Any]) -> None:
+    """The comparison's verdict into ``result``: the standby was the verifier's "primary"
+    (the reference), the restored cluster its "copy"."""
+    source, restored, rows = _per_table(report)
     roots = report.get("roots", {})
-    source = {k.removesuffix("@primary"): v for k, v in roots.items() if k.endswith("@primary")}
-    restored = {k.removesuffix("@copy"): v for k, v in roots.items() if k.endswith("@copy")}
-    result.roots = {"restored": _combine(restored), "source": _combine(source)}
-    result.tables = {t: {"restored": restored[t], "source": source.get(t)} for t in restored}
-    counts = report.get("counts", {})
-    result.records = sum(v for k, v in counts.items() if k.endswith("@copy"))
+    result.roots = {
+        "restored": str(roots.get("copy") or _combine(restored)),
+        "source": str(roots.get("primary") or _combine(source)),
+    }
+    result.tables = {t: {"restored": restored.get(t), "source": source.get(t)} for t in source}
+    result.records = rows
     result.start = str(report.get("at", {}).get("primary_lsn"))  # the standby's, compared at
-    result.equal = bool(report.get("ok")) and bool(restored)
+    result.equal = bool(report.get("ok")) and bool(source)
     if not result.equal:
         diffs = report.get("differences", [])
         result.problem = (
@@ -124,6 +127,21 @@ def _take(result: Any, report: dict[str, Any]) -> None:
             if diffs
             else "no table with an integer primary key to compare"
         )
+
+
+def _per_table(report: dict[str, Any]) -> tuple[dict[str, str], dict[str, str], int]:
+    """(reference roots, restored roots, restored rows) per table, from either shape of
+    the verifier's report: ``tables`` {name: {primary: {root, rows}, copy: {...}}}, or
+    ``roots``/``counts`` keyed ``<table>@primary`` / ``<table>@copy``."""
+    tables = report.get("tables")
+    if isinstance(tables, dict) and tables:
+        source = {t: str(v["primary"]["root"]) for t, v in tables.items()}
+        restored = {t: str(v["copy"]["root"]) for t, v in tables.items()}
+        return source, restored, sum(int(v["copy"]["rows"]) for v in tables.values())
+    roots, counts = report.get("roots", {}), report.get("counts", {})
+    source = {k.removesuffix("@primary"): v for k, v in roots.items() if k.endswith("@primary")}
+    restored = {k.removesuffix("@copy"): v for k, v in roots.items() if k.endswith("@copy")}
+    return source, restored, sum(v for k, v in counts.items() if k.endswith("@copy"))
 
 
 def _combine(tables: dict[str, str]) -> str:

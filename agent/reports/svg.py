@@ -53,7 +53,7 @@ def _frame(name: str, title: str, y_max: float, y_unit: str) -> list[str]:
 
 def _target_line(y: float, target: float, unit: str) -> str:
     return (
-        f'<line class="target" data-v="{_num(target)}" x1="{LEFT}" y1="{y:.1f}" '
+        f'<line class="target" data-v="{target!r}" x1="{LEFT}" y1="{y:.1f}" '
         f'x2="{W - RIGHT}" y2="{y:.1f}" stroke="#d62728" stroke-dasharray="6 4"/>'
         f'<text x="{W - RIGHT}" y="{y - 4:.1f}" font-size="10" text-anchor="end" '
         f'fill="#d62728">target {_num(target)}{unit}</text>'
@@ -93,7 +93,7 @@ def time_series(
             fill = "#d62728" if over else color
             out.append(
                 f'<circle class="point" cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{fill}" '
-                f'data-t="{t:.3f}" data-v="{_num(v)}"><title>{escape(label)} '
+                f'data-t="{t!r}" data-v="{v!r}"><title>{escape(label)} '
                 f"{_fmt_time(t)}: {_num(v)}{unit}</title></circle>"
             )
         out.append("</g>")
@@ -122,7 +122,7 @@ def bars(
         out.append(
             f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{slot * 0.7:.1f}" '
             f'height="{H - BOTTOM - y:.1f}" fill="{fill}" data-label="{escape(label)}" '
-            f'data-v="{_num(value)}"><title>{escape(label)}: {_num(value)}{unit}</title></rect>'
+            f'data-v="{value!r}"><title>{escape(label)}: {_num(value)}{unit}</title></rect>'
         )
         if len(items) <= 12:
             out.append(f'<text x="{x + slot * 0.35:.1f}" y="{H - BOTTOM + 12}" font-size="9" '
