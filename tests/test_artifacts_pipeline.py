@@ -341,10 +341,20 @@ async def test_a_lost_source_index_is_rebuilt_from_the_destination(
     assert same_tree(rig.src / "mistral" / "2", rig.dst / "mistral" / "2")
 
     stream = StreamConfig(name=rig.stream, kind="artifacts", artifacts=rig.options(rig.src))
-    active = cfg_a.model_copy(update={"streams": [stream]})
+    data_dir = rig.workdir / "agent-a"
+    (data_dir / "streams" / rig.stream).mkdir(parents=True)
+    (data_dir / "streams" / rig.stream / "to-b").symlink_to(rig.workdir / "a")
+    active = cfg_a.model_copy(update={"streams": [stream], "data_dir": data_dir})
     report = await verify(stream, active)
     assert report["ok"], report["differences"]
     assert report["counts"] == {"a": 2, "b": 2} and report["roots"]["a"] == report["roots"]["b"]
+    assert report["stats"]["versions_reread"] == 0  # roots recorded when shipped
+    deep = await verify(stream, active, deep=True)
+    assert deep["ok"] and deep["stats"]["versions_reread"] == 2 and deep["stats"]["chunks_hashed"]
+    (rig.src / "mistral" / "2" / "config.json").write_text("{}")  # changed after shipping
+    changed_report = await verify(stream, active)
+    assert not changed_report["ok"]
+    assert [d["where"] for d in changed_report["differences"]] == ["mistral/2"]
 
 
 async def test_a_deleted_version_is_removed_then_collected_after_retention(rig: Rig) -> None:

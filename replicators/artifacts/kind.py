@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from replicators.artifacts import layout
 from replicators.artifacts.chunker import Chunker
 from replicators.artifacts.gc import Collector
-from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest
+from replicators.artifacts.index import SourceIndex
+from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, decode
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.restore import catalogue, scrub
 from replicators.artifacts.source import ArtifactsSource
@@ -132,17 +134,62 @@ def _chunker(options: ArtifactsOptions) -> Chunker:
     return Chunker(int(options.chunk_min), int(options.chunk_avg), int(options.chunk_max))
 
 
-async def _local_roots(options: ArtifactsOptions, complete_only: bool) -> dict[str, str]:
-    """``{model/version: root hex}`` of the versions in this region's model store."""
+Recorded = Callable[[layout.VersionInfo], "str | None"]
+
+
+async def _local_roots(
+    options: ArtifactsOptions, complete_only: bool, recorded: Recorded | None
+) -> tuple[dict[str, str], int]:
+    """``{model/version: root hex}`` of the versions in this region's model store, and how
+    many were re-read. ``recorded(v)`` gives a root already known for ``v`` as it is on disk
+    now (None: re-read and re-hash the version's files)."""
     chunker = _chunker(options)
     now = time.time()
-    out = {}
+    out, reread = {}, 0
     for v in await asyncio.to_thread(layout.scan, options.root):
         if complete_only and not layout.complete(v, now, options.marker, options.quiet_period):
             continue
-        m = await asyncio.to_thread(local_manifest, options.root, v, chunker)
-        out[v.name] = m.root().hex()
-    return out
+        root = recorded(v) if recorded is not None else None
+        if root is None:
+            m = await asyncio.to_thread(local_manifest, options.root, v, chunker)
+            root, reread = m.root().hex(), reread + 1
+        out[v.name] = root
+    return out, reread
+
+
+def _recorded_by_source(index_path: Path) -> Recorded:
+    """Roots the source recorded when it shipped, valid while the version's fingerprint
+    (paths, sizes, modes, mtimes) is unchanged."""
+    shipped = {}
+    if index_path.exists():
+        index = SourceIndex(index_path)
+        try:
+            shipped = index.shipped()
+        finally:
+            index.close()
+
+    def lookup(v: layout.VersionInfo) -> str | None:
+        fp, root = shipped.get(v.key, ("", ""))
+        return root if root and fp == v.fingerprint() else None
+
+    return lookup
+
+
+def _recorded_by_target(manifests_dir: Path) -> Recorded:
+    """Roots of the manifests the target materialized, valid while the files on disk have
+    the paths, sizes and modes the manifest lists."""
+
+    def lookup(v: layout.VersionInfo) -> str | None:
+        path = manifests_dir / v.model / f"{v.version}.json"
+        if not path.exists():
+            return None
+        m = decode(path.read_bytes())
+        listed = sorted((f.path, f.size, f.mode & 0o7777) for f in m.files)
+        if listed != sorted((f.path, f.size, f.mode) for f in v.files):
+            return None
+        return m.root().hex()
+
+    return lookup
 
 
 def _differences(
@@ -192,8 +239,10 @@ async def verify(
 
     Active region: the local store (complete versions) against each peer's
     vault. Passive region: its own vault against the materialized store.
-    Roots of the local store are computed by re-reading every file (chunk
-    ids are content hashes, so nothing cached is trusted). ``deep`` also
+    A local version's root is the one recorded when it was shipped (active)
+    or materialized (passive) while its files look unchanged (paths, sizes,
+    modes, and on the active side mtimes); otherwise its files are re-read
+    and re-hashed. ``deep`` re-reads and re-hashes every local file, and
     reads every pack the vault's manifests reference, verifies it and
     re-hashes every chunk (the scrub). ``repair`` is not supported: a
     difference is repaired by the stream itself (re-shipping a changed
@@ -201,17 +250,27 @@ async def verify(
     """
     options = _options(stream)
     started = time.time()
-    local = await _local_roots(options, complete_only=agent.role == "active")
+    active = agent.role == "active"
+    streams_dir = agent.data_dir / "streams" / stream.name
     where = (
         [(p.name, p.vault, p.keys) for p in agent.peers]
-        if agent.role == "active"
+        if active
         else [("vault", agent.vault, agent.keys)]
     )
-    roots = {agent.region: _combined(local)}
-    counts = {agent.region: len(local)}
     differences: list[dict[str, str]] = []
-    stats: dict[str, int] = {}
+    stats: dict[str, int] = {"versions_reread": 0}
+    roots: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    local: dict[str, str] = {}
     for name, vault_cfg, keys_cfg in where:
+        recorded: Recorded | None = None
+        if not deep and active:
+            recorded = _recorded_by_source(streams_dir / f"to-{name}" / "source.db")
+        elif not deep:
+            recorded = _recorded_by_target(streams_dir / "target" / "manifests")
+        local, reread = await _local_roots(options, active, recorded)
+        stats["versions_reread"] += reread
+        roots[agent.region], counts[agent.region] = _combined(local), len(local)
         store = await S3Store.open(vault_cfg)
         keys = build_key_provider(keys_cfg)
         try:
@@ -221,7 +280,7 @@ async def verify(
             await store.aclose()
         roots[name], counts[name] = _combined(theirs), len(theirs)
         differences += _differences(local, theirs, agent.region, name) + damaged
-        stats.update(more)
+        stats.update({k: stats.get(k, 0) + v for k, v in more.items()})
     ok = not differences
     summary = (
         f"{len(local)} versions match" + (" and every chunk re-hashed" if deep else "")
