@@ -11,6 +11,7 @@ command -v runuser >/dev/null || need+=(util-linux)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v chromium >/dev/null || need+=(chromium)  # headless rendering of HTML reports
 command -v rclone >/dev/null || need+=(rclone)  # baseline of benchmarks/objects.py
+command -v restic >/dev/null || need+=(restic)  # baseline of benchmarks/artifacts.py
 [ -x /usr/sbin/named ] || need+=(bind9)  # the lab's DNS server for the failover switch tests
 command -v promtool >/dev/null || need+=(prometheus)  # alert-rule tests, Prometheus over the lab
 
