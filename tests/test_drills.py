@@ -149,6 +149,7 @@ def test_failover_drill_is_refused_unless_drillable(cfg_b: AgentConfig, tmp_path
         check_allowed(drillable, tmp_path / "b" / "agent.toml", i_understand=False)
 
 
+@pytest.mark.soak  # kills region a of the session's lab; about 20 s
 async def test_failover_drill_measures_and_records(
     lab: Lab, cfg_b: AgentConfig, unique: str, tmp_path: Path
 ) -> None:
