@@ -504,7 +504,7 @@ async def test_agents_and_standby_end_to_end_with_metrics(pg: PgRig) -> None:
         pg, "b", pg.workdir / "dsn-b",
         standby_data_dir=str(pg.workdir / "standby"), standby_port=port,
     )  # fmt: skip
-    await cli("backup", "postgres", "--config", str(cfg_a))
+    await take_backup(pg.options, pg.stream.name, pg.store, pg.send_keys)
     agents = [
         AgentProcess(cfg, pg.workdir / f"{r}.log", pg.workdir / f"{r}.pid", pg.lab.agent_url(r))
         for r, cfg in (("a", cfg_a), ("b", cfg_b))
