@@ -19,7 +19,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 bench: venv
-	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/run_all.py
 
 deps:
 	@bash deploy/lab/install-system-deps.sh
