@@ -150,3 +150,27 @@ async def test_html_report_renders_in_chromium_with_the_periods_data(
         await store_log.aclose()
     with pytest.raises(IntegrityError, match="changed"):
         await check_report(cfg, report, public)
+
+
+@pytest.mark.lab
+async def test_report_commands_write_and_check_a_signed_report(
+    lab: Any, unique: str, tmp_path: Path
+) -> None:
+    from agent.cli import main
+    from tests.test_runbook import lab_config
+
+    path = lab_config(lab, unique, tmp_path)
+    out = tmp_path / "report.json"
+    for fmt, name in (("json", out), ("md", tmp_path / "r.md"), ("html", tmp_path / "r.html")):
+        argv = ["report", "compliance", "--config", str(path), "--from", "1d", "--format", fmt]
+        assert await asyncio.to_thread(main, [*argv, "--out", str(name)]) == 0
+    report = json.loads(out.read_text())
+    assert report["kind"] == "compliance" and report["evidence"][unique]["chain_ok"]
+    for checked in (out, tmp_path / "r.html"):
+        assert (
+            await asyncio.to_thread(main, ["report", "check", str(checked), "--config", str(path)])
+            == 0
+        )
+    report["summary"] = "all fine"  # any change breaks the signature
+    out.write_text(json.dumps(report))
+    assert await asyncio.to_thread(main, ["report", "check", str(out), "--config", str(path)]) == 1

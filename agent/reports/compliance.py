@@ -26,7 +26,9 @@ from verifiers.report import check, load_or_create_signing_key, sign
 
 
 async def _logs(cfg: AgentConfig) -> list[EvidenceLog]:
-    logs = [await EvidenceLog.open(cfg)]
+    own = await EvidenceLog.open(cfg)
+    await own.ensure()  # a region that recorded nothing yet starts its log here
+    logs = [own]
     for peer in cfg.peers:
         logs.append(await EvidenceLog.reader(peer.name, peer.vault))
     return logs
