@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, PeerConfig
 from agent.supervise import StreamTask
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.kinds import build_background, build_source, build_target
@@ -36,53 +36,83 @@ async def build_tasks(
     store_metrics: StoreMetrics | None = None,
     epoch: int = EPOCH,
 ) -> list[StreamTask]:
-    """Open every store and key provider the role needs (closed by ``stack``).
-    ``epoch`` is the fencing token written into every segment shipped."""
-    tasks: list[StreamTask] = []
-    streams_dir = cfg.data_dir / "streams"
+    """Open every store, key provider, source and target the role needs.
+
+    All of them are closed by ``stack``, in reverse order of opening.
+    ``epoch`` is the fencing token written into every segment shipped.
+    """
     if cfg.role == "active":
+        tasks = []
         for peer in cfg.peers:
-            store = await build_store(peer.vault, store_metrics, f"vault-{peer.name}")
-            stack.push_async_callback(store.aclose)
-            vault = Vault(store)
-            keys = await _keys(stack, build_key_provider(peer.keys))
-            for s in cfg.streams:
-                settings = ShipperSettings(
-                    stream=s.name,
-                    destination=peer.name,
-                    epoch=epoch,
-                    segment_max_bytes=int(s.segment_max_bytes),
-                    segment_max_age=s.segment_max_age,
-                )
-                progress = StreamProgress(stream=s.name, kind=s.kind, side="source", peer=peer.name)
-                state_dir = streams_dir / s.name / f"to-{peer.name}"
-                shipper = Shipper(
-                    settings,
-                    build_source(s, cfg, peer, state_dir),
-                    vault,
-                    keys,
-                    state_dir / "shipped.json",
-                    progress,
-                    metrics.stream(s.name, peer.name),
-                )
-                tasks.append(StreamTask(f"{s.name}->{peer.name}", shipper, progress))
-        return tasks + _background(cfg)
+            tasks += await _shippers(cfg, peer, metrics, stack, store_metrics, epoch)
+    else:
+        tasks = await _sinks(cfg, metrics, stack, store_metrics)
+    return tasks + _background(cfg)
+
+
+async def _shippers(
+    cfg: AgentConfig,
+    peer: PeerConfig,
+    metrics: Metrics,
+    stack: AsyncExitStack,
+    store_metrics: StoreMetrics | None,
+    epoch: int,
+) -> list[StreamTask]:
+    store = await build_store(peer.vault, store_metrics, f"vault-{peer.name}")
+    stack.push_async_callback(store.aclose)
+    vault = Vault(store)
+    keys = await _keys(stack, build_key_provider(peer.keys))
+    tasks = []
+    for s in cfg.streams:
+        settings = ShipperSettings(
+            stream=s.name,
+            destination=peer.name,
+            epoch=epoch,
+            segment_max_bytes=int(s.segment_max_bytes),
+            segment_max_age=s.segment_max_age,
+        )
+        progress = StreamProgress(stream=s.name, kind=s.kind, side="source", peer=peer.name)
+        state_dir = cfg.data_dir / "streams" / s.name / f"to-{peer.name}"
+        source = build_source(s, cfg, peer, state_dir)
+        stack.push_async_callback(source.aclose)
+        shipper = Shipper(
+            settings,
+            source,
+            vault,
+            keys,
+            state_dir / "shipped.json",
+            progress,
+            metrics.stream(s.name, peer.name),
+        )
+        tasks.append(StreamTask(f"{s.name}->{peer.name}", shipper, progress))
+    return tasks
+
+
+async def _sinks(
+    cfg: AgentConfig,
+    metrics: Metrics,
+    stack: AsyncExitStack,
+    store_metrics: StoreMetrics | None,
+) -> list[StreamTask]:
     store = await build_store(cfg.vault, store_metrics, f"vault-{cfg.region}")
     stack.push_async_callback(store.aclose)
     vault = Vault(store)
     keys = await _keys(stack, build_key_provider(cfg.keys))
+    tasks = []
     for s in cfg.streams:
         progress = StreamProgress(stream=s.name, kind=s.kind, side="sink", peer="vault")
+        target = build_target(s, cfg, cfg.data_dir / "streams" / s.name / "target")
+        stack.push_async_callback(target.aclose)
         sink = Sink(
             SinkSettings(stream=s.name, origin="vault"),
             vault,
             keys,
-            build_target(s, cfg, streams_dir / s.name / "target"),
+            target,
             progress,
             metrics.stream(s.name, "vault"),
         )
         tasks.append(StreamTask(f"vault->{s.name}", sink, progress, idle=cfg.sink_poll_interval))
-    return tasks + _background(cfg)
+    return tasks
 
 
 def _background(cfg: AgentConfig) -> list[StreamTask]:
