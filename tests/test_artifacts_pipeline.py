@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import filecmp
 import hashlib
+import json
 import re
 import shutil
 import sys
@@ -229,6 +230,10 @@ async def test_restore_command_and_a_corrupted_pack(rig: Rig, lab: Lab) -> None:
     )  # fmt: skip
     assert code == 0, out
     assert same_tree(v1, rig.workdir / "restored")
+    code, out = await run_cli("artifacts", "ls", "--config", str(config), "--json")
+    assert code == 0, out
+    listed = json.loads(out[: out.rindex("]") + 1])
+    assert [(r["model"], r["version"], r["files"]) for r in listed] == [("gpt", "7", 3)]
 
     keys = [i.key async for i in rig.vault.store.list(packs_prefix(rig.stream))]
     assert len(keys) >= 2
