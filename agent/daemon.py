@@ -51,7 +51,8 @@ class Agent(StatusSource):
         self._signals = 0
         self.notifier = Notifier()
         self.log = logs.get("agent", region=cfg.region)
-        self.coordinator = Coordinator(cfg) if cfg.failover.enabled else None
+        # its own thread and loop: nothing blocking the streams delays a lease renewal
+        self.coordinator = Coordinator(cfg, threaded=True) if cfg.failover.enabled else None
         if self.coordinator is not None:
             self.registry.register(self.coordinator.collector())
         self.registry.register(

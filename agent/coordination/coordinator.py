@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,7 +28,7 @@ from agent.coordination import events, fencing
 from agent.coordination.decide import Action, Decision, Observation, Role, Rules, decide
 from agent.coordination.health import Heartbeat, PeerWatch
 from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
-from agent.coordination.takeover import Takeover
+from agent.coordination.takeover import Takeover, until
 from agent.switch.base import build_switch
 
 PAGE_EVERY = 300.0
@@ -40,6 +41,7 @@ class Coordinator:
         cfg: AgentConfig,
         *,
         catch_up: Callable[[], Awaitable[None]] | None = None,
+        threaded: bool = False,
     ) -> None:
         self.cfg = cfg
         self.f = cfg.failover
@@ -68,23 +70,33 @@ class Coordinator:
         self.last_heartbeat: float | None = None
         self.lag: float | None = None
         self.readiness: dict[str, dict[str, Any]] = {}
+        self.threaded = threaded
+        self._caller: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         self._decided = asyncio.Event()
+        self._reported: tuple[Role, int] = ("passive", 0)
         self._pages = logs.RateLimited(PAGE_EVERY)
         self._warnings = logs.RateLimited(30.0)
         self.log = logs.get("failover", region=cfg.region)
 
     # -- daemon interface -------------------------------------------------------------
     async def role_changed(self) -> tuple[Role, int]:
-        """Wait until role or epoch change; return the new ones."""
-        await self._changed.wait()
-        self._changed.clear()
-        return self.role, self.epoch
+        """Wait until role or epoch differ from what was last reported (by this or
+        by ``wait_decided``); return the new ones."""
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            now = (self.role, self.epoch)
+            if now != self._reported:
+                self._reported = now
+                return now
 
     async def wait_decided(self) -> None:
         """Wait until the first decision cycle ran (the role is known); the caller
-        bounds it with ``asyncio.timeout`` and starts passive if it expires."""
+        bounds it with ``asyncio.timeout`` and starts passive if it expires. The
+        role at that moment counts as reported to ``role_changed``."""
         await self._decided.wait()
+        self._reported = (self.role, self.epoch)
 
     def effective(self, cfg: AgentConfig) -> AgentConfig:
         """``cfg`` with the role this coordinator decided (the file's role only
@@ -114,7 +126,55 @@ class Coordinator:
         }
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; close the etcd and database connections."""
+        """Run until ``stop`` is set; close the etcd and database connections.
+
+        ``threaded``: the loops run in a thread of their own, with their own event
+        loop, so that work blocking the caller's loop (imports, synchronous
+        drivers) never delays a lease renewal; ``role_changed()`` and
+        ``wait_decided()`` are still awaited in the caller's loop."""
+        if not self.threaded:
+            await self._run(stop)
+            return
+        self._caller = asyncio.get_running_loop()
+        done = threading.Event()
+        thread = threading.Thread(
+            target=self._thread_main, args=(done,), name=f"coordinator-{self.region}", daemon=True
+        )
+        thread.start()
+        try:
+            await stop.wait()
+        finally:
+            done.set()
+            await asyncio.to_thread(thread.join)
+
+    def _thread_main(self, done: threading.Event) -> None:
+        async def main() -> None:
+            stop = asyncio.Event()
+
+            async def stopped() -> bool:
+                return done.is_set()
+
+            async def watch() -> None:
+                await until(stopped, 0.05)
+                stop.set()
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(watch())
+                await self._run(stop)
+
+        try:
+            asyncio.run(main())
+        except Exception as exc:  # the thread's end is logged; the lease then expires
+            self.log.error("coordinator thread failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _signal(self, event: asyncio.Event) -> None:
+        """Set an event the caller awaits, from whichever thread runs the loops."""
+        if self._caller is not None:
+            self._caller.call_soon_threadsafe(event.set)
+        else:
+            event.set()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self._initial_fence_state()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -194,7 +254,7 @@ class Coordinator:
         self.decision = decision
         for action in decision.actions:
             await self._act(action)
-        self._decided.set()
+        self._signal(self._decided)
         return decision
 
     async def _act(self, action: Action) -> None:
@@ -222,7 +282,8 @@ class Coordinator:
         """Renewal happens in ``observe``; nothing more to do."""
 
     async def _do_fence(self, action: Action) -> None:
-        self.log.warning("fencing this region", reason=action.reason, mode=self.f.fencing)
+        if self._warnings.allow(f"fencing: {action.reason}") is not None:
+            self.log.warning("fencing this region", reason=action.reason, mode=self.f.fencing)
         account = await fencing.fence(self.f.postgres_dsn, self.f.fencing, self.f.stop_command)
         self.fenced = True
         self.log.warning("fenced", result=account)
@@ -431,7 +492,7 @@ class Coordinator:
         if (role, epoch) != (self.role, self.epoch):
             self.log.info("role changed", role=role, epoch=epoch, was=self.role)
             self.role, self.epoch = role, epoch
-            self._changed.set()
+            self._signal(self._changed)
 
     def _warn(self, message: str, error: str) -> None:
         if self._warnings.allow(message) is not None:
