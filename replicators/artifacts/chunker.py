@@ -4,8 +4,8 @@ A file is cut with FastCDC (``pyfastcdc``, the 2020 algorithm) so that an edit
 moves chunk boundaries only near the edit: a new checkpoint that changes some
 tensors shares every other chunk with the last one. A chunk's id is the
 SHA-256 of its bytes (docs/artifacts.md, "Chunk ids", gives the collision
-argument). Synchronous; reads the file through ``mmap`` (pyfastcdc's
-``cut_file``), so memory stays bounded by the chunks being hashed.
+argument). Synchronous; reads the file as a stream (pyfastcdc's
+``cut_stream``), so memory stays bounded by the chunks being hashed.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ def chunk_id(data: bytes | memoryview) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """One chunk of a file: where it is, its id, and (while iterating) its bytes."""
+    """One chunk of a file: where it is, its id and its bytes."""
 
     offset: int
     length: int
     id: bytes
-    data: memoryview
+    data: bytes
 
 
 class Chunker:
@@ -52,15 +52,18 @@ class Chunker:
         return f"fastcdc2020/{self.min_size}/{self.avg_size}/{self.max_size}/{HASH_NAME}"
 
     def cut_file(self, path: Path) -> Iterator[Piece]:
-        """Yield the chunks of ``path`` in order. An empty file yields nothing.
+        """Yield the chunks of ``path`` in order, each with its own copy of the bytes. An
+        empty file yields nothing. The file is read, not memory-mapped: a file truncated
+        while it is read gives short data (caught by the caller's re-scan), never SIGBUS.
 
         Raises ``OSError`` when the file cannot be read.
         """
-        if path.stat().st_size == 0:
-            return
-        for c in self._cdc.cut_file(str(path)):
-            yield Piece(c.offset, c.length, chunk_id(c.data), c.data)
+        with open(path, "rb", buffering=0) as f:
+            for c in self._cdc.cut_stream(f):
+                data = bytes(c.data)  # the stream's buffer is reused for the next chunk
+                yield Piece(c.offset, c.length, chunk_id(data), data)
 
     def cut_bytes(self, data: bytes) -> Iterator[Piece]:
         for c in self._cdc.cut_buf(data):
-            yield Piece(c.offset, c.length, chunk_id(c.data), c.data)
+            piece = bytes(c.data)
+            yield Piece(c.offset, c.length, chunk_id(piece), piece)

@@ -89,7 +89,7 @@ class _Packer:
             self.current = _OpenPack(PackRef(self.src.stream, self.src.index.writer, seq))
         pack = self.current
         where = (pack.ref.key, len(pack.chunks))
-        pack.chunks.append(bytes(piece.data))
+        pack.chunks.append(piece.data)
         pack.ids.append((piece.id, piece.length))
         pack.size += piece.length
         self.placed[piece.id] = where
