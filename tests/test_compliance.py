@@ -156,6 +156,12 @@ async def test_monitor_key_age_and_drill_against_the_vault(
         assert results["restore-drill-current"].status == "fail"
         assert results["evidence-intact"].status == "pass"
 
+        # the failover engine's record of a failover becomes evidence, once
+        from agent.coordination.events import write_local
+
+        record = {"kind": "failover", "epoch": 7, "from": "a", "to": "b", "reason": "test",
+                  "timeline": {}, "rto_seconds": 4.2, "rpo_seconds": 0.1, "errors": []}  # fmt: skip
+        write_local(cfg.data_dir, record)
         rotate_key_file(key_file)
         cfg = cfg.model_copy(update={"role": "passive", "policy": policy.model_copy(
             update={"drill_schedule": True})})  # fmt: skip
@@ -164,10 +170,15 @@ async def test_monitor_key_age_and_drill_against_the_vault(
         assert results["key-age"].status == "pass"
         assert results["restore-drill-current"].status == "pass"  # the monitor drilled
         assert results["restore-within-rto"].status == "pass"
+        assert results["failover-tested"].status == "pass"
         chain = await (await monitor.evidence()).verify()
         assert chain.ok, chain.problems
         kinds = [e["type"] for e in chain.entries]
         assert kinds.count(c.KEY_ROTATION) == 2 and c.DRILL_RESTORE in kinds
+        await monitor.evaluate_once()
+        assert [e["type"] for e in await (await monitor.evidence()).entries()].count(
+            c.FAILOVER
+        ) == 1
         changes = [e for e in chain.entries if e["type"] == c.CONTROL_CHANGE]
         assert {"control": "key-age", "from": "fail", "to": "pass"}.items() <= {
             k: v

@@ -9,9 +9,10 @@
 - ``async run(stop)``: until ``stop`` is set, every second take the live RPO
   into a running maximum; every ``rpo_sample_every`` record that maximum as
   an ``rpo.sample`` evidence entry (on a region that ships); every
-  ``evaluate_every`` read new evidence, record key rotations it sees, run a
-  restore drill when one is due (passive region, ``drill_schedule``), then
-  evaluate the controls and record status changes as evidence.
+  ``evaluate_every`` read new evidence, record key rotations it sees and
+  the failover engine's records (``<data_dir>/failovers/``), run a restore
+  drill when one is due (passive region, ``drill_schedule``), then evaluate
+  the controls and record status changes as evidence.
 
 Storage errors are logged (rate-limited) and the step is tried again at the
 next tick; the last results stay, marked with their evaluation time.
@@ -20,8 +21,10 @@ next tick; the last results stay, marked with their evaluation time.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -143,6 +146,25 @@ class ComplianceMonitor:
                 data = {"key": name, "key_id": key_id, "created_at": created}
                 self._own.append(await (await self.evidence()).append(c.KEY_ROTATION, data))
 
+    async def record_failovers(self) -> int:
+        """Append the failover engine's records (``<data_dir>/failovers/*.json``, one per
+        failover or switchover) not yet in the log, as ``failover``/``switchover`` entries.
+        Returns how many were appended. A file that is not a record is skipped."""
+        seen = {
+            (e["type"], e["data"].get("epoch"))
+            for e in self._own
+            if e["type"] in (c.FAILOVER, c.SWITCHOVER)
+        }
+        added = 0
+        for record in await asyncio.to_thread(_failover_records, self.cfg.data_dir / "failovers"):
+            kind = record.get("kind")
+            if kind not in (c.FAILOVER, c.SWITCHOVER) or (kind, record.get("epoch")) in seen:
+                continue
+            data = {**record, "ok": not record.get("errors")}
+            self._own.append(await (await self.evidence()).append(kind, data))
+            added += 1
+        return added
+
     def facts(self, now: float) -> c.Facts:
         cfg = self.cfg
         return c.Facts(
@@ -185,6 +207,7 @@ class ComplianceMonitor:
         now = self._clock() if now is None else now
         await self.refresh(now)
         await self.record_keys(now)
+        await self.record_failovers()
         if self.drill_due(now):
             await self.drill(now)
         results = c.evaluate(self.facts(now))
@@ -256,6 +279,18 @@ class ComplianceMonitor:
         if self._evidence is not None:
             await self._evidence.aclose()
             self._evidence = None
+
+
+def _failover_records(folder: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def well_formed(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
