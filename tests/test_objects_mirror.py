@@ -84,3 +84,32 @@ async def test_verify_reports_then_repairs_the_mirror(rig: Rig) -> None:
     finally:
         await src.aclose()
         await dst.aclose()
+
+
+async def test_background_anti_entropy_repairs_on_the_active_side(
+    rig: Rig, cfg_a: AgentConfig, tmp_path: Path
+) -> None:
+    import asyncio
+    import json
+
+    from replicators.objects.kind import background
+    from tests.test_objects_rig import stream_config
+
+    opts = rig.opts.model_copy(update={"verify_interval": 30.0})
+    stream = stream_config(rig.name, opts)
+    agent = cfg_a.model_copy(update={"data_dir": tmp_path / "agent"})
+    assert background(stream, agent, "passive", tmp_path) == []
+    (job,) = background(stream, agent, "active", tmp_path)
+    assert job.every == 30.0
+    src, dst = await rig.source_bucket(), await rig.mirror_bucket()
+    try:
+        for i in range(3):
+            await src.write(f"ae/{i}", os.urandom(500), "text/plain", {"n": str(i)})
+        await job.runner.recover()
+        assert await job.runner.sync_once(asyncio.Event()) is False
+        assert await same(src, dst)  # repaired without the stream
+        report = json.loads((tmp_path / "verify-latest.json").read_text())
+        assert report["repaired"] == 3
+    finally:
+        await src.aclose()
+        await dst.aclose()

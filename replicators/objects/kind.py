@@ -4,16 +4,22 @@
   events and/or the reconcile scan).
 - ``target``: ``MirrorTarget`` over ``[streams.objects] mirror``.
 - ``verify``: compares source and mirror (``verifiers.objects``).
+- ``background``: with ``verify_interval``, the active agent verifies and
+  repairs on that schedule (``AntiEntropy``).
 
 Buckets are opened lazily (the kind functions are synchronous).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from agent import logs
+from replicators import checkpoint
+from replicators.kinds import Background
 from replicators.objects.bucket import Bucket
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
@@ -23,12 +29,11 @@ from replicators.stream import Applied, Change
 from replicators.vault import SegmentRef
 
 if TYPE_CHECKING:
-    import asyncio
-
     from agent.config import AgentConfig, PeerConfig, StreamConfig
     from replicators.stream import Source, Target
 
 KIND = "objects"
+log = logs.get("objects")
 
 
 def _options(stream: StreamConfig) -> ObjectsOptions:
@@ -100,6 +105,36 @@ def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir
 
 def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
     return LazyTarget(_options(stream), state_dir)
+
+
+class AntiEntropy:
+    """A background job of the active agent: verify with repair every ``verify_interval``;
+    the latest unsigned report is kept in ``<state_dir>/verify-latest.json``."""
+
+    def __init__(self, stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> None:
+        self.stream = stream
+        self.agent = agent
+        self.path = state_dir / "verify-latest.json"
+        self.runs = 0
+
+    async def recover(self) -> None:
+        pass
+
+    async def sync_once(self, stop: asyncio.Event) -> bool:
+        report = await verify(self.stream, self.agent, repair=True)
+        self.runs += 1
+        await asyncio.to_thread(checkpoint.save, self.path, report)
+        log.info("anti-entropy", stream=self.stream.name, summary=report["summary"])
+        return False
+
+
+def background(
+    stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
+) -> list[Background]:
+    every = _options(stream).verify_interval
+    if role != "active" or every <= 0:
+        return []
+    return [Background("anti-entropy", AntiEntropy(stream, agent, state_dir), every)]
 
 
 async def verify(

@@ -21,7 +21,6 @@ re-applies the segment with the same result.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
@@ -36,7 +35,6 @@ from replicators.segment import SegmentHeader
 from replicators.stream import Applied
 from replicators.vault import SegmentRef
 
-log = logging.getLogger(__name__)
 KIND = "objects"
 APPLY_CONCURRENCY = 16
 

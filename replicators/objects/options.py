@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ByteSize, Field, model_validator
 
-from agent.configbase import PositiveDuration, S3Config, Section
+from agent.configbase import Duration, PositiveDuration, S3Config, Section
 
 
 class FilerEvents(Section):
@@ -29,6 +29,8 @@ class ObjectsOptions(Section):
     filer: FilerEvents | None = None
     scan_interval: PositiveDuration = 60.0
     """A full listing scan (the safety net) starts this long after the previous one ended."""
+    verify_interval: Duration = 0.0
+    """The active agent compares source and mirror (Merkle) and repairs this often; 0: never."""
     inline_max: ByteSize = ByteSize(2 * 1024 * 1024)
     """Objects up to this size travel inline in one record; larger ones in parts."""
     part_size: ByteSize = ByteSize(5 * 1024 * 1024)

@@ -16,7 +16,6 @@ source starts with a full scan, which re-captures whatever was not durable.
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from agent import logs
 from replicators.errors import AlreadyExists, NotFound
 from replicators.objects import records as rec
 from replicators.objects.bucket import Bucket, ObjectState
@@ -34,7 +34,7 @@ from replicators.objects.scan import Scanner
 from replicators.objects.tail import FilerTail
 from replicators.stream import Change
 
-log = logging.getLogger(__name__)
+log = logs.get("objects")
 KIND = "objects"
 IDLE_WAIT = 0.05
 FETCH_AHEAD = 16
@@ -253,7 +253,7 @@ class ObjectsSource:
                 key, t.state.etag, offset, min(offset + part_size, t.state.size)
             )
         except (AlreadyExists, NotFound):
-            log.info("object %s changed during its transfer; capturing it again", key)
+            log.info("object changed during its transfer; capturing it again", key=key)
             self._transfer = None
             self.queue.release(key)
             self.queue.add(key, t.since)

@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import logging
 import signal
 import sys
 import time
 
+from agent import logs
 from replicators.objects.events import Hint, JsonStream, filer_hints
 from replicators.objects.options import FilerEvents
 
-log = logging.getLogger(__name__)
+log = logs.get("objects")
 READ = 1 << 16
 REPLAY = 10.0
 
