@@ -166,7 +166,7 @@ def backups_encrypted(facts: Facts) -> Outcome:
     if missing or not facts.encrypted:
         return "fail", "destinations without a key-encryption key: " + ", ".join(missing), ()
     names = ", ".join(sorted(facts.encrypted))
-    return "pass", f"segments sealed with AES-256-GCM under a KEK for {names}", ()
+    return "pass", f"segments sealed with AES-256-GCM, data keys wrapped by {names}", ()
 
 
 def key_age(facts: Facts) -> Outcome:

@@ -175,7 +175,7 @@ class ComplianceMonitor:
             entries=self.entries(),
             live_rpo=dict(self._live_rpo()),
             key_created={name: created for name, (_, created) in self.keys.items()},
-            encrypted={p.name: p.keys is not None for p in cfg.peers} or {cfg.region: True},
+            encrypted={name: True for name in named_keys(cfg)},  # a KEK is mandatory per key
             chain_ok=self.chain_ok,
             object_lock=self.object_lock,
         )

@@ -74,7 +74,7 @@ async def compliance_report(
         peers=[p.name for p in cfg.peers],
         entries=upto,
         key_created={name: created for name, (_, created) in keys.items()},
-        encrypted={p.name: True for p in cfg.peers} or {cfg.region: True},
+        encrypted={name: True for name in named_keys(cfg)},  # a KEK is mandatory per key
         chain_ok=all(h["chain_ok"] for h in heads.values()) if own else None,
     )
     report = build_report(
