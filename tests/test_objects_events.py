@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
@@ -91,5 +93,55 @@ async def test_dropped_notifications_are_caught_by_the_scan(
             assert time.monotonic() - written < interval + 30
     finally:
         FilerTail.poll = original  # type: ignore[method-assign]
+        await src.aclose()
+        await dst.aclose()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_s3_event_notifications_on_the_webhook(
+    lab: Lab,
+    cfg_a: AgentConfig,
+    cfg_b: AgentConfig,
+    unique: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The source's webhook receives the S3 event JSON (as MinIO's webhook target sends it);
+    SeaweedFS does not send it, so the test POSTs the documented message itself."""
+    import aiohttp
+
+    from tests.test_objects_units import S3_EVENT
+
+    monkeypatch.setenv("OBJECTS_WEBHOOK_TOKEN", "t0ken")
+    port = _free_port()
+    hook = {"listen": f"127.0.0.1:{port}", "token": "env:OBJECTS_WEBHOOK_TOKEN"}
+    opts = options(lab, f"{unique}/", events="webhook", webhook=hook, scan_interval=3600)
+    rig = Rig(unique, opts, cfg_a, cfg_b, tmp_path)
+    src, dst = await rig.source_bucket(), await rig.mirror_bucket()
+    record = json.loads(json.dumps(S3_EVENT["Records"][0]))
+    record["s3"]["object"]["key"] = quote(f"{unique}/w/été 1.txt")
+    url = f"http://127.0.0.1:{port}/events"
+    try:
+        async with rig.running() as (shipper, _), aiohttp.ClientSession() as http:
+            await eventually(lambda: shipper.source.scanner.scans >= 1, within=30)  # type: ignore[attr-defined]
+            body = os.urandom(700)
+            await src.write("w/été 1.txt", body, "text/plain", {})
+            async with http.post(url, json={"Records": [record]}) as resp:
+                assert resp.status == 401
+            auth = {"Authorization": "Bearer t0ken"}
+            async with http.post(url, data=b"not json", headers=auth) as resp:
+                assert resp.status == 400
+            async with http.post(url, json={"Records": [record]}, headers=auth) as resp:
+                assert resp.status == 204
+            await eventually(lambda: _present(dst, "w/été 1.txt", body), within=30)
+            assert shipper.source.scanner.scans == 1  # type: ignore[attr-defined]
+    finally:
         await src.aclose()
         await dst.aclose()

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ByteSize, Field, model_validator
 
-from agent.configbase import Duration, PositiveDuration, S3Config, Section
+from agent.configbase import Duration, PositiveDuration, S3Config, SecretRef, Section
 
 
 class FilerEvents(Section):
@@ -19,14 +19,24 @@ class FilerEvents(Section):
     buckets_dir: str = "/buckets"
 
 
+class WebhookEvents(Section):
+    """S3 event notifications POSTed to ``http://LISTEN/events`` (MinIO webhook, relays)."""
+
+    listen: str = Field(default="127.0.0.1:7071", pattern=r"^[^\s]+:\d+$")
+    token: SecretRef | None = None
+    """If set, requests must carry ``Authorization: Bearer <token>``."""
+
+
 class ObjectsOptions(Section):
     source: S3Config
     """The bucket (and prefix) replicated, in the active region."""
     mirror: S3Config
     """The ready-to-serve copy, in the passive region."""
-    events: Literal["none", "filer"] = "none"
-    """Push capture: ``filer`` subscribes to the SeaweedFS filer; ``none`` relies on the scan."""
+    events: Literal["none", "filer", "webhook"] = "none"
+    """Push capture: ``filer`` subscribes to the SeaweedFS filer, ``webhook`` receives S3
+    event notifications; ``none`` relies on the scan."""
     filer: FilerEvents | None = None
+    webhook: WebhookEvents = WebhookEvents()
     scan_interval: PositiveDuration = 60.0
     """A full listing scan (the safety net) starts this long after the previous one ended."""
     verify_interval: Duration = 0.0

@@ -32,6 +32,7 @@ from replicators.objects.options import ObjectsOptions
 from replicators.objects.queue import ChangeQueue
 from replicators.objects.scan import Scanner
 from replicators.objects.tail import FilerTail
+from replicators.objects.webhook import S3Webhook
 from replicators.stream import Change
 
 log = logs.get("objects")
@@ -71,11 +72,12 @@ class ObjectsSource:
         self.index = ShippedIndex(state_dir / "shipped.sqlite")
         self.queue = ChangeQueue()
         self.scanner = Scanner(bucket, self.index, self.queue, options.scan_interval)
-        self.tail = (
-            FilerTail(options.filer, options.source.bucket, options.source.prefix)
-            if options.events == "filer" and options.filer
-            else None
-        )
+        self.tail: FilerTail | S3Webhook | None = None
+        bucket_name, prefix = options.source.bucket, options.source.prefix
+        if options.events == "filer" and options.filer:
+            self.tail = FilerTail(options.filer, bucket_name, prefix)
+        elif options.events == "webhook":
+            self.tail = S3Webhook(options.webhook, bucket_name, prefix)
         self._seq = 0
         self._inflight: list[tuple[int, str, Entry | None]] = []
         self._latest: dict[str, Entry | None] = {}

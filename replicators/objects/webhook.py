@@ -1,0 +1,72 @@
+"""S3 event notifications received on a webhook the source serves (MinIO's webhook
+target, or any relay of AWS S3 notifications): ``POST /events`` with the S3 event
+JSON (``{"Records": [...]}``), optionally with ``Authorization: Bearer TOKEN``.
+
+The same interface as ``FilerTail``: ``start``, ``poll`` (hints received so far),
+``lost_events`` and ``stop``. A notification is only a hint: the capture
+reads the key's current state, so duplicates and reordering are harmless, and
+the scan catches what was never delivered.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from aiohttp import web
+
+from replicators.objects.events import Hint, s3_event_hints
+from replicators.objects.options import WebhookEvents
+
+
+class S3Webhook:
+    def __init__(self, cfg: WebhookEvents, bucket: str, prefix: str) -> None:
+        self.cfg = cfg
+        self.bucket = bucket
+        self.prefix = prefix
+        self._pending: list[Hint] = []
+        self._runner: web.AppRunner | None = None
+        self.received = 0
+
+    async def start(self) -> None:
+        """Serve ``POST /events`` on ``cfg.listen`` (a no-op if serving)."""
+        if self._runner is not None:
+            return
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_post("/events", self._receive)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        host, _, port = self.cfg.listen.rpartition(":")
+        await web.TCPSite(runner, host, int(port)).start()
+        self._runner = runner
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        if self.cfg.token is not None:
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {self.cfg.token.reveal()}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return web.Response(status=401, text="bad or missing bearer token\n")
+        try:
+            message = json.loads(await request.read())
+        except ValueError:
+            return web.Response(status=400, text="expected an S3 event notification (JSON)\n")
+        if not isinstance(message, dict):
+            return web.Response(status=400, text="expected a JSON object\n")
+        for hint in s3_event_hints(message):
+            if hint.bucket == self.bucket and hint.key.startswith(self.prefix):
+                cut = len(self.prefix)
+                self._pending.append(Hint(hint.bucket, hint.key[cut:], hint.time, hint.deleted))
+                self.received += 1
+        return web.Response(status=204)
+
+    async def poll(self) -> list[Hint]:
+        hints, self._pending = self._pending, []
+        return hints
+
+    def lost_events(self) -> bool:
+        return False
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
