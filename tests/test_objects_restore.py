@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, load_config
 from agent.lab import Lab
 from agent.lab.seaweed import ensure_buckets
 from replicators.keys import build_key_provider
@@ -61,6 +61,7 @@ async def test_restore_a_prefix_to_a_time_in_the_past(
                 assert await into.read(key, "") == body
             assert (await into.head("p/3")).metadata == {"gen": "1"}
             assert (await into.head("p/3")).content_type == "text/plain"
+            await _through_the_cli(lab, tmp_path, unique, at, then)
         finally:
             await keys.aclose()
             await store.aclose()
@@ -68,3 +69,33 @@ async def test_restore_a_prefix_to_a_time_in_the_past(
     finally:
         await src.aclose()
         await dst.aclose()
+
+
+async def _through_the_cli(
+    lab: Lab, tmp_path: Path, unique: str, at: int, then: dict[str, bytes]
+) -> None:
+    """``dragent restore objects`` and ``dragent objects verify`` on region b's config."""
+    from agent.cli import main
+    from tests.test_objects_kill import config
+
+    cfg = str(config(lab, "b", tmp_path, unique, f"{unique}/"))
+    bucket = f"restore-cli-{time.time_ns() % 10**9}"
+    await ensure_buckets(lab.s3_endpoint("b"), lab.s3_credentials, [bucket])
+    argv = ["restore", "objects", "--config", cfg, "--bucket", "data", "--prefix", "p/"]
+    argv += ["--to", str(at / 1e9), "--into", bucket]
+    assert await asyncio.to_thread(main, argv) == 0
+    cfg_b = load_config(cfg)
+    assert cfg_b.streams[0].objects is not None
+    target = cfg_b.streams[0].objects.mirror.model_copy(
+        update={"bucket": bucket, "prefix": f"{unique}/"}
+    )
+    restored = await Bucket.open(target)
+    try:
+        assert sorted(await snapshot(restored)) == sorted(then)
+    finally:
+        await restored.aclose()
+    out = tmp_path / "report.md"
+    argv = ["objects", "verify", "--config", cfg, "--dry-run", "--format", "md", "--out", str(out)]
+    assert await asyncio.to_thread(main, argv) == 0
+    text = out.read_text()
+    assert "**PASS**" in text and "Signed ed25519" in text

@@ -82,11 +82,11 @@ async def plan(
     stream: str,
     prefix: str,
     to_ns: int,
+    refs: list[SegmentRef],
     bar: Callable[[int], None] = lambda n: None,
 ) -> tuple[dict[str, Winner], int]:
     """Pass 1: the winning record of every key under ``prefix`` at ``to_ns``."""
     planner = Planner(prefix, to_ns)
-    refs = [r async for r in vault.segments(stream)]
     for ref in refs:
         opened = await unseal(await vault.get_segment(ref), keys, expect_stream=stream)
         for n, raw in enumerate(opened.records):
@@ -110,8 +110,13 @@ async def restore(
     for a segment that fails verification or a large object missing parts.
     """
     out = RestoreResult()
-    with tqdm(desc="reading the log", unit="seg", file=sys.stderr, disable=not progress) as bar:
-        winners, out.segments_read = await plan(vault, keys, stream, prefix, to_ns, bar.update)
+    refs = [r async for r in vault.segments(stream)]
+    with tqdm(
+        total=len(refs), desc="reading the log", unit="seg", file=sys.stderr, disable=not progress
+    ) as bar:
+        winners, out.segments_read = await plan(
+            vault, keys, stream, prefix, to_ns, refs, bar.update
+        )
     puts = {k: w for k, w in winners.items() if not isinstance(w.record, rec.Delete)}
     out.deleted_at_time = len(winners) - len(puts)
     by_segment: dict[SegmentRef, list[tuple[str, int]]] = defaultdict(list)
