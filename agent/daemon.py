@@ -65,7 +65,10 @@ class Agent(StatusSource):
             )
         )
         self.registry.register(PG_COLLECTOR)  # the postgres kind's slot/replay/sync gauges
-        self.compliance = ComplianceMonitor(cfg, live_rpo=self._live_rpo)
+        self.verify_jobs = VerifyJobs(lambda: self.cfg)
+        self.compliance = ComplianceMonitor(
+            cfg, live_rpo=self._live_rpo, verifications=self.verify_jobs.jobs
+        )
         self.registry.register(self.compliance.collector)
 
     def _live_rpo(self) -> dict[str, float]:
@@ -159,7 +162,7 @@ class Agent(StatusSource):
     async def run(self) -> int:
         self._install_signals()
         token = self.cfg.http.token.reveal() if self.cfg.http.token else None
-        app = build_app(self, self.registry, token, VerifyJobs(lambda: self.cfg))
+        app = build_app(self, self.registry, token, self.verify_jobs)
         server = HttpServer(self.cfg.http, app)
         await server.start()
         self.log.info("http listening", listen=self.cfg.http.listen)

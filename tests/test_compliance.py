@@ -149,7 +149,12 @@ async def test_monitor_key_age_and_drill_against_the_vault(
     cfg = cfg.model_copy(update={"policy": policy, "peers": []})
     await publish(cfg, unique, segments=2, per=10)
 
-    monitor = ComplianceMonitor(cfg, drill_after=0.0)
+    from agent.verifyjobs import Job
+
+    job = Job("j1", unique, "synthetic", False, time.time(), state="done",
+              report={"kind": "synthetic", "stream": unique, "ok": True, "summary": "equal",
+                      "signature": {"value": "c2ln"}})  # fmt: skip
+    monitor = ComplianceMonitor(cfg, drill_after=0.0, verifications=lambda: [job])
     try:
         results = {r.control: r for r in await monitor.evaluate_once()}
         assert results["key-age"].status == "fail"
@@ -176,9 +181,8 @@ async def test_monitor_key_age_and_drill_against_the_vault(
         kinds = [e["type"] for e in chain.entries]
         assert kinds.count(c.KEY_ROTATION) == 2 and c.DRILL_RESTORE in kinds
         await monitor.evaluate_once()
-        assert [e["type"] for e in await (await monitor.evidence()).entries()].count(
-            c.FAILOVER
-        ) == 1
+        kinds = [e["type"] for e in await (await monitor.evidence()).entries()]
+        assert kinds.count(c.FAILOVER) == 1 and kinds.count(c.VERIFICATION) == 1
         changes = [e for e in chain.entries if e["type"] == c.CONTROL_CHANGE]
         assert {"control": "key-age", "from": "fail", "to": "pass"}.items() <= {
             k: v

@@ -9,8 +9,9 @@
 - ``async run(stop)``: until ``stop`` is set, every second take the live RPO
   into a running maximum; every ``rpo_sample_every`` record that maximum as
   an ``rpo.sample`` evidence entry (on a region that ships); every
-  ``evaluate_every`` read new evidence, record key rotations it sees and
-  the failover engine's records (``<data_dir>/failovers/``), run a restore
+  ``evaluate_every`` read new evidence, record key rotations it sees, the
+  failover engine's records (``<data_dir>/failovers/``) and finished
+  on-demand verifications (``verifications()``: the agent's verify jobs), run a restore
   drill when one is due (passive region, ``drill_schedule``), then evaluate
   the controls and record status changes as evidence.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,11 @@ class ComplianceMonitor:
         live_rpo: Callable[[], Mapping[str, float]] | None = None,
         clock: Callable[[], float] = time.time,
         drill_after: float = _DRILL_RETRY,
+        verifications: Callable[[], Iterable[Any]] | None = None,
     ) -> None:
         self.cfg = cfg
         self._live_rpo = live_rpo or dict
+        self._verifications = verifications or list
         self._clock = clock
         self.log = logs.get("compliance", region=cfg.region)
         self._errors = logs.RateLimited(300.0)
@@ -165,6 +168,24 @@ class ComplianceMonitor:
             added += 1
         return added
 
+    async def record_verifications(self) -> int:
+        """Append each finished on-demand verification (a job with ``id``, ``stream``,
+        ``state`` and a signed ``report``) not yet in the log, as a ``verification`` entry."""
+        seen = {e["data"].get("job") for e in self._own if e["type"] == c.VERIFICATION}
+        added = 0
+        for job in list(self._verifications()):
+            report = getattr(job, "report", None)
+            if getattr(job, "state", "") != "done" or not report or job.id in seen:
+                continue
+            fields = ("kind", "stream", "ok", "summary", "at", "roots", "counts")
+            data = {k: report.get(k) for k in fields} | {
+                "job": job.id,
+                "report_signature": (report.get("signature") or {}).get("value"),
+            }
+            self._own.append(await (await self.evidence()).append(c.VERIFICATION, data))
+            added += 1
+        return added
+
     def facts(self, now: float) -> c.Facts:
         cfg = self.cfg
         return c.Facts(
@@ -208,6 +229,7 @@ class ComplianceMonitor:
         await self.refresh(now)
         await self.record_keys(now)
         await self.record_failovers()
+        await self.record_verifications()
         if self.drill_due(now):
             await self.drill(now)
         results = c.evaluate(self.facts(now))
