@@ -85,7 +85,7 @@ async def test_a_isolated_fences_itself_before_b_promotes(
         finally:
             stop.set()
             heal_etcd(lab, "a")
-            drill.link.heal()
+            await drill.link.heal()
     assert fenced_at < promoted_at
     assert b.epoch == 2
     assert writer.committed_after(promoted_at) == []
@@ -117,7 +117,7 @@ async def test_only_the_a_b_link_cut_no_failover_no_flapping(drill: Drill) -> No
                 await asyncio.sleep(0.1)
         finally:
             stop.set()
-            drill.link.heal()
+            await drill.link.heal()
     assert not a.fenced and (await a.lease.view()).epoch == 1
     assert summaries == {"following a"}
     assert not writer.refused

@@ -8,8 +8,8 @@ the servers:
 - ``Link``: a TCP forwarder in front of one server, used as the address by
   which *another* region reaches it (a passive region's probes of the active
   region's PostgreSQL, for example). ``cut()`` drops every open connection
-  and refuses new ones (connections are accepted then closed at once, like a
-  reset); ``heal()`` forwards again. The region's own clients use the server
+  and stops listening (new connections are refused); ``await heal()``
+  listens and forwards again on the same port. The region's own clients use the server
   directly, so cutting the link leaves the region alive on its side.
 - etcd membership: a region cut off from the others *and* from the witness
   is, for etcd, a member that answers nobody — ``isolate_etcd(lab, region)``
@@ -48,7 +48,9 @@ class Link:
         await self.aclose()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.listen)
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port or self.listen, reuse_address=True
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def url(self, template: str) -> str:
@@ -56,19 +58,23 @@ class Link:
         return template.replace("{port}", str(self.port))
 
     def cut(self) -> None:
-        """Drop every connection through the link and refuse new ones. Idempotent."""
+        """Drop every connection through the link and stop listening. Idempotent."""
         self.is_cut = True
+        if self._server is not None:
+            self._server.close()
         for writer in list(self._pipes):
             writer.transport.abort()
         self._pipes.clear()
 
-    def heal(self) -> None:
-        self.is_cut = False
+    async def heal(self) -> None:
+        """Listen and forward again, on the same port. Idempotent."""
+        if self.is_cut:
+            self.is_cut = False
+            await self.start()
 
     async def aclose(self) -> None:
         self.cut()
         if self._server is not None:
-            self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
 
