@@ -34,7 +34,7 @@ async def test_scan_mirrors_puts_overwrites_large_objects_and_deletes(rig: Rig) 
             await src.write(f"small/{i:03d}", os.urandom(100 + i * 500), "text/plain", meta)
         big = os.urandom(12 * 1024 * 1024 + 123)
         await src.write("big/one.bin", big, "application/octet-stream", {"kind": "model"})
-        async with rig.running():
+        async with rig.running() as (shipper, _):
             await eventually(lambda: same(src, dst), within=60, every=0.5)
             for i in range(0, 30, 3):
                 await src.write(f"small/{i:03d}", b"v2-" + os.urandom(50), "text/csv", {"v": "2"})
@@ -42,6 +42,8 @@ async def test_scan_mirrors_puts_overwrites_large_objects_and_deletes(rig: Rig) 
                 await src.delete(f"small/{i:03d}")
             await src.write("big/one.bin", os.urandom(6 * 1024 * 1024), "", {})
             await eventually(lambda: same(src, dst), within=60, every=0.5)
+            counts = shipper.source.pending_counts  # type: ignore[attr-defined]
+            await eventually(lambda: counts() == {"objects": 0, "bytes": 0}, within=30)
         head = await dst.head("small/000")
         assert head.metadata[META_HASH] == content_hash(await src.read("small/000", ""))
         assert head.metadata[META_VERSION]
@@ -109,7 +111,7 @@ async def test_background_anti_entropy_repairs_on_the_active_side(
         assert await job.runner.sync_once(asyncio.Event()) is False
         assert await same(src, dst)  # repaired without the stream
         report = json.loads((tmp_path / "verify-latest.json").read_text())
-        assert report["repaired"] == 3
+        assert report["repaired"] == 3 and job.runner.repairs == 3
     finally:
         await src.aclose()
         await dst.aclose()

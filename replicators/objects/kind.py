@@ -68,6 +68,9 @@ class LazySource:
     def pending_since(self) -> float | None:
         return self.inner.pending_since() if self.inner else None
 
+    def pending_counts(self) -> dict[str, int]:
+        return self.inner.pending_counts() if self.inner else {"objects": 0, "bytes": 0}
+
     async def aclose(self) -> None:
         if self.inner is not None:
             await self.inner.aclose()
@@ -116,6 +119,7 @@ class AntiEntropy:
         self.agent = agent
         self.path = state_dir / "verify-latest.json"
         self.runs = 0
+        self.repairs = 0
 
     async def recover(self) -> None:
         pass
@@ -123,6 +127,7 @@ class AntiEntropy:
     async def sync_once(self, stop: asyncio.Event) -> bool:
         report = await verify(self.stream, self.agent, repair=True)
         self.runs += 1
+        self.repairs += int(report["repaired"])
         await asyncio.to_thread(checkpoint.save, self.path, report)
         log.info("anti-entropy", stream=self.stream.name, summary=report["summary"])
         return False

@@ -103,6 +103,16 @@ class ObjectsSource:
         times += [f.since for f in self._ready]
         return min(times) if times else None
 
+    def pending_counts(self) -> dict[str, int]:
+        """Changes seen but not yet handed to the shipper: ``objects`` (queued, read ahead, in
+        transfer) and ``bytes`` (known ones: read-ahead bodies and the rest of a transfer)."""
+        objects = len(self.queue) + len(self._ready)
+        size = sum(len(f.body) for f in self._ready if f.body is not None)
+        if (t := self._transfer) is not None:
+            objects += 1
+            size += max(0, t.state.size - t.index * int(self.options.part_size))
+        return {"objects": objects, "bytes": size}
+
     async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
         batch: list[Change] = []
         size = 0
