@@ -90,3 +90,18 @@ def test_ha_cli_pause_status_resume(lab: Lab, unique: str, tmp_path: Path) -> No
     assert ha("pause", "--why", "maintenance")["paused"] is True
     assert ha("status")["paused"] is True
     assert ha("resume")["paused"] is False
+
+
+async def test_operator_failover_refused_while_the_lease_is_held(
+    lab: Lab, unique: str, tmp_path: Path
+) -> None:
+    from agent.coordination.switchover import SwitchoverError, run
+
+    async with Drill(lab, unique, tmp_path) as drill:
+        await drill.ready(30)
+        b = drill.coordinators["b"]
+        with pytest.raises(SwitchoverError, match="the leader lease is held"):
+            await run(drill.config("b"), old_dsn=None, planned=False)
+        view = await b.lease.view()
+        assert (view.leader, view.epoch, view.paused) == ("a", 1, False)
+        assert drill.coordinators["a"].writable
