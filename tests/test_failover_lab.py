@@ -141,6 +141,15 @@ async def test_region_a_killed_whole_b_serves_dns_switched(drill: Drill, named: 
     assert trial["rpo_client"] <= 1.0, trial
     assert record["rpo_seconds"] is not None and record["rpo_seconds"] <= 1.0
     assert list((drill.workdir / "b" / "failovers").glob("*-failover.json"))
+    # and in region b's hash-chained evidence log
+    from agent.evidence.log import EvidenceLog
+
+    log = await EvidenceLog.open(drill.config("b"))
+    try:
+        kinds = [e.get("type") for e in await log.entries()]
+    finally:
+        await log.aclose()
+    assert "failover.failover" in kinds
 
 
 async def test_switchover_to_b_then_failback_to_a_loses_nothing(

@@ -419,6 +419,7 @@ class Coordinator:
                 "last_failover", {"at": t["acquired"], "epoch": run.epoch, "region": run.region}
             )
         self.log.warning("failover done", **{k: record[k] for k in ("epoch", "rto_seconds")})
+        await events.to_evidence(self.cfg, record)
         await events.notify(self.f.notify, record)
 
     # -- probes and heartbeat --------------------------------------------------------------

@@ -7,12 +7,14 @@ serving), ``phases`` (seconds spent in each), ``rto_seconds`` and
 ``rpo_seconds`` (from the WAL heartbeats: the primary's last heartbeat seen
 minus the last one replayed here) and ``errors``.
 
-``publish`` writes it to etcd (``failovers/<epoch>``, and ``last_failover``
-for the lockout) and to ``<data_dir>/failovers/<epoch>.json``, then POSTs it
-to every webhook. The body is accepted by Slack incoming webhooks (``text``)
-and carries PagerDuty Events v2 fields (``event_action``, ``payload`` with
-``summary``/``source``/``severity``/``custom_details``). Notification
-failures are logged, never raised: they must not stop a failover.
+The coordinator writes it to etcd (``failovers/<epoch>``, and
+``last_failover`` for the lockout), to ``<data_dir>/failovers/``, appends it
+to the region's hash-chained evidence log in its vault (``to_evidence``, kind
+``failover.<kind>``), then POSTs it to every webhook. The body is accepted
+by Slack incoming webhooks (``text``) and carries PagerDuty Events v2
+fields (``event_action``, ``payload`` with ``summary``/``source``/
+``severity``/``custom_details``). Notification failures are logged, never
+raised: they must not stop a failover.
 """
 
 from __future__ import annotations
@@ -89,6 +91,23 @@ async def notify(urls: Sequence[Secret], record: dict[str, Any], within: float =
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 log.warning("notification failed", error=type(exc).__name__)
     return ok
+
+
+async def to_evidence(cfg: Any, record: dict[str, Any], within: float = 15.0) -> bool:
+    """Append the record to ``cfg.region``'s evidence log; False (logged) on failure."""
+    from agent.evidence.log import EvidenceLog
+
+    try:
+        async with asyncio.timeout(within):
+            log = await EvidenceLog.open(cfg)
+            try:
+                await log.append(f"failover.{record['kind']}", record)
+            finally:
+                await log.aclose()
+    except Exception as exc:  # evidence is recorded best effort, after the failover
+        logs.get("failover").warning("evidence not recorded", error=f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 def write_local(data_dir: Path, record: dict[str, Any]) -> Path:

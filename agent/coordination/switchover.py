@@ -161,6 +161,7 @@ async def _publish(c: Coordinator, record: dict[str, Any]) -> None:
     if record["kind"] == "failover":
         at = {"at": time.time(), "epoch": record["epoch"], "region": record["region"]}
         await c.lease.put_json("last_failover", at)
+    await events.to_evidence(c.cfg, record)
     await events.notify(c.f.notify, record)
 
 
