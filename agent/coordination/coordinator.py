@@ -355,6 +355,10 @@ class Coordinator:
                 await run.run()
                 if self.heartbeat and old:
                     run.notes["local_last_heartbeat"] = await self.heartbeat.last(old)
+            except Exception as exc:  # the lease is ours: record, page, keep it
+                run.errors.append(f"takeover: {type(exc).__name__}: {exc}")
+                self.log.error("takeover step failed", error=run.errors[-1])
+            try:
                 primary_last = self.peers.last_heartbeat.get(old or "")
                 await self._serving(epoch, run)
             finally:
@@ -405,7 +409,7 @@ class Coordinator:
             "reason": run.reason,
             "timeline": t,
             "phases": events.phases(t),
-            "rto_seconds": round(t.get("serving", t["dns_switched"]) - t["failure_seen"], 3),
+            "rto_seconds": round(max(t.values()) - t["failure_seen"], 3),
             "rpo_seconds": rpo,
             "primary_last_heartbeat": primary_last,
             "notes": run.notes,
