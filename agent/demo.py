@@ -1,9 +1,13 @@
-"""``dragent demo``: the lab, both agents, segments flowing, the measured RPO.
+"""``dragent demo``: the lab, both agents, pgbench on region a, region b's standby following.
 
-Brings the lab up, starts region a (active) and region b (passive), prints one
-line a second (segments, records, RPO at a, apply lag at b), and after the
-given time or Ctrl-C drains both agents, verifies b's vault end to end and
-prints a summary. Leaves nothing running unless ``--keep``.
+Brings the lab up, writes demo configurations with two streams (``synthetic``
+and ``pg``, the lab's PostgreSQL), takes a base backup of region a into
+region b's vault, starts region a (active) and region b (passive), builds
+b's warm standby from the vault (``dragent standby init``), runs pgbench at a
+fixed rate on a, and prints one line a second: the RPO of each stream at a,
+and pgbench's history rows on a's primary next to b's standby. After the
+given time or Ctrl-C it drains both agents, verifies b's vault, prints a
+summary and stops everything (``--keep`` leaves the lab running).
 """
 
 from __future__ import annotations
@@ -11,61 +15,167 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import statistics
+import socket
+import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.config import load_config
 from agent.lab import Lab
 from agent.vaultcmd import vault_verify
 
-
-def _stream(status: dict[str, Any] | None) -> dict[str, Any]:
-    streams = (status or {}).get("streams") or [{}]
-    return streams[0]
+PG_STREAM = "pg"
+PGBENCH_RATE = 50  # transactions per second on region a
 
 
-def _pos(stream: dict[str, Any], stage: str) -> int:
-    mark = stream.get(stage)
-    return int(mark["position"]) if mark else 0
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _quantile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def _watch(
-    a: AgentProcess, b: AgentProcess, seconds: float, stop: asyncio.Event
-) -> list[float]:
-    samples: list[float] = []
+def _stream(status: dict[str, Any] | None, name: str) -> dict[str, Any]:
+    for s in (status or {}).get("streams") or []:
+        if s.get("stream") == name and s.get("side") in ("source", "sink"):
+            return s
+    return {}
+
+
+class Demo:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.dir = lab.root / "demo"
+        self.pg_home = Path(lab.postgres("b").home)
+        self.standby_port = _free_port()
+        self.standby_dsn = f"postgresql://dragent@127.0.0.1:{self.standby_port}/app"
+        self.agents: dict[str, AgentProcess] = {}
+
+    def write_configs(self) -> dict[str, Path]:
+        """Each region's lab config plus a ``pg`` stream over the lab's PostgreSQL."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        dsn = {"a": self.lab.pg_dsn("a"), "b": self.standby_dsn}
+        paths = {}
+        for region in ("a", "b"):
+            data = tomllib.loads(self.lab.config_path(region).read_text())
+            (self.dir / f"dsn-{region}").write_text(dsn[region])
+            pg: dict[str, Any] = {"dsn": f"file:{self.dir / f'dsn-{region}'}"}
+            if region == "b":
+                pg |= {
+                    "standby_data_dir": str(self.pg_home / "demo-standby"),
+                    "standby_port": self.standby_port,
+                    "spool_dir": str(self.pg_home / "demo-spool"),
+                }
+            data["streams"] = [
+                *data["streams"],
+                {"name": PG_STREAM, "kind": "postgres", "segment_max_age": "200ms", "postgres": pg},
+            ]
+            paths[region] = self.dir / f"{region}.toml"
+            paths[region].write_text(tomli_w.dumps(data))
+        return paths
+
+    async def dragent(self, *args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"dragent {' '.join(args)} failed:\n{out.decode(errors='replace')}")
+
+    async def pgbench(self, *args: str) -> asyncio.subprocess.Process:
+        argv = self.lab.postgres("a").command("pgbench", *args, self.lab.pg_dsn("a"))
+        return await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+
+    async def history_rows(self, dsn: str) -> int | None:
+        with contextlib.suppress(OSError, asyncpg.PostgresError, TimeoutError):
+            conn = await asyncpg.connect(dsn, timeout=2)
+            try:
+                return int(await conn.fetchval("SELECT count(*) FROM pgbench_history"))
+            finally:
+                await conn.close()
+        return None
+
+    async def teardown_pg(self) -> None:
+        standby = self.pg_home / "demo-standby"
+        if (standby / "postmaster.pid").exists():
+            stop = self.lab.postgres("b").command(
+                "pg_ctl", "-D", str(standby), "-m", "fast", "stop"
+            )
+            proc = await asyncio.create_subprocess_exec(*stop, stdout=asyncio.subprocess.DEVNULL)
+            await proc.wait()
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            conn = await asyncpg.connect(self.lab.pg_dsn("a"), timeout=5)
+            try:
+                await conn.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                    " WHERE slot_name = 'dragent_b' AND NOT active"
+                )
+            finally:
+                await conn.close()
+
+
+async def _watch(demo: Demo, seconds: float, stop: asyncio.Event) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {"synthetic": [], PG_STREAM: []}
     started = time.monotonic()
     next_line = started
-    print(
-        f"{'t':>5}  {'a: captured':>12} {'durable':>9} {'RPO':>7}   {'b: applied':>11} {'lag':>7}"
-    )
+    head = f"{'t':>5}  {'RPO synthetic':>13} {'RPO pg':>8}   {'a: history rows':>15}"
+    print(f"{head} {'b: standby':>10}")
     while not stop.is_set() and time.monotonic() - started < seconds:
-        sa, sb = await asyncio.gather(a.status(), b.status())
-        src, dst = _stream(sa), _stream(sb)
-        if src.get("rpo_seconds") is not None:
-            samples.append(float(src["rpo_seconds"]))
+        status = await demo.agents["a"].status()
+        for name, values in samples.items():
+            rpo = _stream(status, name).get("rpo_seconds")
+            if rpo is not None:
+                values.append(float(rpo))
         if time.monotonic() >= next_line:
             next_line += 1.0
-            lag = dst.get("apply_lag_seconds")
+            rows_a = await demo.history_rows(demo.lab.pg_dsn("a"))
+            rows_b = await demo.history_rows(demo.standby_dsn)
+            syn = samples["synthetic"][-1] if samples["synthetic"] else float("nan")
+            pg = samples[PG_STREAM][-1] if samples[PG_STREAM] else float("nan")
             print(
-                f"{time.monotonic() - started:5.1f}  {_pos(src, 'captured'):>12} "
-                f"{_pos(src, 'durable'):>9} {src.get('rpo_seconds') or 0:7.3f}   "
-                f"{_pos(dst, 'applied'):>11} {lag if lag is not None else float('nan'):7.3f}",
+                f"{time.monotonic() - started:5.1f}  {syn:13.3f} {pg:8.3f}   "
+                f"{rows_a if rows_a is not None else '-':>15} "
+                f"{rows_b if rows_b is not None else '-':>10}",
                 flush=True,
             )
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.25):
                 await stop.wait()
     return samples
+
+
+async def _start(demo: Demo, configs: dict[str, Path]) -> None:
+    print("pgbench: initialising region a's database")
+    init = await demo.pgbench("-i", "-q", "-s", "1")
+    await init.wait()
+    print("backup: base backup of region a into region b's vault")
+    await demo.dragent("backup", "postgres", "--config", str(configs["a"]), "--stream", PG_STREAM)
+    for region in ("a", "b"):
+        agent = AgentProcess(
+            configs[region],
+            demo.dir / f"agent-{region}.log",
+            demo.lab.root / region / "agent.pid",
+            demo.lab.agent_url(region),
+        )
+        demo.agents[region] = agent
+        await agent.start()
+        await agent.wait_ready(within=60)
+        print(f"agent {region}: ready at {agent.url} (log {agent.log_path})")
+    print("standby: building region b's warm standby from the vault")
+    await demo.dragent("standby", "init", "--config", str(configs["b"]))
 
 
 async def run_demo(root: Path, seconds: float = 30.0, keep: bool = False) -> int:
@@ -78,41 +188,51 @@ async def run_demo(root: Path, seconds: float = 30.0, keep: bool = False) -> int
     t0 = time.monotonic()
     await lab.up()
     print(f"lab: up in {time.monotonic() - t0:.1f}s")
-    agents = {
-        r: AgentProcess(
-            lab.config_path(r),
-            lab.root / r / "agent.log",
-            lab.root / r / "agent.pid",
-            lab.agent_url(r),
-        )
-        for r in ("a", "b")
-    }
+    demo = Demo(lab)
     code = 1
+    bench: asyncio.subprocess.Process | None = None
     try:
-        for region, agent in agents.items():
-            await agent.start()
-            await agent.wait_ready(within=60)
-            print(f"agent {region}: ready at {agent.url} (log {agent.log_path})")
-        samples = await _watch(agents["a"], agents["b"], seconds, stop)
-        print("stopping: draining both agents")
-        await agents["a"].stop()
-        await asyncio.sleep(3 * 0.1 + 1.0)  # let b apply the last segment a published
-        final_b = _stream(await agents["b"].status())
-        await agents["b"].stop()
-        cfg_b = load_config(lab.config_path("b"))
-        print("verifying region b's vault (authentication, Merkle roots, continuity):")
-        code = await vault_verify(cfg_b, "synthetic", as_json=False)
-        print(
-            f"summary: RPO at a over {len(samples)} samples: "
-            f"p50 {_quantile(samples, 0.5):.3f}s, p99 {_quantile(samples, 0.99):.3f}s, "
-            f"max {max(samples, default=float('nan')):.3f}s "
-            f"(mean {statistics.fmean(samples) if samples else float('nan'):.3f}s); "
-            f"b applied {_pos(final_b, 'applied')} records"
-        )
+        await _start(demo, demo.write_configs())
+        duration = str(int(seconds) + 5)
+        bench = await demo.pgbench("-R", str(PGBENCH_RATE), "-T", duration, "-c", "2")
+        samples = await _watch(demo, seconds, stop)
+        bench.terminate()
+        await bench.wait()
+        code = await _finish(demo, samples)
     finally:
-        for agent in agents.values():
+        if bench is not None and bench.returncode is None:
+            bench.terminate()
+            await bench.wait()
+        for agent in demo.agents.values():
             await agent.stop()
+        await demo.teardown_pg()
         if not keep:
             await lab.down(purge=True)
             print("lab: down (removed)")
+    return code
+
+
+async def _finish(demo: Demo, samples: dict[str, list[float]]) -> int:
+    print("stopping: pgbench stopped; draining region a's agent")
+    rows_a = await demo.history_rows(demo.lab.pg_dsn("a"))
+    await demo.agents["a"].stop()
+    followed = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        followed = await demo.history_rows(demo.standby_dsn)
+        if followed is not None and rows_a is not None and followed >= rows_a:
+            break
+        await asyncio.sleep(0.5)
+    await demo.agents["b"].stop()
+    print("verifying region b's vault (authentication, Merkle roots, continuity):")
+    cfg_b = load_config(demo.dir / "b.toml")
+    code = await vault_verify(cfg_b, "synthetic", as_json=False)
+    code |= await vault_verify(cfg_b, PG_STREAM, as_json=False)
+    for name, values in samples.items():
+        print(
+            f"summary: {name}: RPO at a over {len(values)} samples: p50 "
+            f"{_quantile(values, 0.5):.3f}s, p99 {_quantile(values, 0.99):.3f}s, "
+            f"max {max(values, default=float('nan')):.3f}s"
+        )
+    print(f"summary: pgbench history rows: region a {rows_a}, region b's standby {followed}")
     return code
