@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from pathlib import Path
 
 from agent import __version__, logs
 from agent.config import ConfigError, load_config
+
+# Each module adds its commands with ``register(subparsers)``.
+COMMAND_MODULES = (
+    "agent.lab.cli",
+    "agent.cli_postgres",
+    "agent.cli_artifacts",
+    "agent.cli_objects",
+    "agent.cli_dr",
+    "agent.cli_verify",
+    "agent.cli_failover",
+)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -84,27 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     demo.set_defaults(func=_cmd_demo)
 
-    from agent.lab.cli import register
-
-    register(sub)
-    from agent import cli_postgres
-
-    cli_postgres.register(sub)
-    from agent import cli_artifacts
-
-    cli_artifacts.register(sub)
-    from agent import cli_objects
-
-    cli_objects.register(sub)
-    from agent import cli_dr
-
-    cli_dr.register(sub)
-    from agent import cli_verify
-
-    cli_verify.register(sub)
-    from agent import cli_failover
-
-    cli_failover.register(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
