@@ -69,6 +69,16 @@ class ProgressCollector(Collector):
         state = GaugeMetricFamily(
             "dragent_stream_state", "1 for the stream task's state.", labels=["stream", "state"]
         )
+        pending = GaugeMetricFamily(
+            "dragent_source_pending",
+            "Changes a source has seen but not yet shipped (objects, bytes), where it counts them.",
+            labels=["stream", "peer", "unit"],
+        )
+        repairs = GaugeMetricFamily(
+            "dragent_repairs",
+            "Differences repaired by the stream's anti-entropy job since the agent started.",
+            labels=["stream"],
+        )
         policy = self._policy()
         targeted: set[str] = set()
         for task in self._tasks():
@@ -80,6 +90,7 @@ class ProgressCollector(Collector):
                 if mark is not None:
                     position.add_metric([p.stream, p.peer, stage], float(mark.position))
                     source_time.add_metric([p.stream, p.peer, stage], mark.source_time)
+            _counts(task, pending, repairs)
             if p.side == "source":
                 rpo.add_metric([p.stream, p.peer], p.rpo(now))
                 if p.stream not in targeted:
@@ -89,4 +100,15 @@ class ProgressCollector(Collector):
                 applied = p.lag("applied", now)
                 if applied is not None:
                     lag.add_metric([p.stream], applied)
-        yield from (rpo, target, position, source_time, lag, state)
+        yield from (rpo, target, position, source_time, lag, state, pending, repairs)
+
+
+def _counts(task: StreamTask, pending: GaugeMetricFamily, repairs: GaugeMetricFamily) -> None:
+    """Optional figures a kind's source or job exposes: ``pending_counts()``, ``repairs``."""
+    p = task.progress
+    counts = getattr(getattr(task.runner, "source", None), "pending_counts", None)
+    if p.side == "source" and counts is not None:
+        for unit, value in counts().items():
+            pending.add_metric([p.stream, p.peer, unit], float(value))
+    if p.side == "job" and isinstance(getattr(task.runner, "repairs", None), int):
+        repairs.add_metric([p.stream], float(task.runner.repairs))
