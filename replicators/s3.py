@@ -53,6 +53,27 @@ def classify(exc: Exception, key: str) -> StorageError:
     raise exc
 
 
+def s3_client(cfg: S3Config) -> Any:
+    """An aiobotocore S3 client for ``cfg`` (an async context manager); botocore retries."""
+    creds: dict[str, str] = {}
+    if cfg.access_key is not None and cfg.secret_key is not None:
+        creds = {
+            "aws_access_key_id": cfg.access_key.reveal(),
+            "aws_secret_access_key": cfg.secret_key.reveal(),
+        }
+    config = Config(
+        connect_timeout=cfg.connect_timeout,
+        read_timeout=cfg.read_timeout,
+        retries={"mode": "standard", "max_attempts": cfg.max_attempts},
+        s3={"addressing_style": cfg.addressing_style},
+        max_pool_connections=cfg.max_concurrency,
+    )
+    session = aiobotocore.session.get_session()
+    return session.create_client(
+        "s3", endpoint_url=cfg.endpoint, region_name=cfg.region_name, config=config, **creds
+    )
+
+
 class S3Store:
     """An S3 bucket (optionally under a key prefix). Create with ``await S3Store.open(cfg)``."""
 
@@ -68,29 +89,7 @@ class S3Store:
     @classmethod
     async def open(cls, cfg: S3Config) -> S3Store:
         stack = AsyncExitStack()
-        session = aiobotocore.session.get_session()
-        creds: dict[str, str] = {}
-        if cfg.access_key is not None and cfg.secret_key is not None:
-            creds = {
-                "aws_access_key_id": cfg.access_key.reveal(),
-                "aws_secret_access_key": cfg.secret_key.reveal(),
-            }
-        config = Config(
-            connect_timeout=cfg.connect_timeout,
-            read_timeout=cfg.read_timeout,
-            retries={"mode": "standard", "max_attempts": cfg.max_attempts},
-            s3={"addressing_style": cfg.addressing_style},
-            max_pool_connections=cfg.max_concurrency,
-        )
-        client = await stack.enter_async_context(
-            session.create_client(
-                "s3",
-                endpoint_url=cfg.endpoint,
-                region_name=cfg.region_name,
-                config=config,
-                **creds,
-            )
-        )
+        client = await stack.enter_async_context(s3_client(cfg))
         return cls(cfg, client, stack)
 
     def _key(self, key: str) -> str:

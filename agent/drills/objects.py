@@ -21,9 +21,9 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from agent.config import StreamConfig
-from agent.evidence.locked import s3_client
 from replicators.errors import DragentError
 from replicators.keys import KeyProvider
+from replicators.s3 import s3_client
 from replicators.store import ObjectStore
 from replicators.vault import Vault
 

@@ -17,32 +17,10 @@ import datetime as dt
 from contextlib import AsyncExitStack
 from typing import Any
 
-import aiobotocore.session
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.configbase import S3Config
-from replicators.s3 import classify
-
-
-def s3_client(cfg: S3Config) -> Any:
-    """An aiobotocore S3 client for ``cfg`` (an async context manager), botocore retrying."""
-    creds: dict[str, str] = {}
-    if cfg.access_key is not None and cfg.secret_key is not None:
-        creds = {
-            "aws_access_key_id": cfg.access_key.reveal(),
-            "aws_secret_access_key": cfg.secret_key.reveal(),
-        }
-    config = Config(
-        connect_timeout=cfg.connect_timeout,
-        read_timeout=cfg.read_timeout,
-        retries={"mode": "standard", "max_attempts": cfg.max_attempts},
-        s3={"addressing_style": cfg.addressing_style},
-    )
-    session = aiobotocore.session.get_session()
-    return session.create_client(
-        "s3", endpoint_url=cfg.endpoint, region_name=cfg.region_name, config=config, **creds
-    )
+from replicators.s3 import classify, s3_client
 
 
 class LockedWriter:
