@@ -97,6 +97,10 @@ class FailoverConfig(Section):
     postgres_os_user: str | None = None
     heartbeat_interval: PositiveDuration = 0.2
     peer_probes: dict[Name, list[str]] = {}
+    # this region's own checks besides the heartbeat write (the object store, the
+    # model store...): http(s) answers below 500, tcp:// accepts, postgresql:// queries;
+    # the vault's S3 endpoint is always checked
+    own_probes: list[str] = []
     switches: list[SwitchConfig] = []
     notify: list[SecretRef] = []
     catchup_timeout: PositiveDuration = 30.0

@@ -64,6 +64,22 @@ async def test_lease_epoch_and_fencing_token(drill: Drill) -> None:
     assert (await b.lease.view()).epoch == 1
 
 
+async def test_each_region_publishes_its_health_in_etcd(drill: Drill, lab: Lab) -> None:
+    b = drill.coordinators["b"]
+
+    async def published() -> bool:
+        health = await b.lease.get_json("health/a")
+        return bool(health and health.get("checks") and health["heartbeat"])
+
+    await eventually(published, within=10)
+    health = await b.lease.get_json("health/a")
+    assert health is not None and time.time() - health["at"] < 10
+    assert health["role"] == "active" and health["epoch"] == 1
+    vault = next(c for c in health["checks"] if c["target"] == lab.s3_endpoint("a"))
+    assert vault["ok"]
+    assert health["peers"]["b"]["down"] is False
+
+
 async def test_a_isolated_fences_itself_before_b_promotes(
     drill: Drill, lab: Lab, named: BindServer
 ) -> None:

@@ -26,7 +26,7 @@ from agent import logs
 from agent.config import AgentConfig
 from agent.coordination import events, fencing
 from agent.coordination.decide import Action, Decision, Observation, Role, Rules, decide
-from agent.coordination.health import Heartbeat, PeerWatch
+from agent.coordination.health import Heartbeat, PeerWatch, probe
 from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
 from agent.coordination.takeover import Takeover, until
 from agent.switch.base import build_switch
@@ -70,6 +70,7 @@ class Coordinator:
         self.last_heartbeat: float | None = None
         self.lag: float | None = None
         self.readiness: dict[str, dict[str, Any]] = {}
+        self.own_checks: list[dict[str, Any]] = []
         self.threaded = threaded
         self._caller: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
@@ -120,6 +121,7 @@ class Coordinator:
             "decision": self.decision.summary if self.decision else None,
             "peers": self.peers.view(),
             "last_heartbeat": self.last_heartbeat,
+            "own_checks": self.own_checks,
             "lag_seconds": self.lag,
             "readiness": self.readiness,
             "last_failover": self.last_record,
@@ -427,14 +429,25 @@ class Coordinator:
         await events.notify(self.f.notify, record)
 
     # -- probes and heartbeat --------------------------------------------------------------
+    def _own_targets(self) -> list[str]:
+        vault = self.cfg.vault.endpoint
+        return ([vault] if vault else []) + list(self.f.own_probes)
+
     async def _probe(self) -> None:
-        await self.peers.probe_all(time.monotonic())
+        """Probe the other regions and this one; publish this region's health."""
+        within = self.f.probe_timeout
+        own, _ = await asyncio.gather(
+            asyncio.gather(*(probe(u, within) for u in self._own_targets())),
+            self.peers.probe_all(time.monotonic()),
+        )
+        self.own_checks = [c.public() for c in own]
         health = {
             "at": time.time(),
             "role": self.role,
             "epoch": self.epoch,
             "fenced": self.fenced,
             "heartbeat": self.last_heartbeat,
+            "checks": self.own_checks,
             "peers": self.peers.view(),
         }
         with contextlib.suppress(EtcdUnavailable):
