@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from agent.cli_restore import kind_parser
 from agent.config import AgentConfig, ConfigError, StreamConfig, load_config
 from replicators.keys import build_key_provider
 from replicators.s3 import S3Store
@@ -112,48 +113,15 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return asyncio.run(_ls(cfg, stream.name, args.json))
 
 
-def _join_restore(rest: argparse.ArgumentParser) -> None:
-    """Add ``artifacts`` to an existing ``restore KIND`` command (one parser serves every kind):
-    its ``kind`` choices grow, ``--model``/``--version`` are added, options required only by
-    another kind are checked by that kind's handler, and the handler dispatches on ``kind``."""
-    other = rest.get_default("func")
-    required = []
-    for action in rest._actions:
-        if action.dest == "kind" and action.choices is not None:
-            action.choices = [*action.choices, "artifacts"]
-        elif action.dest == "to":
-            action.help = f"{action.help or ''}; artifacts: the directory to restore into"
-        elif action.required and action.option_strings and action.dest not in ("config", "to"):
-            action.required = False
-            required.append(action)
-    rest.add_argument("--model", help="artifacts: the model")
-    rest.add_argument("--version", help="artifacts: the version")
-
-    def dispatch(args: argparse.Namespace) -> int:
-        if args.kind == "artifacts":
-            return _cmd_restore(args)
-        missing = [a.option_strings[0] for a in required if getattr(args, a.dest) is None]
-        if missing:
-            print(f"dragent: restore {args.kind} needs {', '.join(missing)}", file=sys.stderr)
-            return 2
-        return int(other(args))
-
-    rest.set_defaults(func=dispatch)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the artifact commands to a ``dragent`` subparsers object."""
-    if "restore" in sub.choices:
-        _join_restore(sub.choices["restore"])
-    else:
-        rest = sub.add_parser("restore", help="restore from this region's vault")
-        rest.add_argument("kind", choices=["artifacts"])
-        rest.add_argument("--config", required=True)
-        rest.add_argument("--stream", help="the artifacts stream (when there are several)")
-        rest.add_argument("--model")
-        rest.add_argument("--version")
-        rest.add_argument("--to", help="directory to restore into (absent or empty)")
-        rest.set_defaults(func=_cmd_restore)
+    rest = kind_parser(sub, "artifacts", "one model version into a directory")
+    rest.add_argument("--config", required=True)
+    rest.add_argument("--stream", help="the artifacts stream (when there are several)")
+    rest.add_argument("--model", required=True)
+    rest.add_argument("--version", required=True)
+    rest.add_argument("--to", required=True, help="directory to restore into (absent or empty)")
+    rest.set_defaults(func=_cmd_restore)
 
     art = sub.add_parser("artifacts", help="model artifacts in this region's vault")
     asub = art.add_subparsers(dest="action", required=True)

@@ -19,6 +19,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.cli_restore import kind_parser
 from agent.config import AgentConfig, ConfigError, StreamConfig, load_config
 
 
@@ -127,43 +128,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if signed["ok"] else 1
 
 
-def _join_restore(rest: argparse.ArgumentParser) -> None:
-    """Add ``objects`` to the shared ``restore KIND`` command and dispatch on ``kind``."""
-    other = rest.get_default("func")
-    for action in rest._actions:
-        if action.dest == "kind" and action.choices is not None:
-            action.choices = [*action.choices, "objects"]
-        elif action.dest == "to":
-            action.help = f"{action.help or ''}; objects: the time to restore to"
-    names = {a.dest for a in rest._actions}
-    rest.add_argument("--bucket", help="objects: the source bucket the stream replicates")
-    rest.add_argument("--prefix", help="objects: only keys under this prefix")
-    rest.add_argument("--into", help="objects: the bucket to restore into")
-    if "stream" not in names:
-        rest.add_argument("--stream")
-
-    def dispatch(args: argparse.Namespace) -> int:
-        if args.kind == "objects":
-            return _cmd_restore(args)
-        return int(other(args))
-
-    rest.set_defaults(func=dispatch)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the object commands to a ``dragent`` subparsers object."""
-    if "restore" in sub.choices:
-        _join_restore(sub.choices["restore"])
-    else:
-        rest = sub.add_parser("restore", help="restore from this region's vault")
-        rest.add_argument("kind", choices=["objects"])
-        rest.add_argument("--config", required=True)
-        rest.add_argument("--stream")
-        rest.add_argument("--bucket", help="the source bucket the stream replicates")
-        rest.add_argument("--prefix", help="only keys under this prefix")
-        rest.add_argument("--to", required=True, help="an ISO time (UTC default) or unix seconds")
-        rest.add_argument("--into", help="the bucket to restore into")
-        rest.set_defaults(func=_cmd_restore)
+    rest = kind_parser(sub, "objects", "a bucket or prefix as it was at a time")
+    rest.add_argument("--config", required=True)
+    rest.add_argument("--stream")
+    rest.add_argument("--bucket", help="the source bucket the stream replicates")
+    rest.add_argument("--prefix", help="only keys under this prefix")
+    rest.add_argument("--to", required=True, help="an ISO time (UTC default) or unix seconds")
+    rest.add_argument("--into", help="the bucket to restore into")
+    rest.set_defaults(func=_cmd_restore)
 
     objects = sub.add_parser("objects", help="object-store replication")
     osub = objects.add_subparsers(dest="action", required=True)

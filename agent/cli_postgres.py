@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from agent.cli_restore import kind_parser
 from agent.config import AgentConfig, ConfigError, StreamConfig, load_config
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.postgres import walfetch
@@ -176,8 +177,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--no-start", action="store_true", help="build it but do not start it")
     init.set_defaults(func=_cmd_standby_init)
 
-    rest = sub.add_parser("restore", help="point-in-time restore from this region's vault")
-    rest.add_argument("kind", choices=["postgres"])
+    rest = kind_parser(sub, "postgres", "a new PostgreSQL at a time, an LSN or the latest")
     rest.add_argument("--config", required=True)
     rest.add_argument("--stream")
     rest.add_argument("--to", required=True, help="latest, an ISO time (UTC default) or an LSN X/Y")
