@@ -27,10 +27,17 @@ import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.config import load_config
+from agent.configbase import S3Config
+from agent.demo_workload import count_objects, put_objects, tree_digest, write_model
 from agent.lab import Lab
+from agent.lab.seaweed import find_weed
 from agent.vaultcmd import vault_verify
 
 PG_STREAM = "pg"
+OBJECTS_STREAM = "objects"
+OBJECTS_PREFIX = "objects/"
+MODELS_STREAM = "models"
+MODEL = "demo-llm"
 PGBENCH_RATE = 50  # transactions per second on region a
 
 
@@ -79,10 +86,57 @@ class Demo:
             data["streams"] = [
                 *data["streams"],
                 {"name": PG_STREAM, "kind": "postgres", "segment_max_age": "200ms", "postgres": pg},
+                self._objects_stream(),
+                {
+                    "name": MODELS_STREAM,
+                    "kind": "artifacts",
+                    "segment_max_age": "200ms",
+                    "artifacts": {
+                        "root": str(self.lab.root / region / "models"),
+                        "marker": "_COMPLETE",
+                        "scan_interval": "2s",
+                    },
+                },
             ]
             paths[region] = self.dir / f"{region}.toml"
             paths[region].write_text(tomli_w.dumps(data))
         return paths
+
+    def bucket(self, region: str) -> S3Config:
+        opts = load_config(self.dir / f"{region}.toml").stream(OBJECTS_STREAM).objects
+        assert opts is not None
+        return opts.source if region == "a" else opts.mirror
+
+    async def first_wave(self) -> None:
+        """Model version 1 and 50 objects in region a."""
+        await asyncio.to_thread(write_model, self.lab.root / "a" / "models", MODEL, "1")
+        await put_objects(self.bucket("a"), 0, 50)
+        print(f"region a: wrote {MODEL} version 1 and 50 objects")
+
+    async def second_wave(self) -> None:
+        """Version 2 with 10% of its tensors changed, and 50 more objects."""
+        root = self.lab.root / "a" / "models"
+        await asyncio.to_thread(write_model, root, MODEL, "2", "1")
+        await put_objects(self.bucket("a"), 50, 50)
+        print(f"region a: wrote {MODEL} version 2 (10% of tensors changed) and 50 more objects")
+
+    def _objects_stream(self) -> dict[str, Any]:
+        """Region a's ``data`` bucket under ``objects/``, mirrored into region b's."""
+        vault = {r: tomllib.loads(self.lab.config_path(r).read_text())["vault"] for r in "ab"}
+        bucket = {r: {**vault[r], "bucket": "data", "prefix": OBJECTS_PREFIX} for r in "ab"}
+        filer = f"127.0.0.1:{self.lab.port('a', 'filer')}.{self.lab.port('a', 'filer_grpc')}"
+        return {
+            "name": OBJECTS_STREAM,
+            "kind": "objects",
+            "segment_max_age": "200ms",
+            "objects": {
+                "source": bucket["a"],
+                "mirror": bucket["b"],
+                "events": "filer",
+                "filer": {"filer": filer, "weed": str(find_weed())},
+                "scan_interval": "30s",
+            },
+        }
 
     async def dragent(self, *args: str) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -127,13 +181,38 @@ class Demo:
                 await conn.close()
 
 
+def _versions(root: Path) -> int:
+    model = root / MODEL
+    return len([v for v in model.iterdir() if v.is_dir()]) if model.is_dir() else 0
+
+
+async def _line(demo: Demo, elapsed: float, samples: dict[str, list[float]]) -> None:
+    rows_a = await demo.history_rows(demo.lab.pg_dsn("a"))
+    rows_b = await demo.history_rows(demo.standby_dsn)
+    objects_b = await count_objects(demo.bucket("b"))
+    last = {k: (v[-1] if v else float("nan")) for k, v in samples.items()}
+    print(
+        f"{elapsed:5.1f}  {last['synthetic']:9.3f} {last[PG_STREAM]:7.3f} "
+        f"{last[OBJECTS_STREAM]:7.3f}   {rows_a if rows_a is not None else '-':>7} "
+        f"{rows_b if rows_b is not None else '-':>7}   {objects_b:>7}   "
+        f"{_versions(demo.lab.root / 'b' / 'models'):>6}",
+        flush=True,
+    )
+
+
 async def _watch(demo: Demo, seconds: float, stop: asyncio.Event) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {"synthetic": [], PG_STREAM: []}
+    samples: dict[str, list[float]] = {"synthetic": [], PG_STREAM: [], OBJECTS_STREAM: []}
     started = time.monotonic()
-    next_line = started
-    head = f"{'t':>5}  {'RPO synthetic':>13} {'RPO pg':>8}   {'a: history rows':>15}"
-    print(f"{head} {'b: standby':>10}")
+    next_line, halfway = started, False
+    print(f"{'':5}  {'RPO at region a (s)':^25}   {'pgbench rows':^15}   {'region b':^16}")
+    print(
+        f"{'t':>5}  {'synthetic':>9} {'pg':>7} {'objects':>7}   {'a':>7} {'standby':>7}   "
+        f"{'objects':>7}   {'models':>6}"
+    )
     while not stop.is_set() and time.monotonic() - started < seconds:
+        if not halfway and time.monotonic() - started > seconds / 2:
+            halfway = True
+            await demo.second_wave()
         status = await demo.agents["a"].status()
         for name, values in samples.items():
             rpo = _stream(status, name).get("rpo_seconds")
@@ -141,16 +220,7 @@ async def _watch(demo: Demo, seconds: float, stop: asyncio.Event) -> dict[str, l
                 values.append(float(rpo))
         if time.monotonic() >= next_line:
             next_line += 1.0
-            rows_a = await demo.history_rows(demo.lab.pg_dsn("a"))
-            rows_b = await demo.history_rows(demo.standby_dsn)
-            syn = samples["synthetic"][-1] if samples["synthetic"] else float("nan")
-            pg = samples[PG_STREAM][-1] if samples[PG_STREAM] else float("nan")
-            print(
-                f"{time.monotonic() - started:5.1f}  {syn:13.3f} {pg:8.3f}   "
-                f"{rows_a if rows_a is not None else '-':>15} "
-                f"{rows_b if rows_b is not None else '-':>10}",
-                flush=True,
-            )
+            await _line(demo, time.monotonic() - started, samples)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.25):
                 await stop.wait()
@@ -193,6 +263,7 @@ async def run_demo(root: Path, seconds: float = 30.0, keep: bool = False) -> int
     bench: asyncio.subprocess.Process | None = None
     try:
         await _start(demo, demo.write_configs())
+        await demo.first_wave()
         duration = str(int(seconds) + 5)
         bench = await demo.pgbench("-R", str(PGBENCH_RATE), "-T", duration, "-c", "2")
         samples = await _watch(demo, seconds, stop)
@@ -217,10 +288,12 @@ async def _finish(demo: Demo, samples: dict[str, list[float]]) -> int:
     rows_a = await demo.history_rows(demo.lab.pg_dsn("a"))
     await demo.agents["a"].stop()
     followed = None
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # let region b apply what region a shipped
         followed = await demo.history_rows(demo.standby_dsn)
-        if followed is not None and rows_a is not None and followed >= rows_a:
+        caught_up = followed is not None and rows_a is not None and followed >= rows_a
+        mirrored = await count_objects(demo.bucket("b")) >= await count_objects(demo.bucket("a"))
+        if caught_up and mirrored and _versions(demo.lab.root / "b" / "models") >= 2:
             break
         await asyncio.sleep(0.5)
     await demo.agents["b"].stop()
@@ -235,4 +308,13 @@ async def _finish(demo: Demo, samples: dict[str, list[float]]) -> int:
             f"max {max(values, default=float('nan')):.3f}s"
         )
     print(f"summary: pgbench history rows: region a {rows_a}, region b's standby {followed}")
+    objects = await count_objects(demo.bucket("a")), await count_objects(demo.bucket("b"))
+    print(f"summary: objects: region a {objects[0]}, region b's mirror {objects[1]}")
+    for version in ("1", "2"):
+        same = tree_digest(demo.lab.root / "a" / "models" / MODEL / version) == tree_digest(
+            demo.lab.root / "b" / "models" / MODEL / version
+        )
+        print(
+            f"summary: {MODEL} version {version} in region b: {'identical' if same else 'MISSING'}"
+        )
     return code
