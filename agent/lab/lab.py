@@ -388,9 +388,15 @@ class Lab:
             for group in (others, agents):
                 await self._start(group)
         if action == "pause":
-            for s in agents + others:
-                if s.is_running() or service != "all":
-                    s.pause()
+            paused = [s for s in agents + others if s.is_running() or service != "all"]
+            for s in paused:
+                s.pause()
+            # SIGSTOP is delivered asynchronously: return once every process shows stopped
+            # (polling /proc: no event tells us; bounded to 5 s)
+            for _ in range(500):
+                if all(s.is_paused() for s in paused):
+                    break
+                await asyncio.sleep(0.01)
         if action == "resume":
             for s in others + agents:
                 s.resume()
