@@ -128,6 +128,13 @@ async def test_status_page_shows_roles_watermarks_rpo_alerts_and_verification(
 
             await eventually(lambda: history(pair.a.url, {}), within=30)
             await eventually(lambda: history(pair.b.url, auth), within=30)
+
+            async def peer_b_seen() -> bool:  # a polls its peers every 5 s; b may start late
+                async with http.get(f"{pair.a.url}/status") as resp:
+                    body = await resp.json()
+                return any(p.get("region") == "b" and p.get("reachable") for p in body["peers"])
+
+            await eventually(peer_b_seen, within=30)
             async with http.post(f"{pair.b.url}/api/v1/verify/{unique}", headers=auth) as resp:
                 job = await resp.json()
 
