@@ -177,11 +177,12 @@ class S3Store:
             metadata=dict(out.get("Metadata", {})),
         )
 
-    async def list(
+    async def pages(
         self, prefix: str, *, start_after: str | None = None
-    ) -> AsyncIterator[ObjectInfo]:
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The raw ``ListObjectsV2`` entries under ``prefix``, one page (≤ 1000) at a time,
+        in key order; keys keep the config's prefix (``strip`` it with ``len(cfg.prefix)``)."""
         token: str | None = None
-        strip = len(self.cfg.prefix)
         while True:
             kwargs: dict[str, Any] = {"Prefix": self._key(prefix), "MaxKeys": 1000}
             if token:
@@ -189,15 +190,22 @@ class S3Store:
             elif start_after is not None:
                 kwargs["StartAfter"] = self._key(start_after)
             page = await self._call(prefix, "list_objects_v2", **kwargs)
-            for item in page.get("Contents", []):
+            yield page.get("Contents", [])
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    async def list(
+        self, prefix: str, *, start_after: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        strip = len(self.cfg.prefix)
+        async for page in self.pages(prefix, start_after=start_after):
+            for item in page:
                 yield ObjectInfo(
                     key=item["Key"][strip:],
                     size=int(item["Size"]),
                     etag=str(item.get("ETag", "")).strip('"'),
                 )
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
 
     async def delete(self, key: str) -> None:
         with suppress(NotFound):

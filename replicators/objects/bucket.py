@@ -109,15 +109,8 @@ class Bucket(S3Store):
         self, prefix: str = "", start_after: str | None = None
     ) -> AsyncIterator[list[ObjectState]]:
         """Yield the listing page by page (≤ 1000 objects each), in key order."""
-        token: str | None = None
         strip = len(self.cfg.prefix)
-        while True:
-            kwargs: dict[str, Any] = {"Prefix": self._key(prefix), "MaxKeys": 1000}
-            if token:
-                kwargs["ContinuationToken"] = token
-            elif start_after is not None:
-                kwargs["StartAfter"] = self._key(start_after)
-            page = await self._call(prefix, "list_objects_v2", **kwargs)
+        async for page in self.pages(prefix, start_after=start_after):
             yield [
                 ObjectState(
                     key=item["Key"][strip:],
@@ -125,11 +118,8 @@ class Bucket(S3Store):
                     etag=str(item.get("ETag", "")).strip('"'),
                     time_ns=_ns(item["LastModified"]),
                 )
-                for item in page.get("Contents", [])
+                for item in page
             ]
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
 
     async def write(
         self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str]
