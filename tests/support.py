@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
+
+from agent.agentproc import AgentProcess
+from agent.lab import Lab
 
 
 async def eventually(
@@ -23,3 +27,10 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {within}s")
         await asyncio.sleep(every)
+
+
+def lab_agent(lab: Lab, region: str, config: Path, workdir: Path) -> AgentProcess:
+    """An agent process for ``region`` of the lab, its log and pid file in ``workdir``."""
+    return AgentProcess(
+        config, workdir / f"{region}.log", workdir / f"{region}.pid", lab.agent_url(region)
+    )

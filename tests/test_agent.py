@@ -23,7 +23,7 @@ from replicators.keys import build_key_provider, unseal
 from replicators.s3 import S3Store
 from replicators.synthetic import parse_record, read_applied_log
 from replicators.vault import Vault
-from tests.support import eventually
+from tests.support import eventually, lab_agent
 
 pytestmark = pytest.mark.lab
 
@@ -54,12 +54,7 @@ class Pair:
 
     def agent(self, region: str, **top: Any) -> AgentProcess:
         cfg = variant(self.lab, region, self.workdir, self.stream, **top)
-        return AgentProcess(
-            cfg,
-            self.workdir / f"{region}.log",
-            self.workdir / f"{region}.pid",
-            self.lab.agent_url(region),
-        )
+        return lab_agent(self.lab, region, cfg, self.workdir)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

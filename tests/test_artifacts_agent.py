@@ -18,7 +18,7 @@ from agent.lab import Lab
 from replicators.artifacts.packs import PackRef, open_pack, packs_prefix
 from replicators.keys import build_key_provider
 from replicators.s3 import S3Store
-from tests.support import eventually
+from tests.support import eventually, lab_agent
 from tests.test_artifacts_pipeline import publish, same_tree
 
 pytestmark = pytest.mark.lab
@@ -53,12 +53,7 @@ class Pair:
 
     def agent(self, region: str, root: Path) -> AgentProcess:
         cfg = config(self.lab, region, self.workdir, self.stream, root)
-        return AgentProcess(
-            cfg,
-            self.workdir / f"{region}.log",
-            self.workdir / f"{region}.pid",
-            self.lab.agent_url(region),
-        )
+        return lab_agent(self.lab, region, cfg, self.workdir)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
