@@ -178,17 +178,17 @@ async def run_dragent(
 
     from agent.config import load_config
     from replicators.artifacts.options import ArtifactsOptions
+    from replicators.artifacts.packs import open_vault
     from replicators.artifacts.source import ArtifactsSource
     from replicators.keys import build_key_provider
     from replicators.metrics import Metrics
     from replicators.progress import StreamProgress
-    from replicators.s3 import S3Store
     from replicators.shipper import Shipper, ShipperSettings
     from replicators.vault import Vault
 
     out = []
     peer = load_config(lab.config_path("a")).peers[0]
-    store = await S3Store.open(peer.vault)
+    store = await open_vault(peer.vault)  # as the agent's artifacts source opens it
     keys = build_key_provider(peer.keys)
     options = ArtifactsOptions(root=work / "src", marker="_COMPLETE", watch=False, uploads=uploads)
     source = ArtifactsSource(stream, options, store, keys, work / f"state-{stream}")

@@ -22,6 +22,7 @@ from replicators.artifacts.gc import Collector
 from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, decode
 from replicators.artifacts.options import ArtifactsOptions
+from replicators.artifacts.packs import open_vault
 from replicators.artifacts.restore import catalogue, scrub
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
@@ -53,7 +54,7 @@ class _SourceWithStore(ArtifactsSource):
 
     async def resume(self, position: int) -> None:
         if isinstance(self.store, _Unopened):
-            self.store = await S3Store.open(self._peer.vault)
+            self.store = await open_vault(self._peer.vault)
             self._stack.push_async_callback(self.store.aclose)
             self._stack.push_async_callback(self.keys.aclose)
         await super().resume(position)
