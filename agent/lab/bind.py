@@ -1,14 +1,17 @@
 """A lab DNS server: BIND 9 (``named``) serving one zone open to RFC 2136 updates.
 
-It listens on 127.0.0.1 at the lab's spare port ``shared.dns`` and serves the
-zone ``ZONE`` with ``RECORD`` (``app.lab.dragent.test``) pointing at region
-a's lab address. Updates must be signed with the TSIG key ``KEY_NAME``
+It listens on the lab's shared address (127.0.0.1, or the bridge address in a
+``netns`` lab: the host's namespace, which no partition between members cuts,
+as a DNS provider outside every region) at the spare port ``shared.dns``, and
+serves the zone ``ZONE`` with ``RECORD`` (``app.lab.dragent.test``) pointing
+at region a's address. Updates must be signed with the TSIG key ``KEY_NAME``
 (hmac-sha256), whose base64 secret is in ``<root>/secrets/dns-tsig.key`` (so a
 config can say ``tsig_secret = "file:..."``). Layout under ``<root>/dns``:
 ``named.conf``, the zone file and its journal, ``named.pid``, ``named.log``.
 
-Each region has a distinct loopback address in the zone (``ADDRESSES``): the
-lab runs everything on 127.0.0.1, the record only tells which region serves.
+Each region has a distinct address in the zone (``addresses``): in a loopback
+lab these are the made-up ``ADDRESSES`` (everything runs on 127.0.0.1, the
+record only tells which region serves); in a ``netns`` lab, the regions' own.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import base64
 import secrets
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,6 +27,7 @@ import dns.asyncquery
 import dns.exception
 import dns.message
 
+from agent.lab.network import Place
 from agent.lab.processes import LabError, Server, spawn
 
 KIND = "dns"
@@ -34,7 +39,7 @@ ADDRESSES = {"a": "127.0.1.1", "b": "127.0.2.1"}
 _CONF = """\
 options {{
     directory "{home}";
-    listen-on port {port} {{ 127.0.0.1; }};
+    listen-on port {port} {{ {address}; }};
     listen-on-v6 {{ none; }};
     pid-file none;
     recursion no;
@@ -56,7 +61,7 @@ _ZONE = """\
 $TTL 60
 @   IN SOA ns.{zone}. hostmaster.{zone}. 1 60 30 600 30
 @   IN NS  ns.{zone}.
-ns  IN A   127.0.0.1
+ns  IN A   {server}
 app IN A   {address}
 """
 
@@ -74,9 +79,18 @@ class BindServer(Server):
     kind: ClassVar[str] = KIND
     stop_timeout: ClassVar[float] = 5.0
 
-    def __init__(self, root: Path, port: int, secrets_dir: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        secrets_dir: Path,
+        address: str = "127.0.0.1",
+        addresses: Mapping[str, str] = ADDRESSES,
+    ) -> None:
         self.home = root / "dns"
         self.port = port
+        self.address = address
+        self.addresses = dict(addresses)
         self.conf = self.home / "named.conf"
         self.key_file = secrets_dir / "dns-tsig.key"
         super().__init__(
@@ -85,6 +99,7 @@ class BindServer(Server):
             log_file=self.home / "named.log",
             marker=str(self.conf),
             ports=[port],
+            place=Place(address),
         )
 
     @property
@@ -103,13 +118,13 @@ class BindServer(Server):
         """A ``[[failover.switches]]`` table for this server (rfc2136)."""
         return {
             "provider": "rfc2136",
-            "server": "127.0.0.1",
+            "server": self.address,
             "port": self.port,
             "zone": ZONE,
             "name": f"{RECORD}.",
             "rdtype": "A",
             "ttl": 5,
-            "records": dict(ADDRESSES),
+            "records": dict(self.addresses),
             "tsig_name": KEY_NAME,
             "tsig_secret": f"file:{self.key_file}",
         }
@@ -117,13 +132,19 @@ class BindServer(Server):
     def _write(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         conf = _CONF.format(
-            home=self.home, port=self.port, key=KEY_NAME, secret=self.secret(), zone=ZONE
+            home=self.home,
+            address=self.address,
+            port=self.port,
+            key=KEY_NAME,
+            secret=self.secret(),
+            zone=ZONE,
         )
         self.conf.write_text(conf)
         zone_file = self.home / f"{ZONE}.zone"
         for stale in (zone_file, zone_file.with_name(zone_file.name + ".jnl")):
             stale.unlink(missing_ok=True)
-        zone_file.write_text(_ZONE.format(zone=ZONE, address=ADDRESSES["a"]))
+        zone = _ZONE.format(zone=ZONE, server=self.address, address=self.addresses["a"])
+        zone_file.write_text(zone)
 
     async def start(self) -> None:
         """(Re)write the config and a fresh zone (app → region a), start named
@@ -136,19 +157,25 @@ class BindServer(Server):
 
     async def probe(self) -> bool:
         try:
-            await resolve(self.port, f"{ZONE}.", "SOA")
+            await resolve(self.port, f"{ZONE}.", "SOA", self.address)
         except (OSError, dns.exception.DNSException):
             return False
         return True
 
 
-async def resolve(port: int, name: str = f"{RECORD}.", rdtype: str = "A") -> list[str]:
+async def resolve(
+    port: int, name: str = f"{RECORD}.", rdtype: str = "A", address: str = "127.0.0.1"
+) -> list[str]:
     """Ask the lab's server directly (no resolver cache): the record set's values."""
     query = dns.message.make_query(name, rdtype)
-    response = await dns.asyncquery.udp(query, "127.0.0.1", port=port, timeout=1.0)
+    response = await dns.asyncquery.udp(query, address, port=port, timeout=1.0)
     return sorted(rd.to_text() for rrset in response.answer for rd in rrset)
 
 
 def lab_dns(lab: Any) -> BindServer:
     """The DNS server of a ``Lab`` (not started by ``Lab.up``: call ``start``)."""
-    return BindServer(lab.root, lab.port("shared", "dns"), lab.secrets_dir)
+    net = lab.network
+    addresses = {r: net.address(r) for r in ADDRESSES} if net.isolated else ADDRESSES
+    return BindServer(
+        lab.root, lab.port("shared", "dns"), lab.secrets_dir, net.address("shared"), addresses
+    )

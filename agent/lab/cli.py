@@ -1,9 +1,12 @@
 """``dragent lab``: bring the lab up or down, show it, break it.
 
-Subcommands: ``up``, ``down [--purge]``, ``status [--json]``,
-``fault REGION SERVICE ACTION``; each takes ``--dir`` (default
-``$DRAGENT_LAB_DIR`` or ``./.lab``) and ``--slot``. Exit status: 0 on success,
-1 when the lab reports an error (printed to stderr).
+Subcommands: ``up [--netns]``, ``down [--purge]``, ``status [--json]``,
+``fault REGION SERVICE ACTION``, ``fault partition X Y`` and
+``fault heal [X [Y]]`` (no member: every link); each takes ``--dir`` (default
+``$DRAGENT_LAB_DIR`` or ``./.lab``) and ``--slot``. ``up --netns`` (as root)
+puts each member in a network namespace of its own, which partitions need;
+the lab remembers its mode. Exit status: 0 on success, 1 when the lab reports
+an error, 2 for bad usage (both printed to stderr).
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--slot", type=int, default=None, help="port block to use (default: the first free one)"
     )
     up = commands.add_parser("up", parents=[common], help="start the lab (idempotent)")
+    up.add_argument(
+        "--netns",
+        action="store_true",
+        help="each member in its own network namespace, so links can be cut (root)",
+    )
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", parents=[common], help="stop every server of the lab")
     down.add_argument("--purge", action="store_true", help="also delete the lab's files")
@@ -48,16 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     status = commands.add_parser("status", parents=[common], help="show every server's state")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=cmd_status)
-    fault = commands.add_parser("fault", parents=[common], help="break or repair a service")
-    fault.add_argument("region", choices=MEMBERS)
-    fault.add_argument("service", choices=get_args(Service))
-    fault.add_argument("action", choices=get_args(Action))
+    fault = commands.add_parser(
+        "fault",
+        parents=[common],
+        help="break or repair a service, cut or restore a link",
+        usage=f"%(prog)s {FAULT_USAGE}",
+    )
+    fault.add_argument("words", nargs="+", metavar="ARG", help=FAULT_USAGE)
     fault.set_defaults(func=cmd_fault)
 
 
 def _lab(args: argparse.Namespace) -> Lab:
     root = args.dir or Path(os.environ.get("DRAGENT_LAB_DIR") or ".lab")
-    return Lab(root, slot=args.slot)
+    return Lab(root, slot=args.slot, network="netns" if getattr(args, "netns", False) else None)
 
 
 def _reports_errors(command: Command) -> Command:
@@ -104,10 +115,57 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 @_reports_errors
 def cmd_fault(args: argparse.Namespace) -> int:
-    lab = _lab(args)
-    asyncio.run(lab.fault(args.region, args.service, args.action))
-    print(f"{args.action} {args.service} in {args.region}: done")
+    words = list(args.words)
+    if words[0] in ("partition", "heal"):
+        return _link_fault(args, words)
+    problem = _service_fault_problem(words)
+    if problem:
+        print(
+            f"dragent lab fault: {problem}\nusage: dragent lab fault {FAULT_USAGE}", file=sys.stderr
+        )
+        return 2
+    region, service, action = words
+    asyncio.run(_lab(args).fault(region, service, action))  # type: ignore[arg-type]
+    print(f"{action} {service} in {region}: done")
     return 0
+
+
+FAULT_USAGE = "REGION SERVICE ACTION | partition X Y | heal [X [Y]]"
+
+
+def _service_fault_problem(words: list[str]) -> str | None:
+    if len(words) != 3:
+        return f"expected REGION SERVICE ACTION, got {' '.join(words)!r}"
+    for word, name, choices in zip(
+        words,
+        ("region", "service", "action"),
+        (MEMBERS, get_args(Service), get_args(Action)),
+        strict=True,
+    ):
+        if word not in choices:
+            return f"unknown {name} {word!r}: expected one of {', '.join(choices)}"
+    return None
+
+
+def _link_fault(args: argparse.Namespace, words: list[str]) -> int:
+    verb, members = words[0], words[1:]
+    if (verb == "partition" and len(members) != 2) or len(members) > 2:
+        usage = "partition X Y" if verb == "partition" else "heal [X [Y]]"
+        print(f"dragent lab fault: usage: dragent lab fault {usage}", file=sys.stderr)
+        return 2
+    lab = _lab(args)
+    if verb == "partition":
+        lab.partition(members[0], members[1])
+        print(f"link {members[0]}-{members[1]}: cut")
+    else:
+        lab.heal(*members)
+        print(f"links {'-'.join(members) if members else 'all'}: healed")
+    print(f"cut links: {_pairs(lab.partitions())}")
+    return 0
+
+
+def _pairs(pairs: list[tuple[str, str]] | list[list[str]]) -> str:
+    return ", ".join(f"{x}-{y}" for x, y in pairs) or "none"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -122,4 +180,10 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
     ]
-    return f"lab {status['root']} (slot {status['slot']})\n" + "\n".join(lines)
+    head = f"lab {status['root']} (slot {status['slot']})"
+    if status.get("network") == "netns":
+        members = ", ".join(
+            f"{m} {p['address']} ({p['namespace']})" for m, p in status["members"].items()
+        )
+        head += f"\nnetwork netns: {members}\ncut links: {_pairs(status['partitions'])}"
+    return head + "\n" + "\n".join(lines)

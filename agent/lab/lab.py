@@ -8,9 +8,16 @@ region. ``up()`` does not start the agents: ``start_agent()`` does, or any
 launcher that writes ``root/<region>/agent.pid``; the lab reserves their ports
 and ``fault()`` acts on them through that pid file.
 
+The network mode is chosen when the lab is first brought up and kept in its
+state file: ``loopback`` (default: every server on 127.0.0.1 in the host's
+namespace) or ``netns`` (each member in a network namespace of its own with an
+address of its own, see ``agent.lab.network``; links between members can be
+cut with ``partition()`` and restored with ``heal()``). Every endpoint the lab
+hands out (DSNs, URLs, agent configs) uses the member's address.
+
 Layout of ``root``::
 
-    lab.json                slot, ports, etcd token, agent commands (the state file)
+    lab.json                slot, network mode, ports, etcd token, agent commands (the state file)
     secrets/                S3 access and secret key files, SeaweedFS identity file
     a/ b/                   agent.toml, kek.key, agent/ (data_dir), agent.pid, agent.log,
                             pg/, s3/, etcd/
@@ -26,14 +33,17 @@ import secrets
 import shutil
 import sys
 from collections.abc import Collection, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import tomli_w
 
+from agent.lab import netns, partitions
 from agent.lab import ports as lab_ports
 from agent.lab.agent import AgentServer
-from agent.lab.etcd import EtcdMember, initial_cluster
+from agent.lab.etcd import EtcdMember, initial_cluster, peer_url
+from agent.lab.network import MODES, Mode, Network
 from agent.lab.postgres import PostgresServer, sweep_orphans
 from agent.lab.processes import LabError, Server, poll, run_all
 from agent.lab.seaweed import S3Credentials, SeaweedServer, ensure_buckets
@@ -56,21 +66,35 @@ def _never_ran(server: Server) -> bool:
 
 
 class Lab:
-    """A lab rooted at ``root``; ``slot`` picks its port block (default: first free).
+    """A lab rooted at ``root``; ``slot`` picks its port block (default: first free);
+    ``network`` its mode, ``"loopback"`` or ``"netns"`` (default: the recorded one,
+    else loopback).
 
     Constructing a Lab starts nothing; an existing ``root/lab.json`` is read,
-    so a later process finds the same slot and ports. Endpoint accessors raise
-    ``LabError`` until the lab has a slot (after the first ``up()``).
+    so a later process finds the same slot, ports and network. Endpoint accessors
+    raise ``LabError`` until the lab has a slot (after the first ``up()``).
     """
 
-    def __init__(self, root: Path | str, slot: int | None = None) -> None:
+    def __init__(
+        self, root: Path | str, slot: int | None = None, network: Mode | None = None
+    ) -> None:
         self.root = Path(root).resolve()
         self.state_file = self.root / "lab.json"
         self.secrets_dir = self.root / "secrets"
         self._state = self._load_state()
         if self._state and slot is not None and self._state["slot"] != slot:
             raise LabError(f"the lab at {self.root} uses slot {self._state['slot']}, not {slot}")
+        if network is not None and network not in MODES:
+            raise LabError(f"unknown network mode {network!r}: expected {', '.join(MODES)}")
+        recorded = self._state.get("network", "loopback") if self._state else None
+        if recorded is not None and network is not None and recorded != network:
+            raise LabError(
+                f"the lab at {self.root} runs in {recorded} mode, not {network}",
+                hint="`dragent lab down --purge` it first to change its network",
+            )
         self._requested_slot = slot
+        self._requested_network: Mode = network or "loopback"
+        self._fresh = False
 
     # -- state ---------------------------------------------------------------
 
@@ -95,9 +119,11 @@ class Lab:
     def _new_state(self, slot: int) -> None:
         token = f"dragent-lab-{secrets.token_hex(6)}"
         ports = lab_ports.slot_ports(slot)
-        self._save_state(
-            {"version": STATE_VERSION, "slot": slot, "ports": ports, "etcd_token": token}
-        )
+        state = {"version": STATE_VERSION, "slot": slot, "ports": ports, "etcd_token": token}
+        if self._requested_network != "loopback":
+            state["network"] = self._requested_network
+        self._save_state(state)
+        self._fresh = True
 
     @property
     def state(self) -> dict[str, Any]:
@@ -118,6 +144,17 @@ class Lab:
         """Every port of the lab, keyed ``"<where>.<service>"`` (see ``agent.lab.ports``)."""
         return dict(self.state["ports"])
 
+    @property
+    def network(self) -> Network:
+        """The lab's address plan: each member's address and namespace."""
+        return Network(self.state.get("network", "loopback"), self.slot)
+
+    def address(self, where: str) -> str:
+        """The address a member's servers listen on ("shared": the DNS server's)."""
+        if where != "shared":
+            self.region_dir(where)  # validates the name
+        return self.network.address(where)
+
     def port(self, where: str, service: str) -> int:
         try:
             return int(self.state["ports"][f"{where}.{service}"])
@@ -132,18 +169,22 @@ class Lab:
         return self.root / where
 
     def pg_dsn(self, region: str, database: str = "app") -> str:
-        """``postgresql://dragent@127.0.0.1:PORT/app``: a trusted superuser with REPLICATION."""
-        return f"postgresql://dragent@127.0.0.1:{self.port(region, 'postgres')}/{database}"
+        """``postgresql://dragent@ADDRESS:PORT/app``: a trusted superuser with REPLICATION."""
+        where = f"{self.address(region)}:{self.port(region, 'postgres')}"
+        return f"postgresql://dragent@{where}/{database}"
 
     def s3_endpoint(self, region: str) -> str:
-        return f"http://127.0.0.1:{self.port(region, 's3')}"
+        return f"http://{self.address(region)}:{self.port(region, 's3')}"
+
+    def etcd_endpoint(self, member: str) -> str:
+        return f"http://{self.address(member)}:{self.port(member, 'etcd_client')}"
 
     @property
     def etcd_endpoints(self) -> list[str]:
-        return [f"http://127.0.0.1:{self.port(m, 'etcd_client')}" for m in MEMBERS]
+        return [self.etcd_endpoint(m) for m in MEMBERS]
 
     def agent_url(self, region: str) -> str:
-        return f"http://127.0.0.1:{self.port(region, 'agent')}"
+        return f"http://{self.address(region)}:{self.port(region, 'agent')}"
 
     def config_path(self, region: str) -> Path:
         return self.region_dir(region) / "agent.toml"
@@ -162,26 +203,36 @@ class Lab:
         """The server object of one service (``PostgresServer``, ``SeaweedServer``,
         ``EtcdMember`` or ``AgentServer``), e.g. for its data directory or log."""
         home = self.region_dir(where)
+        place = self.network.place(where)
         if kind == "etcd":
-            peers = {m: self.port(m, "etcd_peer") for m in MEMBERS}
+            net = self.network
+            peers = {m: peer_url(self.port(m, "etcd_peer"), net.address(m)) for m in MEMBERS}
             client, peer = self.port(where, "etcd_client"), self.port(where, "etcd_peer")
             cluster, token = initial_cluster(peers), self.state["etcd_token"]
-            return EtcdMember(where, home, client, peer, cluster, token)
+            return EtcdMember(where, home, client, peer, cluster, token, place)
         if where == "witness":
             raise LabError(f"the witness runs only etcd, not {kind}")
         if kind == "postgres":
             return self.postgres(where)
         if kind == "s3":
             config = self.secrets_dir / "s3.json"
-            return SeaweedServer(where, home, lab_ports.group(self.ports, where), config)
+            return SeaweedServer(where, home, lab_ports.group(self.ports, where), config, place)
         if kind == "agent":
             argv = self.state.get("agents", {}).get(where) or self.agent_command(where)
-            return AgentServer(where, home, self.port(where, "agent"), argv)
+            return AgentServer(where, home, self.port(where, "agent"), argv, place)
         raise LabError(f"unknown service {kind!r}: expected postgres, s3, etcd or agent")
 
     def postgres(self, region: str) -> PostgresServer:
         """The PostgreSQL server of ``region`` (its ``data_dir``, ``command()``, ...)."""
-        return PostgresServer(region, self.region_dir(region), self.port(region, "postgres"))
+        return self.postgres_at(region, self.region_dir(region), self.port(region, "postgres"))
+
+    def postgres_at(self, region: str, home: Path, port: int, name: str = "") -> PostgresServer:
+        """A PostgreSQL cluster under ``home`` on ``port`` in ``region``'s place (its
+        namespace and address), trusting the lab's network: for extra clusters
+        such as a drill's standby."""
+        net = self.network
+        place = net.place(region)
+        return PostgresServer(name or region, home, port, place=place, clients=net.subnet)
 
     def servers(self, kinds: Collection[str] = KINDS) -> list[Server]:
         """The servers of the given kinds, in region order (agents not included)."""
@@ -198,13 +249,21 @@ class Lab:
         running (resuming what is paused), wait until each server is ready (within
         its ``ready_timeout``), create the buckets, write key files and agent configs.
 
-        Idempotent. ``services`` limits which kinds start (all by default).
+        Idempotent. ``services`` limits which kinds start (all by default). A
+        ``netns`` lab first makes its namespaces, links and bridge (``agent.lab.netns``).
         Raises ``LabError`` naming every server that failed, with its log's tail.
         """
         unknown = set(services) - set(KINDS)
         if unknown:
             raise LabError(f"unknown services {sorted(unknown)}: expected {', '.join(KINDS)}")
+        wanted = self._state.get("network", "loopback") if self._state else self._requested_network
+        if wanted == "netns" and (why := netns.unavailable()) is not None:
+            raise LabError(f"the netns lab cannot run here: {why}", hint=netns.HOW_TO_RUN)
         self._claim()
+        if self.network.isolated:
+            # A slot claimed just now may hold what a crashed lab left: start clean.
+            await netns.ensure(self.network, fresh=self._fresh)
+            self._fresh = False
         sweep_orphans()
         S3Credentials.create(self.secrets_dir)
         self._write_keys()
@@ -215,21 +274,22 @@ class Lab:
             await run_all(ensure_buckets(self.s3_endpoint(r), creds, buckets) for r in REGIONS)
         for region in REGIONS:
             (self.region_dir(region) / "agent").mkdir(exist_ok=True)
-            path = self.config_path(region)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(tomli_w.dumps(self.agent_config(region)))
-            tmp.replace(path)
+            self.write_agent_config(region)
 
     async def down(self, purge: bool = False) -> None:
         """Stop the agents, then every server (gracefully, SIGKILL after a timeout).
 
         With ``purge``, also delete everything the lab wrote under ``root`` and
-        release its slot. Idempotent; a missing lab is not an error.
+        release its slot; a ``netns`` lab's namespaces, links, bridge and rules go
+        too (without ``purge`` they stay, partitions included). Idempotent; a
+        missing lab is not an error.
         """
         if self._state is None:
             return
         await run_all(self.server(r, "agent").stop() for r in REGIONS)
         await run_all([*(s.stop() for s in self.servers(("postgres", "s3"))), self._stop_etcd()])
+        if purge and self.network.isolated:
+            await netns.remove(self.network)
         if purge:
             for region in REGIONS:
                 self.postgres(region).remove()
@@ -263,17 +323,20 @@ class Lab:
         """Start the servers that are not running, then wait for each to be ready."""
         for s in servers:
             s.resume()
-            if not s.is_running():
+            # (A member's own address is in its own namespace: only the lab uses it.)
+            if not s.is_running() and s.place.namespace is None:
                 busy = [p for p in s.ports if not lab_ports.port_is_free(p)]
                 if busy:
                     raise LabError(f"{s.name} cannot start: ports {busy} are in use")
         await run_all(s.start() for s in servers)
         etcd_up = sum(self.server(m, "etcd").is_running() for m in MEMBERS)
-        await run_all(self._ready(s, quorum=etcd_up >= 2) for s in servers)
+        cut = {m for pair in self.partitions() for m in pair}
+        await run_all(self._ready(s, quorum=etcd_up >= 2 and s.where not in cut) for s in servers)
 
     @staticmethod
     async def _ready(server: Server, quorum: bool) -> None:
         # An etcd member without a quorum never answers /health: settle for its port.
+        # So may a member with a cut link (its leader may be on the other side).
         if isinstance(server, EtcdMember) and not quorum:
             try:
                 async with asyncio.timeout(server.ready_timeout):
@@ -304,9 +367,19 @@ class Lab:
             ],
             "streams": [{"name": "synthetic", "kind": "synthetic", "synthetic": {"rate": 200.0}}],
             "etcd": {"endpoints": self.etcd_endpoints},
-            "http": {"listen": f"127.0.0.1:{self.port(region, 'agent')}"},
+            "http": {"listen": f"{self.address(region)}:{self.port(region, 'agent')}"},
             "log": {"format": "json"},
         }
+
+    def write_agent_config(self, region: str, config: dict[str, Any] | None = None) -> Path:
+        """Write ``region``'s ``agent.toml`` (atomically): ``config``, by default
+        ``agent_config(region)``; return its path. A drill gives the lab's agents
+        its own config this way (``up()`` writes the lab's again)."""
+        path = self.config_path(region)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(tomli_w.dumps(config if config is not None else self.agent_config(region)))
+        tmp.replace(path)
+        return path
 
     def _vault(self, region: str) -> dict[str, Any]:
         return {
@@ -323,8 +396,9 @@ class Lab:
         return [sys.executable, "-m", "agent", "run", "--config", str(self.config_path(region))]
 
     async def start_agent(self, region: str, argv: Sequence[str] | None = None) -> int:
-        """Start ``region``'s agent detached (``argv``, default ``agent_command``);
-        wait until its HTTP port accepts connections; return its pid. ``argv`` must
+        """Start ``region``'s agent detached (``argv``, default ``agent_command``), in
+        the region's namespace in a ``netns`` lab; wait until its HTTP port accepts
+        connections; return its pid. ``argv`` must
         name the region's config path (that is how the lab recognises the process).
         The command is remembered: ``fault(region, "agent", "start")`` runs it again.
         No-op if the agent runs."""
@@ -340,12 +414,21 @@ class Lab:
     # -- status and faults -------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """Per member and service: state (running, paused, stopped), pid, port, endpoint."""
+        """Per member and service: state (running, paused, stopped), pid, port, endpoint;
+        the network mode, each member's address and namespace, and the cut links."""
         regions: dict[str, dict[str, Any]] = {}
         for where in MEMBERS:
             kinds = ("etcd",) if where == "witness" else (*KINDS, "agent")
             regions[where] = {k: self._service_status(self.server(where, k)) for k in kinds}
-        return {"root": str(self.root), "slot": self.slot, "regions": regions}
+        net = self.network
+        return {
+            "root": str(self.root),
+            "slot": self.slot,
+            "network": net.mode,
+            "members": {m: asdict(net.place(m)) for m in MEMBERS},
+            "partitions": [list(p) for p in self.partitions()],
+            "regions": regions,
+        }
 
     @staticmethod
     def _service_status(s: Server) -> dict[str, Any]:
@@ -400,3 +483,71 @@ class Lab:
         if action == "resume":
             for s in others + agents:
                 s.resume()
+
+    # -- links (netns labs) ------------------------------------------------------
+
+    def partition(self, x: str, y: str) -> None:
+        """Cut the link between members ``x`` and ``y``: every packet between their
+        addresses is dropped, both ways, silently (TCP times out). Their links with
+        every other member and with the host stay. Idempotent.
+
+        Raises ``LabError`` for an unknown member, ``x == y``, or a loopback lab."""
+        net = self._isolated("partition")
+        self._pair(x, y)
+        for me, other in ((x, y), (y, x)):
+            ns = net.namespace(me)
+            partitions.set_cut_off(ns, partitions.cut_off(ns) | {net.address(other)})
+
+    def heal(self, x: str | None = None, y: str | None = None) -> None:
+        """Restore the link ``x``–``y``; every link of ``x`` if ``y`` is None; every
+        link if both are. Idempotent. Raises ``LabError`` like ``partition``."""
+        net = self._isolated("heal")
+        if x is None and y is not None:
+            x, y = y, None
+        if x is not None and y is not None:
+            self._pair(x, y)
+        elif x is not None:
+            self.region_dir(x)
+        for me in MEMBERS:
+            ns = net.namespace(me)
+            cut = partitions.cut_off(ns)
+            if x is None:
+                keep: set[str] = set()
+            elif y is None:
+                keep = set() if me == x else cut - {net.address(x)}
+            else:
+                other = {x: y, y: x}.get(me)
+                keep = cut - {net.address(other)} if other else cut
+            if keep != cut:
+                partitions.set_cut_off(ns, keep)
+
+    def partitions(self) -> list[tuple[str, str]]:
+        """The cut links, as sorted member pairs (none in a loopback lab)."""
+        net = self.network
+        if not net.isolated:
+            return []
+        pairs: set[tuple[str, str]] = set()
+        for me in MEMBERS:
+            for address in partitions.cut_off(net.namespace(me)):
+                other = net.member_at(address)
+                if other is not None:
+                    a, b = sorted((me, other), key=MEMBERS.index)
+                    pairs.add((a, b))
+        return sorted(pairs, key=lambda p: (MEMBERS.index(p[0]), MEMBERS.index(p[1])))
+
+    def _isolated(self, what: str) -> Network:
+        net = self.network
+        if not net.isolated:
+            raise LabError(
+                f"cannot {what} links: the lab at {self.root} runs every member on 127.0.0.1",
+                hint="start a lab in network namespaces: `dragent lab up --netns --dir DIR` "
+                "(as root), or Lab(root, network='netns')",
+            )
+        return net
+
+    def _pair(self, x: str, y: str) -> None:
+        for member in (x, y):
+            if member not in MEMBERS:
+                raise LabError(f"unknown member {member!r}: expected one of {', '.join(MEMBERS)}")
+        if x == y:
+            raise LabError(f"a link joins two members: {x} and {y} are the same")

@@ -2,7 +2,8 @@
 
 Slot ``n`` owns the ``SLOT_SIZE`` ports from ``BASE_PORT + SLOT_SIZE * n``, all
 on 127.0.0.1 and all below the Linux ephemeral range (32768), so outgoing
-connections never steal them. Inside a block:
+connections never steal them. A lab in ``netns`` mode uses the same ports on
+its members' own addresses (``agent.lab.network``). Inside a block:
 
 ====== ================================================================
 offset service
@@ -118,13 +119,13 @@ async def accepts(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-async def http_get(port: int, path: str = "/") -> tuple[int, bytes] | None:
-    """One plain HTTP/1.0 GET to 127.0.0.1: ``(status, body)``, or None if nothing
+async def http_get(port: int, path: str = "/", host: str = "127.0.0.1") -> tuple[int, bytes] | None:
+    """One plain HTTP/1.0 GET to ``host:port``: ``(status, body)``, or None if nothing
     answered within ``PROBE_TIMEOUT``."""
-    request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode()
     try:
         async with asyncio.timeout(PROBE_TIMEOUT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(host, port)
             try:
                 writer.write(request)
                 await writer.drain()

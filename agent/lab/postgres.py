@@ -2,8 +2,10 @@
 
 Layout under ``<region dir>/pg``: ``data/`` (the cluster; its ``postmaster.pid``
 is the pid file), ``run/`` (the unix socket) and ``postgres.log``. The cluster
-listens on 127.0.0.1 and trusts every local connection, replication included:
-it is a lab. Roles: ``postgres`` (bootstrap superuser) and ``dragent``
+listens on its place's address (127.0.0.1, or the region's address in a
+``netns`` lab, where every program runs inside the region's namespace) and
+trusts every connection from ``clients`` (the lab's network), replication
+included: it is a lab. Roles: ``postgres`` (bootstrap superuser) and ``dragent``
 (superuser with REPLICATION); database ``app``.
 
 PostgreSQL refuses to run as root, so when we are root every PostgreSQL
@@ -30,6 +32,7 @@ from typing import ClassVar
 
 import asyncpg
 
+from agent.lab.network import LOOPBACK, Place
 from agent.lab.processes import LabError, Server, read_pid
 
 KIND = "postgres"
@@ -41,7 +44,7 @@ CLUSTERS_DIR = Path(tempfile.gettempdir()) / "dragent-lab-pg"
 OWNER_FILE = "lab-link"
 
 _SETTINGS = """\
-listen_addresses = '127.0.0.1'
+listen_addresses = '{address}'
 port = {port}
 unix_socket_directories = '{socket_dir}'
 max_connections = 50
@@ -63,8 +66,8 @@ _HBA = """\
 # The lab trusts every local connection, replication included.
 local   all          all                 trust
 local   replication  all                 trust
-host    all          all   127.0.0.1/32  trust
-host    replication  all   127.0.0.1/32  trust
+host    all          all   {clients}  trust
+host    replication  all   {clients}  trust
 """
 
 
@@ -129,7 +132,13 @@ class PostgresServer(Server):
     stop_signal: ClassVar[int] = signal.SIGINT
 
     def __init__(
-        self, where: str, region_dir: Path, port: int, bin_dir: Path | None = None
+        self,
+        where: str,
+        region_dir: Path,
+        port: int,
+        bin_dir: Path | None = None,
+        place: Place = LOOPBACK,
+        clients: str = "127.0.0.1/32",
     ) -> None:
         self.link = region_dir / "pg"
         self.home = _cluster_home(self.link)
@@ -137,24 +146,27 @@ class PostgresServer(Server):
         self.socket_dir = self.home / "run"
         self.port = port
         self.bin_dir = bin_dir or find_bin_dir()
+        self.clients = clients
         super().__init__(
             where,
             pid_file=self.data_dir / "postmaster.pid",
             log_file=self.home / "postgres.log",
             marker=str(self.data_dir),
             ports=[port],
+            place=place,
         )
 
     def dsn(self, database: str = DATABASE, user: str = ROLE) -> str:
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{user}@{self.host}:{self.port}/{database}"
 
     @property
     def endpoint(self) -> str:
         return self.dsn()
 
     def command(self, program: str, *args: str) -> list[str]:
-        """The argv running one of PostgreSQL's programs as the cluster's owner."""
-        return [*_run_as_owner(), str(self.bin_dir / program), *args]
+        """The argv running one of PostgreSQL's programs as the cluster's owner, in
+        the cluster's namespace."""
+        return self.place.wrap([*_run_as_owner(), str(self.bin_dir / program), *args])
 
     async def start(self) -> None:
         """Create the cluster if it does not exist, write its config, start it; return
@@ -170,7 +182,7 @@ class PostgresServer(Server):
         try:
             async with asyncio.timeout(2.0):
                 conn = await asyncpg.connect(
-                    host="127.0.0.1", port=self.port, user=OS_USER, database="postgres"
+                    host=self.host, port=self.port, user=OS_USER, database="postgres"
                 )
                 try:
                     await conn.fetchval("SELECT 1")
@@ -190,7 +202,7 @@ class PostgresServer(Server):
             raise self.failure("did not create its role and database within 10s") from None
 
     async def _bootstrap(self) -> None:
-        conn = await asyncpg.connect(host="127.0.0.1", port=self.port, user=OS_USER)
+        conn = await asyncpg.connect(host=self.host, port=self.port, user=OS_USER)
         try:
             if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", ROLE):
                 await conn.execute(f"CREATE ROLE {ROLE} LOGIN SUPERUSER REPLICATION")
@@ -218,10 +230,12 @@ class PostgresServer(Server):
         _chown(self.socket_dir)
         # A unix socket path is limited to 107 bytes; too deep a lab gets TCP only.
         too_long = len(str(self.socket_dir / f".s.PGSQL.{self.port}")) > 100
-        settings = _SETTINGS.format(port=self.port, socket_dir="" if too_long else self.socket_dir)
+        settings = _SETTINGS.format(
+            address=self.host, port=self.port, socket_dir="" if too_long else self.socket_dir
+        )
         conf = self.data_dir / CONF_NAME
         conf.write_text(settings)
-        (self.data_dir / "pg_hba.conf").write_text(_HBA)
+        (self.data_dir / "pg_hba.conf").write_text(_HBA.format(clients=self.clients))
         main = self.data_dir / "postgresql.conf"
         include = f"include_if_exists = '{CONF_NAME}'\n"
         if include not in main.read_text():

@@ -11,7 +11,9 @@ signalled.
 ``seaweed.py``, ``etcd.py``): ``start()``, ``wait_ready()``, ``stop()``,
 ``kill()``, ``pause()``, ``resume()``, ``is_running()``. Signals that model a
 crash or a hang (SIGKILL, SIGSTOP, SIGCONT) go to the whole process tree, so a
-paused PostgreSQL has no backend left answering either.
+paused PostgreSQL has no backend left answering either. A server's ``place``
+(``agent.lab.network``) is the address it listens on and the network namespace
+it is started in (``place.wrap(argv)``); the pid is the server's own either way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from agent.lab.network import LOOPBACK, Place
 from replicators.errors import DragentError
 
 
@@ -209,13 +212,26 @@ class Server:
     start_grace: ClassVar[float] = 3.0
 
     def __init__(
-        self, where: str, *, pid_file: Path, log_file: Path, marker: str, ports: Sequence[int]
+        self,
+        where: str,
+        *,
+        pid_file: Path,
+        log_file: Path,
+        marker: str,
+        ports: Sequence[int],
+        place: Place = LOOPBACK,
     ) -> None:
         self.where = where
         self.pid_file = pid_file
         self.log_file = log_file
         self.marker = marker
         self.ports = tuple(ports)
+        self.place = place
+
+    @property
+    def host(self) -> str:
+        """The address the server listens on."""
+        return self.place.address
 
     @property
     def name(self) -> str:
@@ -224,7 +240,7 @@ class Server:
     @property
     def endpoint(self) -> str:
         """Where clients reach the server (a URL or DSN)."""
-        return f"127.0.0.1:{self.ports[0]}"
+        return f"{self.host}:{self.ports[0]}"
 
     @property
     def pid(self) -> int | None:

@@ -4,7 +4,8 @@ Layout under ``<region dir>/s3``: ``data/``, ``weed.pid``, ``weed.log`` and the
 unix sockets of the filer and the S3 gateway. Every port is given explicitly
 (gRPC ones included) and the Iceberg and Lance endpoints are disabled, so two
 labs run side by side. Credentials come from an S3 identity file shared by the
-lab's regions (``S3Credentials.create``).
+lab's regions (``S3Credentials.create``). Every part listens on the server's
+place's address (``agent.lab.network``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from agent.lab.network import LOOPBACK, Place
 from agent.lab.ports import http_get
 from agent.lab.processes import LabError, Server, spawn
 
@@ -99,7 +101,12 @@ class SeaweedServer(Server):
     stop_timeout: ClassVar[float] = 2.0
 
     def __init__(
-        self, where: str, region_dir: Path, ports: Mapping[str, int], s3_config: Path
+        self,
+        where: str,
+        region_dir: Path,
+        ports: Mapping[str, int],
+        s3_config: Path,
+        place: Place = LOOPBACK,
     ) -> None:
         self.home = region_dir / "s3"
         self.data_dir = self.home / "data"
@@ -112,18 +119,19 @@ class SeaweedServer(Server):
             log_file=self.home / "weed.log",
             marker=f"-dir={self.data_dir}",
             ports=[self.port_map[n] for n in (*names, "filer_grpc")],
+            place=place,
         )
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port_map['s3']}"
+        return f"http://{self.host}:{self.port_map['s3']}"
 
     def argv(self) -> list[str]:
         p = self.port_map
         options = {
             "dir": self.data_dir,
-            "ip": "127.0.0.1",
-            "ip.bind": "127.0.0.1",
+            "ip": self.host,
+            "ip.bind": self.host,
             "master.port": p["master"],
             "master.port.grpc": p["master_grpc"],
             # A single master: no Raft election, so a restart is ready in ~2 s, not ~15 s.
@@ -154,7 +162,7 @@ class SeaweedServer(Server):
         if self.is_running():
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        spawn(self.argv(), log=self.log_file, pid_file=self.pid_file)
+        spawn(self.place.wrap(self.argv()), log=self.log_file, pid_file=self.pid_file)
 
     async def stop(self) -> None:
         await super().stop()
@@ -174,7 +182,7 @@ class SeaweedServer(Server):
         # The gateway's health, and the volume server's, which fails until it
         # heartbeats to the master: before that, writes would fail.
         for port in (self.port_map["s3"], self.port_map["volume"]):
-            answer = await http_get(port, "/healthz")
+            answer = await http_get(port, "/healthz", self.host)
             if answer is None or answer[0] != 200:
                 return False
         return True

@@ -1,0 +1,103 @@
+"""Cutting links between lab members: nftables inside each member's namespace.
+
+Each namespace of a ``netns`` lab has the table ``inet dragent_lab``: a set
+``cut`` of addresses and two chains that drop, silently, every packet from
+(input) and to (output) an address in the set. ``partition(a, b)`` is then
+``b`` in a's set and ``a`` in b's: both directions drop, so TCP sees
+timeouts, never resets, as across a real partition; traffic with the host
+(the bridge address) and with every other member goes on. Healing removes
+the addresses again; established connections resume if they have not timed
+out.
+
+The sets are the only record of the partitions: ``cut_off(ns)`` reads one.
+Every change rewrites a set in one nft transaction, so it is atomic and
+idempotent. Calls are synchronous (one short ``nft`` run each).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Collection
+from pathlib import Path
+
+from agent.lab.network import ip_program
+from agent.lab.processes import LabError
+
+TABLE = "dragent_lab"
+SET = "cut"
+NFT_TIMEOUT = 5.0
+
+_RULESET = f"""\
+table inet {TABLE} {{
+    set {SET} {{
+        type ipv4_addr
+    }}
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        ip saddr @{SET} drop
+    }}
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        ip daddr @{SET} drop
+    }}
+}}
+"""
+
+
+def nft_program() -> str:
+    return shutil.which("nft") or "/usr/sbin/nft"
+
+
+def check_available() -> None:
+    """Raise ``LabError`` naming the package if ``nft`` is missing."""
+    if not Path(nft_program()).exists():
+        raise LabError(
+            "nftables' `nft` is not installed: the netns lab cuts links with it",
+            hint="apt-get install nftables (deploy/lab/install-system-deps.sh installs it)",
+        )
+
+
+def _nft(ns: str, *args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [ip_program(), "netns", "exec", ns, nft_program(), *args]
+    try:
+        return subprocess.run(
+            argv, input=script, capture_output=True, text=True, timeout=NFT_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LabError(f"nft in namespace {ns} failed: {exc}") from None
+
+
+def _apply(ns: str, script: str) -> None:
+    done = _nft(ns, "-f", "-", script=script)
+    if done.returncode:
+        raise LabError(f"nft in namespace {ns} refused the rules: {done.stderr.strip()}")
+
+
+def ensure_table(ns: str) -> None:
+    """Create the table, its set and chains in ``ns`` unless they exist (a set
+    that exists keeps its addresses)."""
+    if _nft(ns, "list", "table", "inet", TABLE).returncode != 0:
+        _apply(ns, _RULESET)
+
+
+def cut_off(ns: str) -> set[str]:
+    """The addresses ``ns`` drops every packet to and from."""
+    done = _nft(ns, "-j", "list", "set", "inet", TABLE, SET)
+    if done.returncode:
+        raise LabError(f"cannot read the partitions of namespace {ns}: {done.stderr.strip()}")
+    found: set[str] = set()
+    for item in json.loads(done.stdout).get("nftables", []):
+        for element in item.get("set", {}).get("elem", []):
+            if isinstance(element, str):
+                found.add(element)
+    return found
+
+
+def set_cut_off(ns: str, addresses: Collection[str]) -> None:
+    """Make ``ns`` drop exactly the traffic with ``addresses`` (empty: heal all)."""
+    script = f"flush set inet {TABLE} {SET}\n"
+    if addresses:
+        script += f"add element inet {TABLE} {SET} {{ {', '.join(sorted(addresses))} }}\n"
+    _apply(ns, script)
