@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from agent.agentproc import AgentProcess
 from agent.lab import Lab
+from agent.lab.netns import unavailable
 
 
 async def eventually(
@@ -34,3 +36,21 @@ def lab_agent(lab: Lab, region: str, config: Path, workdir: Path) -> AgentProces
     return AgentProcess(
         config, workdir / f"{region}.log", workdir / f"{region}.pid", lab.agent_url(region)
     )
+
+
+_NO_NETNS = unavailable()
+needs_netns = pytest.mark.skipif(
+    _NO_NETNS is not None, reason=f"the netns lab cannot run here: {_NO_NETNS}"
+)
+
+
+@contextlib.asynccontextmanager
+async def netns_lab(root: Path) -> AsyncIterator[Lab]:
+    """A lab in network namespaces at ``root`` (a free slot), purged on exit:
+    servers, namespaces, links, bridge and rules."""
+    lab = Lab(root, network="netns")
+    try:
+        await lab.up()
+        yield lab
+    finally:
+        await lab.down(purge=True)
