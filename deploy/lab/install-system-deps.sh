@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the lab needs (PostgreSQL 15, etcd, a venv-capable
-# Python). As root it runs apt-get; otherwise it names the command to run.
+# Python, iproute2 and nftables for the netns lab). As root it runs apt-get;
+# otherwise it names the command to run.
 set -euo pipefail
 
 need=()
@@ -14,6 +15,8 @@ command -v rclone >/dev/null || need+=(rclone)  # baseline of benchmarks/objects
 command -v restic >/dev/null || need+=(restic)  # baseline of benchmarks/artifacts.py
 [ -x /usr/sbin/named ] || need+=(bind9)  # the lab's DNS server for the failover switch tests
 command -v promtool >/dev/null || need+=(prometheus)  # alert-rule tests, Prometheus over the lab
+[ -x /usr/sbin/ip ] || command -v ip >/dev/null || need+=(iproute2)  # the netns lab: namespaces, veth pairs, a bridge
+[ -x /usr/sbin/nft ] || command -v nft >/dev/null || need+=(nftables)  # the netns lab: partitions are packet drops
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
