@@ -14,6 +14,7 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pyfastcdc import FastCDC
 
@@ -34,6 +35,10 @@ class Piece:
     length: int
     id: bytes
     data: bytes
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview) -> int: ...
 
 
 class Chunker:
@@ -59,9 +64,13 @@ class Chunker:
         Raises ``OSError`` when the file cannot be read.
         """
         with open(path, "rb", buffering=0) as f:
-            for c in self._cdc.cut_stream(f):
-                data = bytes(c.data)  # the stream's buffer is reused for the next chunk
-                yield Piece(c.offset, c.length, chunk_id(data), data)
+            yield from self.cut_stream(f)
+
+    def cut_stream(self, reader: Readable) -> Iterator[Piece]:
+        """Yield the chunks of what ``reader`` holds, in order; its errors propagate."""
+        for c in self._cdc.cut_stream(reader):
+            data = bytes(c.data)  # the stream's buffer is reused for the next chunk
+            yield Piece(c.offset, c.length, chunk_id(data), data)
 
     def cut_bytes(self, data: bytes) -> Iterator[Piece]:
         for c in self._cdc.cut_buf(data):

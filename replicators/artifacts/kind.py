@@ -21,11 +21,13 @@ from replicators.artifacts.chunker import Chunker
 from replicators.artifacts.gc import Collector
 from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, decode
+from replicators.artifacts.modelstore import ModelStore, open_model_store
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import open_vault
 from replicators.artifacts.restore import catalogue, scrub
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
+from replicators.artifacts.tree import TreeStore
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.kinds import Background
 from replicators.s3 import S3Store
@@ -122,13 +124,24 @@ def background(
 # -- verification ------------------------------------------------------------------------------
 
 
-def local_manifest(root: Path, v: layout.VersionInfo, chunker: Chunker) -> Manifest:
-    """The manifest of a version as it is on disk now (every file re-read and re-hashed)."""
+def local_manifest(store: ModelStore, v: layout.VersionInfo, chunker: Chunker) -> Manifest:
+    """The manifest of a version as it is stored now (every file re-read and re-hashed).
+    Synchronous: call it in a worker thread."""
     files = []
     for f in v.files:
-        refs = tuple(ChunkRef(p.id, p.length, 0, 0) for p in chunker.cut_file(v.directory / f.path))
+        reader = store.reader(v, f)
+        try:
+            refs = tuple(ChunkRef(p.id, p.length, 0, 0) for p in chunker.cut_stream(reader))
+        finally:
+            reader.close()
         files.append(FileEntry(f.path, sum(r.length for r in refs), f.mode, refs))
     return Manifest(v.model, v.version, tuple(files), ("",), chunker.params, time.time(), v.newest)
+
+
+def _store_name(options: ArtifactsOptions, active: bool) -> str:
+    if active and options.s3 is not None:
+        return f"s3://{options.s3.bucket}/{options.s3.prefix}"
+    return str(options.root)
 
 
 def _chunker(options: ArtifactsOptions) -> Chunker:
@@ -147,14 +160,20 @@ async def _local_roots(
     chunker = _chunker(options)
     now = time.time()
     out, reread = {}, 0
-    for v in await asyncio.to_thread(layout.scan, options.root):
-        if complete_only and not layout.complete(v, now, options.marker, options.quiet_period):
-            continue
-        root = recorded(v) if recorded is not None else None
-        if root is None:
-            m = await asyncio.to_thread(local_manifest, options.root, v, chunker)
-            root, reread = m.root().hex(), reread + 1
-        out[v.name] = root
+    # the active side's store is the one its source reads; the passive side's, the tree
+    # its target materializes
+    store = await open_model_store(options) if complete_only else TreeStore(options.root)
+    try:
+        for v in await store.scan():
+            if complete_only and not layout.complete(v, now, options.marker, options.quiet_period):
+                continue
+            root = recorded(v) if recorded is not None else None
+            if root is None:
+                m = await asyncio.to_thread(local_manifest, store, v, chunker)
+                root, reread = m.root().hex(), reread + 1
+            out[v.name] = root
+    finally:
+        await store.aclose()
     return out, reread
 
 
@@ -294,7 +313,8 @@ async def verify(
         "region": agent.region,
         "started_at": started,
         "finished_at": time.time(),
-        "at": f"model store {options.root} and the stream's manifests at {time.time():.0f}",
+        "at": f"model store {_store_name(options, active)} and the stream's manifests at "
+        f"{time.time():.0f}",
         "ok": ok,
         "deep": deep,
         "repair": "not supported: the stream re-ships changed versions" if repair else None,

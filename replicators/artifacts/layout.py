@@ -1,6 +1,8 @@
 """The model store as a tree ``<root>/<model>/<version>/<files>``, and when a version is complete.
 
-``scan(root)`` lists every version with its regular files (size, mode, mtime);
+``FileInfo`` and ``VersionInfo`` describe a version wherever it is stored (a
+directory here, an S3 prefix in ``prefix``). ``scan(root)`` lists every
+version of a directory tree with its regular files (size, mode, mtime);
 ``complete(version, ...)`` says whether it may be shipped: its marker file
 exists (when one is configured) or nothing in it changed for the quiet
 period. Hidden entries (a leading ``.``) are skipped everywhere: they are
@@ -26,13 +28,14 @@ class FileInfo:
     size: int
     mode: int
     mtime_ns: int
+    etag: str = ""
+    """The object's ETag in an S3 store (empty in a directory)."""
 
 
 @dataclass(frozen=True)
 class VersionInfo:
     model: str
     version: str
-    directory: Path
     files: tuple[FileInfo, ...]
     newest: float
     """The newest modification time (unix seconds) of the directory and its files."""
@@ -50,10 +53,12 @@ class VersionInfo:
         return sum(f.size for f in self.files)
 
     def fingerprint(self) -> str:
-        """Changes whenever a file is added, removed, resized, re-moded or rewritten."""
+        """Changes whenever a file is added, removed, resized, re-moded or rewritten (for an
+        S3 store: also when an object's ETag changes)."""
         h = hashlib.sha256()
         for f in self.files:
-            h.update(f"{f.path}\0{f.size}\0{f.mode:o}\0{f.mtime_ns}\n".encode())
+            etag = f"\0{f.etag}" if f.etag else ""  # directory fingerprints predate etags
+            h.update(f"{f.path}\0{f.size}\0{f.mode:o}\0{f.mtime_ns}{etag}\n".encode())
         return h.hexdigest()
 
 
@@ -81,7 +86,7 @@ def scan_version(root: Path, model: str, version: str) -> VersionInfo | None:
         newest = _walk(directory, "", files)
     except FileNotFoundError:
         return None
-    return VersionInfo(model, version, directory, tuple(files), newest)
+    return VersionInfo(model, version, tuple(files), newest)
 
 
 def scan(root: Path) -> list[VersionInfo]:

@@ -6,13 +6,18 @@ from pathlib import Path
 
 from pydantic import ByteSize, Field, model_validator
 
-from agent.configbase import Duration, PositiveDuration, Section
+from agent.configbase import Duration, PositiveDuration, S3Config, Section
 
 
 class ArtifactsOptions(Section):
     root: Path
     """The model store directory (``<model>/<version>/<files>``) in this region: read on the
-    active side, materialized on the passive side."""
+    active side (unless ``s3`` is set), materialized on the passive side."""
+    s3: S3Config | None = None
+    """``[streams.artifacts.s3]``: the active side reads the model store from this bucket
+    under its ``prefix`` (``<prefix><model>/<version>/<files>``) instead of ``root``; found
+    by listing it every ``scan_interval``. The passive side still materializes into
+    ``root``."""
     marker: str | None = None
     """A version is complete once this file exists in its directory (e.g. ``_COMPLETE``).
     Unset: a version is complete once nothing in it changed for ``quiet_period``."""
@@ -20,7 +25,8 @@ class ArtifactsOptions(Section):
     scan_interval: PositiveDuration = 60.0
     """The periodic full scan, the safety net under the file-system watch."""
     watch: bool = True
-    """Wake up on inotify events (watchfiles) in addition to the periodic scan."""
+    """Wake up on inotify events (watchfiles) in addition to the periodic scan (a
+    directory store only)."""
     chunk_min: ByteSize = ByteSize(128 * 1024)
     chunk_avg: ByteSize = ByteSize(512 * 1024)
     chunk_max: ByteSize = ByteSize(2 * 1024 * 1024)
@@ -51,4 +57,9 @@ class ArtifactsOptions(Section):
             raise ValueError("chunk_min must not exceed chunk_avg")
         if self.pack_size < self.chunk_max:
             raise ValueError("pack_size must be at least chunk_max")
+        if self.s3 is not None and self.s3.prefix and not self.s3.prefix.endswith("/"):
+            raise ValueError(
+                f"s3.prefix {self.s3.prefix!r} must end with '/' (the model store is "
+                "<prefix><model>/<version>/<files>)"
+            )
         return self

@@ -1,6 +1,7 @@
 """The active side: ship the chunks of complete versions the destination lacks, then manifests.
 
-For each complete version not yet shipped (``layout``), every file is cut into
+For each complete version not yet shipped in the model store (``modelstore``:
+a directory tree or an S3 prefix), every file is cut into
 chunks (``chunker``); a chunk the destination already holds (``index``) is
 only referenced, any other is packed into a new pack (``packs``) that is
 sealed for the destination and published in its vault. When every pack of
@@ -19,14 +20,11 @@ uploaded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
-
-import watchfiles
 
 from agent import logs
 from replicators.artifacts import layout
@@ -40,6 +38,7 @@ from replicators.artifacts.manifest import (
     encode,
     encode_tombstone,
 )
+from replicators.artifacts.modelstore import Changed, ModelStore, open_model_store
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import PackRef, seal_pack
 from replicators.artifacts.restore import catalogue
@@ -136,6 +135,8 @@ class ArtifactsSource:
         self.store = store
         self.keys = keys
         self.index = SourceIndex(state_dir / "source.db")
+        self.models: ModelStore | None = None
+        """The model store read; opened by ``resume`` unless given."""
         self.chunker = Chunker(
             int(options.chunk_min), int(options.chunk_avg), int(options.chunk_max)
         )
@@ -154,6 +155,8 @@ class ArtifactsSource:
 
     async def resume(self, position: int) -> None:
         """Settle in-flight uploads, then drop manifest records that are not durable."""
+        if self.models is None:
+            self.models = await open_model_store(self.options)
         for key in self.index.uploading():
             try:
                 info = await self.store.stat(key)
@@ -191,13 +194,21 @@ class ArtifactsSource:
 
     async def aclose(self) -> None:
         self.index.close()
+        if self.models is not None:
+            await self.models.aclose()
+
+    @property
+    def _store(self) -> ModelStore:
+        if self.models is None:
+            raise RuntimeError("the artifacts source is used before resume()")
+        return self.models
 
     # -- finding work -------------------------------------------------------------------------
 
     async def _due(self) -> tuple[list[layout.VersionInfo], float | None]:
         """Complete versions not shipped (or changed since), and when the next one may become
         complete."""
-        versions = await asyncio.to_thread(layout.scan, self.options.root)
+        versions = await self._store.scan()
         shipped = self.index.shipped()
         now, due, wake = time.time(), [], None
         marker, quiet = self.options.marker, self.options.quiet_period
@@ -268,35 +279,8 @@ class ArtifactsSource:
             delay = self.options.scan_interval
             if wake is not None:
                 delay = min(delay, max(0.0, wake - time.time()) + 0.01)
-            await self._wait_for_change(delay, stop)
+            await self._store.wait(delay, stop)
         return []
-
-    async def _wait_for_change(self, delay: float, stop: asyncio.Event) -> None:
-        """Sleep ``delay`` seconds, less when the tree changes (watch) or ``stop`` is set."""
-        woke = asyncio.Event()
-        done = asyncio.Event()
-
-        async def watch() -> None:
-            root = self.options.root
-            if not self.options.watch or not root.is_dir():
-                return
-            with contextlib.suppress(OSError, RuntimeError):
-                async for _ in watchfiles.awatch(root, stop_event=done, debounce=200, step=50):
-                    woke.set()
-                    return
-
-        async def waiter() -> None:
-            waits = [asyncio.ensure_future(e.wait()) for e in (woke, stop)]
-            try:
-                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
-            done.set()
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(watch())
-            tg.create_task(waiter())
 
     # -- shipping one version -------------------------------------------------------------------
 
@@ -305,16 +289,23 @@ class ArtifactsSource:
         None if the version changed while it was read (it is tried again later) or on stop."""
         started = time.monotonic()
         files: list[tuple[layout.FileInfo, list[tuple[bytes, int, str, int]]]] = []
+        changed = False
         async with asyncio.TaskGroup() as tg:
             packer = _Packer(self, tg)
             for f in v.files:
                 if stop.is_set():
                     break
-                files.append((f, await self._chunk_file(v.directory / f.path, packer)))
+                try:
+                    files.append((f, await self._chunk_file(v, f, packer)))
+                except Changed:
+                    changed = True
+                    break
             await packer.finish()
         self.bytes_sent += packer.bytes_sent
-        again = await asyncio.to_thread(layout.scan_version, self.options.root, v.model, v.version)
-        if stop.is_set() or again is None or again.fingerprint() != v.fingerprint():
+        if stop.is_set() or changed:
+            return None
+        again = await self._store.scan_version(v.model, v.version)
+        if again is None or again.fingerprint() != v.fingerprint():
             return None
         manifest = _manifest(v, files, self.chunker.params)
         root = manifest.root().hex()
@@ -335,21 +326,32 @@ class ArtifactsSource:
         )
         return Change(payload, position, position + 1, v.newest)
 
-    async def _chunk_file(self, path: Path, packer: _Packer) -> list[tuple[bytes, int, str, int]]:
-        """Cut one file (hashing in a worker thread); place its chunks. Returns
-        ``[(id, length, pack key, record)]`` in file order."""
+    async def _chunk_file(
+        self, v: layout.VersionInfo, f: layout.FileInfo, packer: _Packer
+    ) -> list[tuple[bytes, int, str, int]]:
+        """Cut one file (reading and hashing in a worker thread); place its chunks. Returns
+        ``[(id, length, pack key, record)]`` in file order. Raises ``Changed`` when the file
+        is not the size it was listed with (or the store says it changed)."""
         out: list[tuple[bytes, int, str, int]] = []
+        where = f"{self._store.name}: {v.name}/{f.path}"
+        size = 0
         try:
-            pieces = self.chunker.cut_file(path)
-            while True:
-                step = await asyncio.to_thread(_take, pieces, _STEP_BYTES)
-                if not step:
-                    break
-                for piece in step:
-                    key, record = await packer.place(piece)
-                    out.append((piece.id, piece.length, key, record))
+            reader = await asyncio.to_thread(self._store.reader, v, f)
+            try:
+                pieces = self.chunker.cut_stream(reader)
+                while step := await asyncio.to_thread(_take, pieces, _STEP_BYTES):
+                    for piece in step:
+                        key, record = await packer.place(piece)
+                        out.append((piece.id, piece.length, key, record))
+                        size += piece.length
+            finally:
+                reader.close()
+        except FileNotFoundError:
+            raise Changed(where) from None
         except OSError as exc:
-            raise SourceError(f"cannot read {path}: {exc.strerror or exc}") from None
+            raise SourceError(f"cannot read {where}: {exc.strerror or exc}") from None
+        if size != f.size:
+            raise Changed(where)
         return out
 
 
