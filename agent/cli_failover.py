@@ -10,8 +10,6 @@
 - ``dragent ha status|pause|resume --config FILE``: the lease, epoch, last
   failover and every region's published health; pause/resume automation for
   every region at once.
-- ``dragent lab-net isolate|heal REGION [--dir DIR]``: cut a lab region's etcd
-  member off from the others (see ``agent.lab.netns``).
 
 Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad usage.
 """
@@ -21,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ from replicators.errors import DragentError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``failover``, ``switchover``, ``failback``, ``ha`` and ``lab-net``."""
+    """Add ``failover``, ``switchover``, ``failback`` and ``ha``."""
     for name, planned, text in (
         ("failover", False, "promote a region now (unplanned)"),
         ("switchover", True, "move the primary to a region without losing anything"),
@@ -52,11 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     ha.add_argument("--config", required=True, type=Path)
     ha.add_argument("--why", default="", help="recorded with a pause")
     ha.set_defaults(func=_cmd_ha)
-    net = sub.add_parser("lab-net", help="cut or heal a lab region's links")
-    net.add_argument("action", choices=["isolate", "heal"])
-    net.add_argument("region")
-    net.add_argument("--dir", type=Path, default=None, help="lab directory (default ./.lab)")
-    net.set_defaults(func=_cmd_lab_net)
 
 
 def _postgres_url(cfg: AgentConfig, region: str) -> str | None:
@@ -157,14 +149,3 @@ async def _ha(cfg: AgentConfig, action: str, why: str) -> dict[str, Any]:
         }
     finally:
         await lease.aclose()
-
-
-def _cmd_lab_net(args: argparse.Namespace) -> int:
-    from agent.lab import Lab
-    from agent.lab.netns import heal_etcd, isolate_etcd
-
-    lab = Lab(args.dir or Path(os.environ.get("DRAGENT_LAB_DIR") or ".lab"))
-    (isolate_etcd if args.action == "isolate" else heal_etcd)(lab, args.region)
-    done = "isolated" if args.action == "isolate" else "healed"
-    print(f"lab region {args.region}: etcd member {done}")
-    return 0

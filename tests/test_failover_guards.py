@@ -52,24 +52,27 @@ async def test_pause_pages_then_resume_takes_over(
         await drill.ready(30)
         b = drill.coordinators["b"]
         await b.lease.set_paused(True, "test")
-        # the active agent dies and b cannot reach region a
+        # the active agent dies and region a's database hangs (b's probes time out)
         await drill.kill("a")
-        drill.link.cut()
-        await eventually(
-            lambda: any(r["payload"]["severity"] == "critical" for r in receiver), within=20
-        )
-        page = receiver[0]
-        assert "paused" in page["text"] and page["event_action"] == "trigger"
-        assert page["payload"]["custom_details"]["kind"] == "page"
-        await asyncio.sleep(2 * b.f.renew_interval)
-        assert b.role == "passive" and not b.holding
-        # resuming lets the takeover go ahead
-        await b.lease.set_paused(False)
-        await eventually(lambda: b.writable and b.last_record is not None, within=30)
-        await eventually(
-            lambda: any(r["payload"]["custom_details"]["kind"] == "failover" for r in receiver),
-            within=10,
-        )
+        await lab.fault("a", "postgres", "pause")
+        try:
+            await eventually(
+                lambda: any(r["payload"]["severity"] == "critical" for r in receiver), within=20
+            )
+            page = receiver[0]
+            assert "paused" in page["text"] and page["event_action"] == "trigger"
+            assert page["payload"]["custom_details"]["kind"] == "page"
+            await asyncio.sleep(2 * b.f.renew_interval)
+            assert b.role == "passive" and not b.holding
+            # resuming lets the takeover go ahead
+            await b.lease.set_paused(False)
+            await eventually(lambda: b.writable and b.last_record is not None, within=30)
+            await eventually(
+                lambda: any(r["payload"]["custom_details"]["kind"] == "failover" for r in receiver),
+                within=10,
+            )
+        finally:
+            await lab.fault("a", "postgres", "resume")
     done = next(r for r in receiver if r["payload"]["custom_details"]["kind"] == "failover")
     assert done["text"].startswith("dragent failover a -> b")
     assert done["payload"]["custom_details"]["rto_seconds"] > 0

@@ -3,15 +3,12 @@ bodies, probe URL redaction, the link cutter over real TCP."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from pydantic import ValidationError
 
 from agent.coordination.events import phases, summary, webhook_body
 from agent.coordination.health import probe, redact
 from agent.failover_config import FailoverConfig
-from agent.lab.netns import Link
 
 
 def test_fence_after_must_fall_between_renewal_and_lease() -> None:
@@ -95,27 +92,3 @@ def test_probe_targets_never_show_credentials() -> None:
 async def test_probe_reports_failures_without_raising() -> None:
     check = await probe("tcp://127.0.0.1:1", within=1.0)
     assert not check.ok and check.error
-
-
-async def test_link_cuts_and_heals_a_tcp_path() -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(await reader.read(100))
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    target = server.sockets[0].getsockname()[1]
-    async with server, Link(target) as link:
-        assert (await probe(f"tcp://127.0.0.1:{link.port}", 1.0)).ok
-        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
-        writer.write(b"ping")
-        assert await reader.read(100) == b"ping"
-        link.cut()
-        assert not (await probe(f"tcp://127.0.0.1:{link.port}", 1.0)).ok
-        with pytest.raises(ConnectionError):
-            await asyncio.open_connection("127.0.0.1", link.port)
-        await link.heal()
-        reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
-        writer.write(b"again")
-        assert await reader.read(100) == b"again"
-        writer.close()

@@ -8,6 +8,11 @@ prefix, so drills never see each other's lease or epoch.
 
 Timing of a drill: lease 3 s, renewals every 0.5 s, fencing after 2 s, takeover
 after the lease expired and 1 s of failed probes.
+
+``Drill`` runs both coordinators in the caller's process, so its faults are
+the lab's process faults (kill, pause). A cut link needs each region's
+traffic to leave from inside its own network namespace: that is
+``agent.coordination.agentdrill.AgentDrill`` on a ``netns`` lab.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from agent.coordination.coordinator import Coordinator
 from agent.coordination.takeover import promote
 from agent.lab import Lab
 from agent.lab.bind import BindServer
-from agent.lab.netns import Link
 from agent.lab.postgres import OWNER_FILE, PostgresServer, _chown
 from agent.lab.processes import poll
 
@@ -49,7 +53,9 @@ FAST = {
 
 
 def standby_server(lab: Lab, name: str, port: int) -> PostgresServer:
-    return PostgresServer(f"b standby {name}", lab.region_dir("b") / f"standby-{name}", port)
+    """Region b's drill standby ``name`` on ``port`` (in b's namespace in a netns lab)."""
+    home = lab.region_dir("b") / f"standby-{name}"
+    return lab.postgres_at("b", home, port, name=f"b standby {name}")
 
 
 async def make_standby(lab: Lab, name: str, port: int, primary: str = "a") -> PostgresServer:
@@ -69,7 +75,7 @@ async def make_standby(lab: Lab, name: str, port: int, primary: str = "a") -> Po
         server.command(
             "pg_basebackup",
             "-h",
-            "127.0.0.1",
+            source.host,
             "-p",
             str(source.port),
             "-U",
@@ -97,7 +103,7 @@ async def _run(argv: list[str]) -> None:
         raise RuntimeError(f"{argv[2] if len(argv) > 2 else argv[0]}: {out.decode()[-500:]}")
 
 
-def region_config(
+def region_data(
     lab: Lab,
     region: str,
     *,
@@ -106,14 +112,15 @@ def region_config(
     probes: dict[str, list[str]],
     switches: list[dict[str, Any]],
     data_dir: Path,
+    etcd: list[str] | None = None,
     **failover: Any,
-) -> AgentConfig:
-    """The lab's agent config of ``region`` with ``[etcd]`` (its own member only)
-    and ``[failover]`` for a drill."""
+) -> dict[str, Any]:
+    """The lab's agent config of ``region`` (a dict) with ``[etcd]`` (``etcd``,
+    default its own member only) and ``[failover]`` for a drill."""
     data = lab.agent_config(region)
     data["data_dir"] = str(data_dir)
     data["etcd"] = {
-        "endpoints": [f"http://127.0.0.1:{lab.port(region, 'etcd_client')}"],
+        "endpoints": etcd or [lab.etcd_endpoint(region)],
         "prefix": prefix,
         "dial_timeout": 0.5,
     }
@@ -124,7 +131,12 @@ def region_config(
         "peer_probes": probes,
         "switches": switches,
     }
-    return parse_config(data, f"drill {region}")
+    return data
+
+
+def region_config(lab: Lab, region: str, **options: Any) -> AgentConfig:
+    """``region_data`` parsed: what an in-process coordinator takes."""
+    return parse_config(region_data(lab, region, **options), f"drill {region}")
 
 
 @dataclass
@@ -181,7 +193,7 @@ async def present_ids(dsn: str, table: str) -> set[int]:
 
 
 class Drill:
-    """Both regions' coordinators on one lab, a standby for b, a cuttable link b→a.
+    """Both regions' coordinators in this process on one lab, a standby for b.
 
     ``async with Drill(...)`` builds everything and starts the coordinators;
     leaving it stops them, removes the standby and unfences region a."""
@@ -201,7 +213,6 @@ class Drill:
         self.dns = dns
         self.prefix = f"/dragent-drill/{name}"
         self.standby_port = lab.port("shared", "dns") + 2 + (os.getpid() % 30)
-        self.link = Link(lab.port("a", "postgres"))
         self.standby: PostgresServer | None = None
         self.coordinators: dict[str, Coordinator] = {}
         self.stops: dict[str, asyncio.Event] = {}
@@ -213,10 +224,9 @@ class Drill:
 
     @property
     def b_dsn(self) -> str:
-        return f"postgresql://dragent@127.0.0.1:{self.standby_port}/app"
+        return f"postgresql://dragent@{self.lab.address('b')}:{self.standby_port}/app"
 
     async def __aenter__(self) -> Drill:
-        await self.link.start()
         with contextlib.suppress(fencing.FencingError):
             await fencing.unfence(self.a_dsn)
         self.standby = await make_standby(self.lab, self.name[:20], self.standby_port)
@@ -227,7 +237,6 @@ class Drill:
     async def __aexit__(self, *exc: object) -> None:
         for region in list(self.tasks):
             await self.stop(region)
-        await self.link.aclose()
         if self.standby is not None:
             await self.standby.stop()
             self.standby.remove()
@@ -253,16 +262,7 @@ class Drill:
         if region == "a":
             dsn, probes = self.a_dsn, {"b": [self.b_dsn]}
         else:
-            dsn, probes = (
-                self.b_dsn,
-                {
-                    "a": [
-                        self.link.url(
-                            self.a_dsn.replace(str(self.lab.port("a", "postgres")), "{port}")
-                        )
-                    ]
-                },
-            )
+            dsn, probes = self.b_dsn, {"a": [self.a_dsn]}
         data_dir = self.workdir / region
         data_dir.mkdir(parents=True, exist_ok=True)
         return region_config(
