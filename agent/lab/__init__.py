@@ -3,7 +3,10 @@
 ``Lab(root).up()`` starts a PostgreSQL cluster, a SeaweedFS S3 store and an
 etcd member per region plus an etcd witness, all detached, on a port block of
 their own (``agent.lab.ports``), and writes each region's ``agent.toml``.
-``fault()`` kills, stops, pauses or restarts any of them.
+``fault()`` kills, stops, pauses or restarts any of them. A lab in network
+namespaces (``Lab(root, network="netns")``, ``agent.lab.network``) runs each
+member in a namespace of its own, so ``partition()`` can cut a link between
+two members and ``heal()`` restore it.
 """
 
 from agent.lab.lab import DATA_BUCKET, MEMBERS, REGIONS, VAULT_BUCKET, Lab
