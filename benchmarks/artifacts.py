@@ -14,12 +14,19 @@ on the same files (both read from the page cache):
   AES-256-CTR + Poly1305).
 
 Both run ``--rounds`` times, alternating, on one lab; medians are reported
-(the machine may be shared with other work). Reported per version: seconds,
-throughput (MB/s, 10^6 bytes of checkpoint per second) and bytes stored
-(the vault's packs and segments for dragent, the repository directory for
-restic), plus the bytes dragent shipped for v2 as a
-share of v2's size. Targets: throughput at least restic's, bytes stored at
-most 1.1x restic's, shipped for v2 at most 20 %.
+(the machine may be shared with other work: the load average is printed).
+Reported per version: seconds, throughput (MB/s, 10^6 bytes of checkpoint
+per second), bytes stored (the vault's packs and segments for dragent, the
+repository directory for restic) and CPU seconds (dragent's process and,
+separately, region b's SeaweedFS that receives the packs; restic's process),
+plus the bytes dragent shipped for v2 as a share of v2's size. Targets:
+throughput at least restic's, bytes stored at most 1.1x restic's, shipped for
+v2 at most 20 %.
+
+An extra row, ``dragent>disk``, runs the same source with its vault on local
+disk (``benchmarks/dirstore.py``, fsynced like restic's local backend): a
+benchmark-only store, shown beside the real figures, never instead of them
+(``--no-disk`` leaves it out).
 
 The module also provides the checkpoint generator the tests use.
 
@@ -135,9 +142,12 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _restic(repo: Path, source: Path, env: dict[str, str]) -> float:
+def _restic(repo: Path, source: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Back ``source`` up; return (seconds, CPU seconds of restic)."""
+    import resource
     import subprocess
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(
         ["restic", "--repo", str(repo), "backup", "--quiet", str(source)],
@@ -145,7 +155,10 @@ def _restic(repo: Path, source: Path, env: dict[str, str]) -> float:
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return seconds, cpu
 
 
 def run_restic(work: Path, versions: list[Path]) -> list[dict[str, float]]:
@@ -163,20 +176,34 @@ def run_restic(work: Path, versions: list[Path]) -> list[dict[str, float]]:
     )
     out = []
     for v in versions:
-        seconds = _restic(repo, v, env)
-        out.append({"seconds": seconds, "stored": _dir_size(repo)})
+        seconds, cpu = _restic(repo, v, env)
+        out.append({"seconds": seconds, "stored": _dir_size(repo), "cpu": cpu})
     return out
 
 
+def _process_cpu(pid_file: Path) -> float | None:
+    """CPU seconds (user + system) used so far by the process in ``pid_file``."""
+    import os
+
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_dragent(
-    lab: Any, work: Path, versions: list[Path], uploads: int, stream: str
+    lab: Any, work: Path, versions: list[Path], uploads: int, stream: str, disk: Path | None = None
 ) -> list[dict[str, float]]:
-    """Ship ``versions`` in order to region b's vault as a fresh stream; time each."""
+    """Ship ``versions`` in order to region b's vault as a fresh stream; time each. With
+    ``disk``, the vault is that local directory instead (the extra row)."""
     import asyncio
 
     from prometheus_client import CollectorRegistry
 
     from agent.config import load_config
+    from benchmarks.dirstore import DirStore
     from replicators.artifacts.options import ArtifactsOptions
     from replicators.artifacts.packs import open_vault
     from replicators.artifacts.source import ArtifactsSource
@@ -184,11 +211,15 @@ async def run_dragent(
     from replicators.metrics import Metrics
     from replicators.progress import StreamProgress
     from replicators.shipper import Shipper, ShipperSettings
+    from replicators.store import ObjectStore
     from replicators.vault import Vault
 
     out = []
     peer = load_config(lab.config_path("a")).peers[0]
-    store = await open_vault(peer.vault)  # as the agent's artifacts source opens it
+    store: ObjectStore = (
+        DirStore(disk) if disk else await open_vault(peer.vault)  # as the agent opens it
+    )
+    server = lab.region_dir("b") / "s3" / "weed.pid"
     keys = build_key_provider(peer.keys)
     options = ArtifactsOptions(root=work / "src", marker="_COMPLETE", watch=False, uploads=uploads)
     source = ArtifactsSource(stream, options, store, keys, work / f"state-{stream}")
@@ -206,15 +237,19 @@ async def run_dragent(
         for v in versions:
             (v / "_COMPLETE").write_bytes(b"")
             sent_before = source.bytes_sent
+            server_before, cpu_before = _process_cpu(server), time.process_time()
             started = time.perf_counter()
             assert await shipper.sync_once(asyncio.Event())
             seconds = time.perf_counter() - started
+            cpu, server_after = time.process_time() - cpu_before, _process_cpu(server)
             stored = 0
             for prefix in (f"artifacts/{stream}/", f"streams/{stream}/"):
                 stored += sum([i.size async for i in store.list(prefix)])
-            out.append(
-                {"seconds": seconds, "stored": stored, "shipped": source.bytes_sent - sent_before}
-            )
+            row = {"seconds": seconds, "stored": stored, "shipped": source.bytes_sent - sent_before}
+            row["cpu"] = cpu
+            if not disk and server_before is not None and server_after is not None:
+                row["server_cpu"] = server_after - server_before
+            out.append(row)
     finally:
         for v in versions:
             (v / "_COMPLETE").unlink(missing_ok=True)
@@ -224,19 +259,31 @@ async def run_dragent(
     return out
 
 
-async def run_rounds(work: Path, versions: list[Path], uploads: int, rounds: int) -> dict[str, Any]:
-    """Alternate dragent and restic ``rounds`` times on one lab (the machine may be shared:
-    medians are reported)."""
+async def run_rounds(
+    work: Path, versions: list[Path], uploads: int, rounds: int, disk: bool = True
+) -> dict[str, Any]:
+    """Alternate dragent and restic (and dragent to local disk) ``rounds`` times on one lab
+    (the machine may be shared: medians are reported)."""
+    import shutil
+
     from agent.lab import Lab
 
     lab = Lab(work / "lab")
     await lab.up()
     runs: dict[str, list[list[dict[str, float]]]] = {"dragent": [], "restic": []}
+    if disk:
+        runs["dragent_disk"] = []
     try:
         for r in range(rounds):
             stream = f"bench-{int(time.time())}-{r}"
             runs["dragent"].append(await run_dragent(lab, work, versions, uploads, stream))
             runs["restic"].append(run_restic(work, versions))
+            if disk:
+                vault = work / "disk-vault"
+                shutil.rmtree(vault, ignore_errors=True)
+                runs["dragent_disk"].append(
+                    await run_dragent(lab, work, versions, uploads, stream + "-disk", vault)
+                )
     finally:
         await lab.down(purge=True)
     return runs
@@ -254,14 +301,22 @@ def _median(runs: list[list[dict[str, float]]]) -> list[dict[str, float]]:
 def table(res: dict[str, Any]) -> str:
     lines = [
         f"checkpoint {res['size'] / 1e6:.0f} MB, {res['changed']:.0%} of tensors changed in v2, "
-        f"medians of {res['rounds']} alternating rounds",
-        f"{'':10}{'tool':9}{'seconds':>9}{'MB/s':>9}{'stored MB':>11}",
+        f"medians of {res['rounds']} alternating rounds, load average "
+        f"{res['load'][0]:.2f} before / {res['load'][1]:.2f} after",
+        f"{'':4}{'tool':14}{'seconds':>9}{'MB/s':>9}{'stored MB':>11}{'cpu s':>8}"
+        f"{'server cpu s':>14}",
     ]
+    tools = [t for t in ("dragent", "restic", "dragent_disk") if t in res]
     for i, name in enumerate(("v1", "v2")):
-        for tool in ("dragent", "restic"):
+        for tool in tools:
             r = res[tool][i]
             mbs = res["size"] / r["seconds"] / 1e6
-            lines.append(f"{name:10}{tool:9}{r['seconds']:9.2f}{mbs:9.1f}{r['stored'] / 1e6:11.1f}")
+            label = {"dragent_disk": "dragent>disk*"}.get(tool, tool)
+            server = f"{r['server_cpu']:14.2f}" if "server_cpu" in r else f"{'-':>14}"
+            lines.append(
+                f"{name:4}{label:14}{r['seconds']:9.2f}{mbs:9.1f}{r['stored'] / 1e6:11.1f}"
+                f"{r['cpu']:8.2f}{server}"
+            )
     d, r = res["dragent"], res["restic"]
     lines += [
         f"throughput dragent/restic: v1 {r[0]['seconds'] / d[0]['seconds']:.2f}x, "
@@ -271,12 +326,22 @@ def table(res: dict[str, Any]) -> str:
         f"shipped for v2: {d[1]['shipped'] / 1e6:.1f} MB = {d[1]['shipped'] / res['size']:.1%} "
         "of its size (target <= 20%)",
     ]
+    if "dragent_disk" in res:
+        k = res["dragent_disk"]
+        lines += [
+            f"* extra row, not the S3 figure: dragent with its vault on local disk "
+            f"(benchmarks/dirstore.py, fsynced), v1 {r[0]['seconds'] / k[0]['seconds']:.2f}x, "
+            f"v2 {r[1]['seconds'] / k[1]['seconds']:.2f}x restic's throughput"
+        ]
+    lines.append(f"peak RSS of the benchmark process: {res['peak_rss'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import asyncio
+    import os
+    import resource
     import shutil
 
     parser = argparse.ArgumentParser(description="artifacts: dragent against restic")
@@ -286,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
     parser.add_argument("--dir", default="/tmp/dragent-bench-artifacts")
     parser.add_argument("--json", help="also write the figures as JSON to this file")
+    parser.add_argument("--no-disk", action="store_true", help="leave out the local-disk row")
     args = parser.parse_args(argv)
     work = Path(args.dir).resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -295,8 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     write_version(v2, size, changed(tensors(size), args.changed, seed=3))
     size = _dir_size(v1)
     res: dict[str, Any] = {"size": size, "changed": args.changed, "rounds": args.rounds}
-    runs = asyncio.run(run_rounds(work, [v1, v2], args.uploads, args.rounds))
-    res["dragent"], res["restic"] = _median(runs["dragent"]), _median(runs["restic"])
+    load = os.getloadavg()[0]
+    runs = asyncio.run(run_rounds(work, [v1, v2], args.uploads, args.rounds, not args.no_disk))
+    res["load"] = [load, os.getloadavg()[0]]
+    res["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for tool, tool_runs in runs.items():
+        res[tool] = _median(tool_runs)
     res["runs"] = runs
     print(table(res))
     if args.json:
