@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -79,7 +80,7 @@ async def test_a_cut_off_from_b_and_the_witness_fences_itself_before_b_promotes(
     writer = Writer(drill.a_dsn, "netcut_" + drill.name.replace("-", "_"))
     watch = Watch(drill)
     stop = asyncio.Event()
-    record: dict = {}
+    record: dict[str, Any] = {}
 
     async def b_promoted() -> bool:
         b = await drill.status("b")

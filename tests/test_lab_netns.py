@@ -141,7 +141,7 @@ def test_bad_links_are_refused_clearly(netlab: Lab) -> None:
         netlab.partition("a", "c")
     with pytest.raises(LabError, match="the same"):
         netlab.partition("b", "b")
-    with pytest.raises(LabError, match="unknown region 'x'"):
+    with pytest.raises(LabError, match="unknown member 'x'"):
         netlab.heal("x")
 
 

@@ -263,6 +263,7 @@ class Lab:
         if self.network.isolated:
             # A slot claimed just now may hold what a crashed lab left: start clean.
             await netns.ensure(self.network, fresh=self._fresh)
+            partitions.install(self.network)
             self._fresh = False
         sweep_orphans()
         S3Credentials.create(self.secrets_dir)
@@ -492,48 +493,16 @@ class Lab:
         every other member and with the host stay. Idempotent.
 
         Raises ``LabError`` for an unknown member, ``x == y``, or a loopback lab."""
-        net = self._isolated("partition")
-        self._pair(x, y)
-        for me, other in ((x, y), (y, x)):
-            ns = net.namespace(me)
-            partitions.set_cut_off(ns, partitions.cut_off(ns) | {net.address(other)})
+        partitions.cut(self._isolated("partition"), x, y)
 
     def heal(self, x: str | None = None, y: str | None = None) -> None:
         """Restore the link ``x``–``y``; every link of ``x`` if ``y`` is None; every
         link if both are. Idempotent. Raises ``LabError`` like ``partition``."""
-        net = self._isolated("heal")
-        if x is None and y is not None:
-            x, y = y, None
-        if x is not None and y is not None:
-            self._pair(x, y)
-        elif x is not None:
-            self.region_dir(x)
-        for me in MEMBERS:
-            ns = net.namespace(me)
-            cut = partitions.cut_off(ns)
-            if x is None:
-                keep: set[str] = set()
-            elif y is None:
-                keep = set() if me == x else cut - {net.address(x)}
-            else:
-                other = {x: y, y: x}.get(me)
-                keep = cut - {net.address(other)} if other else cut
-            if keep != cut:
-                partitions.set_cut_off(ns, keep)
+        partitions.restore(self._isolated("heal"), x, y)
 
     def partitions(self) -> list[tuple[str, str]]:
-        """The cut links, as sorted member pairs (none in a loopback lab)."""
-        net = self.network
-        if not net.isolated:
-            return []
-        pairs: set[tuple[str, str]] = set()
-        for me in MEMBERS:
-            for address in partitions.cut_off(net.namespace(me)):
-                other = net.member_at(address)
-                if other is not None:
-                    a, b = sorted((me, other), key=MEMBERS.index)
-                    pairs.add((a, b))
-        return sorted(pairs, key=lambda p: (MEMBERS.index(p[0]), MEMBERS.index(p[1])))
+        """The cut links, as member pairs in member order (none in a loopback lab)."""
+        return partitions.links(self.network) if self.network.isolated else []
 
     def _isolated(self, what: str) -> Network:
         net = self.network
@@ -544,10 +513,3 @@ class Lab:
                 "(as root), or Lab(root, network='netns')",
             )
         return net
-
-    def _pair(self, x: str, y: str) -> None:
-        for member in (x, y):
-            if member not in MEMBERS:
-                raise LabError(f"unknown member {member!r}: expected one of {', '.join(MEMBERS)}")
-        if x == y:
-            raise LabError(f"a link joins two members: {x} and {y} are the same")

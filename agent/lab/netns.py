@@ -3,9 +3,9 @@
 ``ensure(net)`` makes, for every member of ``net`` (``agent.lab.network``):
 the namespace ``drgN-<member>`` with ``lo`` up; a veth pair whose namespace
 end ``eth0`` holds the member's address and whose host end ``drgN-<member>``
-is on the bridge ``drgN-br`` (the host's address ``10.77.N.254``); and the
-member's nftables table (``agent.lab.partitions``). It is idempotent: what
-exists is kept (a running lab keeps its servers and its partitions). With
+is on the bridge ``drgN-br`` (the host's address ``10.77.N.254``). The rules
+that cut links are ``agent.lab.partitions``'. It is idempotent: what exists is
+kept (a running lab keeps its servers and its partitions). With
 ``fresh`` it first removes whatever a crashed earlier lab on the same slot
 left. ``remove(net)`` kills every process still inside the slot's namespaces
 and deletes the namespaces (their veth ends and rules go with them), the host
@@ -22,11 +22,11 @@ import os
 import signal
 from pathlib import Path
 
-from agent.lab import partitions
 from agent.lab.network import HOST_INDEX, PREFIX_LENGTH, Network, ip_program
 from agent.lab.processes import LabError, alive, signal_all, wait_gone
 
 INNER_LINK = "eth0"
+NETNS_DIR = "/run/netns"
 COMMAND_TIMEOUT = 10.0
 HOW_TO_RUN = "run `dragent lab up --netns` as root on a machine with iproute2 (`ip netns`)"
 
@@ -69,6 +69,11 @@ async def namespaces() -> set[str]:
     return {line.split()[0] for line in listing.splitlines() if line.strip()}
 
 
+def exists(ns: str) -> bool:
+    """True if the named network namespace exists (``ip netns`` keeps them here)."""
+    return Path(NETNS_DIR, ns).exists()
+
+
 def link_exists(name: str) -> bool:
     """True if the host namespace has a network interface ``name``."""
     return Path("/sys/class/net", name).exists()
@@ -79,7 +84,6 @@ async def ensure(net: Network, fresh: bool = False) -> None:
     module docstring). Raises ``LabError`` if this machine cannot, or a command fails."""
     if (why := unavailable()) is not None:
         raise LabError(f"the netns lab cannot run here: {why}", hint=HOW_TO_RUN)
-    partitions.check_available()
     if fresh:
         await remove(net)
     await _ensure_bridge(net)
@@ -109,7 +113,6 @@ async def _ensure_member(net: Network, member: str, existing: set[str]) -> None:
     await ip("-n", ns, "addr", "replace", address, "dev", INNER_LINK)
     await ip("-n", ns, "link", "set", "lo", "up")
     await ip("-n", ns, "link", "set", INNER_LINK, "up")
-    partitions.ensure_table(ns)
 
 
 async def remove(net: Network) -> None:

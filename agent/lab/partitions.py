@@ -9,9 +9,11 @@ timeouts, never resets, as across a real partition; traffic with the host
 the addresses again; established connections resume if they have not timed
 out.
 
-The sets are the only record of the partitions: ``cut_off(ns)`` reads one.
-Every change rewrites a set in one nft transaction, so it is atomic and
-idempotent. Calls are synchronous (one short ``nft`` run each).
+``install(net)`` creates the table in every member's namespace (keeping a
+set that exists); ``cut``, ``restore`` and ``links`` are what ``Lab.partition``,
+``Lab.heal`` and ``Lab.partitions`` do. The sets are the only record of the
+partitions. Every change rewrites a set in one nft transaction, so it is
+atomic and idempotent. Calls are synchronous (one short ``nft`` run each).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import subprocess
 from collections.abc import Collection
 from pathlib import Path
 
-from agent.lab.network import ip_program
+from agent.lab import netns
+from agent.lab.network import HOST_INDEX, Network, ip_program
 from agent.lab.processes import LabError
+
+MEMBERS = tuple(HOST_INDEX)
 
 TABLE = "dragent_lab"
 SET = "cut"
@@ -101,3 +106,66 @@ def set_cut_off(ns: str, addresses: Collection[str]) -> None:
     if addresses:
         script += f"add element inet {TABLE} {SET} {{ {', '.join(sorted(addresses))} }}\n"
     _apply(ns, script)
+
+
+def install(net: Network) -> None:
+    """The table in every member's namespace (see ``ensure_table``)."""
+    check_available()
+    for member in MEMBERS:
+        ensure_table(net.namespace(member))
+
+
+def cut(net: Network, x: str, y: str) -> None:
+    """Drop everything between members ``x`` and ``y``, both ways."""
+    _check_pair(x, y)
+    for me, other in ((x, y), (y, x)):
+        ns = net.namespace(me)
+        set_cut_off(ns, cut_off(ns) | {net.address(other)})
+
+
+def restore(net: Network, x: str | None = None, y: str | None = None) -> None:
+    """Restore the link ``x``–``y``; every link of ``x`` if ``y`` is None; all if both are."""
+    if x is None:
+        x, y = y, None
+    if x is not None and y is not None:
+        _check_pair(x, y)
+    elif x is not None:
+        _check_member(x)
+    for me in MEMBERS:
+        ns = net.namespace(me)
+        now = cut_off(ns)
+        if x is None or (y is None and me == x):
+            keep: set[str] = set()
+        elif y is None:
+            keep = now - {net.address(x)}
+        else:
+            other = {x: y, y: x}.get(me)
+            keep = now - {net.address(other)} if other else now
+        if keep != now:
+            set_cut_off(ns, keep)
+
+
+def links(net: Network) -> list[tuple[str, str]]:
+    """The cut links as member pairs, in member order. Namespaces that do not exist
+    (before ``up``, after a reboot) have none."""
+    pairs: set[tuple[str, str]] = set()
+    for me in MEMBERS:
+        if not netns.exists(net.namespace(me)):
+            continue
+        for address in cut_off(net.namespace(me)):
+            other = net.member_at(address)
+            if other is not None:
+                pairs.add((me, other) if MEMBERS.index(me) < MEMBERS.index(other) else (other, me))
+    return sorted(pairs, key=lambda p: (MEMBERS.index(p[0]), MEMBERS.index(p[1])))
+
+
+def _check_member(member: str) -> None:
+    if member not in MEMBERS:
+        raise LabError(f"unknown member {member!r}: expected one of {', '.join(MEMBERS)}")
+
+
+def _check_pair(x: str, y: str) -> None:
+    _check_member(x)
+    _check_member(y)
+    if x == y:
+        raise LabError(f"a link joins two members: {x} and {y} are the same")
