@@ -136,6 +136,24 @@ async def test_up_again_keeps_servers_and_partitions(netlab: Lab) -> None:
         Lab(netlab.root, network="loopback")
 
 
+async def test_an_agent_starts_in_its_region_namespace(netlab: Lab) -> None:
+    # the address exists only inside region a's namespace: binding it proves where it runs
+    listen = (
+        "import socket, sys, time; s = socket.socket();"
+        " s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(); time.sleep(600)"
+    )
+    address, port = netlab.address("a"), str(netlab.port("a", "agent"))
+    argv = [sys.executable, "-c", listen, address, port, str(netlab.config_path("a"))]
+    pid = await netlab.start_agent("a", argv)
+    try:
+        assert netns_of(pid) == os.stat(f"/run/netns/{netlab.network.namespace('a')}").st_ino
+        assert netlab.status()["regions"]["a"]["agent"]["endpoint"] == netlab.agent_url("a")
+        assert await connect_from(netlab, "b", "a", "agent") == "connected"
+    finally:
+        await netlab.fault("a", "agent", "kill")
+    assert not processes.alive(pid)
+
+
 def test_bad_links_are_refused_clearly(netlab: Lab) -> None:
     with pytest.raises(LabError, match="unknown member 'c'"):
         netlab.partition("a", "c")
