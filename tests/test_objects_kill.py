@@ -120,13 +120,11 @@ async def _newest_versions_won(src: Bucket, dst: Bucket) -> None:
             assert version.time_ns == obj.time_ns, obj.key
 
 
-@pytest.mark.soak
 async def test_kill_9_while_churning_mirror_equals_source(
     lab: Lab, tmp_path: Path, unique: str
 ) -> None:
-    """Out of the default run: in one of four full runs the mirror did not converge within
-    240 s after two kill -9 (no error logged, the 5 s scan did not repair it): a change
-    the source's index records as durable can still be missing from the mirror. Open."""
+    """A fifth of the writes are empty objects, so some keys are rewritten with the same
+    bytes and other metadata within one LastModified second (see ``index.SETTLE_NS``)."""
     await run_scenario(lab, tmp_path, unique, n=200, n_large=1)
 
 

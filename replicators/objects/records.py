@@ -149,3 +149,14 @@ def part_count(size: int, part_size: int) -> int:
 def content_hash(data: bytes) -> str:
     """The content hash kept in the mirror's metadata: xxh3-128, 32 hex digits."""
     return xxhash.xxh3_128_hexdigest(data)
+
+
+def user_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The user metadata an object carries, without ours (``dragent-*``)."""
+    return {k: v for k, v in metadata.items() if not k.startswith("dragent-")}
+
+
+def meta_fingerprint(content_type: str, metadata: dict[str, str]) -> str:
+    """xxh3-64 (hex) of the content type and user metadata: tells a metadata-only rewrite."""
+    canon = json.dumps([content_type, user_metadata(metadata)], sort_keys=True)
+    return xxhash.xxh3_64_hexdigest(canon.encode())

@@ -5,8 +5,10 @@ A scan walks the bucket in key order one listing page (≤ 1000 keys) per
 and the scan resumes where it stood between batches. Each page is merged
 with the index rows of the same key range: a key listed but not shipped (or
 shipped with another etag, size or time) is queued as changed at its
-LastModified; a key shipped but no longer listed is queued as deleted. The
-next scan starts ``interval`` seconds after one ends; a restarted source
+LastModified; a key whose shipped state was read within its LastModified
+second is queued to be read again (see ``index.SETTLE_NS``: a same-second
+rewrite of its metadata lists the same); a key shipped but no longer listed
+is queued as deleted. The next scan starts ``interval`` seconds after one ends; a restarted source
 (or lost events) start one at once.
 """
 
@@ -62,11 +64,13 @@ class Scanner:
 
     def _compare(self, page: list[ObjectState]) -> None:
         shipped = {e.key: e for e in self.index.between(self._cursor, page[-1].key)}
+        now = time.time()
         for obj in page:
             e = shipped.pop(obj.key, None)
             if e is None or (e.etag, e.size, e.time_ns) != (obj.etag, obj.size, obj.time_ns):
                 self.queue.add(obj.key, obj.time_ns / 1e9)
-        now = time.time()
+            elif not e.settled:  # a same-second rewrite would list the same: read it again
+                self.queue.add(obj.key, now)
         for key in shipped:
             self.queue.add(key, now)
 

@@ -19,7 +19,7 @@ import asyncio
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -49,6 +49,8 @@ class Fetched:
     since: float
     state: ObjectState | None
     body: bytes | None
+    read_ns: int
+    """Wall-clock time just before the read."""
 
 
 @dataclass
@@ -60,7 +62,13 @@ class Transfer:
     version: rec.Version
     count: int
     since: float
+    read_ns: int
     index: int = 0
+
+    def entry(self) -> Entry:
+        s = self.state
+        meta = rec.meta_fingerprint(s.content_type, dict(s.metadata))
+        return Entry(s.key, s.etag, s.size, s.time_ns, self.head.content_hash, meta, self.read_ns)
 
 
 class ObjectsSource:
@@ -83,6 +91,7 @@ class ObjectsSource:
         self._latest: dict[str, Entry | None] = {}
         self._transfer: Transfer | None = None
         self._ready: deque[Fetched] = deque()
+        self._confirmed: list[Entry] = []
 
     # -- Source interface ---------------------------------------------------
 
@@ -92,6 +101,7 @@ class ObjectsSource:
         self._latest.clear()
         self._transfer = None
         self._ready.clear()
+        self._confirmed.clear()
         self.scanner.start_now()
         if self.tail is not None:
             await self.tail.start()
@@ -137,8 +147,9 @@ class ObjectsSource:
 
     async def ack(self, position: int) -> None:
         done = [(key, entry) for end, key, entry in self._inflight if end <= position]
-        if done:
-            await asyncio.to_thread(self.index.commit, done)
+        if done or self._confirmed:
+            confirmed, self._confirmed = self._confirmed, []
+            await asyncio.to_thread(self.index.commit, done, confirmed)
             self._inflight = [x for x in self._inflight if x[0] > position]
             for key, entry in done:
                 if self._latest.get(key, 0) == entry:
@@ -161,6 +172,9 @@ class ObjectsSource:
             self.scanner.start_now()
 
     async def _idle(self, stop: asyncio.Event) -> None:
+        if self._confirmed:
+            confirmed, self._confirmed = self._confirmed, []
+            await asyncio.to_thread(self.index.commit, (), confirmed)
         wait = [asyncio.ensure_future(stop.wait())]
         try:
             async with asyncio.timeout(IDLE_WAIT):
@@ -203,13 +217,14 @@ class ObjectsSource:
 
         async def fetch(key: str, since: float) -> Fetched:
             shipped = self._shipped(key)
+            read_ns = time.time_ns()
             try:
                 state, body = await self.bucket.fetch(
                     key, inline_max, shipped.etag if shipped else ""
                 )
             except NotFound:
-                return Fetched(key, since, None, None)
-            return Fetched(key, since, state, body)
+                return Fetched(key, since, None, None, read_ns)
+            return Fetched(key, since, state, body, read_ns)
 
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(fetch(key, since)) for key, since in items]
@@ -223,14 +238,20 @@ class ObjectsSource:
                 return None
             version = rec.Version(max(time.time_ns(), shipped.time_ns + 1), self._seq)
             return self._emit(rec.Delete(key, version), key, None, since)
-        if shipped and (shipped.etag, shipped.size, shipped.time_ns) == (
+        meta = rec.meta_fingerprint(state.content_type, dict(state.metadata))
+        if shipped and (shipped.etag, shipped.size, shipped.time_ns, shipped.meta) == (
             state.etag,
             state.size,
             state.time_ns,
+            meta,
         ):
+            if not shipped.settled and key not in self._latest:
+                confirmed = replace(shipped, checked_ns=got.read_ns)
+                if confirmed.settled:  # the same state, read after its second: no rewrite hid
+                    self._confirmed.append(confirmed)
             return None
         if state.size > self.options.inline_max:
-            return await self._start_transfer(state, since, room)
+            return await self._start_transfer(state, since, got.read_ns, room)
         if body is None:  # same etag as shipped, yet rewritten: read it
             try:
                 body = await self.bucket.read(key, state.etag)
@@ -239,10 +260,14 @@ class ObjectsSource:
                 return None
         head = _head(state, rec.content_hash(body))
         version = rec.Version(state.time_ns, self._seq)
-        entry = Entry(key, state.etag, state.size, state.time_ns, head.content_hash)
+        entry = Entry(
+            key, state.etag, state.size, state.time_ns, head.content_hash, meta, got.read_ns
+        )
         return self._emit(rec.Put(key, version, head, body), key, entry, since)
 
-    async def _start_transfer(self, state: ObjectState, since: float, room: int) -> Change | None:
+    async def _start_transfer(
+        self, state: ObjectState, since: float, read_ns: int, room: int
+    ) -> Change | None:
         try:
             digest = await self.bucket.content_hash(state.key, state.etag)
         except (AlreadyExists, NotFound):
@@ -250,7 +275,7 @@ class ObjectsSource:
             return None
         count = rec.part_count(state.size, int(self.options.part_size))
         version = rec.Version(state.time_ns, self._seq)
-        self._transfer = Transfer(state, _head(state, digest), version, count, since)
+        self._transfer = Transfer(state, _head(state, digest), version, count, since, read_ns)
         self.queue.hold(state.key)
         if self.options.part_size + 4096 > room:
             return None
@@ -276,8 +301,7 @@ class ObjectsSource:
         if record.last:
             self._transfer = None
             self.queue.release(key)
-            s = t.state
-            entry = Entry(key, s.etag, s.size, s.time_ns, t.head.content_hash)
+            entry = t.entry()
         return self._emit(record, key, entry, t.since, final=record.last)
 
     def _emit(
@@ -292,5 +316,5 @@ class ObjectsSource:
 
 
 def _head(state: ObjectState, digest: str) -> rec.Head:
-    meta = {k: v for k, v in state.metadata.items() if not k.startswith("dragent-")}
+    meta = rec.user_metadata(dict(state.metadata))
     return rec.Head(state.size, state.content_type, meta, digest)
