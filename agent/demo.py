@@ -124,7 +124,13 @@ class Demo:
         """Region a's ``data`` bucket under ``objects/``, mirrored into region b's."""
         vault = {r: tomllib.loads(self.lab.config_path(r).read_text())["vault"] for r in "ab"}
         bucket = {r: {**vault[r], "bucket": "data", "prefix": OBJECTS_PREFIX} for r in "ab"}
-        filer = f"127.0.0.1:{self.lab.port('a', 'filer')}.{self.lab.port('a', 'filer_grpc')}"
+        filer = {
+            r: {
+                "filer": f"127.0.0.1:{self.lab.port(r, 'filer')}.{self.lab.port(r, 'filer_grpc')}",
+                "weed": str(find_weed()),
+            }
+            for r in "ab"
+        }
         return {
             "name": OBJECTS_STREAM,
             "kind": "objects",
@@ -132,8 +138,10 @@ class Demo:
             "objects": {
                 "source": bucket["a"],
                 "mirror": bucket["b"],
+                "source_region": "a",  # after a takeover, b ships its bucket back to a
                 "events": "filer",
-                "filer": {"filer": filer, "weed": str(find_weed())},
+                "filer": filer["a"],
+                "mirror_filer": filer["b"],
                 "scan_interval": "30s",
             },
         }

@@ -36,9 +36,10 @@ KIND = "objects"
 log = logs.get("objects")
 
 
-def _options(stream: StreamConfig) -> ObjectsOptions:
+def _options(stream: StreamConfig, active_region: str) -> ObjectsOptions:
+    """The stream's options oriented for ``active_region`` (see ``ObjectsOptions.oriented``)."""
     assert stream.objects is not None  # the config validator guarantees it
-    return stream.objects
+    return stream.objects.oriented(active_region)
 
 
 class LazySource:
@@ -103,11 +104,12 @@ class LazyTarget:
 
 
 def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
-    return LazySource(_options(stream), state_dir)
+    return LazySource(_options(stream, agent.region), state_dir)
 
 
 def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
-    return LazyTarget(_options(stream), state_dir)
+    """Applies into this region's bucket: the mirror while a peer is active."""
+    return LazyTarget(_options(stream, _peer(agent)), state_dir)
 
 
 class AntiEntropy:
@@ -136,10 +138,14 @@ class AntiEntropy:
 def background(
     stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
 ) -> list[Background]:
-    every = _options(stream).verify_interval
+    every = _options(stream, agent.region).verify_interval
     if role != "active" or every <= 0:
         return []
     return [Background("anti-entropy", AntiEntropy(stream, agent, state_dir), every)]
+
+
+def _peer(agent: AgentConfig) -> str:
+    return agent.peers[0].name if agent.peers else agent.region
 
 
 async def verify(
@@ -151,7 +157,7 @@ async def verify(
     indexes = sorted((agent.data_dir / "streams" / stream.name).glob("to-*/shipped.sqlite"))
     return await verify_buckets(
         stream.name,
-        _options(stream),
+        _options(stream, agent.region if agent.role == "active" else _peer(agent)),
         index_path=indexes[0] if indexes else None,
         region=agent.region,
         deep=deep,

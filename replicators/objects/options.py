@@ -32,6 +32,13 @@ class ObjectsOptions(Section):
     """The bucket (and prefix) replicated, in the active region."""
     mirror: S3Config
     """The ready-to-serve copy, in the passive region."""
+    source_region: str | None = None
+    """The region whose bucket ``source`` is. Set it (on every region's copy of the stream)
+    and the stream follows the roles: after a takeover the new active region ships from its
+    bucket (``mirror``, now serving) to the old one's (``source``), whose agent applies
+    into it once it returns as passive. Unset: ``source`` always ships to ``mirror``."""
+    mirror_filer: FilerEvents | None = None
+    """The mirror region's filer, for events while that region is active (else it scans)."""
     events: Literal["none", "filer", "webhook"] = "none"
     """Push capture: ``filer`` subscribes to the SeaweedFS filer, ``webhook`` receives S3
     event notifications; ``none`` relies on the scan."""
@@ -46,10 +53,29 @@ class ObjectsOptions(Section):
     part_size: ByteSize = ByteSize(5 * 1024 * 1024)
     """Size of one part of a large object (at least 5 MiB, the S3 minimum part)."""
 
+    def oriented(self, active_region: str) -> ObjectsOptions:
+        """These options as they are while ``active_region`` is active: ``source`` its
+        bucket, ``mirror`` the other's. Unchanged without ``source_region``."""
+        if self.source_region is None or active_region == self.source_region:
+            return self
+        events = self.events if self.events != "filer" or self.mirror_filer else "none"
+        return self.model_copy(
+            update={
+                "source": self.mirror,
+                "mirror": self.source,
+                "source_region": active_region,
+                "filer": self.mirror_filer,
+                "mirror_filer": self.filer,
+                "events": events,
+            }
+        )
+
     @model_validator(mode="after")
     def _checks(self) -> ObjectsOptions:
         if self.events == "filer" and self.filer is None:
             raise ValueError("events = 'filer' needs a [streams.objects.filer] table")
+        if self.mirror_filer is not None and self.source_region is None:
+            raise ValueError("mirror_filer is used only with source_region (set both or neither)")
         if self.part_size < 5 * 1024 * 1024:
             raise ValueError("part_size must be at least 5MiB (the S3 minimum part size)")
         if self.inline_max > self.part_size:
