@@ -5,9 +5,10 @@ own network namespace; each region's agent runs in its namespace with the
 coordinator enabled (``agent.coordination.agentdrill``), b's standby streams
 from a across the a–b link, and links are cut with nftables drops inside the
 namespaces (``Lab.partition``). Before each cut, etcd's leadership is moved to
-b: the lease then expires exactly one TTL after a's last renewal (the least
-time a has to fence itself), and a's own member, cut off from its leader,
-answers nothing (a must reach the cluster through the witness).
+b: the lease then expires one TTL after a's last renewal, on b's side of the
+cut (the least time a has to fence itself), and in the a–b scenario a's own
+member, cut off from its leader, answers nothing (a must renew through the
+witness).
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ async def test_a_cut_off_from_b_and_the_witness_fences_itself_before_b_promotes(
     drill: AgentDrill, netlab: Lab, named: BindServer
 ) -> None:
     await move_leader(_etcd(netlab), "b")
+    # a new etcd leader extends every lease by an election timeout (1 s); a's
+    # renewals after that take the extension back
+    await asyncio.sleep(1.5)
     writer = Writer(drill.a_dsn, "netcut_" + drill.name.replace("-", "_"))
     watch = Watch(drill)
     stop = asyncio.Event()
