@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import dns.exception
 
 from agent.config import AgentConfig, parse_config
 from agent.coordination import fencing
@@ -314,7 +315,7 @@ async def kill_trial(drill: Drill, within: float = 60.0) -> dict[str, Any]:
     (kill → DNS answers b and b's database took a write under the new epoch),
     ``rpo_client`` (acknowledged commits missing in b, as the time between the
     last acknowledged commit and the last one b has) and ``lost_rows``."""
-    from agent.lab.bind import ADDRESSES, resolve
+    from agent.lab.bind import resolve
 
     b = drill.coordinators["b"]
     table = "killed_" + drill.name.replace("-", "_")
@@ -332,10 +333,15 @@ async def kill_trial(drill: Drill, within: float = 60.0) -> dict[str, Any]:
         async with asyncio.timeout(within):
             await poll(_true(lambda: b.writable and b.last_record is not None), 0.05)
             if drill.dns is not None:
-                port = drill.dns.port
+                dns_server = drill.dns
 
                 async def dns_says_b() -> bool:
-                    return await resolve(port) == [ADDRESSES["b"]]
+                    # UDP: an answer lost or late (a busy loop) is asked again
+                    try:
+                        answer = await resolve(dns_server.port, address=dns_server.address)
+                    except (OSError, dns.exception.DNSException):
+                        return False
+                    return answer == [dns_server.addresses["b"]]
 
                 await poll(dns_says_b, 0.05)
         served_at = time.time()
