@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from agent import logs
+from agent.catchup import drain_sinks
 from agent.collector import ProgressCollector
 from agent.compliance.monitor import ComplianceMonitor
 from agent.config import AgentConfig, ConfigError, load_config
@@ -52,7 +53,11 @@ class Agent(StatusSource):
         self.notifier = Notifier()
         self.log = logs.get("agent", region=cfg.region)
         # its own thread and loop: nothing blocking the streams delays a lease renewal
-        self.coordinator = Coordinator(cfg, threaded=True) if cfg.failover.enabled else None
+        self.coordinator = (
+            Coordinator(cfg, catch_up=self._catch_up, threaded=True)
+            if cfg.failover.enabled
+            else None
+        )
         if self.coordinator is not None:
             self.registry.register(self.coordinator.collector())
         self.registry.register(
@@ -120,6 +125,15 @@ class Agent(StatusSource):
             self._force.set()
         self._events.put_nowait("stop")
 
+    async def _catch_up(self) -> str | None:
+        """The coordinator's hook (called from its own thread): apply what is left in the
+        vault, in this daemon's loop; the LSN the standby must replay (agent.catchup)."""
+        future = asyncio.run_coroutine_threadsafe(drain_sinks(lambda: self.tasks), self._loop)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            future.cancel()
+
     def _effective(self) -> AgentConfig:
         """The configuration with the role the coordinator decided, if there is one."""
         return self.coordinator.effective(self.cfg) if self.coordinator else self.cfg
@@ -160,6 +174,7 @@ class Agent(StatusSource):
 
     # -- main -------------------------------------------------------------------------
     async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
         self._install_signals()
         token = self.cfg.http.token.reveal() if self.cfg.http.token else None
         app = build_app(self, self.registry, token, self.verify_jobs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +42,9 @@ class StreamTask:
     """Seconds to wait after a step that found nothing to do (a sink's poll interval)."""
     state: str = "starting"
     last_error: str | None = None
+    idle_at: float = 0.0
+    """Wall-clock time at which the last step that found nothing to do began (a sink's
+    vault listing that began then was empty; see agent.catchup)."""
     backoff: Backoff = field(default_factory=Backoff)
 
 
@@ -64,9 +68,12 @@ async def run_stream(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
             task.backoff.reset()
             log.info("stream running")
             while not stop.is_set():
+                began = time.time()
                 did = await task.runner.sync_once(stop)
-                if not did and task.idle:
-                    await _wait(stop, task.idle)
+                if not did:
+                    task.idle_at = began
+                    if task.idle:
+                        await _wait(stop, task.idle)
             task.state = "stopped"
             return
         except IntegrityError as exc:

@@ -31,6 +31,7 @@ from agent.coordination import fencing
 from agent.coordination.drill import FAST, Writer, present_ids
 from agent.lab import Lab
 from agent.lab.bind import ADDRESSES, BindServer, lab_dns, resolve
+from replicators.postgres.lsn import parse_lsn
 from tests.support import eventually
 
 pytestmark = pytest.mark.lab
@@ -211,6 +212,9 @@ async def test_region_a_killed_b_promotes_the_vault_fed_standby(rig: Rig) -> Non
     record = (await b.status())["failover"]["last_failover"]  # type: ignore[index]
     assert not record["errors"], record
     assert record["notes"]["promoted"] is True
+    # the last apply of the vault named an LSN, and the standby replayed up to it
+    applied, replayed = record["notes"]["vault_applied_lsn"], record["notes"]["replayed_lsn"]
+    assert applied and replayed and parse_lsn(replayed) >= parse_lsn(applied), record
     assert await resolve(rig.dns.port) == [ADDRESSES["b"]]
     present = await present_ids(rig.replica, table)
     kept = [t for i, t in writer.committed if i in present]

@@ -40,7 +40,7 @@ class Coordinator:
         self,
         cfg: AgentConfig,
         *,
-        catch_up: Callable[[], Awaitable[None]] | None = None,
+        catch_up: Callable[[], Awaitable[str | None]] | None = None,
         threaded: bool = False,
     ) -> None:
         self.cfg = cfg

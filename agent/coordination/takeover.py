@@ -2,8 +2,9 @@
 
 In order, each timed: fence the old region if it still answers (best effort:
 it fenced itself already if it is alive and cut off), catch up (the caller's
-``catch_up`` — the daemon's final apply of the vault — then wait until the
-local standby's replay stops moving), promote (``pg_promote``), switch DNS
+``catch_up`` — the daemon's final apply of the vault, ``agent.catchup`` —
+then wait until the local standby has replayed the WAL so applied, or its
+replay stops moving), promote (``pg_promote``), switch DNS
 and every other switch, then check the region serves (a heartbeat write under
 the new epoch). The old region becomes a destination through the role change
 the coordinator announces afterwards (the daemon rebuilds its streams).
@@ -26,6 +27,7 @@ import asyncpg
 from agent.coordination import fencing
 from agent.switch.base import Switch, SwitchError
 from replicators.errors import DragentError
+from replicators.postgres.lsn import parse_lsn
 
 REPLAY = """
 SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text"""
@@ -48,6 +50,7 @@ class CatchUpError(DragentError):
     """A standby did not replay up to an LSN in time."""
 
 
+RETRY_INTERVAL = "SELECT setting::int FROM pg_settings WHERE name = 'wal_retrieve_retry_interval'"
 LSN_DONE = "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), $1::text::pg_lsn) >= 0"
 
 
@@ -82,12 +85,18 @@ async def wait_lsn(dsn: str, lsn: str, within: float) -> None:
         await conn.close()
 
 
-async def wait_replayed(dsn: str, within: float, settle: float = 0.3) -> str | None:
-    """Wait until the standby has replayed what it received and replay stopped
-    moving for ``settle`` seconds; return the replay LSN (None on a primary).
-    Returns at the deadline with whatever was replayed."""
+async def wait_replayed(
+    dsn: str, within: float, settle: float = 0.3, target: str | None = None
+) -> str | None:
+    """Wait until the standby has replayed what it can; return the replay LSN (None on a
+    primary). Done at once when replay reached ``target`` (the end of the WAL applied
+    from the vault); otherwise once it replayed what it received and stood still for
+    ``settle`` seconds — for a standby fed by restore_command (no WAL receiver) at least
+    1.5 × its ``wal_retrieve_retry_interval``, the pause between two asks. Returns at the
+    deadline with whatever was replayed."""
     conn = await asyncpg.connect(dsn)
     try:
+        retry_ms = await conn.fetchval(RETRY_INTERVAL)
         last: str | None = None
         stable_since = time.monotonic()
         deadline = time.monotonic() + within
@@ -95,10 +104,13 @@ async def wait_replayed(dsn: str, within: float, settle: float = 0.3) -> str | N
             recovering, replayed, received = await conn.fetchrow(REPLAY)
             if not recovering:
                 return None
+            if target is not None and replayed and parse_lsn(replayed) >= parse_lsn(target):
+                return str(replayed)
             if replayed != last:
                 last, stable_since = replayed, time.monotonic()
+            wait = settle if received is not None else max(settle, 1.5 * int(retry_ms) / 1000)
             caught = received is None or received == replayed
-            if caught and time.monotonic() - stable_since >= settle:
+            if caught and time.monotonic() - stable_since >= wait:
                 break
             await asyncio.sleep(0.05)
         return last
@@ -135,7 +147,8 @@ class Takeover:
     dsn: str | None
     switches: Sequence[Switch]
     old_dsns: Sequence[str] = ()
-    catch_up: Callable[[], Awaitable[None]] | None = None
+    catch_up: Callable[[], Awaitable[str | None]] | None = None
+    """Applies what is left in the vault; returns the LSN the standby must replay."""
     catchup_timeout: float = 30.0
     catchup_settle: float = 0.3
     timeline: dict[str, float] = field(default_factory=dict)
@@ -149,15 +162,17 @@ class Takeover:
         """Every step after the epoch was acquired (see the module docstring)."""
         await self._fence_old()
         self.mark("fenced")
+        target = None
         if self.catch_up is not None:
             try:
                 async with asyncio.timeout(self.catchup_timeout):
-                    await self.catch_up()
+                    target = await self.catch_up()
             except Exception as exc:  # recorded; promotion goes on with what was applied
                 self.errors.append(f"catch-up: {type(exc).__name__}: {exc}")
+            self.notes["vault_applied_lsn"] = target
         if self.dsn:
             self.notes["replayed_lsn"] = await wait_replayed(
-                self.dsn, self.catchup_timeout, self.catchup_settle
+                self.dsn, self.catchup_timeout, self.catchup_settle, target
             )
         self.mark("caught_up")
         if self.dsn:
