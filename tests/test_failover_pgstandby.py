@@ -116,7 +116,6 @@ class Rig:
             "enabled": True,
             "postgres_dsn": self.primary if region == "a" else self.replica,
             "peer_probes": {other: probes},
-            "catchup_settle": 1.5,
             "switches": [self.dns.switch_config()],
         }
         path = self.workdir / f"{region}.toml"
