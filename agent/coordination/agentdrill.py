@@ -173,14 +173,16 @@ class AgentDrill:
         return answer.get("failover") if answer else None
 
     async def ready(self, within: float = 60.0) -> None:
-        """Wait until a holds the lease unfenced and b follows it with a known lag."""
+        """Wait until a holds the lease unfenced and b follows it, fenced, with a
+        known lag."""
 
         async def steady() -> bool:
             a, b = await self.status("a"), await self.status("b")
             if a is None or b is None:
                 return False
             writable = a["role"] == "active" and not a["fenced"] and a["holding_lease"]
-            return writable and b["leader"] == "a" and b["lag_seconds"] is not None
+            following = b["leader"] == "a" and b["fenced"]
+            return writable and following and b["lag_seconds"] is not None
 
         try:
             async with asyncio.timeout(within):

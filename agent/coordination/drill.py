@@ -248,11 +248,12 @@ class Drill:
             await fencing.unfence(self.a_dsn)
 
     async def ready(self, within: float = 30.0) -> None:
-        """Wait until a holds the lease unfenced and b follows it with a known lag."""
+        """Wait until a holds the lease unfenced and b follows it, fenced, with a
+        known lag."""
         a, b = self.coordinators["a"], self.coordinators["b"]
 
         def steady() -> bool:
-            following = b.view is not None and b.view.leader == "a"
+            following = b.view is not None and b.view.leader == "a" and b.fenced
             return a.writable and following and b.lag is not None
 
         async with asyncio.timeout(within):
