@@ -203,7 +203,7 @@ def _cmd_evidence_add_report(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     report = json.loads(Path(args.file).read_text())
-    check(report, load_or_create_signing_key(cfg.data_dir / "report-signing.key").public_key())
+    check(report, load_or_create_signing_key(cfg.signing_key_path).public_key())
     fields = ("kind", "stream", "ok", "summary", "at", "roots", "counts", "started_at")
     data = {k: report.get(k) for k in fields} | {"report_signature": report["signature"]["value"]}
 
@@ -264,7 +264,7 @@ def _cmd_report_check(args: argparse.Namespace) -> int:
     if args.public_key:
         public = load_public_key(Path(args.public_key))
     else:
-        public = load_or_create_signing_key(cfg.data_dir / "report-signing.key").public_key()
+        public = load_or_create_signing_key(cfg.signing_key_path).public_key()
     asyncio.run(check_report(cfg, report, public))
     print(f"{args.file}: signature valid; every evidence head it cites is in its log")
     return 0

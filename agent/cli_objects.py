@@ -111,7 +111,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     stream = _stream(cfg, args.config, args.stream, None)
     report = asyncio.run(_verify(cfg, stream, args.deep, not args.dry_run))
-    signed = sign(report, load_or_create_signing_key(cfg.data_dir / "report-signing.key"))
+    signed = sign(report, load_or_create_signing_key(cfg.signing_key_path))
     if args.format == "md":
         text = to_markdown(signed)
     elif args.format == "html":

@@ -2,7 +2,7 @@
 
 Calls the optional ``verify(stream, agent, deep=, repair=)`` of the stream's
 kind (``replicators.kinds.module(kind)``), signs the report with the region's
-key (``<data_dir>/report-signing.key``, created on first use) and writes it as
+key (``report_signing_key``, by default ``<data_dir>/report-signing.key``) and writes it as
 JSON, Markdown or HTML to ``--out`` or stdout. Exit 0 when the copies match,
 1 when the report found differences or the kind cannot verify, 2 for a bad
 configuration or an unknown stream.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import load_config
-from agent.verifyjobs import signing_key_path, verify_function
+from agent.verifyjobs import verify_function
 from verifiers.report import load_or_create_signing_key, sign, to_html, to_markdown
 
 
@@ -46,7 +46,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():
         print(f"verifying {stream.name} ({stream.kind})…", file=sys.stderr)
     report = asyncio.run(fn(stream, cfg, deep=args.deep, repair=args.repair))
-    signed = sign(report, load_or_create_signing_key(signing_key_path(cfg)))
+    signed = sign(report, load_or_create_signing_key(cfg.signing_key_path))
     text = render(signed, args.format)
     if args.out:
         Path(args.out).write_text(text)

@@ -140,6 +140,14 @@ class AgentConfig(Section):
     policy: PolicyConfig = PolicyConfig()
     drain_timeout: PositiveDuration = 15.0
     sink_poll_interval: PositiveDuration = 0.1
+    report_signing_key: Path | None = None
+    """The Ed25519 key that signs this region's reports and evidence entries (created on
+    first use; default ``<data_dir>/report-signing.key``). Every agent of a region must
+    use the same key: the first entry of the region's evidence log pins it."""
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.report_signing_key or self.data_dir / "report-signing.key"
 
     @model_validator(mode="after")
     def _unique_names(self) -> AgentConfig:

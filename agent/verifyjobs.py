@@ -4,7 +4,7 @@
 and returns its ``Job`` at once; ``serve()`` (run for the agent's lifetime)
 runs queued jobs inside its own ``TaskGroup``, at most ``parallel`` at a time,
 each calling the stream kind's optional ``verify()`` and signing the report
-with the region's key (``<data_dir>/report-signing.key``). Finished jobs are
+with the region's key (``report_signing_key``). Finished jobs are
 kept in memory, the newest ``keep`` of them; the last result per stream is
 exported as the ``dragent_verification_*`` gauges (deploy/prometheus/README.md).
 
@@ -21,7 +21,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
 
 VerifyFn = Callable[..., Awaitable[dict[str, Any]]]
 State = Literal["queued", "running", "done", "failed"]
-SIGNING_KEY = "report-signing.key"
 MAX_QUEUED = 16
 
 
@@ -164,7 +162,7 @@ class VerifyJobs:
             if fn is None:  # a reload changed the stream's kind since submit
                 raise VerifyUnavailable(f"kind {stream.kind!r} has no verification", 501)
             report = await fn(stream, cfg, deep=job.deep, repair=False)
-            key = await asyncio.to_thread(load_or_create_signing_key, signing_key_path(cfg))
+            key = await asyncio.to_thread(load_or_create_signing_key, cfg.signing_key_path)
             job.report = sign({**report, "job": job.id}, key)
             job.state = "done"
             self._log.info("verification done", id=job.id, stream=job.stream, ok=report.get("ok"))
@@ -175,10 +173,6 @@ class VerifyJobs:
             job.finished_at = time.time()
             self._slots.release()
             job.done.set()
-
-
-def signing_key_path(cfg: AgentConfig) -> Path:
-    return cfg.data_dir / SIGNING_KEY
 
 
 class VerificationCollector(Collector):

@@ -123,6 +123,36 @@ async def test_appends_chain_and_refuse_overwrite(
 
 
 @pytest.mark.lab
+async def test_agents_of_one_region_share_its_signing_key(
+    cfg_b: AgentConfig, unique: str, tmp_path: Path
+) -> None:
+    """Two agents of a region with their own data directories (a replaced node, say) sign
+    with ``report_signing_key``, so the region's chain stays verifiable."""
+    shared = tmp_path / "region-key"
+    configs = [
+        cfg_b.model_copy(
+            update={"region": unique, "data_dir": tmp_path / d, "report_signing_key": shared}
+        )
+        for d in ("node-1", "node-2")
+    ]
+    assert configs[0].signing_key_path == shared
+    for c in configs:
+        c.data_dir.mkdir()
+    default = cfg_b.model_copy(update={"data_dir": tmp_path / "x"})
+    assert default.signing_key_path == tmp_path / "x" / "report-signing.key"
+    logs = [await EvidenceLog.open(c) for c in configs]
+    try:
+        await logs[0].append("verification", {"ok": True, "node": 1})
+        await logs[1].append("verification", {"ok": True, "node": 2})
+        report = await logs[1].verify()
+        assert report.ok, report.problems
+        assert [e["data"].get("node") for e in report.entries] == [None, 1, 2]
+    finally:
+        for log in logs:
+            await log.aclose()
+
+
+@pytest.mark.lab
 async def test_object_lock_refuses_deleting_an_entry(
     cfg_b: AgentConfig, unique: str, tmp_path: Path
 ) -> None:

@@ -117,7 +117,7 @@ async def test_html_report_renders_in_chromium_with_the_periods_data(
         await log.aclose()
     now = max(d["time"] for d in drills) + 1
     report = await compliance_report(cfg, start, now, now=now)
-    check(report, load_or_create_signing_key(cfg.data_dir / "report-signing.key").public_key())
+    check(report, load_or_create_signing_key(cfg.signing_key_path).public_key())
 
     html_file = tmp_path / "report.html"
     html_file.write_text(to_html(report))
@@ -137,7 +137,7 @@ async def test_html_report_renders_in_chromium_with_the_periods_data(
     assert json.loads(json.dumps(report))["signature"]["alg"] == "ed25519"
 
     # the report checks against the log; a changed head entry makes it fail
-    public = load_or_create_signing_key(cfg.data_dir / "report-signing.key").public_key()
+    public = load_or_create_signing_key(cfg.signing_key_path).public_key()
     await check_report(cfg, report, public)
     head = report["evidence"][cfg.region]["seq"]
     store_log = await EvidenceLog.open(cfg)

@@ -29,7 +29,7 @@ async def run_restore_drill(
     report's signature, so the report can be matched to it later.
     """
     report = await restore_drill(cfg, at=at, streams=streams)
-    signed = sign(report, load_or_create_signing_key(cfg.data_dir / "report-signing.key"))
+    signed = sign(report, load_or_create_signing_key(cfg.signing_key_path))
     data = {k: report[k] for k in EVIDENCE_FIELDS if k in report}
     data["report_signature"] = signed["signature"]["value"]
     entry = await log.append(RESTORE, data)

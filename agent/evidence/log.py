@@ -65,7 +65,7 @@ class EvidenceLog:
     @classmethod
     async def open(cls, cfg: Any) -> EvidenceLog:
         """The writable log of ``cfg.region`` (an ``AgentConfig``) in ``cfg.vault``."""
-        key = load_or_create_signing_key(cfg.data_dir / "report-signing.key")
+        key = load_or_create_signing_key(cfg.signing_key_path)
         store = await S3Store.open(cfg.vault)
         writer = await LockedWriter.open(cfg.vault)
         head = cfg.data_dir / "evidence-head.json"

@@ -87,7 +87,7 @@ async def compliance_report(
         heads=heads,
         generated_at=now,
     )
-    return sign(report, load_or_create_signing_key(cfg.data_dir / "report-signing.key"))
+    return sign(report, load_or_create_signing_key(cfg.signing_key_path))
 
 
 async def check_report(cfg: AgentConfig, report: dict[str, Any], public: Ed25519PublicKey) -> None:
