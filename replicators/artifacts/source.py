@@ -20,11 +20,13 @@ uploaded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, ParamSpec, TypeVar
 
 from agent import logs
 from replicators.artifacts import layout
@@ -48,6 +50,8 @@ from replicators.store import ObjectStore
 from replicators.stream import Change
 from replicators.vault import Vault
 
+P = ParamSpec("P")
+T = TypeVar("T")
 KIND = "artifacts"
 DELETED = "deleted"  # the fingerprint recorded for a tombstone
 _STEP_BYTES = 32 << 20  # bytes chunked per worker-thread step
@@ -105,7 +109,7 @@ class _Packer:
     async def _upload(self, pack: _OpenPack) -> None:
         try:
             key = await self.src.keys.data_key()
-            blob = await asyncio.to_thread(seal_pack, pack.ref, pack.chunks, key)
+            blob = await self.src.in_worker(seal_pack, pack.ref, pack.chunks, key)
             pack.chunks = []
             await self.src.store.put(pack.ref.key, blob, if_absent=True)
             self.src.index.pack_done(pack.ref.key, len(blob))
@@ -135,6 +139,10 @@ class ArtifactsSource:
         self.store = store
         self.keys = keys
         self.index = SourceIndex(state_dir / "source.db")
+        # Cutting, hashing and sealing run on two threads of their own: the two stages
+        # overlap, and the big buffers come from two malloc arenas rather than one per
+        # thread of the default executor (RSS, docs/artifacts.md "Shipping").
+        self._workers = ThreadPoolExecutor(2, thread_name_prefix=f"artifacts-{stream}")
         self.models: ModelStore | None = None
         """The model store read; opened by ``resume`` unless given."""
         self.chunker = Chunker(
@@ -192,7 +200,13 @@ class ArtifactsSource:
         if position >= self._next and not self._shipping:
             self.index.end_upload()
 
+    async def in_worker(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args)`` on one of the source's worker threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._workers, functools.partial(fn, *args, **kwargs))
+
     async def aclose(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self.index.close()
         if self.models is not None:
             await self.models.aclose()
@@ -336,10 +350,10 @@ class ArtifactsSource:
         where = f"{self._store.name}: {v.name}/{f.path}"
         size = 0
         try:
-            reader = await asyncio.to_thread(self._store.reader, v, f)
+            reader = await self.in_worker(self._store.reader, v, f)
             try:
                 pieces = self.chunker.cut_stream(reader)
-                while step := await asyncio.to_thread(_take, pieces, _STEP_BYTES):
+                while step := await self.in_worker(_take, pieces, _STEP_BYTES):
                     for piece in step:
                         key, record = await packer.place(piece)
                         out.append((piece.id, piece.length, key, record))
