@@ -14,9 +14,10 @@ import pytest_asyncio
 import tomli_w
 from prometheus_client import CollectorRegistry
 
-from agent.config import AgentConfig, ConfigError, S3Config, load_config
+from agent.config import AgentConfig, ConfigError, S3Config, StreamConfig, load_config
 from agent.lab import DATA_BUCKET, Lab
 from benchmarks.artifacts import changed, tensors, write_version
+from replicators.artifacts.kind import verify
 from replicators.artifacts.modelstore import Changed
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import open_vault
@@ -120,7 +121,7 @@ async def ship(shipper: Shipper) -> None:
 
 
 async def test_a_version_under_a_prefix_arrives_identical_and_the_next_one_dedups(
-    rig: Rig,
+    rig: Rig, lab: Lab
 ) -> None:
     # given two versions of a 40 MiB checkpoint under the prefix (multipart objects, several
     # read ranges each), the second with 10 % of its tensors rewritten
@@ -151,6 +152,26 @@ async def test_a_version_under_a_prefix_arrives_identical_and_the_next_one_dedup
     assert digests(rig.workdir / "dst" / "llama" / "v2") == want
     assert set(source.index.shipped()) == {("llama", "v1"), ("llama", "v2")}
     await source.aclose()
+
+    # when the active side verifies, then the roots it re-reads from the prefix match the
+    # manifests in region b's vault
+    report = await verify(*active_stream(lab, rig))
+    assert report["ok"], report["differences"]
+    assert report["counts"] == {"a": 2, "b": 2}
+    assert report["stats"]["versions_reread"] == 2
+
+
+def active_stream(lab: Lab, rig: Rig) -> tuple[StreamConfig, AgentConfig]:
+    """Region a's configuration with this test's stream reading the prefix."""
+    data = tomllib.loads(lab.config_path("a").read_text())
+    s3 = dict(data["vault"], bucket=rig.models.bucket, prefix=rig.models.prefix)
+    artifacts = {"root": str(rig.workdir / "unused"), "marker": "_COMPLETE", "s3": s3}
+    data["streams"] = [{"name": rig.stream, "kind": "artifacts", "artifacts": artifacts}]
+    data["data_dir"] = str(rig.workdir / "agent-a")
+    path = rig.workdir / "a.toml"
+    path.write_text(tomli_w.dumps(data))
+    cfg = load_config(path)
+    return cfg.streams[0], cfg
 
 
 async def test_a_version_without_its_marker_is_not_taken_until_the_marker_arrives(
