@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from replicators.artifacts.layout import FileInfo, VersionInfo
+from replicators.errors import SourceError
 
 if TYPE_CHECKING:
     import asyncio
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
     from replicators.artifacts.options import ArtifactsOptions
 
 
-class Changed(Exception):
-    """The file changed or vanished while it was read: the version is tried again later."""
+class Changed(SourceError):
+    """The file changed or vanished while it was read: the source tries the version again
+    later; anything else reading (verify) reports it."""
 
 
 class Reader(Protocol):
