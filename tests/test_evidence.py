@@ -136,9 +136,7 @@ async def test_agents_of_one_region_share_its_signing_key(
         for d in ("node-1", "node-2")
     ]
     assert configs[0].signing_key_path == shared
-    for c in configs:
-        c.data_dir.mkdir()
-    default = cfg_b.model_copy(update={"data_dir": tmp_path / "x"})
+    default = cfg_b.model_copy(update={"data_dir": tmp_path / "x", "report_signing_key": None})
     assert default.signing_key_path == tmp_path / "x" / "report-signing.key"
     logs = [await EvidenceLog.open(c) for c in configs]
     try:

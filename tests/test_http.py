@@ -84,7 +84,8 @@ async def test_verify_api_returns_a_signed_report_as_json_or_html(running: Pair)
         assert (report["kind"], report["stream"], report["region"]) == ("synthetic", stream, "b")
         assert report["counts"]["vault"] > 150 and report["counts"]["compared"] > 150
         assert report["roots"]["target"] == report["roots"]["vault_prefix"]
-        key = b.config.parent / "b" / "report-signing.key.pub"
+        signing = load_config(b.config).signing_key_path
+        key = signing.with_name(signing.name + ".pub")
         check(report, load_public_key(key))  # raises unless signed by b's key
 
         headers = {**AUTH, "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}

@@ -69,6 +69,7 @@ class EvidenceLog:
         store = await S3Store.open(cfg.vault)
         writer = await LockedWriter.open(cfg.vault)
         head = cfg.data_dir / "evidence-head.json"
+        head.parent.mkdir(parents=True, exist_ok=True)
         return cls(
             cfg.region,
             store,

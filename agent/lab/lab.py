@@ -19,8 +19,8 @@ Layout of ``root``::
 
     lab.json                slot, network mode, ports, etcd token, agent commands (the state file)
     secrets/                S3 access and secret key files, SeaweedFS identity file
-    a/ b/                   agent.toml, kek.key, agent/ (data_dir), agent.pid, agent.log,
-                            pg/, s3/, etcd/
+    a/ b/                   agent.toml, kek.key, report-signing.key, agent/ (data_dir),
+                            agent.pid, agent.log, pg/, s3/, etcd/
     witness/etcd/
 """
 
@@ -356,6 +356,8 @@ class Lab:
             "region": region,
             "role": "active" if region == REGIONS[0] else "passive",
             "data_dir": str(self.region_dir(region) / "agent"),
+            # every agent of the region (tests start several) signs with one key
+            "report_signing_key": str(self.region_dir(region) / "report-signing.key"),
             "vault": self._vault(region),
             "keys": {"provider": "local", "key_file": str(self.key_path(region))},
             "peers": [
