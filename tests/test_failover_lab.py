@@ -10,15 +10,18 @@ link cut) need each region in its own network namespace: they are in
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import tomli_w
 
-from agent.coordination import failback, fencing, switchover
-from agent.coordination.drill import Drill, Writer, kill_trial, present_ids
+from agent.coordination import fencing, switchover
+from agent.coordination.drill import Drill, Writer, kill_trial, present_ids, region_data
 from agent.lab import Lab
 from agent.lab.bind import ADDRESSES, BindServer, lab_dns, resolve
 from tests.support import eventually
@@ -134,7 +137,7 @@ async def test_switchover_to_b_then_failback_to_a_loses_nothing(
     async with asyncio.TaskGroup() as tg:
         tg.create_task(on_b.run(stop))
         await eventually(lambda: len(on_b.committed) > 20, within=10)
-        how = await failback.reseed(lab.postgres("a"), drill.b_dsn, drill.a_dsn)
+        how = await _failback_command(drill, lab)  # as an operator would: the CLI
         back = await switchover.run(drill.config("a"), old_dsn=drill.b_dsn, planned=True)
         await asyncio.sleep(0.3)
         stop.set()
@@ -144,3 +147,26 @@ async def test_switchover_to_b_then_failback_to_a_loses_nothing(
     await eventually(lambda: a.writable and b.role == "passive", within=15)
     everything = set(dict(on_a.committed)) | set(dict(on_b.committed))
     assert everything <= await present_ids(drill.a_dsn, table)
+
+
+async def _failback_command(drill: Drill, lab: Lab) -> str:
+    """``dragent failback --config a.toml``: the leader's DSN from etcd and a's probes,
+    the cluster from ``[failover] postgres_*``; returns how it re-seeded."""
+    pg = lab.postgres("a")
+    owner = "postgres" if os.geteuid() == 0 else None
+    data = region_data(
+        lab, "a", prefix=drill.prefix, dsn=drill.a_dsn, probes={"b": [drill.b_dsn]},
+        switches=[], data_dir=drill.workdir / "a-cli", postgres_data_dir=str(pg.data_dir),
+        postgres_bin_dir=str(pg.bin_dir), postgres_os_user=owner,
+    )  # fmt: skip
+    path = drill.workdir / "a-failback.toml"
+    path.write_text(tomli_w.dumps(data))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "failback", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0, out
+    how = out.rsplit("(", 1)[-1].rstrip(")\n")
+    assert f"a: re-seeded as a standby of the leader ({how})" in out, out
+    return how

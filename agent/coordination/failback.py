@@ -4,7 +4,10 @@
 against the new primary (writing the standby configuration with ``-R``) and,
 when a rewind is impossible (no ``wal_log_hints``/checksums, WAL already
 recycled, a broken data directory), takes a fresh base backup instead. It
-then starts the cluster as a standby and waits until it is ready. Traffic
+then starts the cluster as a standby and waits until it is ready; the cluster's
+own configuration files (``*.conf`` in the data directory but
+``postgresql.auto.conf``), which both tools overwrite with the new primary's,
+are put back first. Traffic
 moves back with a planned switchover once it has caught up.
 
 ``LocalCluster`` is the cluster a region's config names
@@ -61,7 +64,12 @@ class LocalCluster:
 
     async def start(self) -> None:
         log = self.data_dir / "failback-start.log"
-        await run(self.command("pg_ctl", "-D", str(self.data_dir), "-l", str(log), "-w", "start"))
+        argv = self.command("pg_ctl", "-D", str(self.data_dir), "-l", str(log), "-w", "start")
+        try:
+            await run(argv)
+        except FailbackError as exc:
+            tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+            raise FailbackError(f"{exc}; {log}: " + " | ".join(tail)) from None
 
     async def wait_ready(self) -> None:
         async with asyncio.timeout(60):
@@ -106,8 +114,10 @@ async def reseed(
     read-only, not stopped, during the switchover); such a cluster cannot
     follow the new timeline, so the follow check falls back to a base backup.
     """
+    own = _own_config(cluster.data_dir)
     try:
         await _rewind(cluster, source_dsn)
+        _restore_config(cluster.data_dir, own)
         await _start_standby(cluster, source_dsn)
         # a rewound standby follows at once or never: a short check
         await _check_follows(cluster_dsn, source_dsn, min(within, 8.0))
@@ -117,6 +127,7 @@ async def reseed(
             raise
     await cluster.stop()
     await _fresh_copy(cluster, source_dsn)
+    _restore_config(cluster.data_dir, own)
     await _start_standby(cluster, source_dsn)
     try:
         await _check_follows(cluster_dsn, source_dsn, within)
@@ -170,6 +181,29 @@ async def _fresh_copy(cluster: Cluster, source_dsn: str) -> None:
             source_dsn,
         )
     )
+
+
+KEEP = "postgresql.auto.conf"
+"""The one configuration file taken from the new primary (it carries primary_conninfo)."""
+
+
+def _own_config(data_dir: Path) -> dict[str, bytes]:
+    """The cluster's own configuration files — every ``*.conf`` at the top of its data
+    directory (postgresql.conf, pg_hba.conf, pg_ident.conf and whatever they include)
+    but ``postgresql.auto.conf``. pg_rewind and pg_basebackup overwrite them with the new
+    primary's (its port, addresses, access rules); a re-seed puts them back."""
+    return {
+        p.name: p.read_bytes()
+        for p in data_dir.glob("*.conf")
+        if p.is_file() and not p.is_symlink() and p.name != KEEP
+    }
+
+
+def _restore_config(data_dir: Path, files: dict[str, bytes]) -> None:
+    for name, content in files.items():
+        path = data_dir / name
+        path.write_bytes(content)
+        _same_owner(path, data_dir)
 
 
 def _same_owner(path: Path, like: Path) -> None:
