@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,12 +35,9 @@ from typing import Any
 
 import aiohttp
 
-from agent.coordination import fencing
-from agent.coordination.drill import make_standby, region_data
-from agent.coordination.takeover import promote
+from agent.coordination.drill import DrillRig, region_data
 from agent.lab import REGIONS, Lab, LabError
 from agent.lab.bind import BindServer
-from agent.lab.postgres import PostgresServer
 from agent.lab.processes import poll
 
 SAMPLE_EVERY = 0.05
@@ -76,7 +72,7 @@ class Sample:
         return self.role, self.epoch, self.fenced, self.holding
 
 
-class AgentDrill:
+class AgentDrill(DrillRig):
     """Both regions' agents on a ``netns`` lab, with a standby for b.
 
     ``async with AgentDrill(...)`` builds the standby, writes both configs and
@@ -93,23 +89,8 @@ class AgentDrill:
     ) -> None:
         if not lab.network.isolated:
             raise LabError("an AgentDrill needs a lab in network namespaces (Lab(..., 'netns'))")
-        self.lab = lab
-        self.name = name
-        self.workdir = workdir
-        self.dns = dns
-        self.failover = failover or {}
-        self.prefix = f"/dragent-drill/{name}"
-        self.standby_port = lab.port("shared", "dns") + 2 + (os.getpid() % 30)
-        self.standby: PostgresServer | None = None
+        super().__init__(lab, name, workdir, dns, failover)
         self.log_offset: dict[str, int] = {}  # where each agent log stood when the drill began
-
-    @property
-    def a_dsn(self) -> str:
-        return self.lab.pg_dsn("a")
-
-    @property
-    def b_dsn(self) -> str:
-        return f"postgresql://dragent@{self.lab.address('b')}:{self.standby_port}/app"
 
     @property
     def lease_ttl(self) -> float:
@@ -119,9 +100,7 @@ class AgentDrill:
         return self.lab.agent_url(region)
 
     async def __aenter__(self) -> AgentDrill:
-        with contextlib.suppress(fencing.FencingError):
-            await fencing.unfence(self.a_dsn)
-        self.standby = await make_standby(self.lab, self.name[:20], self.standby_port)
+        await self.build_standby()
         for region in REGIONS:
             self.lab.write_agent_config(region, self.config(region))
             self.log_offset[region] = _size(self.lab.server(region, "agent").log_file)
@@ -133,31 +112,15 @@ class AgentDrill:
         for region in REGIONS:
             await self.lab.server(region, "agent").stop()
             self.lab.write_agent_config(region)
-        if self.standby is not None:
-            await self.standby.stop()
-            self.standby.remove()
-        # region a's cluster is the lab's: leave it a writable primary
-        with contextlib.suppress(Exception):
-            await promote(self.a_dsn)
-        with contextlib.suppress(fencing.FencingError):
-            await fencing.unfence(self.a_dsn)
+        await self.remove_standby()
 
     def config(self, region: str) -> dict[str, Any]:
         """The agent config (a dict) of ``region`` in this drill."""
-        switches = [self.dns.switch_config()] if self.dns else []
-        if region == "a":
-            dsn, probes = self.a_dsn, {"b": [self.b_dsn]}
-        else:
-            dsn, probes = self.b_dsn, {"a": [self.a_dsn]}
         other = next(r for r in REGIONS if r != region)
         data = region_data(
             self.lab,
             region,
-            prefix=self.prefix,
-            dsn=dsn,
-            probes=probes,
-            switches=switches,
-            data_dir=self.workdir / region,
+            **self.options(region),
             etcd=[self.lab.etcd_endpoint(m) for m in (region, "witness", other)],
             **self.failover,
         )

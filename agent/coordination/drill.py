@@ -193,11 +193,9 @@ async def present_ids(dsn: str, table: str) -> set[int]:
         await conn.close()
 
 
-class Drill:
-    """Both regions' coordinators in this process on one lab, a standby for b.
-
-    ``async with Drill(...)`` builds everything and starts the coordinators;
-    leaving it stops them, removes the standby and unfences region a."""
+class DrillRig:
+    """What both drills share: a lab, a standby of region a's PostgreSQL for region b,
+    an etcd prefix of its own, and each region's failover options."""
 
     def __init__(
         self,
@@ -215,9 +213,6 @@ class Drill:
         self.prefix = f"/dragent-drill/{name}"
         self.standby_port = lab.port("shared", "dns") + 2 + (os.getpid() % 30)
         self.standby: PostgresServer | None = None
-        self.coordinators: dict[str, Coordinator] = {}
-        self.stops: dict[str, asyncio.Event] = {}
-        self.tasks: dict[str, asyncio.Task[None]] = {}
 
     @property
     def a_dsn(self) -> str:
@@ -227,10 +222,61 @@ class Drill:
     def b_dsn(self) -> str:
         return f"postgresql://dragent@{self.lab.address('b')}:{self.standby_port}/app"
 
-    async def __aenter__(self) -> Drill:
+    def options(self, region: str) -> dict[str, Any]:
+        """``region_data``'s keyword arguments for ``region`` (its database, its probes of
+        the other region, the DNS switch, its data directory)."""
+        if region == "a":
+            dsn, probes = self.a_dsn, {"b": [self.b_dsn]}
+        else:
+            dsn, probes = self.b_dsn, {"a": [self.a_dsn]}
+        switches = [self.dns.switch_config()] if self.dns else []
+        data_dir = self.workdir / region
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return {
+            "prefix": self.prefix,
+            "dsn": dsn,
+            "probes": probes,
+            "switches": switches,
+            "data_dir": data_dir,
+        }
+
+    async def build_standby(self) -> None:
         with contextlib.suppress(fencing.FencingError):
             await fencing.unfence(self.a_dsn)
         self.standby = await make_standby(self.lab, self.name[:20], self.standby_port)
+
+    async def remove_standby(self) -> None:
+        """Remove b's standby; leave region a's cluster (the lab's) a writable primary."""
+        if self.standby is not None:
+            await self.standby.stop()
+            self.standby.remove()
+        with contextlib.suppress(Exception):
+            await promote(self.a_dsn)
+        with contextlib.suppress(fencing.FencingError):
+            await fencing.unfence(self.a_dsn)
+
+
+class Drill(DrillRig):
+    """Both regions' coordinators in this process on one lab, a standby for b.
+
+    ``async with Drill(...)`` builds everything and starts the coordinators;
+    leaving it stops them, removes the standby and unfences region a."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        name: str,
+        workdir: Path,
+        dns: BindServer | None = None,
+        failover: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(lab, name, workdir, dns, failover)
+        self.coordinators: dict[str, Coordinator] = {}
+        self.stops: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def __aenter__(self) -> Drill:
+        await self.build_standby()
         self.start("a")
         self.start("b")
         return self
@@ -238,14 +284,7 @@ class Drill:
     async def __aexit__(self, *exc: object) -> None:
         for region in list(self.tasks):
             await self.stop(region)
-        if self.standby is not None:
-            await self.standby.stop()
-            self.standby.remove()
-        # region a's cluster is the lab's: leave it a writable primary
-        with contextlib.suppress(Exception):
-            await promote(self.a_dsn)
-        with contextlib.suppress(fencing.FencingError):
-            await fencing.unfence(self.a_dsn)
+        await self.remove_standby()
 
     async def ready(self, within: float = 30.0) -> None:
         """Wait until a holds the lease unfenced and b follows it, fenced, with a
@@ -260,23 +299,7 @@ class Drill:
             await poll(_true(steady), 0.1)
 
     def config(self, region: str, **failover: Any) -> AgentConfig:
-        switches = [self.dns.switch_config()] if self.dns else []
-        if region == "a":
-            dsn, probes = self.a_dsn, {"b": [self.b_dsn]}
-        else:
-            dsn, probes = self.b_dsn, {"a": [self.a_dsn]}
-        data_dir = self.workdir / region
-        data_dir.mkdir(parents=True, exist_ok=True)
-        return region_config(
-            self.lab,
-            region,
-            prefix=self.prefix,
-            dsn=dsn,
-            probes=probes,
-            switches=switches,
-            data_dir=data_dir,
-            **failover,
-        )
+        return region_config(self.lab, region, **self.options(region), **failover)
 
     def start(self, region: str, **failover: Any) -> Coordinator:
         coordinator = Coordinator(self.config(region, **{**self.failover, **failover}))
