@@ -11,6 +11,8 @@ import pytest_asyncio
 
 from agent.config import AgentConfig, load_config
 from agent.lab import Lab
+from agent.lab.bind import BindServer
+from tests.support import fresh_dns
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -21,6 +23,13 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
         yield lab
     finally:
         await lab.down(purge=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="module")
+async def named(lab: Lab) -> AsyncIterator[BindServer]:
+    """The lab's DNS server, fresh for each module that uses it."""
+    async with fresh_dns(lab) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

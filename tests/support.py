@@ -12,6 +12,7 @@ import pytest
 
 from agent.agentproc import AgentProcess
 from agent.lab import Lab
+from agent.lab.bind import BindServer, lab_dns
 from agent.lab.netns import unavailable
 
 
@@ -54,3 +55,16 @@ async def netns_lab(root: Path) -> AsyncIterator[Lab]:
         yield lab
     finally:
         await lab.down(purge=True)
+
+
+@contextlib.asynccontextmanager
+async def fresh_dns(lab: Lab) -> AsyncIterator[BindServer]:
+    """The lab's BIND server, restarted with a fresh zone for these tests, then stopped."""
+    server = lab_dns(lab)
+    await server.stop()
+    await server.start()
+    await server.wait_ready()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -11,32 +11,19 @@ from __future__ import annotations
 import base64
 import secrets
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-import pytest_asyncio
 from aiohttp import web
 
 from agent.failover_config import ExecSwitch, Rfc2136Switch, Route53Switch, WebhookSwitch
-from agent.lab import Lab
-from agent.lab.bind import ADDRESSES, BindServer, lab_dns, resolve
+from agent.lab.bind import ADDRESSES, BindServer, resolve
 from agent.switch.base import SwitchError, build_switch
 from agent.switch.hooks import ExecHook, WebhookHook
 from agent.switch.rfc2136 import Rfc2136
 
 pytestmark = pytest.mark.lab
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def named(lab: Lab) -> AsyncIterator[BindServer]:
-    server = lab_dns(lab)
-    await server.stop()
-    await server.start()
-    await server.wait_ready()
-    yield server
-    await server.stop()
 
 
 async def test_rfc2136_moves_the_record_between_regions(named: BindServer) -> None:

@@ -23,20 +23,10 @@ import tomli_w
 from agent.coordination import fencing, switchover
 from agent.coordination.drill import Drill, Writer, kill_trial, present_ids, region_data
 from agent.lab import Lab
-from agent.lab.bind import ADDRESSES, BindServer, lab_dns, resolve
+from agent.lab.bind import ADDRESSES, BindServer, resolve
 from tests.support import eventually
 
 pytestmark = pytest.mark.lab
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def named(lab: Lab) -> AsyncIterator[BindServer]:
-    server = lab_dns(lab)
-    await server.stop()
-    await server.start()
-    await server.wait_ready()
-    yield server
-    await server.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

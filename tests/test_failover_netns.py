@@ -26,9 +26,9 @@ from agent.coordination import fencing
 from agent.coordination.agentdrill import AgentDrill, Watch
 from agent.coordination.drill import Writer
 from agent.lab import MEMBERS, Lab
-from agent.lab.bind import BindServer, lab_dns, resolve
+from agent.lab.bind import BindServer, resolve
 from agent.lab.etcd import member_ids, move_leader
-from tests.support import eventually, needs_netns, netns_lab
+from tests.support import eventually, fresh_dns, needs_netns, netns_lab
 
 pytestmark = [pytest.mark.lab, needs_netns, pytest.mark.timeout(180)]
 
@@ -41,12 +41,8 @@ async def netlab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
 async def named(netlab: Lab) -> AsyncIterator[BindServer]:
-    server = lab_dns(netlab)
-    await server.stop()
-    await server.start()
-    await server.wait_ready()
-    yield server
-    await server.stop()
+    async with fresh_dns(netlab) as server:
+        yield server
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -30,7 +30,7 @@ from agent.agentproc import AgentProcess
 from agent.coordination import fencing
 from agent.coordination.drill import FAST, Writer, present_ids
 from agent.lab import Lab
-from agent.lab.bind import ADDRESSES, BindServer, lab_dns, resolve
+from agent.lab.bind import ADDRESSES, BindServer, resolve
 from replicators.postgres.lsn import parse_lsn
 from tests.support import eventually
 
@@ -43,16 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest_asyncio.fixture(loop_scope="session", scope="module")
-async def named(lab: Lab) -> AsyncIterator[BindServer]:
-    server = lab_dns(lab)
-    await server.stop()
-    await server.start()
-    await server.wait_ready()
-    yield server
-    await server.stop()
 
 
 class Rig:
