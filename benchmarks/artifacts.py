@@ -142,7 +142,7 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _restic(repo: Path, source: Path, env: dict[str, str]) -> tuple[float, float]:
+def _restic(repo: str, source: Path, env: dict[str, str]) -> tuple[float, float]:
     """Back ``source`` up; return (seconds, CPU seconds of restic)."""
     import resource
     import subprocess
@@ -150,7 +150,7 @@ def _restic(repo: Path, source: Path, env: dict[str, str]) -> tuple[float, float
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(
-        ["restic", "--repo", str(repo), "backup", "--quiet", str(source)],
+        ["restic", "--repo", repo, "backup", "--quiet", str(source)],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -162,22 +162,79 @@ def _restic(repo: Path, source: Path, env: dict[str, str]) -> tuple[float, float
 
 
 def run_restic(work: Path, versions: list[Path]) -> list[dict[str, float]]:
+    """restic into a local repository directory: the issue's baseline."""
+    import shutil
+
+    repo = work / "restic-repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    return _restic_runs(str(repo), versions, work, {}, lambda: _dir_size(repo))
+
+
+async def run_restic_s3(
+    lab: Any, work: Path, versions: list[Path], name: str
+) -> list[dict[str, float]]:
+    """restic into region b's SeaweedFS, the store dragent's vault is on (the extra row):
+    the same tool against the same store, so the store's share of the time shows."""
+    import asyncio
+
+    from agent.config import load_config
+    from replicators.s3 import S3Store
+
+    vault = load_config(lab.config_path("a")).peers[0].vault
+    creds = lab.s3_credentials
+    env = {
+        "AWS_ACCESS_KEY_ID": creds.access_key_file.read_text().strip(),
+        "AWS_SECRET_ACCESS_KEY": creds.secret_key_file.read_text().strip(),
+    }
+    repo = f"s3:{vault.endpoint}/{vault.bucket}/restic/{name}"
+    store = await S3Store.open(vault.model_copy(update={"prefix": f"restic/{name}/"}))
+    loop = asyncio.get_running_loop()
+
+    def stored() -> int:
+        async def size() -> int:
+            return sum([i.size async for i in store.list("")])
+
+        return asyncio.run_coroutine_threadsafe(size(), loop).result()
+
+    server = lab.region_dir("b") / "s3" / "weed.pid"
+    try:
+        return await asyncio.to_thread(_restic_runs, repo, versions, work, env, stored, server)
+    finally:
+        await store.aclose()
+
+
+def _restic_runs(
+    repo: str,
+    versions: list[Path],
+    work: Path,
+    extra_env: dict[str, str],
+    stored: Any,
+    server: Path | None = None,
+) -> list[dict[str, float]]:
     import os
     import shutil
     import subprocess
 
     if shutil.which("restic") is None:
         raise SystemExit("restic is not installed (Debian: apt-get install -y restic)")
-    repo = work / "restic-repo"
-    shutil.rmtree(repo, ignore_errors=True)
-    env = {**os.environ, "RESTIC_PASSWORD": "benchmark", "RESTIC_CACHE_DIR": str(work / "rc")}
+    env = {
+        **os.environ,
+        **extra_env,
+        "RESTIC_PASSWORD": "benchmark",
+        "RESTIC_CACHE_DIR": str(work / "rc"),
+    }
     subprocess.run(
-        ["restic", "--repo", str(repo), "init"], check=True, env=env, stdout=subprocess.DEVNULL
+        ["restic", "--repo", repo, "init"], check=True, env=env, stdout=subprocess.DEVNULL
     )
     out = []
     for v in versions:
+        server_before = _process_cpu(server) if server else None
         seconds, cpu = _restic(repo, v, env)
-        out.append({"seconds": seconds, "stored": _dir_size(repo), "cpu": cpu})
+        row = {"seconds": seconds, "stored": stored(), "cpu": cpu}
+        server_after = _process_cpu(server) if server else None
+        if server_before is not None and server_after is not None:
+            row["server_cpu"] = server_after - server_before
+        out.append(row)
     return out
 
 
@@ -296,6 +353,7 @@ async def run_rounds(
     runs: dict[str, list[list[dict[str, float]]]] = {"dragent": [], "restic": []}
     if disk:
         runs["dragent_disk"] = []
+        runs["restic_s3"] = []
     try:
         for r in range(rounds):
             stream = f"bench-{int(time.time())}-{r}"
@@ -307,6 +365,7 @@ async def run_rounds(
                 runs["dragent_disk"].append(
                     await run_dragent(lab, work, versions, uploads, stream + "-disk", vault)
                 )
+                runs["restic_s3"].append(await run_restic_s3(lab, work, versions, stream))
     finally:
         await lab.down(purge=True)
     return runs
@@ -329,12 +388,12 @@ def table(res: dict[str, Any]) -> str:
         f"{'':4}{'tool':14}{'seconds':>9}{'MB/s':>9}{'stored MB':>11}{'cpu s':>8}"
         f"{'server cpu s':>14}",
     ]
-    tools = [t for t in ("dragent", "restic", "dragent_disk") if t in res]
+    tools = [t for t in ("dragent", "restic", "dragent_disk", "restic_s3") if t in res]
     for i, name in enumerate(("v1", "v2")):
         for tool in tools:
             r = res[tool][i]
             mbs = res["size"] / r["seconds"] / 1e6
-            label = {"dragent_disk": "dragent>disk*"}.get(tool, tool)
+            label = {"dragent_disk": "dragent>disk*", "restic_s3": "restic>s3*"}.get(tool, tool)
             server = f"{r['server_cpu']:14.2f}" if "server_cpu" in r else f"{'-':>14}"
             lines.append(
                 f"{name:4}{label:14}{r['seconds']:9.2f}{mbs:9.1f}{r['stored'] / 1e6:11.1f}"
@@ -355,6 +414,13 @@ def table(res: dict[str, Any]) -> str:
             f"* extra row, not the S3 figure: dragent with its vault on local disk "
             f"(benchmarks/dirstore.py, fsynced), v1 {r[0]['seconds'] / k[0]['seconds']:.2f}x, "
             f"v2 {r[1]['seconds'] / k[1]['seconds']:.2f}x restic's throughput"
+        ]
+    if "restic_s3" in res:
+        k = res["restic_s3"]
+        lines += [
+            "* extra row: restic backing up to the same SeaweedFS as dragent's vault; "
+            f"dragent/restic-to-S3 throughput: v1 {k[0]['seconds'] / d[0]['seconds']:.2f}x, "
+            f"v2 {k[1]['seconds'] / d[1]['seconds']:.2f}x"
         ]
     growth = max(run[i]["rss_growth"] for run in res["runs"]["dragent"] for i in range(2))
     lines.append(
