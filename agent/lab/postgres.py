@@ -34,6 +34,7 @@ import asyncpg
 
 from agent.lab.network import LOOPBACK, Place
 from agent.lab.processes import LabError, Server, read_pid
+from replicators.postgres.pgtools import installed_bin_dir
 
 KIND = "postgres"
 OS_USER = "postgres"
@@ -76,14 +77,8 @@ def find_bin_dir() -> Path:
     else wherever ``pg_ctl`` is on PATH."""
     if env := os.environ.get("DRAGENT_PG_BIN"):
         return Path(env)
-    found = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
-    )
-    if found:
-        return found[-1].parent
-    if which := shutil.which("pg_ctl"):
-        return Path(which).parent
+    if found := installed_bin_dir():
+        return found
     raise LabError("PostgreSQL programs not found", hint="install postgresql or set DRAGENT_PG_BIN")
 
 

@@ -14,18 +14,22 @@ from replicators.errors import SourceError
 from replicators.postgres.options import PostgresOptions
 
 
-def bin_dir(options: PostgresOptions) -> Path:
-    """The configured program directory, else the newest /usr/lib/postgresql/*/bin, else PATH."""
-    if options.bin_dir is not None:
-        return options.bin_dir
+def installed_bin_dir() -> Path | None:
+    """The newest /usr/lib/postgresql/*/bin, else wherever ``pg_ctl`` is on PATH."""
     found = sorted(
         Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
     )
     if found:
         return found[-1].parent
-    if which := shutil.which("pg_ctl"):
-        return Path(which).parent
+    which = shutil.which("pg_ctl")
+    return Path(which).parent if which else None
+
+
+def bin_dir(options: PostgresOptions) -> Path:
+    """The configured program directory, else ``installed_bin_dir()``."""
+    if found := options.bin_dir or installed_bin_dir():
+        return found
     raise SourceError("PostgreSQL programs not found: set [streams.postgres] bin_dir")
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
+from replicators import checkpoint
 from replicators.errors import IntegrityError
 from replicators.postgres import lsn as L
 from replicators.segment import SegmentHeader
@@ -36,21 +37,8 @@ STATE_FILE = "state.json"
 
 
 def save_state(path: Path, state: dict[str, object]) -> None:
-    """Crash-safe write (temp, fsync, rename, fsync dir), world-readable for wal-fetch."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, json.dumps(state, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Crash-safe write (``checkpoint.save``), world-readable for wal-fetch."""
+    checkpoint.save(path, state, mode=0o644)
 
 
 def load_state(spool: Path) -> dict[str, object] | None:
