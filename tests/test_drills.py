@@ -228,7 +228,7 @@ async def test_postgres_restore_drill_compares_with_the_standby(
 async def test_objects_restore_drill_compares_a_scratch_bucket_with_the_mirror(
     lab: Lab, cfg_a: AgentConfig, cfg_b: AgentConfig, unique: str, tmp_path: Path
 ) -> None:
-    from agent.evidence.locked import s3_client
+    from replicators.s3 import s3_client
     from tests.test_objects_rig import Rig, options, same, stream_config
 
     rig = Rig(unique, options(lab, f"{unique}/", scan_interval=0.5), cfg_a, cfg_b, tmp_path)

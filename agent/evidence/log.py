@@ -66,13 +66,12 @@ class EvidenceLog:
     async def open(cls, cfg: Any) -> EvidenceLog:
         """The writable log of ``cfg.region`` (an ``AgentConfig``) in ``cfg.vault``."""
         key = load_or_create_signing_key(cfg.signing_key_path)
-        store = await S3Store.open(cfg.vault)
-        writer = await LockedWriter.open(cfg.vault)
+        writer = await LockedWriter.open(cfg.vault)  # also the store it reads
         head = cfg.data_dir / "evidence-head.json"
         head.parent.mkdir(parents=True, exist_ok=True)
         return cls(
             cfg.region,
-            store,
+            writer,
             writer=writer,
             key=key,
             head_path=head,
@@ -141,7 +140,7 @@ class EvidenceLog:
                     )  # fmt: skip
                 try:
                     key = entry_key(self.region, seq)
-                    await self._writer.put(key, raw, retain_seconds=self.retention)
+                    await self._writer.put_locked(key, raw, retain_seconds=self.retention)
                 except AlreadyExists:
                     self._tail = None
                     continue
@@ -159,7 +158,7 @@ class EvidenceLog:
             if seq == 0:
                 _, raw = genesis(self.region, time.time(), self._key)
                 try:
-                    await self._writer.put(
+                    await self._writer.put_locked(
                         entry_key(self.region, 0), raw, retain_seconds=self.retention
                     )
                     self._remember(0, digest(raw))
@@ -215,6 +214,6 @@ class EvidenceLog:
         os.replace(tmp, self._head_path)
 
     async def aclose(self) -> None:
-        if self._writer is not None:
+        if self._writer is not None and self._writer is not self.store:
             await self._writer.aclose()
         await self.store.aclose()
