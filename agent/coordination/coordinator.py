@@ -401,30 +401,21 @@ class Coordinator:
         rpo = None
         if primary_last is not None and replayed is not None:
             rpo = round(max(0.0, primary_last - replayed), 3)
-        t = run.timeline
-        record = {
-            "kind": "failover",
-            "epoch": run.epoch,
-            "from": run.old_region,
-            "to": run.region,
-            "region": run.region,
-            "reason": run.reason,
-            "timeline": t,
-            "phases": events.phases(t),
-            "rto_seconds": round(max(t.values()) - t["failure_seen"], 3),
-            "rpo_seconds": rpo,
-            "primary_last_heartbeat": primary_last,
-            "notes": run.notes,
-            "errors": run.errors,
-        }
+        record = run.record("failover", rpo_seconds=rpo, primary_last_heartbeat=primary_last)
+        await self.publish(record)
+
+    async def publish(self, record: dict[str, Any]) -> None:
+        """Record a takeover: data directory, etcd (best effort), evidence log, webhooks."""
         self.last_record = record
         events.write_local(self.cfg.data_dir, record)
         with contextlib.suppress(EtcdUnavailable):
-            await self.lease.put_json(f"failovers/{run.epoch:010d}", record)
-            await self.lease.put_json(
-                "last_failover", {"at": t["acquired"], "epoch": run.epoch, "region": run.region}
-            )
-        self.log.warning("failover done", **{k: record[k] for k in ("epoch", "rto_seconds")})
+            await self.lease.put_json(f"failovers/{record['epoch']:010d}", record)
+            if record["kind"] == "failover":
+                at = {"at": record["timeline"]["acquired"], "epoch": record["epoch"]}
+                await self.lease.put_json("last_failover", at | {"region": record["region"]})
+        self.log.warning(
+            f"{record['kind']} done", **{k: record[k] for k in ("epoch", "rto_seconds")}
+        )
         await events.to_evidence(self.cfg, record)
         await events.notify(self.f.notify, record)
 

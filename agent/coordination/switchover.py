@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,37 +131,10 @@ async def _run(
     if c.heartbeat is not None:
         c.last_heartbeat = await c.heartbeat.beat(run.epoch)
     run.mark("serving")
-    record = _record(run, planned)
-    await _publish(c, record)
+    kind = "switchover" if planned else "failover"
+    record = run.record(kind, rpo_seconds=0.0 if planned else None)
+    await c.publish(record)
     return record
-
-
-def _record(run: Takeover, planned: bool) -> dict[str, Any]:
-    t = run.timeline
-    return {
-        "kind": "switchover" if planned else "failover",
-        "epoch": run.epoch,
-        "from": run.old_region,
-        "to": run.region,
-        "region": run.region,
-        "reason": run.reason,
-        "timeline": t,
-        "phases": events.phases(t),
-        "rto_seconds": round(t["serving"] - t["failure_seen"], 3),
-        "rpo_seconds": 0.0 if planned else None,
-        "notes": run.notes,
-        "errors": run.errors,
-    }
-
-
-async def _publish(c: Coordinator, record: dict[str, Any]) -> None:
-    events.write_local(c.cfg.data_dir, record)
-    await c.lease.put_json(f"failovers/{record['epoch']:010d}", record)
-    if record["kind"] == "failover":
-        at = {"at": time.time(), "epoch": record["epoch"], "region": record["region"]}
-        await c.lease.put_json("last_failover", at)
-    await events.to_evidence(c.cfg, record)
-    await events.notify(c.f.notify, record)
 
 
 def describe(record: dict[str, Any]) -> Sequence[str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncpg
 
-from agent.coordination import fencing
+from agent.coordination import events, fencing
 from agent.switch.base import Switch, SwitchError
 from replicators.errors import DragentError
 from replicators.postgres.lsn import parse_lsn
@@ -157,6 +157,25 @@ class Takeover:
 
     def mark(self, name: str) -> None:
         self.timeline[name] = time.time()
+
+    def record(self, kind: str, **extra: Any) -> dict[str, Any]:
+        """The event of this takeover (``kind``: failover or switchover): its timeline and
+        phases, the RTO from the failure first seen to the last step, and ``extra``."""
+        t = self.timeline
+        return {
+            "kind": kind,
+            "epoch": self.epoch,
+            "from": self.old_region,
+            "to": self.region,
+            "region": self.region,
+            "reason": self.reason,
+            "timeline": t,
+            "phases": events.phases(t),
+            "rto_seconds": round(max(t.values()) - t["failure_seen"], 3),
+            **extra,
+            "notes": self.notes,
+            "errors": self.errors,
+        }
 
     async def run(self) -> None:
         """Every step after the epoch was acquired (see the module docstring)."""
