@@ -30,6 +30,7 @@ from replicators.postgres import lsn as L
 from replicators.postgres import pgmetrics
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import load_state
+from replicators.postgres.standby import read_replay_position
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
@@ -125,18 +126,14 @@ class StandbyMonitor:
         try:
             conn = await _connect(self.options)
             try:
-                row = await conn.fetchrow(
-                    "SELECT pg_last_wal_replay_lsn()::text AS lsn, "
-                    "extract(epoch FROM pg_last_xact_replay_timestamp())::float8 AS t"
-                )
+                lsn, replayed_at = await read_replay_position(conn)
             finally:
                 await conn.close()
         except _DB_ERRORS:
             self.replay_lag_bytes = self.last_replay_time = None
             return False
-        assert row is not None
         state = await asyncio.to_thread(load_state, self.spool)  # type: ignore[arg-type]
-        if row["lsn"] and state:
-            self.replay_lag_bytes = max(0, int(state["end"]) - L.parse_lsn(row["lsn"]))  # type: ignore[call-overload]
-        self.last_replay_time = row["t"]
+        if lsn and state:
+            self.replay_lag_bytes = max(0, int(state["end"]) - L.parse_lsn(lsn))  # type: ignore[call-overload]
+        self.last_replay_time = replayed_at
         return False

@@ -134,12 +134,17 @@ async def replay_position(dsn: str) -> tuple[str | None, float | None]:
     """A standby's last replayed LSN and the commit time of its last replayed transaction."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        row = await conn.fetchrow(
-            "SELECT pg_last_wal_replay_lsn()::text AS lsn, "
-            "extract(epoch FROM pg_last_xact_replay_timestamp())::float8 AS t"
-        )
+        return await read_replay_position(conn)
     finally:
         await conn.close()
+
+
+async def read_replay_position(conn: asyncpg.Connection) -> tuple[str | None, float | None]:
+    """``replay_position`` over an open connection."""
+    row = await conn.fetchrow(
+        "SELECT pg_last_wal_replay_lsn()::text AS lsn, "
+        "extract(epoch FROM pg_last_xact_replay_timestamp())::float8 AS t"
+    )
     assert row is not None
     return row["lsn"], row["t"]
 
