@@ -32,6 +32,18 @@ class ObjectState:
     metadata: Mapping[str, str] = field(default_factory=dict)
 
 
+def _state(key: str, out: Mapping[str, Any]) -> ObjectState:
+    """The state in a HEAD or GET response."""
+    return ObjectState(
+        key=key,
+        size=int(out["ContentLength"]),
+        etag=str(out.get("ETag", "")).strip('"'),
+        time_ns=_ns(out["LastModified"]),
+        content_type=str(out.get("ContentType", "")),
+        metadata=dict(out.get("Metadata", {})),
+    )
+
+
 def _ns(when: datetime) -> int:
     return int(when.timestamp() * 1_000_000) * 1000
 
@@ -41,14 +53,7 @@ class Bucket(S3Store):
 
     async def head(self, key: str) -> ObjectState:
         out = await self._call(key, "head_object", Key=self._key(key))
-        return ObjectState(
-            key=key,
-            size=int(out["ContentLength"]),
-            etag=str(out.get("ETag", "")).strip('"'),
-            time_ns=_ns(out["LastModified"]),
-            content_type=str(out.get("ContentType", "")),
-            metadata=dict(out.get("Metadata", {})),
-        )
+        return _state(key, out)
 
     async def read(
         self, key: str, etag: str, start: int | None = None, end: int | None = None
@@ -76,14 +81,7 @@ class Bucket(S3Store):
         Raises ``NotFound`` when the key does not exist.
         """
         out = await self._call(key, "get_object", Key=self._key(key))
-        state = ObjectState(
-            key=key,
-            size=int(out["ContentLength"]),
-            etag=str(out.get("ETag", "")).strip('"'),
-            time_ns=_ns(out["LastModified"]),
-            content_type=str(out.get("ContentType", "")),
-            metadata=dict(out.get("Metadata", {})),
-        )
+        state = _state(key, out)
         try:
             async with asyncio.timeout(self._deadline), out["Body"] as body:
                 if state.size > inline_max or (skip_etag and state.etag == skip_etag):
