@@ -56,11 +56,8 @@ from replicators.objects.bucket import Bucket, find_weed_binary
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
-from replicators.progress import StreamProgress
+from replicators.pair import running_pair
 from replicators.s3 import S3Store
-from replicators.shipper import Shipper, ShipperSettings
-from replicators.sink import Sink, SinkSettings
-from replicators.vault import Vault
 
 RESULTS = Path(__file__).resolve().parent / "results" / "objects.json"
 MIB = 1 << 20
@@ -115,43 +112,11 @@ async def replicating(
         target = Recorder(await Bucket.open(opts.mirror), workdir / "dst")
         target.applied = {}
         stack.push_async_callback(target.aclose)
-        shipper = Shipper(
-            ShipperSettings(name, "b", 1, 8 * MIB, 0.1),
-            source,
-            Vault(store),
-            send,
-            workdir / "shipped.json",
-            StreamProgress(name, "objects", "source", "b"),
-            metrics.stream(name, "b"),
+        pair = running_pair(
+            name, "objects", source, target, store, (send, recv), workdir, metrics=metrics
         )
-        sink = Sink(
-            SinkSettings(name, "a"),
-            Vault(store),
-            recv,
-            target,
-            StreamProgress(name, "objects", "sink", "vault"),
-            metrics.stream(name, "vault"),
-        )
-        await shipper.recover()
-        await sink.recover()
-        stop = asyncio.Event()
-
-        async def ship() -> None:
-            while not stop.is_set():
-                await shipper.sync_once(stop)
-
-        async def apply() -> None:
-            while not stop.is_set():
-                if not await sink.sync_once(stop):
-                    await asyncio.sleep(0.05)
-
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(ship())
-            tg.create_task(apply())
-            try:
-                yield source, target
-            finally:
-                stop.set()
+        async with pair:
+            yield source, target
 
 
 async def wait_for(check: Any, within: float) -> None:

@@ -31,10 +31,10 @@ from replicators.artifacts.target import ArtifactsTarget
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
-from replicators.progress import StreamProgress
+from replicators.pair import lab_shipper, lab_sink
 from replicators.s3 import S3Store
-from replicators.shipper import Shipper, ShipperSettings
-from replicators.sink import Sink, SinkSettings
+from replicators.shipper import Shipper
+from replicators.sink import Sink
 from replicators.vault import Vault
 
 pytestmark = pytest.mark.lab
@@ -69,28 +69,16 @@ class Rig:
             self.send_keys,
             self.workdir / "a",
         )
-        return Shipper(
-            ShipperSettings(self.stream, "b", 1, 8 * MiB, 0.2),
-            source,
-            self.vault,
-            self.send_keys,
-            self.workdir / "a" / "shipped.json",
-            StreamProgress(self.stream, "artifacts", "source", "b"),
-            self.metrics.stream(self.stream, "b"),
-        )
+        return lab_shipper(
+            self.stream, "artifacts", source, self.vault, self.send_keys,
+            self.workdir / "a" / "shipped.json", self.metrics, max_age=0.2,
+        )  # fmt: skip
 
     def sink(self) -> tuple[Sink, ArtifactsTarget]:
         target = ArtifactsTarget(
             self.options(self.dst), self.vault.store, self.recv_keys, self.workdir / "b"
         )
-        sink = Sink(
-            SinkSettings(self.stream, "a"),
-            self.vault,
-            self.recv_keys,
-            target,
-            StreamProgress(self.stream, "artifacts", "sink", "vault"),
-            self.metrics.stream(self.stream, "vault"),
-        )
+        sink = lab_sink(self.stream, "artifacts", target, self.vault, self.recv_keys, self.metrics)
         return sink, target
 
     async def stored(self, prefix: str) -> int:

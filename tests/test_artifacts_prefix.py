@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import tomli_w
-from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig, ConfigError, S3Config, StreamConfig, load_config
 from agent.lab import DATA_BUCKET, Lab
@@ -25,11 +24,9 @@ from replicators.artifacts.prefix import RANGE, PrefixStore, parse_key
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
 from replicators.keys import KeyProvider, build_key_provider
-from replicators.metrics import Metrics
-from replicators.progress import StreamProgress
+from replicators.pair import lab_shipper, lab_sink
 from replicators.s3 import S3Store
-from replicators.shipper import Shipper, ShipperSettings
-from replicators.sink import Sink, SinkSettings
+from replicators.shipper import Shipper
 from replicators.vault import Vault
 
 pytestmark = pytest.mark.lab
@@ -56,27 +53,15 @@ class Rig:
         )
 
     def shipper(self, source: ArtifactsSource) -> Shipper:
-        return Shipper(
-            ShipperSettings(self.stream, "b", 1, 8 * MiB, 0.2),
-            source,
-            self.vault,
-            self.send_keys,
-            self.workdir / "a" / "shipped.json",
-            StreamProgress(self.stream, "artifacts", "source", "b"),
-            Metrics(CollectorRegistry()).stream(self.stream, "b"),
-        )
+        return lab_shipper(
+            self.stream, "artifacts", source, self.vault, self.send_keys,
+            self.workdir / "a" / "shipped.json", max_age=0.2,
+        )  # fmt: skip
 
     async def apply(self) -> ArtifactsTarget:
         options = ArtifactsOptions(root=self.workdir / "dst", marker="_COMPLETE", watch=False)
         target = ArtifactsTarget(options, self.vault.store, self.recv_keys, self.workdir / "b")
-        sink = Sink(
-            SinkSettings(self.stream, "a"),
-            self.vault,
-            self.recv_keys,
-            target,
-            StreamProgress(self.stream, "artifacts", "sink", "vault"),
-            Metrics(CollectorRegistry()).stream(self.stream, "vault"),
-        )
+        sink = lab_sink(self.stream, "artifacts", target, self.vault, self.recv_keys)
         await sink.recover()
         await sink.sync_once(asyncio.Event())
         return target

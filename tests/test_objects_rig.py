@@ -22,11 +22,10 @@ from replicators.objects.bucket import Bucket
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
-from replicators.progress import StreamProgress
+from replicators.pair import running_pair
 from replicators.s3 import S3Store
-from replicators.shipper import Shipper, ShipperSettings
-from replicators.sink import Sink, SinkSettings
-from replicators.vault import Vault
+from replicators.shipper import Shipper
+from replicators.sink import Sink
 
 
 def s3(lab: Lab, region: str, prefix: str) -> dict[str, Any]:
@@ -85,44 +84,20 @@ class Rig:
             stack.push_async_callback(source.aclose)
             target = MirrorTarget(await self.mirror_bucket(), self.workdir / "dst")
             stack.push_async_callback(target.aclose)
-            settings = ShipperSettings(self.name, "b", 1, 8 << 20, max_age)
-            shipper = Shipper(
-                settings,
+            pair = running_pair(
+                self.name,
+                "objects",
                 source,
-                Vault(store),
-                send,
-                self.workdir / "shipped.json",
-                StreamProgress(self.name, "objects", "source", "b"),
-                self.metrics.stream(self.name, "b"),
-            )
-            sink = Sink(
-                SinkSettings(self.name, "a"),
-                Vault(store),
-                recv,
                 target,
-                StreamProgress(self.name, "objects", "sink", "vault"),
-                self.metrics.stream(self.name, "vault"),
+                store,
+                (send, recv),
+                self.workdir,
+                metrics=self.metrics,
+                max_age=max_age,
+                poll=0.1,
             )
-            stop = asyncio.Event()
-            await shipper.recover()
-            await sink.recover()
-
-            async def ship() -> None:
-                while not stop.is_set():
-                    await shipper.sync_once(stop)
-
-            async def apply() -> None:
-                while not stop.is_set():
-                    if not await sink.sync_once(stop):
-                        await asyncio.sleep(0.1)
-
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(ship())
-                tg.create_task(apply())
-                try:
-                    yield shipper, sink
-                finally:
-                    stop.set()
+            async with pair as (shipper, sink):
+                yield shipper, sink
 
 
 async def snapshot(bucket: Bucket, deep: bool = True) -> dict[str, tuple[Any, ...]]:

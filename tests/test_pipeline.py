@@ -15,10 +15,10 @@ from agent.config import AgentConfig, StreamConfig, SyntheticOptions
 from replicators.errors import IntegrityError, KeyAccessError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
-from replicators.progress import StreamProgress
+from replicators.pair import lab_shipper, lab_sink
 from replicators.s3 import S3Store
-from replicators.shipper import Shipper, ShipperSettings
-from replicators.sink import Sink, SinkSettings
+from replicators.shipper import Shipper
+from replicators.sink import Sink
 from replicators.synthetic import SyntheticSource, SyntheticTarget, parse_record, read_applied_log
 from replicators.vault import SegmentRef, Vault
 
@@ -40,27 +40,15 @@ class Rig:
             kind="synthetic",
             synthetic=SyntheticOptions(rate=rate, record_size=64),
         )
-        settings = ShipperSettings(self.stream, "b", 1, 1 << 20, max_age)
-        return Shipper(
-            settings,
-            SyntheticSource(cfg.synthetic),
-            self.vault,
-            self.send_keys,
-            self.workdir / "shipped.json",
-            StreamProgress(self.stream, "synthetic", "source", "b"),
-            self.metrics.stream(self.stream, "b"),
-        )
+        return lab_shipper(
+            self.stream, "synthetic", SyntheticSource(cfg.synthetic), self.vault,
+            self.send_keys, self.workdir / "shipped.json", self.metrics,
+            segment_max_bytes=1 << 20, max_age=max_age,
+        )  # fmt: skip
 
     def sink(self) -> tuple[Sink, SyntheticTarget]:
         target = SyntheticTarget(self.workdir / "target")
-        sink = Sink(
-            SinkSettings(self.stream, "a"),
-            self.vault,
-            self.recv_keys,
-            target,
-            StreamProgress(self.stream, "synthetic", "sink", "vault"),
-            self.metrics.stream(self.stream, "vault"),
-        )
+        sink = lab_sink(self.stream, "synthetic", target, self.vault, self.recv_keys, self.metrics)
         return sink, target
 
 
