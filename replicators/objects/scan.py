@@ -8,8 +8,8 @@ shipped with another etag, size or time) is queued as changed at its
 LastModified; a key whose shipped state was read within its LastModified
 second is queued to be read again (see ``index.SETTLE_NS``: a same-second
 rewrite of its metadata lists the same); a key shipped but no longer listed
-is queued as deleted. The next scan starts ``interval`` seconds after one ends; a restarted source
-(or lost events) start one at once.
+is queued as deleted. The next scan starts ``interval`` seconds after one
+ends; a restarted source (or lost events) start one at once.
 """
 
 from __future__ import annotations
