@@ -27,7 +27,7 @@ from agent.configbase import (
     SecretRef,
     Section,
 )
-from agent.failover_config import EtcdConfig, FailoverConfig
+from agent.failover_config import EtcdConfig, FailoverConfig, fencing_budget
 from agent.policy_config import PolicyConfig
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.errors import DragentError
@@ -160,6 +160,13 @@ class AgentConfig(Section):
                 raise ValueError(f"{what}: duplicate names {dup}")
         if self.region in {p.name for p in self.peers}:
             raise ValueError(f"peers: region {self.region!r} lists itself as a peer")
+        return self
+
+    @model_validator(mode="after")
+    def _fencing_budget(self) -> AgentConfig:
+        budget = fencing_budget(self.failover, self.etcd)
+        if not budget.ok:
+            raise ValueError(f"failover: {budget.explain()}")
         return self
 
     def stream(self, name: str) -> StreamConfig:

@@ -1,13 +1,17 @@
 """``[etcd]`` and ``[failover]``: coordination between regions and the witness.
 
 Timing rules checked at load time: ``renew_interval < fence_after < lease_ttl``,
-so an active region that cannot renew fences itself before its lease can
-expire, and a passive region can only take over after expiry (and after its
-own probes of the active region failed for ``takeover_after``).
+and the fencing budget (``fencing_budget``): an active region that cannot
+renew must have *finished* fencing itself before etcd can let its lease
+expire, so a passive region can only take over after the old one stopped
+writing (and after its own probes of the active region failed for
+``takeover_after``).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -81,9 +85,11 @@ class FailoverConfig(Section):
 
     enabled: bool = False  # the agent runs the coordinator (lease, fencing, probes)
     automatic: bool = False  # ... and takes over by itself when the rules allow
-    lease_ttl: PositiveDuration = 10.0
+    lease_ttl: PositiveDuration = 12.0
     renew_interval: PositiveDuration = 1.0
-    fence_after: PositiveDuration = 6.0
+    fence_after: PositiveDuration = 5.0
+    # the deadline of one fencing attempt (read-only + ending sessions, or stop_command)
+    fence_timeout: PositiveDuration = 3.0
     probe_interval: PositiveDuration = 1.0
     probe_timeout: PositiveDuration = 1.0
     takeover_after: PositiveDuration = 5.0
@@ -115,3 +121,62 @@ class FailoverConfig(Section):
         if self.fencing == "stop" and not self.stop_command:
             raise ValueError("fencing = 'stop' needs stop_command")
         return self
+
+
+@dataclass(frozen=True)
+class FencingBudget:
+    """The worst case, in seconds after the last renewal an active region *sent*, by
+    which it has fenced itself when etcd stops answering; it must stay below the
+    lease's TTL as etcd grants it, less a margin.
+
+    - ``fence_after``: silence tolerated before deciding to fence;
+    - ``renew_interval``: the decision cycle that notices may start that much later;
+    - ``dial_timeout``: that cycle's etcd call may hang this long first (one
+      deadline covers the renewal and the read of a cycle);
+    - ``fence_timeout``: the fencing itself;
+    - ``margin``: 10 % of the TTL, at least 0.5 s (scheduling, a loaded host).
+    """
+
+    fence_after: float
+    renew_interval: float
+    dial_timeout: float
+    fence_timeout: float
+    lease_ttl: int
+
+    @property
+    def margin(self) -> float:
+        return max(0.5, 0.1 * self.lease_ttl)
+
+    @property
+    def worst_case(self) -> float:
+        return self.fence_after + self.renew_interval + self.dial_timeout + self.fence_timeout
+
+    @property
+    def ok(self) -> bool:
+        return self.worst_case + self.margin < self.lease_ttl
+
+    def explain(self) -> str:
+        return (
+            f"fencing budget exceeded: fence_after {self.fence_after:g}s + renew_interval "
+            f"{self.renew_interval:g}s + [etcd] dial_timeout {self.dial_timeout:g}s + "
+            f"fence_timeout {self.fence_timeout:g}s + margin {self.margin:g}s = "
+            f"{self.worst_case + self.margin:g}s, expected below lease_ttl "
+            f"{self.lease_ttl}s: an active region cut off from etcd must have fenced itself "
+            "before its lease can expire and another region promote; raise lease_ttl or "
+            "lower the others"
+        )
+
+
+def lease_seconds(ttl: float) -> int:
+    """The TTL etcd grants (whole seconds), never shorter than the one configured."""
+    return max(1, math.ceil(ttl))
+
+
+def fencing_budget(failover: FailoverConfig, etcd: EtcdConfig) -> FencingBudget:
+    return FencingBudget(
+        fence_after=failover.fence_after,
+        renew_interval=failover.renew_interval,
+        dial_timeout=etcd.dial_timeout,
+        fence_timeout=failover.fence_timeout,
+        lease_ttl=lease_seconds(failover.lease_ttl),
+    )

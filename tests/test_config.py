@@ -136,3 +136,24 @@ def test_cli_config_check_exit_codes(good: Path, tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert f"{broken}: streams[synthetic].kind: Input should be 'synthetic'" in bad.stderr
+
+
+def test_a_fencing_budget_longer_than_the_lease_is_refused_and_explained(good: Path) -> None:
+    """fence_after + renew_interval + dial_timeout + fence_timeout + margin < lease_ttl:
+    a lease of 10 s with fence_after 6 s (the old defaults) could expire before the
+    active region has fenced itself; the defaults (12 s, fence_after 5 s) pass."""
+    load_config(good)
+    good.write_text(good.read_text() + '[failover]\nlease_ttl = "10s"\nfence_after = "6s"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(good)
+    (problem,) = caught.value.problems
+    assert "fence_after 6s + renew_interval 1s + [etcd] dial_timeout 1s" in problem
+    assert "fence_timeout 3s + margin 1s = 12s, expected below lease_ttl 10s" in problem
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "config", "check", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "fencing budget exceeded" in out.stderr + out.stdout

@@ -18,6 +18,12 @@ def test_fence_after_must_fall_between_renewal_and_lease() -> None:
             FailoverConfig(**{"lease_ttl": 10, "renew_interval": 1, "fence_after": 6, **bad})
 
 
+def test_the_lease_etcd_grants_is_never_shorter_than_configured() -> None:
+    from agent.failover_config import lease_seconds
+
+    assert [lease_seconds(t) for t in (0.2, 3.0, 6.4, 12.0)] == [1, 3, 7, 12]
+
+
 def test_stop_fencing_needs_a_command() -> None:
     with pytest.raises(ValidationError, match="stop_command"):
         FailoverConfig(fencing="stop")

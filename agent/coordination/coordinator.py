@@ -28,7 +28,7 @@ from agent.coordination import events, fencing
 from agent.coordination.decide import Action, Decision, Observation, Role, Rules, decide
 from agent.coordination.health import Heartbeat, PeerWatch, probe
 from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
-from agent.coordination.takeover import Takeover, until
+from agent.coordination.takeover import LeaseLost, Takeover, until
 from agent.switch.base import build_switch
 
 PAGE_EVERY = 300.0
@@ -64,6 +64,7 @@ class Coordinator:
         self.fenced = False
         self.holding = False
         self.renewed_at: float | None = None
+        self.lease_lost = False  # etcd said the held lease no longer exists
         self.view: ClusterView | None = None
         self.decision: Decision | None = None
         self.last_record: dict[str, Any] | None = None
@@ -220,14 +221,14 @@ class Coordinator:
         the coordination keys. etcd failures become ``etcd_ok=False``."""
         etcd_ok = True
         try:
-            if self.holding:
-                sent = time.monotonic()
-                if await self.lease.renew():
-                    self.renewed_at = sent
-            self.view = await self.lease.view()
-        except EtcdUnavailable as exc:
+            # one deadline for the cycle's etcd calls: the fencing budget counts one
+            async with asyncio.timeout(self.cfg.etcd.dial_timeout):
+                if self.holding:
+                    await self._renew()
+                self.view = await self.lease.view()
+        except (EtcdUnavailable, TimeoutError) as exc:
             etcd_ok = False
-            self._warn("etcd unavailable", str(exc))
+            self._warn("etcd unavailable", str(exc) or "deadline exceeded")
         view = self.view or ClusterView(None, 0, 0, 0, None, False, None)
         self.lag = await self._lag(view.last_leader)
         return Observation(
@@ -248,6 +249,34 @@ class Coordinator:
             lag=self.lag,
         )
 
+    async def _renew(self) -> bool:
+        """Renew the held lease, recording when a successful renewal was *sent*; False
+        (and ``lease_lost``) when etcd says the lease is gone. Raises EtcdUnavailable."""
+        sent = time.monotonic()
+        if await self.lease.renew():
+            self.renewed_at = sent
+            return True
+        self.lease_lost = True
+        return False
+
+    async def hold(self, step: str) -> None:
+        """Before an irreversible step of a takeover (promote, unfence): try a fresh
+        renewal, then require that a renewal sent within ``fence_after`` succeeded and
+        that etcd never said the lease is gone. Raises ``LeaseLost``."""
+        try:
+            async with asyncio.timeout(self.cfg.etcd.dial_timeout):
+                await self._renew()
+        except (EtcdUnavailable, TimeoutError) as exc:
+            self._warn("renewal before a takeover step failed", str(exc) or "deadline exceeded")
+        if self.lease_lost:
+            raise LeaseLost(f"before {step}: etcd says the lease no longer exists")
+        age = time.monotonic() - self.renewed_at if self.renewed_at is not None else None
+        if age is None or age >= self.f.fence_after:
+            since = "ever" if age is None else f"for {age:.1f}s"
+            raise LeaseLost(
+                f"before {step}: no lease renewal {since} (fence_after {self.f.fence_after:g}s)"
+            )
+
     async def step(self) -> Decision:
         """One cycle: observe, decide, act. Never raises for an outage."""
         decision = decide(await self.observe(), self.rules)
@@ -262,11 +291,11 @@ class Coordinator:
     async def _act(self, action: Action) -> None:
         """Run one action; a failure is logged and the next cycle decides again
         (a fence that failed is decided again, the region is not marked fenced).
-        Fencing has a deadline of ``fence_after`` so renewals never wait long."""
+        Fencing has a deadline of ``fence_timeout`` (part of the fencing budget)."""
         handler = getattr(self, f"_do_{action.kind}")
         try:
             if action.kind in ("fence", "unfence"):
-                async with asyncio.timeout(self.f.fence_after):
+                async with asyncio.timeout(self.f.fence_timeout):
                     await handler(action)
             else:
                 await handler(action)
@@ -306,7 +335,7 @@ class Coordinator:
         if self.view is None or not self.view.leader_lease:
             return
         self.lease.adopt(self.view.leader_lease)
-        self.holding = True
+        self.holding, self.lease_lost = True, False
         self.renewed_at = None
         self._set_role("active", self.view.leader_epoch)
 
@@ -315,7 +344,7 @@ class Coordinator:
         epoch = await self.lease.acquire(action.expect_epoch)
         if epoch is None:
             return
-        self.holding, self.renewed_at = True, sent
+        self.holding, self.renewed_at, self.lease_lost = True, sent, False
         self.log.info("lease acquired", epoch=epoch, reason=action.reason)
         self._set_role("active", epoch)
 
@@ -333,7 +362,7 @@ class Coordinator:
         if epoch is None:
             self.log.info("takeover lost the race: another region acquired the lease")
             return
-        self.holding, self.renewed_at = True, sent
+        self.holding, self.renewed_at, self.lease_lost = True, sent, False
         old = self.view.last_leader if self.view else "?"
         self.log.warning("taking over", epoch=epoch, old=old, reason=action.reason)
         run = Takeover(
@@ -347,33 +376,62 @@ class Coordinator:
             catch_up=self.catch_up,
             catchup_timeout=self.f.catchup_timeout,
             catchup_settle=self.f.catchup_settle,
+            hold=self.hold,
         )
         run.timeline["failure_seen"] = seen
         run.mark("acquired")
+        aborted: str | None = None
+        primary_last: float | None = None
         stop_keepalive = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._every(self.f.renew_interval, self._keepalive, stop_keepalive))
             try:
-                await run.run()
-                if self.heartbeat and old:
-                    run.notes["local_last_heartbeat"] = await self.heartbeat.last(old)
-            except Exception as exc:  # the lease is ours: record, page, keep it
-                run.errors.append(f"takeover: {type(exc).__name__}: {exc}")
-                self.log.error("takeover step failed", error=run.errors[-1])
-            try:
-                primary_last = self.peers.last_heartbeat.get(old or "")
-                await self._serving(epoch, run)
+                try:
+                    await run.run()
+                    if self.heartbeat and old:
+                        run.notes["local_last_heartbeat"] = await self.heartbeat.last(old)
+                except LeaseLost as exc:
+                    aborted = str(exc)
+                except Exception as exc:  # the lease is ours: record, page, keep it
+                    run.errors.append(f"takeover: {type(exc).__name__}: {exc}")
+                    self.log.error("takeover step failed", error=run.errors[-1])
+                if aborted is None:
+                    primary_last = self.peers.last_heartbeat.get(old or "")
+                    await self._serving(epoch, run)
             finally:
                 stop_keepalive.set()
+        if aborted is not None:
+            await self._abort(run, aborted)
+            return
         self.fenced = False
         self._set_role("active", epoch)
         await self._record(run, primary_last)
 
+    async def _abort(self, run: Takeover, why: str) -> None:
+        """The lease was lost mid-takeover: fence this region, let the lease go, stay
+        passive, and record why. Whatever was promoted stays read-only."""
+        self.log.error("takeover aborted: the lease was lost", reason=why)
+        run.errors.append(f"aborted: {why}")
+        try:
+            async with asyncio.timeout(self.f.fence_timeout):
+                run.notes["fenced"] = await fencing.fence(
+                    self.f.postgres_dsn, self.f.fencing, self.f.stop_command
+                )
+            self.fenced = True
+        except (TimeoutError, fencing.FencingError, OSError, asyncpg.PostgresError) as exc:
+            run.errors.append(f"fencing after the abort: {type(exc).__name__}: {exc}")
+        self.holding, self.renewed_at = False, None
+        await self.lease.release()
+        run.mark("aborted")
+        self._set_role("passive", run.epoch)
+        await self.publish(run.record("failover", aborted=why, rpo_seconds=None))
+
     async def _keepalive(self) -> None:
-        with contextlib.suppress(EtcdUnavailable):
-            sent = time.monotonic()
-            if await self.lease.renew():
-                self.renewed_at = sent
+        try:
+            async with asyncio.timeout(self.cfg.etcd.dial_timeout):
+                await self._renew()
+        except (EtcdUnavailable, TimeoutError) as exc:
+            self._warn("lease renewal during the takeover failed", str(exc) or "deadline")
 
     async def _serving(self, epoch: int, run: Takeover) -> None:
         if self.heartbeat is None:

@@ -6,7 +6,8 @@ standby here is a streaming replica of region a's PostgreSQL
 needs a standby it can watch replay and promote. Each drill uses its own etcd
 prefix, so drills never see each other's lease or epoch.
 
-Timing of a drill: lease 3 s, renewals every 0.5 s, fencing after 2 s, takeover
+Timing of a drill: lease 5 s, renewals every 0.5 s, fencing after 2 s (within 1 s,
+so fenced by 4 s with etcd's 0.5 s deadline), takeover
 after the lease expired and 1 s of failed probes.
 
 ``Drill`` runs both coordinators in the caller's process, so its faults are
@@ -40,9 +41,10 @@ from agent.lab.processes import poll
 
 FAST = {
     "automatic": True,
-    "lease_ttl": 3.0,
+    "lease_ttl": 5.0,
     "renew_interval": 0.5,
     "fence_after": 2.0,
+    "fence_timeout": 1.0,
     "probe_interval": 0.5,
     "probe_timeout": 0.5,
     "takeover_after": 1.0,

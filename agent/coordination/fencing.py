@@ -45,11 +45,11 @@ def _host(dsn: str) -> str:
 
 async def fence_read_only(dsn: str) -> int:
     """Make the cluster read-only and end every other session; return how many.
-    A standby (in recovery) takes no writes: nothing to do, returns 0."""
+    A standby (in recovery) takes no writes yet, but gets the setting too, so that
+    it comes out of a promotion read-only (returns 0: no session ended)."""
     conn = await _connect(dsn)
     try:
-        if await conn.fetchval("SELECT pg_is_in_recovery()"):
-            return 0
+        standby = await conn.fetchval("SELECT pg_is_in_recovery()")
         await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         await conn.execute("SELECT pg_reload_conf()")
         # pg_reload_conf only signals: wait until the postmaster re-read the file,
@@ -64,6 +64,8 @@ async def fence_read_only(dsn: str) -> int:
             await asyncio.sleep(0.02)
         else:
             raise FencingError(f"{_host(dsn)} did not reload default_transaction_read_only")
+        if standby:
+            return 0
         return int(await conn.fetchval(TERMINATE))
     except asyncpg.PostgresError as exc:
         raise FencingError(f"fencing {_host(dsn)} failed: {exc}") from None
@@ -72,11 +74,10 @@ async def fence_read_only(dsn: str) -> int:
 
 
 async def unfence(dsn: str) -> None:
-    """Undo ``fence_read_only`` (only ever called by the lease holder)."""
+    """Undo ``fence_read_only`` (only ever called by the lease holder; a standby's
+    setting is reset too, it takes no writes until promoted anyway)."""
     conn = await _connect(dsn)
     try:
-        if await conn.fetchval("SELECT pg_is_in_recovery()"):
-            return
         await conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
         await conn.execute("SELECT pg_reload_conf()")
     except asyncpg.PostgresError as exc:

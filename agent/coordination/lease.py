@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import aetcd
 import aetcd.exceptions
 
-from agent.failover_config import EtcdConfig
+from agent.failover_config import EtcdConfig, lease_seconds
 from replicators.errors import DragentError
 
 
@@ -75,7 +75,7 @@ class EtcdLease:
             raise DragentError("[etcd] endpoints is empty: failover needs an etcd cluster")
         self.cfg = cfg
         self.region = region
-        self.ttl = max(1, round(ttl))
+        self.ttl = lease_seconds(ttl)
         self.prefix = cfg.prefix.rstrip("/")
         self.lease_id: int | None = None
         self._clients = [aetcd.Client(*_endpoint(e)) for e in cfg.endpoints]

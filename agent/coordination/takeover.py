@@ -4,10 +4,15 @@ In order, each timed: fence the old region if it still answers (best effort:
 it fenced itself already if it is alive and cut off), catch up (the caller's
 ``catch_up`` — the daemon's final apply of the vault, ``agent.catchup`` —
 then wait until the local standby has replayed the WAL so applied, or its
-replay stops moving), promote (``pg_promote``), switch DNS
+replay stops moving), make the standby read-only, promote (``pg_promote``),
+unfence, switch DNS
 and every other switch, then check the region serves (a heartbeat write under
 the new epoch). The old region becomes a destination through the role change
 the coordinator announces afterwards (the daemon rebuilds its streams).
+
+The lease is re-checked right before promote and before unfence (``hold``):
+a takeover that lost it stops there with ``LeaseLost``, the database still
+read-only, so two regions never both take writes.
 
 ``promote`` and ``wait_replayed`` are idempotent: promoting a primary is a
 no-op. Errors of a switch are recorded, not raised: the database is already
@@ -48,6 +53,10 @@ class PromotionError(DragentError):
 
 class CatchUpError(DragentError):
     """A standby did not replay up to an LSN in time."""
+
+
+class LeaseLost(DragentError):
+    """The takeover no longer holds the lease: the remaining steps must not run."""
 
 
 RETRY_INTERVAL = "SELECT setting::int FROM pg_settings WHERE name = 'wal_retrieve_retry_interval'"
@@ -118,9 +127,11 @@ async def wait_replayed(
         await conn.close()
 
 
-async def promote(dsn: str, within: float = 60.0) -> bool:
-    """Promote the standby at ``dsn`` and wait until it accepts writes; False if it
-    already was a primary. Raises ``PromotionError``."""
+async def promote(dsn: str, within: float = 60.0, unfence: bool = True) -> bool:
+    """Promote the standby at ``dsn``; False if it already was a primary. With
+    ``unfence`` it then accepts writes; without, it stays as fenced as it was (a
+    takeover fences the standby first and unfences once it still holds the lease).
+    Raises ``PromotionError``."""
     try:
         conn = await asyncpg.connect(dsn)
         try:
@@ -130,7 +141,8 @@ async def promote(dsn: str, within: float = 60.0) -> bool:
                 raise PromotionError(f"pg_promote did not finish within {within:g}s")
         finally:
             await conn.close()
-        await fencing.unfence(dsn)
+        if unfence:
+            await fencing.unfence(dsn)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise PromotionError(f"promotion failed: {exc}") from None
     return True
@@ -151,6 +163,9 @@ class Takeover:
     """Applies what is left in the vault; returns the LSN the standby must replay."""
     catchup_timeout: float = 30.0
     catchup_settle: float = 0.3
+    hold: Callable[[str], Awaitable[None]] | None = None
+    """Raises ``LeaseLost`` unless the lease is still held (called before promote and
+    before unfence)."""
     timeline: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
@@ -195,10 +210,21 @@ class Takeover:
             )
         self.mark("caught_up")
         if self.dsn:
-            self.notes["promoted"] = await promote(self.dsn)
+            # read-only through the promotion: nothing writes before the lease is confirmed
+            await fencing.fence_read_only(self.dsn)
+        await self._hold("promote")
+        if self.dsn:
+            self.notes["promoted"] = await promote(self.dsn, unfence=False)
+        await self._hold("unfence")
+        if self.dsn:
+            await fencing.unfence(self.dsn)
         self.mark("promoted")
         await self._switch()
         self.mark("dns_switched")
+
+    async def _hold(self, step: str) -> None:
+        if self.hold is not None:
+            await self.hold(step)
 
     async def _fence_old(self) -> None:
         for dsn in self.old_dsns:
