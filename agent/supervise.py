@@ -10,6 +10,9 @@ module owns waiting, retrying and logging, so runners stay free of them.
   progress (``/status``, ``/readyz``) and waits for the stop.
 - When ``stop`` is set the current step finishes (a shipper seals, publishes
   and acknowledges what it holds) and the loop returns.
+- The progress is ``live`` only while the task is "running": a starting,
+  retrying, halted or stopped stream takes no RPO proof, so its RPO grows
+  with wall time (``replicators.progress``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ class StreamTask:
     backoff: Backoff = field(default_factory=Backoff)
 
 
+def _enter(task: StreamTask, state: str, error: str | None = None) -> None:
+    """Set the task's state and whether its progress may take RPO proofs."""
+    task.state, task.last_error = state, error
+    task.progress.live = state == "running"
+
+
 async def _wait(stop: asyncio.Event, delay: float) -> None:
     try:
         async with asyncio.timeout(delay):
@@ -57,6 +66,18 @@ async def _wait(stop: asyncio.Event, delay: float) -> None:
 
 
 async def run_stream(task: StreamTask, stop: asyncio.Event, metrics: Metrics) -> None:
+    """Run ``task`` until ``stop`` (see the module docstring); however it ends, even
+    cancelled, its progress is no longer live."""
+    _enter(task, "starting")
+    try:
+        await _supervise(task, stop, metrics)
+    finally:
+        if task.state in ("starting", "running"):
+            _enter(task, "stopped", task.last_error)
+        task.progress.live = False
+
+
+async def _supervise(task: StreamTask, stop: asyncio.Event, metrics: Metrics) -> None:
     log = logs.get("stream", stream=task.name)
     limiter = logs.RateLimited(30.0)
     while not stop.is_set():
@@ -64,7 +85,7 @@ async def run_stream(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
             await task.runner.recover()
             if limiter.forget("error"):
                 log.info("stream recovered", after_attempts=task.backoff.attempt)
-            task.state, task.last_error = "running", None
+            _enter(task, "running")
             task.backoff.reset()
             log.info("stream running")
             while not stop.is_set():
@@ -74,16 +95,16 @@ async def run_stream(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
                     task.idle_at = began
                     if task.idle:
                         await _wait(stop, task.idle)
-            task.state = "stopped"
+            _enter(task, "stopped")
             return
         except IntegrityError as exc:
-            task.state, task.last_error = "halted", str(exc)
+            _enter(task, "halted", str(exc))
             task.progress.halted = str(exc)
             log.error("stream halted on integrity error", error=str(exc))
             await stop.wait()
             return
         except Exception as exc:
-            task.state, task.last_error = "retrying", f"{type(exc).__name__}: {exc}"
+            _enter(task, "retrying", f"{type(exc).__name__}: {exc}")
             metrics.restarts.labels(task.name, type(exc).__name__).inc()
             delay = task.backoff.next_delay(random.random())
             held = limiter.allow("error")
@@ -96,4 +117,4 @@ async def run_stream(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
                     exc_info=not isinstance(exc, DragentError | OSError),
                 )
             await _wait(stop, delay)
-    task.state = "stopped"
+    _enter(task, "stopped", task.last_error)

@@ -6,6 +6,12 @@ destination vault, record the new position, and only then acknowledge it to
 the source. A crash at any point loses nothing: on ``recover()`` the shipper
 reads its checkpoint, adopts any segment published after it (so none is sent
 twice) and resumes the source from the end of the last durable segment.
+
+The RPO it feeds (``StreamProgress``) rests on proofs: a step that returned a
+batch and made it durable proves what the source no longer holds
+(``step_done``); a source may also offer ``head()``, its head read
+independently of capture (``replicators.progress.Head``). Recovering proves
+nothing: it only says where the stream resumes.
 """
 
 from __future__ import annotations
@@ -54,33 +60,37 @@ class Shipper:
         self.last: SegmentRef | None = None
         self.end = 0
         progress.source_pending = source.pending_since
+        progress.source_head = getattr(source, "head", None)
 
     async def recover(self) -> None:
         """Find the last durable segment (checkpoint, then the vault) and resume the source."""
         state = checkpoint.load(self.state_path)
+        durable_time: float | None = None
         if state is not None:
             self.last = SegmentRef(epoch=state["epoch"], seq=state["seq"], stream=state["stream"])
             self.end = int(state["end"])
+            durable_time = _source_time(state)
         async for ref in self.vault.segments(self.settings.stream, after=self.last):
             blob = await self.vault.get_segment(ref)
             opened = await unseal(blob, self.keys, expect_stream=ref.stream, expect_seq=ref.seq)
             self.last, self.end = ref, int(opened.header.end)
-            self._save(opened.header.last_source_time)
+            durable_time = opened.header.last_source_time
+            self._save(durable_time)
         await self.source.resume(self.end)
         await self.source.ack(self.end)
-        now = time.time()
-        self.progress.advance("captured", self.end, now, now)
-        self.progress.durable(self.end, now, now, None)
+        self.progress.resumed(self.end, durable_time, time.time())
 
     async def sync_once(self, stop: asyncio.Event) -> bool:
         """Ship one batch. Returns False when the source had nothing (stop was set)."""
         s = self.settings
+        began = time.time()
         batch = await self.source.next_batch(int(s.segment_max_bytes), s.segment_max_age, stop)
         if not batch:
-            return False
+            return False  # cut short by the stop: no proof of anything
         now = time.time()
         self.progress.capture(batch[-1].end, batch[-1].source_time, now, batch[0].source_time)
         await self._publish(batch)
+        self.progress.step_done(began)
         return True
 
     async def _publish(self, batch: list[Change]) -> None:
@@ -122,3 +132,9 @@ class Shipper:
             "destination": self.settings.destination,
         }
         checkpoint.save(self.state_path, state)
+
+
+def _source_time(state: dict[str, object]) -> float | None:
+    """The checkpoint's last durable source time (None in a checkpoint written without it)."""
+    value = state.get("source_time")
+    return float(value) if isinstance(value, int | float) else None
