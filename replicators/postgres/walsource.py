@@ -14,7 +14,11 @@
   sent first, as a record of its own, so standbys and restores can follow it.
 - Source times come from (insert LSN, wall time) samples taken on the primary
   every ``sample_interval``; every ``heartbeat_interval`` a heartbeat message is
-  written into the WAL so an idle primary still produces WAL.
+  written into the WAL so an idle primary still produces WAL. The newest sample is
+  also the stream's ``head()``: once the durable position reaches a sample's LSN,
+  everything the primary had written at its time is durable, which proves the
+  RPO of an idle primary between heartbeats (``replicators.progress``). Samples
+  are taken only while the source streams: a failing source proves nothing.
 
 Errors: ``SourceError`` (connection lost, slot invalidated); the supervising
 loop calls ``recover()`` again, which reconnects from the last durable position.
@@ -78,6 +82,10 @@ class LsnClock:
 
     def newest(self) -> int | None:
         return self._lsns[-1] if self._lsns else None
+
+    def latest(self) -> tuple[int, float] | None:
+        """The newest sample: (insert LSN, wall time at which it was read)."""
+        return (self._lsns[-1], self._times[-1]) if self._lsns else None
 
     def forget_before(self, lsn: int) -> None:
         """Drop samples no longer needed for positions at or after ``lsn``."""
@@ -282,6 +290,11 @@ class WalSource:
         start, _, seen = self._buf[0]
         t = self.clock.time_at(start)
         return seen if t is None else min(t, seen)
+
+    def head(self) -> tuple[int, float] | None:
+        """(insert LSN, time) of the newest sample: at that time every WAL byte the primary
+        had written lay before that LSN (``replicators.progress.Head``)."""
+        return self.clock.latest()
 
     def lag_bytes(self) -> dict[str, int]:
         """The primary's newest sampled insert LSN minus the received and acked positions."""
