@@ -1,0 +1,223 @@
+"""The RPO never lies: a broken PostgreSQL stream's RPO grows with wall time.
+
+A real WAL source on the lab's primary ships through ``agent.supervise.run_stream``
+into region b's real vault (SeaweedFS). The stream is broken three ways: the
+vault refuses the credentials (an agent restarted with a wrong secret), the
+vault is unreachable (a closed port), and the replication slot is dropped while
+the stream is down. Each time the RPO gauge (the Prometheus collector), the
+``/status`` snapshot and the compliance control must show an RPO growing with
+wall time; once healed (where healing is possible), it falls back under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from prometheus_client import CollectorRegistry
+
+from agent.backoff import Backoff
+from agent.collector import ProgressCollector
+from agent.compliance import controls as c
+from agent.config import AgentConfig
+from agent.configbase import Secret
+from agent.lab import Lab
+from agent.supervise import StreamTask, run_stream
+from replicators.keys import KeyProvider, build_key_provider
+from replicators.metrics import Metrics
+from replicators.pair import lab_shipper
+from replicators.postgres.options import PostgresOptions
+from replicators.postgres.walsource import WalSource
+from replicators.s3 import S3Store
+from replicators.store import ObjectInfo, ObjectStore
+from replicators.vault import Vault
+from tests.support import eventually
+
+pytestmark = pytest.mark.lab
+
+BROKEN_FOR = 4.0  # seconds a stream stays broken before the RPO is checked
+
+
+class Switch:
+    """An ``ObjectStore`` that forwards every call to whichever real store is plugged in."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def put(self, key: str, data: bytes, **kwargs: Any) -> None:
+        await self.store.put(key, data, **kwargs)
+
+    async def get(self, key: str) -> bytes:
+        return await self.store.get(key)
+
+    async def stat(self, key: str) -> ObjectInfo:
+        return await self.store.stat(key)
+
+    def list(self, prefix: str, *, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        return self.store.list(prefix, start_after=start_after)
+
+    async def delete(self, key: str) -> None:
+        await self.store.delete(key)
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass
+class Rig:
+    lab: Lab
+    cfg: AgentConfig
+    slot: str
+    good: S3Store
+    wrong_secret: S3Store
+    closed_port: S3Store
+    keys: KeyProvider
+    workdir: Path
+
+    def task(self, name: str, store: ObjectStore) -> tuple[StreamTask, Switch]:
+        options = PostgresOptions(dsn=Secret(self.lab.pg_dsn("a"), "test"), slot=self.slot)
+        switch = Switch(store)
+        shipper = lab_shipper(
+            name, "postgres", WalSource(options, "b", name), Vault(switch), self.keys,
+            self.workdir / "shipped.json", max_age=0.1,
+        )  # fmt: skip
+        backoff = Backoff(base=0.2, cap=1.0)
+        return StreamTask(f"{name}->b", shipper, shipper.progress, backoff=backoff), switch
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rig(lab: Lab, cfg_a: AgentConfig, unique: str, tmp_path: Path) -> AsyncIterator[Rig]:
+    vault = cfg_a.peers[0].vault
+    wrong = vault.model_copy(update={"secret_key": Secret("not-the-secret", "test")})
+    closed = vault.model_copy(
+        update={"endpoint": f"http://127.0.0.1:{_free_port()}", "max_attempts": 1}
+    )
+    slot = "dragent_t" + unique.replace("-", "_")[-40:]
+    stores = [await S3Store.open(v) for v in (vault, wrong, closed)]
+    keys = build_key_provider(cfg_a.peers[0].keys)
+    try:
+        yield Rig(lab, cfg_a, slot, *stores, keys, tmp_path)
+    finally:
+        await keys.aclose()
+        for store in stores:
+            await store.aclose()
+        await _sql(lab, _DROP_SLOT, slot)
+
+
+_DROP_SLOT = (
+    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+    "WHERE slot_name = $1 AND NOT active"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _sql(lab: Lab, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(lab.pg_dsn("a"))
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def _dropped(rig: Rig) -> bool:
+    await _sql(rig.lab, _DROP_SLOT, rig.slot)
+    query = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1"
+    return int(await _sql(rig.lab, query, rig.slot)) == 0
+
+
+@contextlib.asynccontextmanager
+async def running(task: StreamTask) -> AsyncIterator[None]:
+    """``run_stream(task)`` until the block ends."""
+    stop = asyncio.Event()
+    job = asyncio.create_task(run_stream(task, stop, Metrics(CollectorRegistry())))
+    try:
+        yield
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await job
+
+
+def gauge(task: StreamTask, policy: Any) -> float:
+    """``dragent_rpo_seconds`` of the task as Prometheus would scrape it."""
+    collector = ProgressCollector("a", lambda: [task], lambda: "active", lambda: 1, lambda: policy)
+    for family in collector.collect():
+        if family.name == "dragent_rpo_seconds":
+            return float(family.samples[0].value)
+    raise AssertionError("no dragent_rpo_seconds")
+
+
+def rpo_control(cfg: AgentConfig, live_rpo: Mapping[str, float]) -> str:
+    facts = c.Facts(
+        now=time.time(), policy=cfg.policy, streams=list(live_rpo), peers=["b"], entries=[],
+        live_rpo=live_rpo,
+    )  # fmt: skip
+    return next(r.status for r in c.evaluate(facts) if r.control == "rpo-within-target")
+
+
+def healthy(task: StreamTask) -> bool:
+    return task.state == "running" and task.progress.rpo(time.time()) < 1.0
+
+
+async def assert_rpo_grows(task: StreamTask, cfg: AgentConfig, states: tuple[str, ...]) -> None:
+    """While broken, the gauge, the snapshot and the control all follow the wall clock."""
+    stream = task.progress.stream
+    first_at, first = time.time(), gauge(task, cfg.policy)
+    await asyncio.sleep(BROKEN_FOR)
+    assert task.state in states, (task.state, task.last_error)
+    now, later = time.time(), gauge(task, cfg.policy)
+    assert later >= BROKEN_FOR, (later, task.last_error)
+    assert later - first == pytest.approx(now - first_at, abs=0.5)  # grows with wall time
+    snapshot = task.progress.snapshot(time.time())
+    assert float(snapshot["rpo_seconds"]) >= later  # type: ignore[arg-type]
+    policy = cfg.policy.model_copy(update={"default_rpo_seconds": 1.0, "rpo_seconds": {}})
+    assert rpo_control(cfg.model_copy(update={"policy": policy}), {stream: later}) == "fail"
+
+
+async def test_rpo_grows_while_the_vault_refuses_or_is_unreachable(rig: Rig, unique: str) -> None:
+    # an agent (re)started with a wrong secret: nothing was ever captured in this process
+    task, switch = rig.task(unique, rig.wrong_secret)
+    async with running(task):
+        await assert_rpo_grows(task, rig.cfg, ("retrying",))
+        assert "AccessDenied" in (task.last_error or "")
+        switch.store = rig.good
+        await eventually(lambda: healthy(task), within=30)
+
+        # then the vault becomes unreachable mid-stream, with the primary taking writes
+        await _sql(rig.lab, "SELECT pg_logical_emit_message(false, 'rpo-test', 'x')")
+        switch.store = rig.closed_port
+        await assert_rpo_grows(task, rig.cfg, ("retrying",))
+        switch.store = rig.good
+        await eventually(lambda: healthy(task), within=30)
+
+
+async def test_rpo_grows_after_the_slot_is_dropped_while_the_stream_is_down(
+    rig: Rig, unique: str
+) -> None:
+    task, _ = rig.task(unique, rig.good)
+    async with running(task):
+        await eventually(lambda: healthy(task), within=30)
+    # down (its walsender gone): drop the slot, and let the primary move on to later WAL files
+    await task.runner.source.aclose()  # type: ignore[attr-defined]
+    await eventually(lambda: _dropped(rig), within=10)
+    for _ in range(2):
+        await _sql(rig.lab, "SELECT pg_logical_emit_message(false, 'rpo-test', 'x')")
+        await _sql(rig.lab, "SELECT pg_switch_wal()::text")
+    await _sql(rig.lab, "CHECKPOINT")
+    async with running(task):
+        await assert_rpo_grows(task, rig.cfg, ("retrying",))
+        assert "no longer holds WAL" in (task.last_error or ""), task.last_error
