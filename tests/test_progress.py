@@ -7,6 +7,7 @@ import pytest
 from agent.backoff import Backoff
 from agent.logs import RateLimited
 from replicators.errors import IntegrityError
+from replicators.postgres.walsource import LsnClock
 from replicators.progress import StreamProgress
 from replicators.sink import check_continuity
 from replicators.stream import Applied
@@ -225,3 +226,15 @@ def test_segment_names_sort_as_the_log() -> None:
     assert SegmentRef.parse(SegmentRef(3, 42, "wal").key) == SegmentRef(3, 42, "wal")
     with pytest.raises(IntegrityError):
         SegmentRef.parse("streams/wal/3/42.seg")
+
+
+def test_an_idle_primary_is_proven_by_its_insert_lsn_samples() -> None:
+    clock = LsnClock()
+    p = _progress(started_at=0.0)
+    p.source_head = clock.latest
+    p.resumed(position=500, source_time=1.0, now=2.0)
+    for i in range(10):  # idle: the insert LSN stays at the durable end
+        clock.add(500, 2.0 + i * 0.1)
+        assert p.rpo(now=2.05 + i * 0.1) == pytest.approx(0.05)
+    clock.add(600, 3.0)  # a write the shipper has not captured
+    assert p.rpo(now=4.0) == pytest.approx(1.1)  # from the last sample within durable, t=2.9
