@@ -45,7 +45,9 @@ class ProgressCollector(Collector):
         yield GaugeMetricFamily("dragent_epoch", "Current failover epoch.", value=self._epoch())
         rpo = GaugeMetricFamily(
             "dragent_rpo_seconds",
-            "Measured RPO: age of the oldest change not yet durable in the destination.",
+            "Measured RPO: now minus the newest proof that every change was durable in the "
+            "destination, or the age of the oldest change known not to be; grows while the "
+            "stream is not running.",
             labels=["stream", "peer"],
         )
         target = GaugeMetricFamily(
