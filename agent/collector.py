@@ -39,7 +39,7 @@ class ProgressCollector(Collector):
         info = GaugeMetricFamily(
             "dragent_role", "1 for the role this agent holds.", labels=["role"]
         )
-        for role in ("active", "passive"):
+        for role in ("active", "passive", "fenced"):
             info.add_metric([role], 1.0 if self._role() == role else 0.0)
         yield info
         yield GaugeMetricFamily("dragent_epoch", "Current failover epoch.", value=self._epoch())

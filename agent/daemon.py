@@ -64,7 +64,7 @@ class Agent(StatusSource):
             ProgressCollector(
                 cfg.region,
                 lambda: self.tasks,
-                lambda: self._effective().role,
+                lambda: self._mode(),
                 lambda: self._epoch(),
                 lambda: self.cfg.policy,
             )
@@ -88,7 +88,7 @@ class Agent(StatusSource):
         now = time.time()
         return {
             "region": self.cfg.region,
-            "role": self._effective().role,
+            "role": self._mode(),
             "epoch": self._epoch(),
             "failover": self.coordinator.status() if self.coordinator else None,
             "generation": self.generation,
@@ -110,6 +110,8 @@ class Agent(StatusSource):
         return True, "event loop responsive"
 
     def ready(self) -> tuple[bool, str]:
+        if self._mode() == "fenced":
+            return False, "fenced: no stream runs until this region holds the lease again"
         if not self.tasks and self.cfg.streams:
             return False, "streams not started"
         waiting = [t.name for t in self.tasks if t.state != "running"]
@@ -141,12 +143,17 @@ class Agent(StatusSource):
     def _epoch(self) -> int:
         return self.coordinator.epoch if self.coordinator else EPOCH
 
+    def _mode(self) -> str:
+        """active, passive, or fenced (holds or held the lease but must not write)."""
+        return self.coordinator.mode if self.coordinator else self.cfg.role
+
     async def _follow_role(self, coordinator: Coordinator) -> None:
-        """Each role or epoch change rebuilds the streams, like a reload."""
+        """Each change of mode (active, fenced, passive) or epoch rebuilds the streams,
+        like a reload; becoming fenced cancels them at once (nothing more is shipped)."""
         while True:
-            role, epoch = await coordinator.role_changed()
-            self.log.info("role from the coordinator", role=role, epoch=epoch)
-            self._events.put_nowait("role")
+            mode, epoch = await coordinator.role_changed()
+            self.log.info("role from the coordinator", mode=mode, epoch=epoch)
+            self._events.put_nowait("fence" if mode == "fenced" else "role")
 
     async def _start_coordinator(
         self, tg: asyncio.TaskGroup, stop: asyncio.Event
@@ -206,6 +213,9 @@ class Agent(StatusSource):
             gen = asyncio.create_task(self._generation(self._effective(), stop))
             event = await self._next_event(gen)
             stop.set()
+            if event == "fence":
+                self.log.warning("fenced: cancelling every stream, nothing more is shipped")
+                gen.cancel()
             drained = await self._drain(gen)
             if event == "stop" or event == "failed":
                 return 0 if drained and event == "stop" else 1
@@ -224,6 +234,8 @@ class Agent(StatusSource):
                 return "stop"
             if event == "role":
                 return "reload"
+            if event == "fence":
+                return "fence"
             self.notifier.reloading()
             if self._reload():
                 return "reload"
@@ -268,14 +280,19 @@ class Agent(StatusSource):
 
     async def _generation(self, cfg: AgentConfig, stop: asyncio.Event) -> None:
         async with AsyncExitStack() as stack:
-            self.tasks = await build_tasks(
-                cfg, self.metrics, stack, self.store_metrics, epoch=self._epoch()
-            )
+            if self._mode() == "fenced":
+                self.tasks = []  # a fenced region runs no source, shipper, sink or job
+            else:
+                self.tasks = await build_tasks(
+                    cfg, self.metrics, stack, self.store_metrics, epoch=self._epoch()
+                )
             self.notifier.ready(self._summary())
             self.log.info("streams starting", role=cfg.role, streams=[t.name for t in self.tasks])
             async with asyncio.TaskGroup() as tg:
                 for task in self.tasks:
                     tg.create_task(run_stream(task, stop, self.metrics), name=task.name)
+                if not self.tasks:  # nothing to run (fenced): the generation lasts anyway
+                    tg.create_task(stop.wait())
 
     def _summary(self) -> str:
         return f"{self.cfg.region} {self.cfg.role}: {len(self.cfg.streams)} streams"

@@ -130,9 +130,10 @@ class FencingBudget:
     lease's TTL as etcd grants it, less a margin.
 
     - ``fence_after``: silence tolerated before deciding to fence;
-    - ``renew_interval``: the decision cycle that notices may start that much later;
-    - ``dial_timeout``: that cycle's etcd call may hang this long first (one
-      deadline covers the renewal and the read of a cycle);
+    - ``renew_interval``: the decision cycle that notices may start that much later
+      (or ``dial_timeout``, if longer: a cycle lasts at least its failed renewal);
+    - ``dial_timeout``: that cycle's renewal may hang this long first (a failed
+      renewal skips the cycle's read);
     - ``fence_timeout``: the fencing itself;
     - ``margin``: 10 % of the TTL, at least 0.5 s (scheduling, a loaded host).
     """
@@ -149,7 +150,8 @@ class FencingBudget:
 
     @property
     def worst_case(self) -> float:
-        return self.fence_after + self.renew_interval + self.dial_timeout + self.fence_timeout
+        cycle = max(self.renew_interval, self.dial_timeout)
+        return self.fence_after + cycle + self.dial_timeout + self.fence_timeout
 
     @property
     def ok(self) -> bool:

@@ -18,7 +18,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -31,6 +31,7 @@ from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
 from agent.coordination.takeover import LeaseLost, Takeover, until
 from agent.switch.base import build_switch
 
+Mode = Literal["active", "fenced", "passive"]
 PAGE_EVERY = 300.0
 READINESS_EVERY = 15.0
 
@@ -61,7 +62,7 @@ class Coordinator:
         )
         self.role: Role = "passive"
         self.epoch = 0
-        self.fenced = False
+        self._fenced = False
         self.holding = False
         self.renewed_at: float | None = None
         self.lease_lost = False  # etcd said the held lease no longer exists
@@ -76,19 +77,19 @@ class Coordinator:
         self._caller: asyncio.AbstractEventLoop | None = None
         self._changed = asyncio.Event()
         self._decided = asyncio.Event()
-        self._reported: tuple[Role, int] = ("passive", 0)
+        self._reported: tuple[Mode, int] = ("passive", 0)
         self._pages = logs.RateLimited(PAGE_EVERY)
         self._warnings = logs.RateLimited(30.0)
         self.log = logs.get("failover", region=cfg.region)
 
     # -- daemon interface -------------------------------------------------------------
-    async def role_changed(self) -> tuple[Role, int]:
-        """Wait until role or epoch differ from what was last reported (by this or
-        by ``wait_decided``); return the new ones."""
+    async def role_changed(self) -> tuple[Mode, int]:
+        """Wait until mode (active, fenced or passive) or epoch differ from what was
+        last reported (by this or by ``wait_decided``); return the new ones."""
         while True:
             await self._changed.wait()
             self._changed.clear()
-            now = (self.role, self.epoch)
+            now = (self.mode, self.epoch)
             if now != self._reported:
                 self._reported = now
                 return now
@@ -98,7 +99,7 @@ class Coordinator:
         bounds it with ``asyncio.timeout`` and starts passive if it expires. The
         role at that moment counts as reported to ``role_changed``."""
         await self._decided.wait()
-        self._reported = (self.role, self.epoch)
+        self._reported = (self.mode, self.epoch)
 
     def effective(self, cfg: AgentConfig) -> AgentConfig:
         """``cfg`` with the role this coordinator decided (the file's role only
@@ -109,11 +110,33 @@ class Coordinator:
     def writable(self) -> bool:
         return self.role == "active" and not self.fenced
 
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
+    @fenced.setter
+    def fenced(self, value: bool) -> None:
+        """Set when this region's database is (or is no longer) fenced; a holder's
+        change of it is a change of mode that the daemon follows."""
+        before = self.mode
+        self._fenced = value
+        if self.mode != before:
+            self._signal(self._changed)
+
+    @property
+    def mode(self) -> Mode:
+        """``active`` (holds the lease, writes), ``fenced`` (holds or held it but must
+        not write: it ships nothing) or ``passive``."""
+        if self.role == "active":
+            return "fenced" if self._fenced else "active"
+        return "passive"
+
     def status(self) -> dict[str, Any]:
         view = self.view
         return {
             "region": self.region,
             "role": self.role,
+            "mode": self.mode,
             "epoch": self.epoch,
             "fenced": self.fenced,
             "holding_lease": self.holding,
@@ -211,9 +234,15 @@ class Coordinator:
                     await stop.wait()
 
     async def _initial_fence_state(self) -> None:
+        """Read whether this region's database is fenced (read-only mode): at start and
+        with every probe, so a fence left behind by someone else (a refused switchover,
+        an operator) is seen, shown and decided on (a holder unfences, a follower fences)."""
         if self.f.postgres_dsn and self.f.fencing == "read-only":
-            with contextlib.suppress(fencing.FencingError, OSError, asyncpg.PostgresError):
-                self.fenced = await fencing.is_fenced(self.f.postgres_dsn)
+            with contextlib.suppress(
+                fencing.FencingError, OSError, asyncpg.PostgresError, TimeoutError
+            ):
+                async with asyncio.timeout(self.f.probe_timeout):
+                    self.fenced = await fencing.is_fenced(self.f.postgres_dsn)
 
     # -- one cycle --------------------------------------------------------------------
     async def observe(self) -> Observation:
@@ -221,14 +250,14 @@ class Coordinator:
         the coordination keys. etcd failures become ``etcd_ok=False``."""
         etcd_ok = True
         try:
-            # one deadline for the cycle's etcd calls: the fencing budget counts one
-            async with asyncio.timeout(self.cfg.etcd.dial_timeout):
-                if self.holding:
-                    await self._renew()
-                self.view = await self.lease.view()
-        except (EtcdUnavailable, TimeoutError) as exc:
+            # each call has dial_timeout; a failed renewal skips the read, so a cycle
+            # that cannot renew decides within one dial_timeout (the fencing budget)
+            if self.holding:
+                await self._renew()
+            self.view = await self.lease.view()
+        except EtcdUnavailable as exc:
             etcd_ok = False
-            self._warn("etcd unavailable", str(exc) or "deadline exceeded")
+            self._warn("etcd unavailable", str(exc))
         view = self.view or ClusterView(None, 0, 0, 0, None, False, None)
         self.lag = await self._lag(view.last_leader)
         return Observation(
@@ -490,6 +519,7 @@ class Coordinator:
             self.peers.probe_all(time.monotonic()),
         )
         self.own_checks = [c.public() for c in own]
+        await self._initial_fence_state()  # what the database says, not what was assumed
         health = {
             "at": time.time(),
             "role": self.role,

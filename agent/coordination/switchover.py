@@ -28,7 +28,7 @@ from typing import Any
 from agent.config import AgentConfig
 from agent.coordination import events, fencing
 from agent.coordination.coordinator import Coordinator
-from agent.coordination.lease import EtcdLease
+from agent.coordination.lease import EtcdLease, EtcdUnavailable
 from agent.coordination.takeover import CatchUpError, Takeover, current_lsn, wait_lsn
 from replicators.errors import DragentError
 
@@ -122,7 +122,12 @@ async def _run(
         try:
             await wait_lsn(dsn, lsn, within)
         except CatchUpError as exc:
-            raise SwitchoverError(str(exc)) from None
+            outcome = await put_back(c, old, old_dsn)
+            record = run.record("switchover", refused=str(exc), outcome=outcome)
+            events.write_local(c.cfg.data_dir, record)
+            await events.to_evidence(c.cfg, record)
+            await events.notify(c.f.notify, record)
+            raise SwitchoverError(f"{exc}; {outcome}") from None
     run.epoch = await hand_over(c.lease, c.region, force=force)
     run.mark("acquired")
     if planned:
@@ -135,6 +140,26 @@ async def _run(
     record = run.record(kind, rpo_seconds=0.0 if planned else None)
     await c.publish(record)
     return record
+
+
+async def put_back(c: Coordinator, old: str, old_dsn: str) -> str:
+    """After a refused switchover: unfence the old primary if its region still holds
+    the lease (nothing was handed over), else leave it fenced. Returns what was done,
+    as read back from the database."""
+    try:
+        view = await c.lease.view()
+    except EtcdUnavailable:
+        return f"{old}'s primary stays fenced: etcd did not say who holds the lease"
+    if view.leader != old:
+        return f"{old}'s primary stays fenced: the lease is held by {view.leader or 'nobody'}"
+    try:
+        await fencing.unfence(old_dsn)
+        fenced = await fencing.is_fenced(old_dsn)
+    except fencing.FencingError as exc:
+        return f"{old}'s primary could not be unfenced ({exc}): its agent retries"
+    if fenced:
+        return f"{old}'s primary still reads default_transaction_read_only = on"
+    return f"{old}'s primary unfenced: it holds the lease and takes writes again"
 
 
 def describe(record: dict[str, Any]) -> Sequence[str]:
