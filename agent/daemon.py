@@ -279,9 +279,13 @@ class Agent(StatusSource):
         return True
 
     async def _generation(self, cfg: AgentConfig, stop: asyncio.Event) -> None:
+        fenced = self._mode() == "fenced"
         async with AsyncExitStack() as stack:
-            if self._mode() == "fenced":
-                self.tasks = []  # a fenced region runs no source, shipper, sink or job
+            if fenced:
+                # a fenced region runs no source, shipper, sink or job; the last streams stay
+                # listed (state "fenced", no proof taken) so their RPO keeps growing
+                for task in self.tasks:
+                    task.state = "fenced"
             else:
                 self.tasks = await build_tasks(
                     cfg, self.metrics, stack, self.store_metrics, epoch=self._epoch()
@@ -289,10 +293,10 @@ class Agent(StatusSource):
             self.notifier.ready(self._summary())
             self.log.info("streams starting", role=cfg.role, streams=[t.name for t in self.tasks])
             async with asyncio.TaskGroup() as tg:
-                for task in self.tasks:
+                for task in () if fenced else self.tasks:
                     tg.create_task(run_stream(task, stop, self.metrics), name=task.name)
-                if not self.tasks:  # nothing to run (fenced): the generation lasts anyway
-                    tg.create_task(stop.wait())
+                if fenced or not self.tasks:
+                    tg.create_task(stop.wait())  # nothing runs: the generation lasts anyway
 
     def _summary(self) -> str:
         return f"{self.cfg.region} {self.cfg.role}: {len(self.cfg.streams)} streams"

@@ -64,7 +64,8 @@ async def test_a_fenced_holder_ships_nothing_and_says_fenced(
     try:
         await eventually(lambda: role(a, "fenced"), within=15)
         status = await a.status()
-        assert status is not None and status["streams"] == []
+        assert status is not None and [s["state"] for s in status["streams"]] == ["fenced"]
+        rpo = status["streams"][0]["rpo_seconds"]
         assert status["failover"]["fenced"] and status["failover"]["mode"] == "fenced"
         text = await metrics(a.url)
         assert 'dragent_role{role="fenced"} 1.0' in text
@@ -77,6 +78,8 @@ async def test_a_fenced_holder_ships_nothing_and_says_fenced(
             await conn.close()
         await asyncio.sleep(3.0)
         assert await vault_refs(lab, stream) == before, "a fenced region shipped segments"
+        later = await a.status()
+        assert later is not None and later["streams"][0]["rpo_seconds"] >= rpo + 2.5
 
         async def lease_expired() -> bool:  # etcd (b and the witness) let a's lease go
             status = await b.status()
