@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replicators import checkpoint
+from replicators.errors import AlreadyExists, IntegrityError
 from replicators.keys import KeyProvider, unseal
 from replicators.metrics import StreamMetrics
 from replicators.progress import StreamProgress
@@ -71,6 +72,7 @@ class Shipper:
             self.end = int(state["end"])
             durable_time = _source_time(state)
         async for ref in self.vault.segments(self.settings.stream, after=self.last):
+            self._not_stale(ref)
             blob = await self.vault.get_segment(ref)
             opened = await unseal(blob, self.keys, expect_stream=ref.stream, expect_seq=ref.seq)
             self.last, self.end = ref, int(opened.header.end)
@@ -113,13 +115,48 @@ class Shipper:
             created_at=time.time(),
         )
         with self.metrics.put_seconds.time():
-            await self.vault.put_segment(ref, blob)
+            try:
+                await self.vault.put_segment(ref, blob)
+            except AlreadyExists:
+                await self._same_as_published(ref, batch)
         self.last, self.end = ref, batch[-1].end
         await asyncio.to_thread(self._save, batch[-1].source_time)
         await self.source.ack(self.end)
         now = time.time()
         self.progress.durable(self.end, batch[-1].source_time, now, None)
         self.metrics.sealed(records, len(blob), now - batch[0].source_time)
+
+    def _not_stale(self, ref: SegmentRef) -> None:
+        """A segment of a newer epoch in the log means another region holds the lease: this
+        shipper is stale and must write nothing more. Raises ``IntegrityError`` (halts)."""
+        if ref.epoch > self.settings.epoch:
+            raise IntegrityError(
+                f"the vault holds epoch {ref.epoch} and this shipper writes epoch "
+                f"{self.settings.epoch}: a newer lease holder ships this stream",
+                where=f"segment {ref.key}",
+                hint="this region must not ship: check that it is fenced",
+            )
+
+    async def _same_as_published(self, ref: SegmentRef, batch: list[Change]) -> None:
+        """The name was taken. Ours if it holds the same range and records (a PUT retried
+        after its reply was lost): adopt it. Anything else is a second writer of this
+        stream and epoch: raise ``IntegrityError`` (halts, never merges two logs)."""
+        opened = await unseal(
+            await self.vault.get_segment(ref),
+            self.keys,
+            expect_stream=ref.stream,
+            expect_epoch=ref.epoch,
+            expect_seq=ref.seq,
+        )
+        h = opened.header
+        ours = (str(batch[0].start), str(batch[-1].end), [c.payload for c in batch])
+        if (h.start, h.end, opened.records) != ours:
+            raise IntegrityError(
+                f"another shipper published this name with range [{h.start}, {h.end}), this "
+                f"one holds [{batch[0].start}, {batch[-1].end}): two writers of one stream",
+                where=f"segment {ref.key}",
+                hint="run one active agent per stream and destination",
+            )
 
     def _save(self, source_time: float) -> None:
         assert self.last is not None
