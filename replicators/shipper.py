@@ -12,6 +12,13 @@ batch and made it durable proves what the source no longer holds
 (``step_done``); a source may also offer ``head()``, its head read
 independently of capture (``replicators.progress.Head``). Recovering proves
 nothing: it only says where the stream resumes.
+
+The epoch in every name is a fencing token: a shipper that finds a newer
+epoch in the log is stale and halts (``IntegrityError``). A name already
+taken when publishing is adopted only if it holds the same range and records
+(this shipper's own PUT, retried after a lost reply); otherwise a second
+writer of the same stream and epoch exists, and the shipper halts rather
+than merge two logs.
 """
 
 from __future__ import annotations
