@@ -2,7 +2,9 @@
 
 ``verify`` opens every segment (authentication, Merkle root, name against
 header) and checks the chain has no gap or overlap; it exits 1 on the first
-problem and names the segment.
+problem and names the segment. Segments of an epoch that a newer one
+superseded (``replicators.lineage``) are named as stale, left out of the
+chain, and never make the chain fail: sinks quarantine them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from agent.cli import print_json
 from agent.config import AgentConfig
+from replicators import lineage
 from replicators.errors import IntegrityError
 from replicators.keys import build_key_provider, unseal
 from replicators.s3 import S3Store
@@ -21,14 +24,20 @@ from replicators.stream import Applied
 from replicators.vault import Vault
 
 
-async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> tuple[list[dict[str, Any]], str]:
+async def _walk(
+    cfg: AgentConfig, stream: str, verify: bool
+) -> tuple[list[dict[str, Any]], str, list[str]]:
     store = await S3Store.open(cfg.vault)
     keys = build_key_provider(cfg.keys)
     rows: list[dict[str, Any]] = []
     last: Applied | None = None
     problem = ""
     try:
-        async for ref in Vault(store).segments(stream):
+        refs = [ref async for ref in Vault(store).segments(stream)]
+        superseded = set(lineage.stale(refs))
+        for ref in refs:
+            if ref in superseded:
+                continue
             blob = await store.get(ref.key)
             try:
                 opened = await unseal(
@@ -60,13 +69,13 @@ async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> tuple[list[dict[
         await store.aclose()
     if verify and len(rows) >= 100 and sys.stderr.isatty():
         print(file=sys.stderr)
-    return rows, problem
+    return rows, problem, sorted(r.key for r in superseded)
 
 
 async def vault_ls(cfg: AgentConfig, stream: str, as_json: bool) -> int:
-    rows, problem = await _walk(cfg, stream, verify=False)
+    rows, problem, stale = await _walk(cfg, stream, verify=False)
     if as_json:
-        print_json({"segments": rows, "problem": problem or None})
+        print_json({"segments": rows, "problem": problem or None, "stale": stale})
     else:
         print(f"{'epoch':>6} {'seq':>8} {'start':>12} {'end':>12} {'records':>8} {'bytes':>10}")
         for r in rows:
@@ -76,12 +85,14 @@ async def vault_ls(cfg: AgentConfig, stream: str, as_json: bool) -> int:
             )
         if problem:
             print(f"problem: {problem}")
+        for key in stale:
+            print(f"stale (superseded epoch, quarantined): {key}")
     return 1 if problem else 0
 
 
 async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
     started = time.monotonic()
-    rows, problem = await _walk(cfg, stream, verify=True)
+    rows, problem, stale = await _walk(cfg, stream, verify=True)
     summary = {
         "stream": stream,
         "segments": len(rows),
@@ -90,6 +101,7 @@ async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
         "end": rows[-1]["end"] if rows else None,
         "ok": not problem,
         "problem": problem or None,
+        "stale": stale,
         "seconds": round(time.monotonic() - started, 3),
     }
     if as_json:
@@ -100,4 +112,6 @@ async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
             f"{stream}: {summary['segments']} segments, {summary['records']} records, "
             f"positions [{summary['first']}, {summary['end']}) — {verdict}"
         )
+        for key in stale:
+            print(f"  stale (superseded epoch, quarantined by sinks): {key}")
     return 0 if not problem else 1

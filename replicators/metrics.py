@@ -92,3 +92,8 @@ class StreamMetrics:
     def rejected(self) -> None:
         stream, peer = self._labels
         self._m.segments.labels(stream, peer, "rejected").inc()
+
+    def quarantined(self) -> None:
+        """A stale segment (an older epoch superseded by a newer one) was refused."""
+        stream, peer = self._labels
+        self._m.segments.labels(stream, peer, "quarantined").inc()

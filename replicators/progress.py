@@ -56,6 +56,8 @@ class StreamProgress:
     marks: dict[Stage, Mark] = field(default_factory=dict)
     oldest_pending_time: float | None = None
     halted: str | None = None
+    quarantined: dict[str, str] = field(default_factory=dict)
+    """Segments refused as stale (key -> why): written under an epoch a newer one superseded."""
     source_pending: Callable[[], float | None] | None = None
     """Source time of the oldest change still inside the source (not yet batched)."""
     source_head: Callable[[], Head | None] | None = None
@@ -170,4 +172,5 @@ class StreamProgress:
         out["proven_at"] = self.proven_at if source else None
         out["apply_lag_seconds"] = self.lag("applied", now) if self.side == "sink" else None
         out["halted"] = self.halted
+        out["quarantined"] = dict(self.quarantined)
         return out

@@ -6,6 +6,13 @@ Merkle root, its name against its header), checks continuity with the last
 applied segment (next seq, start where the previous ended), and applies it.
 Nothing is applied from a segment that fails any check: the sink raises
 ``IntegrityError`` and the stream halts until an operator acts.
+
+The epoch is a fencing token here too (``replicators.lineage``): a segment of
+an older epoch that a newer epoch supersedes is *quarantined* — never
+applied, counted (``dragent_segments_total{result="quarantined"}``), logged
+and listed in ``/status``. Every ``LATE_CHECK_EVERY`` seconds the sink also
+lists the older epochs it has seen end, from their boundary on, to find
+stale segments published after it moved past them.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from agent import logs
+from replicators import lineage
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, unseal
 from replicators.metrics import StreamMetrics
@@ -21,6 +30,8 @@ from replicators.progress import StreamProgress
 from replicators.segment import SegmentHeader
 from replicators.stream import Applied, Target
 from replicators.vault import SegmentRef, Vault
+
+LATE_CHECK_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,14 @@ def check_continuity(last: Applied | None, ref: SegmentRef, header: SegmentHeade
     if ref.epoch < last.ref.epoch:
         raise IntegrityError(
             f"epoch {ref.epoch} is older than applied {last.ref.epoch}", where=where
+        )
+    if ref.epoch > last.ref.epoch and ref.seq <= last.ref.seq:
+        raise IntegrityError(
+            f"epoch {ref.epoch} begins at seq {ref.seq}, but seq {ref.seq}..{last.ref.seq} "
+            f"of epoch {last.ref.epoch} were applied: they came from a holder that had lost "
+            "the lease and the target diverged",
+            where=where,
+            hint="re-seed the target from the new primary",
         )
     if ref.seq != last.ref.seq + 1:
         raise IntegrityError(f"gap: expected seq {last.ref.seq + 1}, found {ref.seq}", where=where)
@@ -63,26 +82,59 @@ class Sink:
         self.progress = progress
         self.metrics = metrics
         self.last: Applied | None = None
+        self.first_seqs: dict[int, int] = {}  # epoch -> first seq seen (lineage)
+        self._late_checked = 0.0
+        self.log = logs.get("sink", stream=settings.stream)
 
     async def recover(self) -> None:
         self.last = await self.target.state()
         if self.last is not None:
+            self.first_seqs.setdefault(self.last.ref.epoch, self.last.ref.seq)
             now = time.time()
             for stage in ("durable", "applied", "verified"):
                 self.progress.advance(stage, self.last.end, self.last.source_time, now)
 
     async def sync_once(self, stop: asyncio.Event) -> int:
-        """Apply every new segment in order; returns how many were applied."""
+        """Apply every new segment in order, quarantining stale ones; returns how many
+        were applied."""
         applied = 0
         after = self.last.ref if self.last else None
-        async for ref in self.vault.segments(self.settings.stream, after=after):
+        refs = [ref async for ref in self.vault.segments(self.settings.stream, after=after)]
+        for epoch, seq in lineage.first_seqs(refs).items():
+            self.first_seqs[epoch] = min(seq, self.first_seqs.get(epoch, seq))
+        bounds = lineage.boundaries(self.first_seqs)
+        for ref in refs:
             if stop.is_set():
                 break
+            if lineage.is_stale(ref, bounds):
+                self._quarantine(ref, bounds[ref.epoch])
+                continue
             await self._apply(ref)
             applied += 1
+        if time.monotonic() - self._late_checked >= LATE_CHECK_EVERY:
+            self._late_checked = time.monotonic()
+            await self._find_late(bounds)
         return applied
 
+    async def _find_late(self, bounds: dict[int, int]) -> None:
+        """Stale segments of older epochs published after this sink moved past them."""
+        for epoch, from_seq in bounds.items():
+            async for ref in self.vault.epoch_segments(self.settings.stream, epoch, from_seq):
+                self._quarantine(ref, from_seq)
+
+    def _quarantine(self, ref: SegmentRef, from_seq: int) -> None:
+        if ref.key in self.progress.quarantined:
+            return
+        why = (
+            f"stale: epoch {ref.epoch} was superseded from seq {from_seq} on by a newer "
+            "epoch (written by a holder that had lost the lease)"
+        )
+        self.progress.quarantined[ref.key] = why
+        self.metrics.quarantined()
+        self.log.error("segment quarantined", segment=ref.key, reason=why)
+
     async def _apply(self, ref: SegmentRef) -> None:
+        self.first_seqs.setdefault(ref.epoch, ref.seq)
         blob = await self.vault.get_segment(ref)
         try:
             opened = await unseal(

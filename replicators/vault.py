@@ -63,3 +63,13 @@ class Vault:
         async for info in self.store.list(prefix, start_after=after.key if after else None):
             if _NAME.match(info.key):
                 yield SegmentRef.parse(info.key)
+
+    async def epoch_segments(
+        self, stream: str, epoch: int, from_seq: int
+    ) -> AsyncIterator[SegmentRef]:
+        """Yield the stream's segments of one epoch from ``from_seq`` on, in order."""
+        prefix = f"streams/{stream}/{epoch:010d}/"
+        after = SegmentRef(epoch, from_seq - 1, stream).key if from_seq > 0 else None
+        async for info in self.store.list(prefix, start_after=after):
+            if _NAME.match(info.key):
+                yield SegmentRef.parse(info.key)

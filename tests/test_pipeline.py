@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,3 +248,46 @@ async def test_a_shipper_of_an_older_epoch_halts_on_a_newer_one_in_the_log(rig: 
     stale = rig.shipper(state="stale")
     with pytest.raises(IntegrityError, match="a newer lease holder ships this stream"):
         await stale.recover()
+
+
+async def test_segments_of_a_superseded_epoch_are_quarantined_never_applied(
+    rig: Rig, cfg_b: AgentConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A holder of epoch 1 keeps shipping after epoch 2 began at the seq after the last one
+    the new holder adopted: its segments, listed before or after the sink moved on, are
+    quarantined (counted, named in /status), and the log applies without a gap."""
+    import dataclasses
+
+    from replicators import sink as sink_module
+
+    old = rig.shipper(rate=1000.0)
+    await ship_for(old, 0.3)
+    adopted = (rig.workdir / "shipped.json").read_text()
+    (rig.workdir / "new.json").write_text(adopted)
+    new = rig.shipper(rate=1000.0, state="new")
+    new.settings = dataclasses.replace(new.settings, epoch=2)
+    await ship_for(new, 0.3)
+    # the old holder, paused before and unaware, publishes once more (no recover)
+    assert await old.sync_once(asyncio.Event())
+    stale_key = old.last.key if old.last else ""
+    assert stale_key.split("/")[2] == f"{1:010d}"
+    sink, target = rig.sink()
+    await sink.recover()
+    await sink.sync_once(asyncio.Event())
+    assert list(sink.progress.quarantined) == [stale_key]
+    assert indices(target) == list(range(new.end))
+    # it publishes again, after the sink moved past epoch 1: found by the late check
+    assert await old.sync_once(asyncio.Event())
+    late_key = old.last.key if old.last else ""
+    sink._late_checked -= sink_module.LATE_CHECK_EVERY
+    await sink.sync_once(asyncio.Event())
+    assert list(sink.progress.quarantined) == [stale_key, late_key]
+    assert sink.metrics._m.segments.labels(rig.stream, "vault", "quarantined")._value.get() == 2
+    assert indices(target) == list(range(new.end))
+    # dragent vault verify names both and still verifies the chain
+    from agent.vaultcmd import vault_verify
+
+    capsys.readouterr()
+    assert await vault_verify(cfg_b, rig.stream, as_json=True) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["stale"] == [stale_key, late_key]
