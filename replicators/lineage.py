@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from replicators.errors import IntegrityError
+from replicators.segment import SegmentHeader
+from replicators.stream import Applied
 from replicators.vault import SegmentRef
 
 
@@ -53,3 +56,28 @@ def stale(refs: Iterable[SegmentRef], known: dict[int, int] | None = None) -> li
         first[epoch] = min(seq, first.get(epoch, seq))
     bounds = boundaries(first)
     return [r for r in refs if is_stale(r, bounds)]
+
+
+def check_continuity(last: Applied | None, ref: SegmentRef, header: SegmentHeader) -> None:
+    """Raise ``IntegrityError`` unless ``ref`` follows ``last`` with no gap or overlap."""
+    where = f"segment {ref.key}"
+    if last is None:
+        return
+    if ref.epoch < last.ref.epoch:
+        raise IntegrityError(
+            f"epoch {ref.epoch} is older than applied {last.ref.epoch}", where=where
+        )
+    if ref.epoch > last.ref.epoch and ref.seq <= last.ref.seq:
+        raise IntegrityError(
+            f"epoch {ref.epoch} begins at seq {ref.seq}, but seq {ref.seq}..{last.ref.seq} "
+            f"of epoch {last.ref.epoch} were applied: they came from a holder that had lost "
+            "the lease and the target diverged",
+            where=where,
+            hint="re-seed the target from the new primary",
+        )
+    if ref.seq != last.ref.seq + 1:
+        raise IntegrityError(f"gap: expected seq {last.ref.seq + 1}, found {ref.seq}", where=where)
+    if int(header.start) != last.end:
+        raise IntegrityError(
+            f"gap: segment starts at {header.start}, previous ended at {last.end}", where=where
+        )

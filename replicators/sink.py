@@ -25,9 +25,9 @@ from agent import logs
 from replicators import lineage
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, unseal
+from replicators.lineage import check_continuity
 from replicators.metrics import StreamMetrics
 from replicators.progress import StreamProgress
-from replicators.segment import SegmentHeader
 from replicators.stream import Applied, Target
 from replicators.vault import SegmentRef, Vault
 
@@ -38,31 +38,6 @@ LATE_CHECK_EVERY = 10.0
 class SinkSettings:
     stream: str
     origin: str
-
-
-def check_continuity(last: Applied | None, ref: SegmentRef, header: SegmentHeader) -> None:
-    """Raise ``IntegrityError`` unless ``ref`` follows ``last`` with no gap or overlap."""
-    where = f"segment {ref.key}"
-    if last is None:
-        return
-    if ref.epoch < last.ref.epoch:
-        raise IntegrityError(
-            f"epoch {ref.epoch} is older than applied {last.ref.epoch}", where=where
-        )
-    if ref.epoch > last.ref.epoch and ref.seq <= last.ref.seq:
-        raise IntegrityError(
-            f"epoch {ref.epoch} begins at seq {ref.seq}, but seq {ref.seq}..{last.ref.seq} "
-            f"of epoch {last.ref.epoch} were applied: they came from a holder that had lost "
-            "the lease and the target diverged",
-            where=where,
-            hint="re-seed the target from the new primary",
-        )
-    if ref.seq != last.ref.seq + 1:
-        raise IntegrityError(f"gap: expected seq {last.ref.seq + 1}, found {ref.seq}", where=where)
-    if int(header.start) != last.end:
-        raise IntegrityError(
-            f"gap: segment starts at {header.start}, previous ended at {last.end}", where=where
-        )
 
 
 class Sink:

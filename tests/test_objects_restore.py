@@ -12,11 +12,12 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.lab import Lab
 from agent.lab.seaweed import ensure_buckets
+from replicators.errors import IntegrityError
 from replicators.keys import build_key_provider
 from replicators.objects.bucket import Bucket
 from replicators.objects.restore import restore
 from replicators.s3 import S3Store
-from replicators.vault import Vault
+from replicators.vault import SegmentRef, Vault
 from tests.support import eventually
 from tests.test_objects_rig import Rig, options, same, snapshot
 
@@ -62,6 +63,13 @@ async def test_restore_a_prefix_to_a_time_in_the_past(
             assert (await into.head("p/3")).metadata == {"gen": "1"}
             assert (await into.head("p/3")).content_type == "text/plain"
             await _through_the_cli(lab, tmp_path, unique, at, then)
+            # an old segment copied under the next name (a replay of old puts) fails loudly
+            vault = Vault(store)
+            refs = [r async for r in vault.segments(unique)]
+            renamed = SegmentRef(refs[-1].epoch, refs[-1].seq + 1, unique)
+            await store.put(renamed.key, await vault.get_segment(refs[0]))
+            with pytest.raises(IntegrityError, match="seq"):
+                await restore(vault, keys, unique, "p/", time.time_ns(), into, progress=False)
         finally:
             await keys.aclose()
             await store.aclose()

@@ -41,6 +41,20 @@ def test_versions_order_by_time_then_capture_sequence() -> None:
         rec.Version.decode("10")
 
 
+def test_restore_planner_keeps_the_greatest_version_whatever_the_log_order() -> None:
+    from replicators.objects.restore import Planner
+    from replicators.vault import SegmentRef
+
+    planner = Planner("", to_ns=100)
+    new, old = rec.Version(50, 9), rec.Version(40, 3)
+    planner.add(rec.Put("k", new, HEAD, b"new"), SegmentRef(1, 1, "s"), 0)
+    planner.add(rec.Put("k", old, HEAD, b"old"), SegmentRef(1, 2, "s"), 0)  # replayed later
+    planner.add(rec.Delete("k", rec.Version(45, 5)), SegmentRef(1, 3, "s"), 0)
+    assert planner.winners["k"].record.version == new
+    planner.add(rec.Delete("k", rec.Version(60, 10)), SegmentRef(1, 4, "s"), 0)
+    assert isinstance(planner.winners["k"].record, rec.Delete)
+
+
 def test_part_count() -> None:
     assert rec.part_count(0, 5) == 1
     assert rec.part_count(10, 5) == 2

@@ -291,3 +291,25 @@ async def test_segments_of_a_superseded_epoch_are_quarantined_never_applied(
     assert await vault_verify(cfg_b, rig.stream, as_json=True) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["stale"] == [stale_key, late_key]
+
+
+async def test_every_restore_reads_the_log_through_one_checked_walk(rig: Rig) -> None:
+    """replicators.logread: a missing segment is a gap, a copy under another epoch's
+    name is refused, a superseded segment is left out and named."""
+    from replicators.logread import LogWalk
+
+    await ship_for(rig.shipper(), 0.5)
+    refs = await vault_refs(rig)
+    walk = LogWalk(rig.vault, rig.recv_keys, rig.stream)
+    assert [ref async for ref, _ in walk.read()] == refs
+    # a copy of the last segment under epoch 2 and the same seq supersedes it: left out,
+    # and the copy itself is refused (its header says epoch 1)
+    copy = SegmentRef(2, refs[-1].seq, rig.stream)
+    await rig.vault.store.put(copy.key, await rig.vault.get_segment(refs[-1]))
+    with pytest.raises(IntegrityError, match="epoch"):
+        _ = [ref async for ref, _ in walk.read()]
+    assert walk.stale == [refs[-1]]
+    await rig.vault.store.delete(copy.key)
+    await rig.vault.store.delete(refs[1].key)
+    with pytest.raises(IntegrityError, match=f"expected seq {refs[1].seq}"):
+        _ = [ref async for ref, _ in walk.read()]

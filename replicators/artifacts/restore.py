@@ -28,7 +28,8 @@ from replicators.artifacts.assemble import (
 from replicators.artifacts.manifest import Manifest, Tombstone, decode_record, locate
 from replicators.artifacts.packs import damaged_records
 from replicators.errors import IntegrityError
-from replicators.keys import KeyProvider, unseal
+from replicators.keys import KeyProvider
+from replicators.logread import LogWalk
 from replicators.vault import Vault
 
 
@@ -41,14 +42,13 @@ class Catalogue:
 
 
 async def read_catalogue(vault: Vault, keys: KeyProvider, stream: str) -> Catalogue:
-    """Replay the stream's log in ``vault`` (every segment verified in full).
+    """Replay the stream's log in ``vault`` (every segment verified in full, names bound,
+    continuity checked, superseded epochs left out: ``replicators.logread``).
 
     Raises ``IntegrityError`` on a segment or record that fails verification.
     """
     out = Catalogue()
-    async for ref in vault.segments(stream):
-        blob = await vault.get_segment(ref)
-        opened = await unseal(blob, keys, expect_stream=ref.stream, expect_seq=ref.seq)
+    async for _, opened in LogWalk(vault, keys, stream).read():
         for record in opened.records:
             item = decode_record(record)
             key = (item.model, item.version)

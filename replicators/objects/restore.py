@@ -3,11 +3,13 @@
 The vault keeps every segment of an objects stream, so it holds every
 captured version of every key. ``restore`` replays the log in two passes:
 
-1. Read every segment in log order (each one fully verified by ``unseal``)
-   and keep, per key under the prefix, the last record whose version time is
-   at or before ``to`` — a put (inline, or the parts of a large object) or a
-   delete. Only references are kept (segment, record number): memory is
-   O(keys under the prefix), never the objects' bytes.
+1. Read every segment in log order (``replicators.logread``: each one fully
+   verified, its name bound to its header, continuous with the one before,
+   superseded epochs left out) and keep, per key under the prefix, the
+   record of the greatest version whose time is at or before ``to`` — a put
+   (inline, or the parts of a large object) or a delete. Only references
+   are kept (segment, record number): memory is O(keys under the prefix),
+   never the objects' bytes.
 2. Write the winning puts into the target bucket, grouped by segment so a
    segment is fetched once for its inline objects; a large object is
    streamed part by part as a multipart upload. Keys whose last record at
@@ -29,7 +31,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from replicators.errors import IntegrityError
-from replicators.keys import KeyProvider, unseal
+from replicators.keys import KeyProvider
+from replicators.logread import LogWalk
 from replicators.objects import records as rec
 from replicators.objects.bucket import Bucket
 from replicators.vault import SegmentRef, Vault
@@ -62,7 +65,12 @@ class Planner:
         self._partial: dict[str, Winner] = {}
 
     def add(self, record: rec.Record, ref: SegmentRef, n: int) -> None:
+        """Consider one record; of two states of a key the greater version wins, whatever
+        their order in the log."""
         if not record.key.startswith(self.prefix) or record.version.time_ns > self.to_ns:
+            return
+        current = self.winners.get(record.key)
+        if current is not None and record.version < current.record.version:
             return
         if not isinstance(record, rec.Part):
             self.winners[record.key] = Winner(record, [(ref, n)])
@@ -85,13 +93,13 @@ async def plan(
     refs: list[SegmentRef],
     bar: Callable[[int], None] = lambda n: None,
 ) -> tuple[dict[str, Winner], int]:
-    """Pass 1: the winning record of every key under ``prefix`` at ``to_ns``."""
+    """Pass 1: the winning record of every key under ``prefix`` at ``to_ns`` (every
+    segment verified, names bound, continuity checked: ``replicators.logread``)."""
     planner = Planner(prefix, to_ns)
-    for ref in refs:
-        opened = await unseal(await vault.get_segment(ref), keys, expect_stream=stream)
+    walk = LogWalk(vault, keys, stream)
+    async for ref, opened in walk.read(refs, bar):
         for n, raw in enumerate(opened.records):
             planner.add(rec.decode(raw), ref, n)
-        bar(1)
     return planner.winners, len(refs)
 
 
@@ -110,7 +118,8 @@ async def restore(
     for a segment that fails verification or a large object missing parts.
     """
     out = RestoreResult()
-    refs = [r async for r in vault.segments(stream)]
+    walk = LogWalk(vault, keys, stream)
+    refs = await walk.refs()
     with tqdm(
         total=len(refs), desc="reading the log", unit="seg", file=sys.stderr, disable=not progress
     ) as bar:
@@ -130,7 +139,7 @@ async def restore(
         total=len(puts), desc="restoring", unit="obj", file=sys.stderr, disable=not progress
     ) as bar:
         for ref in sorted(by_segment):
-            opened = await unseal(await vault.get_segment(ref), keys, expect_stream=stream)
+            opened = await walk.open(ref)
             for _, n in by_segment[ref]:
                 put = rec.decode(opened.records[n])
                 assert isinstance(put, rec.Put)
@@ -158,8 +167,9 @@ async def _restore_large(
     head = first.head
     upload = await into.start_upload(first.key, head.content_type, head.metadata)
     etags = []
+    walk = LogWalk(vault, keys, stream)
     for number, (ref, n) in enumerate(w.where, start=1):
-        opened = await unseal(await vault.get_segment(ref), keys, expect_stream=stream)
+        opened = await walk.open(ref)
         part = rec.decode(opened.records[n])
         assert isinstance(part, rec.Part)
         etags.append(await into.upload_part(first.key, upload, number, part.body))
