@@ -10,6 +10,9 @@
 - ``dragent ha status|pause|resume --config FILE``: the lease, epoch, last
   failover and every region's published health; pause/resume automation for
   every region at once.
+- ``dragent keeper --config FILE``: the keeper (``agent.coordination.keeper``),
+  a process of its own that fences this region's PostgreSQL when the agent
+  stops petting it (a paused or hung agent).
 
 Exit status: 0 done, 1 refused or failed (the reason on stderr), 2 bad usage.
 """
@@ -49,6 +52,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     ha.add_argument("--config", required=True, type=Path)
     ha.add_argument("--why", default="", help="recorded with a pause")
     ha.set_defaults(func=_cmd_ha)
+    keeper = sub.add_parser(
+        "keeper", help="fence this region's PostgreSQL when the agent stops petting"
+    )
+    keeper.add_argument("--config", required=True, type=Path, help="this region's TOML")
+    keeper.set_defaults(func=_cmd_keeper)
+
+
+def _cmd_keeper(args: argparse.Namespace) -> int:
+    import signal
+
+    from agent.coordination.keeper import Keeper
+
+    cfg = load_config(args.config)
+    path = cfg.failover.keeper_socket
+    if path is None:
+        print(f"dragent: {args.config}: [failover] keeper_socket is not set", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Keeper(cfg.failover, path, cfg.region).run(stop)
+
+    asyncio.run(main())
+    return 0
 
 
 def _postgres_url(cfg: AgentConfig, region: str) -> str | None:

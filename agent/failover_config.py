@@ -109,6 +109,9 @@ class FailoverConfig(Section):
     own_probes: list[str] = []
     switches: list[SwitchConfig] = []
     notify: list[SecretRef] = []
+    # the keeper's Unix socket (agent.coordination.keeper): when set, the coordinator pets
+    # it every cycle and the keeper fences PostgreSQL by itself if the agent goes silent
+    keeper_socket: Path | None = None
     catchup_timeout: PositiveDuration = 30.0
     # replay must stand still this long to count as caught up; a standby fed by a
     # restore_command asks again every wal_retrieve_retry_interval (5 s by default)

@@ -65,17 +65,17 @@ def test_unit_is_a_hardened_notify_service_with_a_watchdog() -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["dragent.service", "dragent-keeper.service"])
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     # The unit names /usr/bin/dragent; verify checks that it is executable, so point it at ours.
-    unit = tmp_path / "dragent.service"
-    unit.write_text(
-        UNIT.read_text().replace("/usr/bin/dragent", str(Path(sys.executable).parent / "dragent"))
-    )
+    unit = tmp_path / name
+    text = (DEPLOY / "systemd" / name).read_text()
+    unit.write_text(text.replace("/usr/bin/dragent", str(Path(sys.executable).parent / "dragent")))
     done = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert "dragent.service" not in done.stderr, done.stderr
+    assert name not in done.stderr, done.stderr
 
 
 def test_env_file_example_names_every_secret_the_examples_use() -> None:

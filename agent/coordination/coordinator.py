@@ -27,6 +27,7 @@ from agent.config import AgentConfig
 from agent.coordination import events, fencing
 from agent.coordination.decide import Action, Decision, Observation, Role, Rules, decide
 from agent.coordination.health import Heartbeat, PeerWatch, probe
+from agent.coordination.keeper import KeeperClient
 from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
 from agent.coordination.takeover import LeaseLost, Takeover, until
 from agent.switch.base import build_switch
@@ -52,6 +53,8 @@ class Coordinator:
         dsn = self.f.postgres_dsn
         self.heartbeat = Heartbeat(dsn, cfg.region, self.f.probe_timeout) if dsn else None
         self.switches = [build_switch(s) for s in self.f.switches]
+        path = self.f.keeper_socket
+        self.keeper = KeeperClient(path, cfg.region) if path else None
         self.catch_up = catch_up
         self.rules = Rules(
             automatic=self.f.automatic,
@@ -147,6 +150,7 @@ class Coordinator:
             "last_heartbeat": self.last_heartbeat,
             "own_checks": self.own_checks,
             "lag_seconds": self.lag,
+            "keeper": None if self.keeper is None else {"reached": self.keeper.ok},
             "readiness": self.readiness,
             "last_failover": self.last_record,
         }
@@ -215,6 +219,8 @@ class Coordinator:
         """Close the database and etcd connections (the lease is left to expire)."""
         if self.heartbeat:
             await self.heartbeat.aclose()
+        if self.keeper:
+            await self.keeper.aclose()
         await self.lease.aclose()
 
     async def _every(
@@ -314,8 +320,22 @@ class Coordinator:
         self.decision = decision
         for action in decision.actions:
             await self._act(action)
+        await self._pet()
         self._signal(self._decided)
         return decision
+
+    async def _pet(self) -> None:
+        """Tell the keeper whether to guard this region, and by when it must fence if no
+        pet follows: when this agent itself would fence for lack of renewals."""
+        if self.keeper is None:
+            return
+        armed = self.writable and self.holding and self.renewed_at is not None
+        left = self.f.fence_after - (time.monotonic() - self.renewed_at) if armed else 0.0
+        try:
+            async with asyncio.timeout(self.f.probe_timeout):
+                await self.keeper.pet(armed, max(0.0, left), self.epoch)
+        except (OSError, TimeoutError) as exc:
+            self._warn("keeper unreachable", f"{type(exc).__name__}: {exc}")
 
     async def _act(self, action: Action) -> None:
         """Run one action; a failure is logged and the next cycle decides again
