@@ -4,11 +4,15 @@
 against the new primary (writing the standby configuration with ``-R``) and,
 when a rewind is impossible (no ``wal_log_hints``/checksums, WAL already
 recycled, a broken data directory), takes a fresh base backup instead. It
-then starts the cluster as a standby and waits until it is ready; the cluster's
-own configuration files (``*.conf`` in the data directory but
-``postgresql.auto.conf``), which both tools overwrite with the new primary's,
-are put back first. Traffic
-moves back with a planned switchover once it has caught up.
+then starts the cluster as a standby and waits until it is ready. The
+cluster's own configuration files (``*.conf`` in the data directory), which
+both tools overwrite with the new primary's, are put back first; of the new
+primary's ``postgresql.auto.conf`` only how to follow it (primary_conninfo,
+primary_slot_name) is kept, never its port or its restore_command (which
+names the other region's spool). The own configuration is saved beside the
+data directory until the re-seed finished, so running it again after a
+failure continues from the right files. Traffic moves back with a planned
+switchover once it has caught up.
 
 ``LocalCluster`` is the cluster a region's config names
 (``postgres_data_dir``, ``postgres_bin_dir``, ``postgres_os_user``); the lab's
@@ -18,6 +22,7 @@ moves back with a planned switchover once it has caught up.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 from pathlib import Path
@@ -121,6 +126,7 @@ async def reseed(
         await _start_standby(cluster, source_dsn)
         # a rewound standby follows at once or never: a short check
         await _check_follows(cluster_dsn, source_dsn, min(within, 8.0))
+        forget_saved(cluster.data_dir)
         return "rewind"
     except (FailbackError, CatchUpError, OSError, asyncpg.PostgresError):
         if not allow_basebackup:
@@ -133,6 +139,7 @@ async def reseed(
         await _check_follows(cluster_dsn, source_dsn, within)
     except CatchUpError as exc:
         raise FailbackError(f"the re-seeded cluster does not follow: {exc}") from None
+    forget_saved(cluster.data_dir)
     return "basebackup"
 
 
@@ -183,27 +190,70 @@ async def _fresh_copy(cluster: Cluster, source_dsn: str) -> None:
     )
 
 
-KEEP = "postgresql.auto.conf"
-"""The one configuration file taken from the new primary (it carries primary_conninfo)."""
+AUTO = "postgresql.auto.conf"
+SAVED = ".dragent-failback-config.json"
+"""Beside the data directory: the cluster's own configuration while a re-seed runs, so
+that a re-seed interrupted after the tools overwrote it starts again from the right one."""
+
+FOLLOW = ("primary_conninfo", "primary_slot_name")
+"""Settings taken from the new primary's copy: how to follow it."""
+ROLE = (*FOLLOW, "restore_command", "archive_cleanup_command", "recovery_end_command")
+"""Settings that say how a cluster follows or archives: never copied from another region
+(a restore_command names that region's spool)."""
 
 
-def _own_config(data_dir: Path) -> dict[str, bytes]:
+def _saved_path(data_dir: Path) -> Path:
+    return data_dir.parent / f"{data_dir.name}{SAVED}"
+
+
+def _own_config(data_dir: Path) -> dict[str, str]:
     """The cluster's own configuration files — every ``*.conf`` at the top of its data
-    directory (postgresql.conf, pg_hba.conf, pg_ident.conf and whatever they include)
-    but ``postgresql.auto.conf``. pg_rewind and pg_basebackup overwrite them with the new
-    primary's (its port, addresses, access rules); a re-seed puts them back."""
-    return {
-        p.name: p.read_bytes()
-        for p in data_dir.glob("*.conf")
-        if p.is_file() and not p.is_symlink() and p.name != KEEP
+    directory (postgresql.conf, pg_hba.conf, postgresql.auto.conf and whatever they
+    include). pg_rewind and pg_basebackup overwrite them with the new primary's (its
+    port, addresses, access rules, its restore_command); a re-seed puts them back.
+    Saved beside the data directory first, and read from there by a re-seed that an
+    interruption left half done."""
+    saved = _saved_path(data_dir)
+    if saved.exists():
+        return dict(json.loads(saved.read_text()))
+    files = {
+        p.name: p.read_text() for p in data_dir.glob("*.conf") if p.is_file() and not p.is_symlink()
     }
+    try:
+        saved.write_text(json.dumps(files))
+        saved.chmod(0o600)
+    except OSError:  # a directory we may not write: the re-seed works, a rerun re-reads
+        pass
+    return files
 
 
-def _restore_config(data_dir: Path, files: dict[str, bytes]) -> None:
+def merge_auto_conf(own: str, new: str) -> str:
+    """``own``'s settings for this cluster's place (port, paths...) without any of the
+    ``ROLE`` settings it had, plus how to follow the new primary from ``new``."""
+    kept = [line for line in own.splitlines() if _setting(line) not in ROLE]
+    follow = [line for line in new.splitlines() if _setting(line) in FOLLOW]
+    return "\n".join(kept + follow) + "\n"
+
+
+def _setting(line: str) -> str | None:
+    text = line.strip()
+    if not text or text.startswith("#") or "=" not in text:
+        return None
+    return text.split("=", 1)[0].strip().lower()
+
+
+def _restore_config(data_dir: Path, files: dict[str, str]) -> None:
     for name, content in files.items():
         path = data_dir / name
-        path.write_bytes(content)
+        if name == AUTO and path.exists():
+            content = merge_auto_conf(content, path.read_text())
+        path.write_text(content)
         _same_owner(path, data_dir)
+
+
+def forget_saved(data_dir: Path) -> None:
+    """After a re-seed that finished: the saved configuration is no longer needed."""
+    _saved_path(data_dir).unlink(missing_ok=True)
 
 
 def _same_owner(path: Path, like: Path) -> None:
