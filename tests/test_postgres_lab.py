@@ -621,3 +621,19 @@ async def test_slot_retention_warns_and_an_invalidated_slot_is_a_clear_error(
         await conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
         await conn.execute("SELECT pg_reload_conf()")
         await conn.close()
+
+
+async def test_the_backup_job_seeds_a_vault_with_none_then_waits(
+    pg: PgRig, cfg_a: AgentConfig
+) -> None:
+    """No base backup of the primary's timeline in the peer's vault (a new stream, or a
+    role change): the active side's job takes one at once, then none until one is due."""
+    from replicators.postgres.kind import BackupSchedule
+
+    job = BackupSchedule(pg.stream, cfg_a.peers[0])
+    await job.recover()
+    assert job.newest is None
+    assert await job.sync_once(asyncio.Event())
+    await job.recover()
+    assert job.newest is not None and job.newest.stream == pg.stream.name
+    assert not await job.sync_once(asyncio.Event())

@@ -140,3 +140,15 @@ def test_passwords_travel_in_the_environment_not_on_command_lines() -> None:
     conninfo, env = conninfo_and_env("postgresql://u:s3cret@db.example:5432/app")
     assert "s3cret" not in conninfo and "host=db.example" in conninfo
     assert env["PGPASSWORD"] == "s3cret"
+
+
+def test_a_base_backup_is_due_after_a_promotion_and_when_none_exists() -> None:
+    from replicators.postgres.basebackup import BackupManifest
+    from replicators.postgres.kind import backup_due
+
+    newest = BackupManifest("b1", "pg", 2, 0, 1, 1000.0, 1001.0, [], 10)
+    assert backup_due(None, 1, 2000.0, 0.0) == "no base backup in the vault"
+    assert backup_due(newest, 2, 1e9, 0.0) is None  # no schedule: the one there serves
+    assert "timeline 2, the primary's is 3" in (backup_due(newest, 3, 1100.0, 0.0) or "")
+    assert backup_due(newest, 2, 1500.0, 3600.0) is None
+    assert "backup_every 3600s" in (backup_due(newest, 2, 4600.0, 3600.0) or "")

@@ -1,8 +1,9 @@
 """The ``postgres`` stream kind: WAL streaming, base backups, warm standby, PITR.
 
 - active side: ``source`` streams WAL from a physical slot per destination
-  (``walsource.WalSource``); ``background`` takes base backups into every
-  destination vault every ``backup_every`` (when set).
+  (``walsource.WalSource``); ``background`` takes a base backup into every
+  destination vault that has none of the primary's timeline (a new stream,
+  or a promotion since), and every ``backup_every`` (when set).
 - passive side: ``target`` rebuilds WAL files into the spool
   (``spool.WalSpool``) that the standby's restore_command serves from.
 """
@@ -14,11 +15,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
+
 from agent import logs
 from replicators.errors import SourceError
 from replicators.keys import build_key_provider
 from replicators.kinds import Background
-from replicators.postgres.basebackup import list_backups, take_backup
+from replicators.postgres.basebackup import BackupManifest, list_backups, take_backup
 from replicators.postgres.guard import StandbyMonitor, SyncGuard
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
@@ -49,15 +52,40 @@ def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
     return WalSpool(spool_dir(stream, state_dir))
 
 
+TIMELINE = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+
+
+def backup_due(
+    newest: BackupManifest | None, timeline: int, now: float, every: float
+) -> str | None:
+    """Why a base backup must be taken now (None: the newest one serves). Pure.
+
+    A vault needs one whose timeline is the primary's: after a promotion (a failover,
+    a switchover, a failback) the backups there are of another history and no WAL in
+    this vault joins them to the present, so a restore or a drill in the new direction
+    has nothing to start from. ``every`` > 0 also renews it on a schedule."""
+    if newest is None:
+        return "no base backup in the vault"
+    if newest.timeline != timeline:
+        return (
+            f"the newest base backup is of timeline {newest.timeline}, the primary's is {timeline}"
+        )
+    if every > 0 and now - newest.start_time >= every:
+        age = now - newest.start_time
+        return f"the newest base backup is {age:.0f}s old (backup_every {every:g}s)"
+    return None
+
+
 class BackupSchedule:
-    """Takes a base backup into one peer's vault when the newest there is older than
-    ``backup_every``. Each ``sync_once`` takes at most one backup."""
+    """Takes a base backup into one peer's vault whenever ``backup_due`` says so: at once
+    after a role change that left the vault without a usable one, then every
+    ``backup_every`` (when set). Each ``sync_once`` takes at most one backup."""
 
     def __init__(self, stream: StreamConfig, peer: PeerConfig) -> None:
         self.stream = stream
         self.peer = peer
         self.options = options_of(stream)
-        self.last: float | None = None
+        self.newest: BackupManifest | None = None
         self.log = logs.get("postgres.backup", stream=stream.name, peer=peer.name)
 
     async def recover(self) -> None:
@@ -68,11 +96,15 @@ class BackupSchedule:
         finally:
             await keys.aclose()
             await store.aclose()
-        self.last = backups[-1].start_time if backups else None
+        self.newest = backups[-1] if backups else None
 
     async def sync_once(self, stop: asyncio.Event) -> bool:
-        if self.last is not None and time.time() - self.last < self.options.backup_every:
+        why = backup_due(
+            self.newest, await self._timeline(), time.time(), self.options.backup_every
+        )
+        if why is None:
             return False
+        self.log.info("taking a base backup", reason=why)
         store = await S3Store.open(self.peer.vault)
         keys = build_key_provider(self.peer.keys)
         try:
@@ -80,9 +112,16 @@ class BackupSchedule:
         finally:
             await keys.aclose()
             await store.aclose()
-        self.last = manifest.start_time
+        self.newest = manifest
         self.log.info("base backup stored", id=manifest.id, bytes=manifest.bytes)
         return True
+
+    async def _timeline(self) -> int:
+        conn = await asyncpg.connect(self.options.dsn.reveal(), timeout=10)
+        try:
+            return int(await conn.fetchval(TIMELINE))
+        finally:
+            await conn.close()
 
 
 def background(
@@ -95,9 +134,8 @@ def background(
         return [Background("standby-monitor", StandbyMonitor(options, stream.name, spool), 2.0)]
     jobs = []
     for peer in agent.peers:
-        if options.backup_every > 0:
-            every = min(options.backup_every, 60.0)
-            jobs.append(Background(f"backup-{peer.name}", BackupSchedule(stream, peer), every))
+        every = min(options.backup_every, 60.0) if options.backup_every > 0 else 60.0
+        jobs.append(Background(f"backup-{peer.name}", BackupSchedule(stream, peer), every))
         if options.synchronous:
             guard = SyncGuard(options, stream.name, slot_name(options, peer.name))
             jobs.append(Background(f"sync-guard-{peer.name}", guard, 1.0))
