@@ -36,7 +36,19 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         f"{args.file}: ok (region {cfg.region}, role {cfg.role}, "
         f"{len(cfg.streams)} streams, {len(cfg.peers)} peers)"
     )
-    return 0
+    if not args.online:
+        return 0
+    from agent.doctor import run_checks
+
+    results = asyncio.run(run_checks(cfg))
+    if args.json:
+        print_json({"checks": [c.to_json() for c in results]})
+    else:
+        print("\n".join(c.line() for c in results))
+    failed = [c for c in results if not c.ok]
+    if failed and not args.json:
+        print(f"{len(failed)} of {len(results)} checks failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -76,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     csub = config.add_subparsers(dest="action", required=True)
     check = csub.add_parser("check", help="validate a configuration file without starting")
     check.add_argument("file")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also reach every vault, key, etcd member, database and DNS server it names",
+    )
+    check.add_argument("--json", action="store_true", help="with --online: JSON on stdout")
     check.set_defaults(func=_cmd_config_check)
 
     keys = sub.add_parser("keys", help="local key files (the lab's key-encryption keys)")
