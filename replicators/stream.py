@@ -38,6 +38,12 @@ class Source(Protocol):
       is durable in every destination; the source may then release it.
     - ``pending_since()`` is the source time of the oldest change the source
       has seen but not yet returned in a batch, or ``None``; it feeds the RPO.
+    - Optional ``head()``: ``(position, at)`` when the source can say that at
+      wall time ``at`` every change it can know of lay before ``position``
+      (read independently of any batch, e.g. a scan or listing that found
+      nothing new), else ``None``; it must never offer a fresh ``at`` while
+      its capture is failing. It proves an idle stream's RPO
+      (``replicators.progress.Head``).
     """
 
     KIND: ClassVar[str]

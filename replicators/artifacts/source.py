@@ -15,6 +15,12 @@ After a crash, ``resume`` asks the vault about packs whose upload was in
 flight (present: kept; absent: forgotten), so completed packs are never sent
 again, and the version is re-chunked locally with only missing chunks
 uploaded.
+
+RPO: ``pending_since()`` is the newest-file time of the oldest due version
+not yet handed out (versions left for a later batch included), and
+``head()`` is (next position, the time a scan that found nothing due began).
+A scan that fails, or that lists nothing while versions were shipped (an
+unmounted volume looks empty), proves nothing.
 """
 
 from __future__ import annotations
@@ -153,6 +159,7 @@ class ArtifactsSource:
         self._acked = 0
         self._shipping = False
         self._pending_since: float | None = None
+        self._head: tuple[int, float] | None = None
         self._vault_roots: dict[tuple[str, str], str] = {}
         self._gone: list[tuple[str, str]] = []
         self.bytes_sent = 0
@@ -160,6 +167,11 @@ class ArtifactsSource:
 
     def pending_since(self) -> float | None:
         return self._pending_since
+
+    def head(self) -> tuple[int, float] | None:
+        """(position, at): every version complete at ``at`` lies before ``position`` (see the
+        module docstring; ``replicators.progress.Head``); None until a scan proves it."""
+        return self._head
 
     async def resume(self, position: int) -> None:
         """Settle in-flight uploads, then drop manifest records that are not durable."""
@@ -173,6 +185,7 @@ class ArtifactsSource:
             else:
                 self.index.pack_done(key, info.size)
         self.index.resume(position)
+        self._head = None
         if position > 0 and self.index.empty():
             await self._rebuild()
         self._next = position
@@ -221,7 +234,9 @@ class ArtifactsSource:
 
     async def _due(self) -> tuple[list[layout.VersionInfo], float | None]:
         """Complete versions not shipped (or changed since), and when the next one may become
-        complete."""
+        complete. A scan that finds none (and lists something, or nothing was shipped) is the
+        head: every version complete when it began lies before the next position."""
+        began = time.time()
         versions = await self._store.scan()
         shipped = self.index.shipped()
         now, due, wake = time.time(), [], None
@@ -237,6 +252,10 @@ class ArtifactsSource:
                 if at is not None:
                     wake = at if wake is None else min(wake, at)
         self._gone = self._deleted(versions, shipped)
+        self._pending_since = min((v.newest for v in due), default=None)
+        trusted = bool(versions) or all(fp == DELETED for fp, _ in shipped.values())
+        if not due and not self._gone and trusted:
+            self._head = (self._next, began)
         return due, wake
 
     def _deleted(
@@ -269,9 +288,9 @@ class ArtifactsSource:
             if self._gone:
                 return self._tombstones()
             if due:
-                self._pending_since = min(v.newest for v in due)
                 self.index.begin_upload()
                 batch: list[Change] = []
+                left = list(due)  # not handed out yet: still pending after this batch
                 size = 0
                 for v in due:
                     if stop.is_set() or (batch and size >= max_bytes):
@@ -284,7 +303,8 @@ class ArtifactsSource:
                     if change is not None:
                         batch.append(change)
                         size += len(change.payload)
-                self._pending_since = None
+                        left.remove(v)
+                self._pending_since = min((v.newest for v in left), default=None)
                 if batch or stop.is_set():
                     return batch
                 continue

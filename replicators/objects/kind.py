@@ -72,6 +72,9 @@ class LazySource:
     def pending_counts(self) -> dict[str, int]:
         return self.inner.pending_counts() if self.inner else {"objects": 0, "bytes": 0}
 
+    def head(self) -> tuple[int, float] | None:
+        return self.inner.head() if self.inner else None
+
     async def aclose(self) -> None:
         if self.inner is not None:
             await self.inner.aclose()

@@ -9,11 +9,17 @@ LastModified; a key whose shipped state was read within its LastModified
 second is queued to be read again (see ``index.SETTLE_NS``: a same-second
 rewrite of its metadata lists the same); a key shipped but no longer listed
 is queued as deleted. The next scan starts ``interval`` seconds after one
-ends; a restarted source (or lost events) start one at once.
+ends; a restarted source (or lost events) start one at once, or right after
+the running one if a scan is under way.
+
+``covered`` is the wall time at which the last complete scan began: every
+change made before it was then queued or found shipped (the source's
+``head()`` rests on it). A scan that fails proves nothing and is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -32,10 +38,24 @@ class Scanner:
         self.interval = interval
         self.due = time.monotonic() + interval
         self.scans = 0
+        self.covered: float | None = None
+        self._began = 0.0
+        self._again = False
         self._pages: AsyncIterator[list[ObjectState]] | None = None
         self._cursor: str | None = None
 
     def start_now(self) -> None:
+        """Scan at once; if a scan is running, scan again as soon as it ends."""
+        self.due = time.monotonic()
+        self._again = self.running
+
+    async def restart(self) -> None:
+        """Drop any scan under way and forget what earlier scans proved; scan at once."""
+        pages, self._pages, self._cursor = self._pages, None, None
+        if pages is not None and hasattr(pages, "aclose"):
+            with contextlib.suppress(Exception):
+                await pages.aclose()  # type: ignore[attr-defined]
+        self.covered, self._again = None, False
         self.due = time.monotonic()
 
     def pending_since(self) -> float | None:
@@ -50,6 +70,7 @@ class Scanner:
         if self._pages is None:
             if time.monotonic() < self.due:
                 return False
+            self._began = time.time()
             self._pages = aiter(self.bucket.scan())
             self._cursor = None
         try:
@@ -57,6 +78,9 @@ class Scanner:
         except StopAsyncIteration:
             self._finish(None)
             return True
+        except BaseException:
+            self._pages = self._cursor = None  # a failed scan is not resumed, nor complete
+            raise
         if page:
             self._compare(page)
             self._cursor = page[-1].key
@@ -81,4 +105,6 @@ class Scanner:
         self._pages = None
         self._cursor = None
         self.scans += 1
-        self.due = time.monotonic() + self.interval
+        self.covered = self._began
+        self.due = time.monotonic() + (0.0 if self._again else self.interval)
+        self._again = False

@@ -11,6 +11,13 @@ object that changes during its transfer is abandoned and queued again.
 Positions are capture sequence numbers: record ``n`` covers ``[n, n+1)``.
 ``ack`` commits what became durable to the ``ShippedIndex``; a restarted
 source starts with a full scan, which re-captures whatever was not durable.
+
+``head()`` proves an idle bucket's RPO: whenever nothing is queued, read
+ahead or in transfer, it records (next position, a time before which every
+change was seen): the start of the last complete scan, or later, while the
+filer subscription has run since before that scan, the time up to which its
+events were read (``FilerTail.drained_at``). A failing or hung listing or
+subscription adds nothing, and a restart forgets it all until a new scan ends.
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ class ObjectsSource:
         self._transfer: Transfer | None = None
         self._ready: deque[Fetched] = deque()
         self._confirmed: list[Entry] = []
+        self._head: tuple[int, float] | None = None
 
     # -- Source interface ---------------------------------------------------
 
@@ -102,9 +110,15 @@ class ObjectsSource:
         self._transfer = None
         self._ready.clear()
         self._confirmed.clear()
-        self.scanner.start_now()
+        self._head = None
+        await self.scanner.restart()
         if self.tail is not None:
             await self.tail.start()
+
+    def head(self) -> tuple[int, float] | None:
+        """(position, at): every change made before ``at`` lies before ``position`` (see the
+        module docstring; ``replicators.progress.Head``); None until the first proof."""
+        return self._head
 
     def pending_since(self) -> float | None:
         times = [t for t in (self.queue.oldest(), self.scanner.pending_since()) if t]
@@ -132,6 +146,8 @@ class ObjectsSource:
             # the first record of a batch always fits, even one larger than max_bytes
             room = max_bytes - size if batch else sys.maxsize
             change = await self._next_change(room)
+            if change is None and self.pending_since() is None:
+                self._prove_head()
             if change is not None:
                 if not batch:
                     first = time.time()
@@ -169,7 +185,19 @@ class ObjectsSource:
         for hint in await self.tail.poll():
             self.queue.add(hint.key, hint.time or time.time())
         if self.tail.lost_events():
+            await self.tail.start()  # subscribed again before the scan begins: nothing missed
             self.scanner.start_now()
+
+    def _prove_head(self) -> None:
+        """Nothing seen is left to capture: record the head (see the module docstring)."""
+        at = self.scanner.covered
+        tail = self.tail
+        if at is None:
+            return
+        if tail is not None and tail.since is not None and tail.since <= at:
+            at = max(at, tail.drained_at or at)
+        if self._head is None or at > self._head[1]:
+            self._head = (self._seq, at)
 
     async def _idle(self, stop: asyncio.Event) -> None:
         if self._confirmed:

@@ -5,6 +5,12 @@ The filer pushes every metadata change under the bucket's path over gRPC;
 the hints read so far without waiting. If the child dies, events may have
 been lost: ``lost_events()`` says so once (the source then starts a scan)
 and the child is started again on the next ``poll()``.
+
+``since`` is when the running subscription started (None: none runs), and
+``drained_at`` a wall time before which every event it printed has been
+returned by ``poll()``: when ``poll()`` last found the pending read waiting,
+if it finds it still waiting (nothing printed since). It counts the filer's
+push as immediate.
 """
 
 from __future__ import annotations
@@ -44,11 +50,17 @@ class FilerTail:
         self._last_event = 0.0
         self._pending: list[Hint] = []
         self._reader: asyncio.Task[bytes] | None = None
+        self._waiting_since: float | None = None
+        self._seen_waiting: asyncio.Task[bytes] | None = None
+        self._seen_waiting_at = 0.0
+        self.since: float | None = None
+        self.drained_at: float | None = None
 
     async def start(self) -> None:
         """Start the subscription (a no-op if it runs)."""
         if self._proc is not None and self._proc.returncode is None:
             return
+        self.since, self.drained_at = time.time(), None
         self._proc = await asyncio.create_subprocess_exec(
             self.cfg.weed,
             "filer.meta.tail",
@@ -80,8 +92,13 @@ class FilerTail:
         reader = proc.stdout
         while True:
             if self._reader is None:
-                self._reader = asyncio.ensure_future(reader.read(READ))
+                self._waiting_since = None
+                self._reader = asyncio.ensure_future(self._read(reader))
             if not self._reader.done():
+                now = time.time()
+                if self._seen_waiting is self._reader and self._waiting_since is not None:
+                    self.drained_at = max(self._waiting_since, self._seen_waiting_at)
+                self._seen_waiting, self._seen_waiting_at = self._reader, now
                 break
             data = self._reader.result()
             self._reader = None
@@ -102,10 +119,15 @@ class FilerTail:
             ]
         return out
 
+    async def _read(self, reader: asyncio.StreamReader) -> bytes:
+        self._waiting_since = time.time()  # everything printed before was read already
+        return await reader.read(READ)
+
     def _died(self) -> None:
         log.warning("the filer subscription ended; starting a scan and subscribing again")
         self._lost = self._restart = True
         self._proc = None
+        self.since = self.drained_at = None
 
     def lost_events(self) -> bool:
         """True once after the subscription ended (events may have been missed)."""
@@ -117,6 +139,7 @@ class FilerTail:
             self._reader.cancel()
             self._reader = None
         proc, self._proc = self._proc, None
+        self.since = self.drained_at = None
         if proc is not None and proc.returncode is None:
             proc.kill()
             with contextlib.suppress(ProcessLookupError):

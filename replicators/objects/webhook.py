@@ -5,7 +5,9 @@ JSON (``{"Records": [...]}``), optionally with ``Authorization: Bearer TOKEN``.
 The same interface as ``FilerTail``: ``start``, ``poll`` (hints received so far),
 ``lost_events`` and ``stop``. A notification is only a hint: the capture
 reads the key's current state, so duplicates and reordering are harmless, and
-the scan catches what was never delivered.
+the scan catches what was never delivered. For the same reason its silence
+proves nothing (``drained_at`` is always None): the sender is not observed, so
+an idle webhook stream's RPO rests on the scan.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class S3Webhook:
         self._pending: list[Hint] = []
         self._runner: web.AppRunner | None = None
         self.received = 0
+        self.since: float | None = None
+        self.drained_at: float | None = None
 
     async def start(self) -> None:
         """Serve ``POST /events`` on ``cfg.listen`` (a no-op if serving)."""
