@@ -124,6 +124,21 @@ async def test_partition_drops_both_ways_and_heal_restores(netlab: Lab) -> None:
     assert await connect_from(netlab, "witness", "a", "etcd_peer") == "connected"
 
 
+async def test_a_one_way_cut_drops_one_direction_and_heal_restores(netlab: Lab) -> None:
+    from agent.lab import partitions
+
+    net = netlab.network
+    netlab.partition_one_way("a", "b")
+    assert partitions.cut_off(net.namespace("a"), partitions.OUT) == {net.address("b")}
+    assert partitions.cut_off(net.namespace("b"), partitions.IN) == {net.address("a")}
+    assert partitions.cut_off(net.namespace("b"), partitions.OUT) == set()
+    assert await connect_from(netlab, "a", "b", "postgres") == "TimeoutError"
+    assert await connect_from(netlab, "a", "witness", "etcd_client") == "connected"
+    netlab.heal()
+    assert partitions.cut_off(net.namespace("a"), partitions.OUT) == set()
+    assert await connect_from(netlab, "a", "b", "postgres") == "connected"
+
+
 async def test_up_again_keeps_servers_and_partitions(netlab: Lab) -> None:
     pids = {(w, k): netlab.server(w, k).pid for w in MEMBERS for k in ("etcd",)}
     pids[("a", "postgres")] = netlab.server("a", "postgres").pid

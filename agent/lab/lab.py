@@ -500,7 +500,15 @@ class Lab:
     def heal(self, x: str | None = None, y: str | None = None) -> None:
         """Restore the link ``x``–``y``; every link of ``x`` if ``y`` is None; every
         link if both are. Idempotent. Raises ``LabError`` like ``partition``."""
-        partitions.restore(self._isolated("heal"), x, y)
+        net = self._isolated("heal")
+        partitions.restore(net, x, y)
+        if x is None and y is None:
+            partitions.restore_one_way(net)
+
+    def partition_one_way(self, x: str, y: str) -> None:
+        """Drop every packet from member ``x`` to member ``y``; ``y``'s still reach ``x``.
+        Healed by ``heal()`` (every link). Raises ``LabError`` like ``partition``."""
+        partitions.cut_one_way(self._isolated("partition"), x, y)
 
     def partitions(self) -> list[tuple[str, str]]:
         """The cut links, as member pairs in member order (none in a loopback lab)."""

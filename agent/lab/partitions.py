@@ -34,18 +34,30 @@ TABLE = "dragent_lab"
 SET = "cut"
 NFT_TIMEOUT = 5.0
 
+IN, OUT = "cut_in", "cut_out"
+"""One-way cuts: a namespace drops what arrives from an address in ``cut_in`` and what it
+sends to an address in ``cut_out`` (``cut_one_way``)."""
+
 _RULESET = f"""\
 table inet {TABLE} {{
     set {SET} {{
         type ipv4_addr
     }}
+    set {IN} {{
+        type ipv4_addr
+    }}
+    set {OUT} {{
+        type ipv4_addr
+    }}
     chain input {{
         type filter hook input priority 0; policy accept;
         ip saddr @{SET} drop
+        ip saddr @{IN} drop
     }}
     chain output {{
         type filter hook output priority 0; policy accept;
         ip daddr @{SET} drop
+        ip daddr @{OUT} drop
     }}
 }}
 """
@@ -81,15 +93,18 @@ def _apply(ns: str, script: str) -> None:
 
 
 def ensure_table(ns: str) -> None:
-    """Create the table, its set and chains in ``ns`` unless they exist (a set
-    that exists keeps its addresses)."""
+    """Create the table, its sets and chains in ``ns`` unless they exist (a set
+    that exists keeps its addresses; a table from before the one-way sets is
+    replaced)."""
     if _nft(ns, "list", "table", "inet", TABLE).returncode != 0:
         _apply(ns, _RULESET)
+    elif _nft(ns, "list", "set", "inet", TABLE, IN).returncode != 0:
+        _apply(ns, f"delete table inet {TABLE}\n" + _RULESET)
 
 
-def cut_off(ns: str) -> set[str]:
-    """The addresses ``ns`` drops every packet to and from."""
-    done = _nft(ns, "-j", "list", "set", "inet", TABLE, SET)
+def cut_off(ns: str, name: str = SET) -> set[str]:
+    """The addresses ``ns`` drops every packet to and from (``name``: or one way)."""
+    done = _nft(ns, "-j", "list", "set", "inet", TABLE, name)
     if done.returncode:
         raise LabError(f"cannot read the partitions of namespace {ns}: {done.stderr.strip()}")
     found: set[str] = set()
@@ -100,12 +115,30 @@ def cut_off(ns: str) -> set[str]:
     return found
 
 
-def set_cut_off(ns: str, addresses: Collection[str]) -> None:
+def set_cut_off(ns: str, addresses: Collection[str], name: str = SET) -> None:
     """Make ``ns`` drop exactly the traffic with ``addresses`` (empty: heal all)."""
-    script = f"flush set inet {TABLE} {SET}\n"
+    script = f"flush set inet {TABLE} {name}\n"
     if addresses:
-        script += f"add element inet {TABLE} {SET} {{ {', '.join(sorted(addresses))} }}\n"
+        script += f"add element inet {TABLE} {name} {{ {', '.join(sorted(addresses))} }}\n"
     _apply(ns, script)
+
+
+def cut_one_way(net: Network, x: str, y: str) -> None:
+    """Drop every packet from ``x`` to ``y`` (y's packets still reach x; TCP then
+    stalls both ways, while datagrams from y get through)."""
+    _check_pair(x, y)
+    out, into = net.namespace(x), net.namespace(y)
+    set_cut_off(out, cut_off(out, OUT) | {net.address(y)}, OUT)
+    set_cut_off(into, cut_off(into, IN) | {net.address(x)}, IN)
+
+
+def restore_one_way(net: Network) -> None:
+    """Heal every one-way cut."""
+    for member in MEMBERS:
+        ns = net.namespace(member)
+        for name in (IN, OUT):
+            if cut_off(ns, name):
+                set_cut_off(ns, (), name)
 
 
 def install(net: Network) -> None:
