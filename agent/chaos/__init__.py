@@ -1,0 +1,1 @@
+"""Chaos runs: a seeded nemesis, a recorded history, a checker that judges it (docs/chaos.md)."""
