@@ -134,12 +134,16 @@ def vault_ok(events: list[Event]) -> bool:
     return all(v.get("ok") and not v.get("applied_corrupted") for v in of_type(events, "vault"))
 
 
-def reported_rpo(events: list[Event], region: str, since: float, until: float) -> float | None:
-    """The largest RPO ``region`` reported (any stream) in [since, until]; None if no sample."""
+def reported_rpo(events: list[Event], since: float, until: float) -> float | None:
+    """The largest RPO any agent reported (any stream) in [since, until]; None if no sample.
+
+    Every region counts: the old active's source-side RPO and its peer's replay
+    lag measure the same gap, and the run records the lag under the peer's name.
+    """
     values = [
         float(e["rpo"])
         for e in of_type(events, "rpo")
-        if e.get("region") == region and since <= e["t"] <= until and e.get("rpo") is not None
+        if since <= e["t"] <= until and e.get("rpo") is not None
     ]
     return max(values) if values else None
 
@@ -157,7 +161,7 @@ def failover_losses(lost: list[Event], final: Event | None) -> dict[tuple[str, i
 def under_reported(
     events: list[Event], lost: list[Event], acks: list[Event], final: Event | None
 ) -> list[Event]:
-    """Failovers whose loss age beat the old active region's gauge in the 10 s before its last ack.
+    """Failovers whose loss age beat the gauges in the 10 s before the old active's last ack.
 
     No sample in that window counts as reporting nothing, so any loss is
     under-reported (``reported`` null).
@@ -166,7 +170,7 @@ def under_reported(
     found = []
     for (region, epoch), age in failover_losses(lost, final).items():
         until = last[(region, epoch)]
-        reported = reported_rpo(events, region, until - RPO_WINDOW, until)
+        reported = reported_rpo(events, until - RPO_WINDOW, until)
         if age > (reported or 0.0):
             found.append({"region": region, "epoch": epoch, "loss_age": age, "reported": reported})
     return found
