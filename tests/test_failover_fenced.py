@@ -109,6 +109,12 @@ async def test_a_refused_switchover_puts_the_old_primary_back(
         standby = await asyncpg.connect(drill.b_dsn)
         try:
             await standby.execute("SELECT pg_wal_replay_pause()")
+            primary = await asyncpg.connect(drill.a_dsn)
+            try:  # WAL the paused standby cannot have replayed
+                await primary.execute("CREATE TABLE IF NOT EXISTS refused_before (id int)")
+                await primary.execute("INSERT INTO refused_before VALUES (1)")
+            finally:
+                await primary.close()
             with pytest.raises(switchover.SwitchoverError, match="unfenced"):
                 await switchover.run(
                     drill.config("b"), old_dsn=drill.a_dsn, planned=True, within=2.0
