@@ -1,8 +1,9 @@
 """``dragent vault ls|verify``: list and verify one stream's segments in this region's vault.
 
 ``verify`` opens every segment (authentication, Merkle root, name against
-header) and checks the chain has no gap or overlap; it exits 1 on the first
-problem and names the segment. Segments of an epoch that a newer one
+header) and checks the chain has no gap or overlap; it names every damaged
+segment and every break in the chain (not only the first) and exits 1 if
+there is any. Segments of an epoch that a newer one
 superseded (``replicators.lineage``) are named as stale, left out of the
 chain, and never make the chain fail: sinks quarantine them.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cli import print_json
@@ -19,61 +21,82 @@ from replicators import lineage
 from replicators.errors import IntegrityError
 from replicators.keys import build_key_provider, unseal
 from replicators.s3 import S3Store
+from replicators.segment import OpenedSegment
 from replicators.sink import check_continuity
 from replicators.stream import Applied
 from replicators.vault import Vault
 
 
-async def _walk(
-    cfg: AgentConfig, stream: str, verify: bool
-) -> tuple[list[dict[str, Any]], str, list[str]]:
+@dataclass
+class Walk:
+    """One walk of a stream's log: a row per readable segment, every problem found
+    (segment key, message), and the superseded segments left out."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+    @property
+    def problem(self) -> str:
+        return self.problems[0][1] if self.problems else ""
+
+
+async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> Walk:
+    """Every segment opened (and, with ``verify``, checked for continuity); a damaged
+    segment is named and the walk goes on, so every damaged one is named."""
     store = await S3Store.open(cfg.vault)
     keys = build_key_provider(cfg.keys)
-    rows: list[dict[str, Any]] = []
+    walk = Walk()
     last: Applied | None = None
-    problem = ""
     try:
         refs = [ref async for ref in Vault(store).segments(stream)]
         superseded = set(lineage.stale(refs))
-        for ref in refs:
-            if ref in superseded:
-                continue
+        walk.stale = sorted(r.key for r in superseded)
+        for ref in (r for r in refs if r not in superseded):
             blob = await store.get(ref.key)
             try:
                 opened = await unseal(
                     blob, keys, expect_stream=stream, expect_epoch=ref.epoch, expect_seq=ref.seq
                 )
-                if verify:
-                    check_continuity(last, ref, opened.header)
             except IntegrityError as exc:
-                problem = str(exc)
-                break
+                walk.problems.append((ref.key, str(exc)))
+                last = None  # its end is unknown: the next one is not compared with it
+                continue
+            if verify:
+                try:
+                    check_continuity(last, ref, opened.header)
+                except IntegrityError as exc:
+                    walk.problems.append((ref.key, str(exc)))
             h = opened.header
             last = Applied(ref=ref, end=int(h.end), source_time=h.last_source_time)
-            rows.append(
-                {
-                    "epoch": ref.epoch,
-                    "seq": ref.seq,
-                    "start": h.start,
-                    "end": h.end,
-                    "records": h.record_count,
-                    "bytes": len(blob),
-                    "key_id": h.key_id,
-                    "root": opened.root.hex(),
-                }
-            )
-            if verify and len(rows) % 100 == 0 and sys.stderr.isatty():
-                print(f"\rverified {len(rows)} segments", end="", file=sys.stderr, flush=True)
+            walk.rows.append(_row(ref.epoch, ref.seq, opened, len(blob)))
+            if verify and len(walk.rows) % 100 == 0 and sys.stderr.isatty():
+                print(f"\rverified {len(walk.rows)} segments", end="", file=sys.stderr, flush=True)
     finally:
         await keys.aclose()
         await store.aclose()
-    if verify and len(rows) >= 100 and sys.stderr.isatty():
+    if verify and len(walk.rows) >= 100 and sys.stderr.isatty():
         print(file=sys.stderr)
-    return rows, problem, sorted(r.key for r in superseded)
+    return walk
+
+
+def _row(epoch: int, seq: int, opened: OpenedSegment, size: int) -> dict[str, Any]:
+    h = opened.header
+    return {
+        "epoch": epoch,
+        "seq": seq,
+        "start": h.start,
+        "end": h.end,
+        "records": h.record_count,
+        "bytes": size,
+        "key_id": h.key_id,
+        "root": opened.root.hex(),
+    }
 
 
 async def vault_ls(cfg: AgentConfig, stream: str, as_json: bool) -> int:
-    rows, problem, stale = await _walk(cfg, stream, verify=False)
+    walk = await _walk(cfg, stream, verify=False)
+    rows, problem, stale = walk.rows, walk.problem, walk.stale
     if as_json:
         print_json({"segments": rows, "problem": problem or None, "stale": stale})
     else:
@@ -83,17 +106,19 @@ async def vault_ls(cfg: AgentConfig, stream: str, as_json: bool) -> int:
                 f"{r['epoch']:>6} {r['seq']:>8} {r['start']:>12} {r['end']:>12} "
                 f"{r['records']:>8} {r['bytes']:>10}"
             )
-        if problem:
-            print(f"problem: {problem}")
+        for key, message in walk.problems:
+            print(f"problem: {key}: {message}")
         for key in stale:
             print(f"stale (superseded epoch, quarantined): {key}")
     return 1 if problem else 0
 
 
-async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
+async def verify_summary(cfg: AgentConfig, stream: str) -> dict[str, Any]:
+    """Verify ``stream`` in this region's vault; the summary ``vault verify`` prints."""
     started = time.monotonic()
-    rows, problem, stale = await _walk(cfg, stream, verify=True)
-    summary = {
+    walk = await _walk(cfg, stream, verify=True)
+    rows, problem, stale = walk.rows, walk.problem, walk.stale
+    return {
         "stream": stream,
         "segments": len(rows),
         "records": sum(r["records"] for r in rows),
@@ -101,17 +126,27 @@ async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
         "end": rows[-1]["end"] if rows else None,
         "ok": not problem,
         "problem": problem or None,
+        "problems": [{"segment": key, "error": message} for key, message in walk.problems],
+        "damaged": sorted({key for key, _ in walk.problems}),
         "stale": stale,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
+    summary = await verify_summary(cfg, stream)
+    problem = summary["problem"]
+    stale = summary["stale"]
     if as_json:
         print_json(summary)
     else:
-        verdict = "ok" if not problem else f"FAILED: {problem}"
+        verdict = "ok" if not problem else f"FAILED: {len(summary['problems'])} problems"
         print(
             f"{stream}: {summary['segments']} segments, {summary['records']} records, "
             f"positions [{summary['first']}, {summary['end']}) — {verdict}"
         )
+        for item in summary["problems"]:
+            print(f"  {item['segment']}: {item['error']}")
         for key in stale:
             print(f"  stale (superseded epoch, quarantined by sinks): {key}")
     return 0 if not problem else 1

@@ -145,6 +145,9 @@ def test_mirror_and_vault_lines_decide_their_flags() -> None:
     applied = clean(vault | {"applied_corrupted": ["s/1"]})
     assert not applied["vault_ok"] and not applied["ok"]
     assert not clean(vault | {"ok": False, "problem": "bad root", "applied_corrupted": []})["ok"]
+    named = vault | {"ok": False, "problem": "bad root", "applied_corrupted": []}
+    assert clean(named | {"damaged": ["s/1"]})["vault_ok"]  # names exactly what was flipped
+    assert not clean(named | {"damaged": ["s/1", "s/2"]})["vault_ok"]  # and something else
 
 
 def rpo(t: float, region: str, value: float) -> dict[str, Any]:

@@ -313,3 +313,23 @@ async def test_every_restore_reads_the_log_through_one_checked_walk(rig: Rig) ->
     await rig.vault.store.delete(refs[1].key)
     with pytest.raises(IntegrityError, match=f"expected seq {refs[1].seq}"):
         _ = [ref async for ref, _ in walk.read()]
+
+
+async def test_vault_verify_names_every_damaged_segment(
+    rig: Rig, cfg_b: AgentConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.vaultcmd import vault_verify
+
+    await ship_for(rig.shipper(), 0.6)
+    refs = await vault_refs(rig)
+    assert len(refs) >= 5
+    victims = [refs[0], refs[2], refs[-1]]
+    for ref in victims:
+        blob = bytearray(await rig.vault.get_segment(ref))
+        blob[len(blob) // 2] ^= 0x04
+        await rig.vault.store.put(ref.key, bytes(blob))
+    capsys.readouterr()
+    assert await vault_verify(cfg_b, rig.stream, as_json=True) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["damaged"] == sorted(r.key for r in victims)
+    assert report["segments"] == len(refs) - 3 and not report["ok"]

@@ -130,8 +130,16 @@ def mirror_ok(events: list[Event]) -> bool:
 
 
 def vault_ok(events: list[Event]) -> bool:
-    """True when every `vault` line is ok with nothing corrupted applied (or there is none)."""
-    return all(v.get("ok") and not v.get("applied_corrupted") for v in of_type(events, "vault"))
+    """True when every `vault` line verifies, or names as damaged only segments the nemesis
+    corrupted, and no corrupted segment was applied (or there is no `vault` line)."""
+    return all(_vault_line_ok(v) for v in of_type(events, "vault"))
+
+
+def _vault_line_ok(v: Event) -> bool:
+    if v.get("applied_corrupted"):
+        return False
+    damaged = set(v.get("damaged") or [])
+    return bool(v.get("ok")) or (bool(damaged) and damaged <= set(v.get("corrupted") or []))
 
 
 def reported_rpo(events: list[Event], since: float, until: float) -> float | None:
