@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-all lint bench deps venv clean
+.PHONY: demo test test-all soak lint bench deps venv clean
 
 demo: deps venv
 	$(BIN)/dragent demo --seconds $${DEMO_SECONDS:-30}
@@ -13,6 +13,11 @@ test: deps venv
 
 test-all: deps venv
 	$(BIN)/pytest -m ''
+
+# 30 minutes of chaos on a netns lab (docs/chaos.md): an asynchronous half, a zero-loss half
+soak: deps venv
+	$(BIN)/dragent lab chaos --minutes 15 --seed $${SOAK_SEED:-101} --dir .lab-soak
+	$(BIN)/dragent lab chaos --minutes 15 --seed $${SOAK_SEED:-101} --sync --dir .lab-soak-sync
 
 lint: venv
 	$(BIN)/ruff check .
@@ -34,4 +39,4 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 clean:
 	-$(BIN)/dragent lab down --dir .lab-demo 2>/dev/null
-	rm -rf $(VENV) .lab .lab-demo .pytest_cache .ruff_cache
+	rm -rf $(VENV) .lab .lab-demo .lab-chaos .lab-soak .lab-soak-sync .pytest_cache .ruff_cache
