@@ -81,6 +81,17 @@ def _cmd_keeper(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _last_change(lease: Any, epoch: int) -> dict[str, Any] | None:
+    """The newest failover or switchover record in etcd (at most the last 3 epochs back:
+    an epoch taken without a record, a bootstrap or a reclaim, has none)."""
+    for e in range(epoch, max(0, epoch - 3), -1):
+        record = await lease.get_json(f"failovers/{e:010d}")
+        if record:
+            keys = ("kind", "from", "to", "epoch", "rto_seconds", "rpo_seconds", "aborted")
+            return {k: record.get(k) for k in keys} | {"at": record["timeline"].get("acquired")}
+    return None
+
+
 def _postgres_url(cfg: AgentConfig, region: str) -> str | None:
     urls = cfg.failover.peer_probes.get(region, [])
     return next((u for u in urls if u.startswith("postgres")), None)
@@ -175,6 +186,7 @@ async def _ha(cfg: AgentConfig, action: str, why: str) -> dict[str, Any]:
             "epoch": view.epoch,
             "paused": view.paused,
             "last_failover": view.last_failover,
+            "last_change": await _last_change(lease, view.epoch),
             "health": health,
         }
     finally:

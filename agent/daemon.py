@@ -89,7 +89,7 @@ class Agent(StatusSource):
         return {
             "region": self.cfg.region,
             "role": self._mode(),
-            "epoch": self._epoch(),
+            "epoch": self.coordinator.shown_epoch if self.coordinator else EPOCH,
             "failover": self.coordinator.status() if self.coordinator else None,
             "generation": self.generation,
             "uptime_seconds": round(now - self.started_at, 3),

@@ -85,14 +85,14 @@ async def test_killed_active_agent_passive_takes_over_and_ships(
     await a.wait_ready()
     await b.wait_ready()
 
-    async def roles() -> tuple[str, int, str] | None:
+    async def roles() -> tuple[str, int, str, int] | None:
         sa, sb = await a.status(), await b.status()
         if not sa or not sb:
             return None
-        return sa["role"], sa["epoch"], sb["role"]
+        return sa["role"], sa["epoch"], sb["role"], sb["epoch"]
 
-    async def steady() -> bool:
-        return await roles() == ("active", 1, "passive")
+    async def steady() -> bool:  # the passive region shows the epoch it follows
+        return await roles() == ("active", 1, "passive", 1)
 
     await eventually(steady, within=30)
     sa = await a.status()

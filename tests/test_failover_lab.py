@@ -118,6 +118,14 @@ async def test_switchover_to_b_then_failback_to_a_loses_nothing(
         stop.set()
     assert record["kind"] == "switchover" and record["epoch"] == 2 and not record["errors"]
     assert await resolve(named.port) == [ADDRESSES["b"]]
+    from agent.cli_failover import _ha
+
+    shown = (await _ha(drill.config("a"), "status", ""))["last_change"]
+    assert shown is not None and (shown["kind"], shown["to"], shown["epoch"]) == (
+        "switchover",
+        "b",
+        2,
+    )
     await eventually(lambda: b.writable and a.role == "passive" and a.fenced, within=15)
     assert on_a.committed and set(dict(on_a.committed)) <= await present_ids(drill.b_dsn, table)
 

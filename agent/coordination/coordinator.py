@@ -127,6 +127,13 @@ class Coordinator:
             self._signal(self._changed)
 
     @property
+    def shown_epoch(self) -> int:
+        """The epoch this region holds, or, passive, the one it follows (etcd's)."""
+        if self.role == "active" or self.view is None:
+            return self.epoch
+        return self.view.epoch
+
+    @property
     def mode(self) -> Mode:
         """``active`` (holds the lease, writes), ``fenced`` (holds or held it but must
         not write: it ships nothing) or ``passive``."""
@@ -140,7 +147,7 @@ class Coordinator:
             "region": self.region,
             "role": self.role,
             "mode": self.mode,
-            "epoch": self.epoch,
+            "epoch": self.shown_epoch,
             "fenced": self.fenced,
             "holding_lease": self.holding,
             "leader": view.leader if view else None,
