@@ -16,7 +16,12 @@ history, ``heal`` undoes it and is idempotent. Targets name what is hit:
 - ``etcd-quorum``: ``a`` or ``b``: that region's etcd member and the witness's
   suspended, so no side has a quorum;
 - ``flip-byte``: ``vault-b``: one byte of the newest segment of the drill's
-  stream in region b's vault flipped (recorded in ``Stage.corrupted``).
+  stream in region b's vault flipped (recorded in ``Stage.corrupted``);
+- ``isolate``: ``a`` or ``b``: the region cut from the other region and from the
+  witness (the host, and so the clients, still reach it: a client with a stale
+  DNS cache keeps writing to it);
+- ``kill-region``: ``a`` or ``b``: the region's agent, database and etcd member
+  killed at once (a region lost), started again at heal.
 
 ``clock-skew`` is not offered: it needs the agent restarted under
 libfaketime, which this lab does not do yet.
@@ -48,6 +53,8 @@ TARGETS: dict[str, list[str]] = {
     "slow-link": ["a", "b"],
     "etcd-quorum": ["a", "b"],
     "flip-byte": ["vault-b"],
+    "isolate": ["a", "b"],
+    "kill-region": ["a", "b"],
 }  # fmt: skip
 
 
@@ -82,10 +89,7 @@ async def kill(stage: Stage, target: str) -> str:
     lab = stage.lab
     if target in ("primary", "standby"):
         region = await _database(stage, target)
-        if region == "b" and stage.drill.standby is not None:
-            await stage.drill.standby.kill()
-        else:
-            await lab.fault("a", "postgres", "kill")
+        await _kill_database(stage, region)
         return f"{target} database (region {region}) killed"
     kind, region = target.split("-", 1)
     service = {"agent": "agent", "s3": "s3", "etcd": "etcd"}[kind]
@@ -194,6 +198,37 @@ async def flip_byte(stage: Stage, target: str) -> str:
     return f"one bit flipped in {ref.key}"
 
 
+async def isolate(stage: Stage, target: str) -> str:
+    other = "b" if target == "a" else "a"
+    stage.lab.partition(target, other)
+    stage.lab.partition(target, "witness")
+    return f"{target} cut from {other} and from the witness"
+
+
+async def kill_region(stage: Stage, target: str) -> str:
+    await stage.lab.fault(target, "agent", "kill")
+    await _kill_database(stage, target)
+    await stage.lab.fault(target, "etcd", "kill")
+    return f"agent, database and etcd member of {target} killed"
+
+
+async def _kill_database(stage: Stage, region: str) -> None:
+    if region == "b" and stage.drill.standby is not None:
+        await stage.drill.standby.kill()
+    else:
+        await stage.lab.fault(region, "postgres", "kill")
+
+
+async def revive_region(stage: Stage, target: str) -> str:
+    await stage.lab.fault(target, "etcd", "start")
+    if target == "b" and stage.drill.standby is not None:
+        await stage.drill.standby.start()
+    else:
+        await stage.lab.fault(target, "postgres", "start")
+    await stage.lab.start_agent(target)
+    return f"{target} started again"
+
+
 async def nothing(stage: Stage, target: str) -> str:
     return "nothing to heal"
 
@@ -206,6 +241,8 @@ FAULTS: dict[str, tuple[Step, Step]] = {
     "slow-link": (slow_link, fast_link),
     "etcd-quorum": (etcd_quorum, etcd_back),
     "flip-byte": (flip_byte, nothing),
+    "isolate": (isolate, heal_links),
+    "kill-region": (kill_region, revive_region),
 }
 
 

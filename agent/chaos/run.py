@@ -33,8 +33,9 @@ from agent.chaos.schedule import Fault, plan
 from agent.chaos.timeline import render
 from agent.config import parse_config
 from agent.coordination.agentdrill import AgentDrill, agent_status
-from agent.lab import Lab
+from agent.lab import Lab, LabError
 from agent.lab.bind import lab_dns
+from agent.lab.processes import poll
 from replicators.errors import IntegrityError
 from replicators.synthetic import SyntheticTarget, make_record, parse_record, read_applied_log
 
@@ -149,10 +150,34 @@ async def _run(stage: F.Stage, history: History, schedule: list[Fault], seconds:
             await asyncio.sleep(max(0.0, seconds - (time.monotonic() - began)))
             await F.heal_everything(stage)
             history.write({"type": "heal", "fault": "all", "target": "all"})
-            await stage.drill.ready(90)
+            await settled(stage.drill, 90)
             await asyncio.sleep(QUIET)
         finally:
             stop.set()
+
+
+async def settled(drill: AgentDrill, within: float) -> None:
+    """Wait until one region holds the lease unfenced and the other follows it, fenced
+    (whichever region leads after the faults). Raises ``LabError`` with both states."""
+    states: dict[str, Any] = {}
+
+    async def steady() -> bool:
+        for region in ("a", "b"):
+            states[region] = await drill.status(region)
+        leaders = [r for r, s in states.items() if s and s["role"] == "active"]
+        if len(leaders) != 1:
+            return False
+        leader = leaders[0]
+        other = states["b" if leader == "a" else "a"]
+        lead = states[leader]
+        ok_leader = lead is not None and lead["holding_lease"] and not lead["fenced"]
+        return ok_leader and other is not None and other["leader"] == leader and other["fenced"]
+
+    try:
+        async with asyncio.timeout(within):
+            await poll(steady, 0.2)
+    except TimeoutError:
+        raise LabError(f"the agents did not settle within {within:g}s: {states}") from None
 
 
 async def _nemesis(stage: F.Stage, history: History, schedule: list[Fault], began: float) -> None:

@@ -18,6 +18,8 @@ FAULTS = (
     "clock-skew",
     "etcd-quorum",
     "flip-byte",
+    "isolate",
+    "kill-region",
 )
 
 HEAL_MARGIN = 15.0  # seconds left at the end of a run for the last fault to heal and settle
