@@ -38,6 +38,33 @@ async def test_rfc2136_moves_the_record_between_regions(named: BindServer) -> No
     await switch.check_credentials()
 
 
+async def test_rfc2136_refuses_a_switch_under_an_older_epoch(named: BindServer) -> None:
+    """The epoch is a fencing token at the DNS server: recorded beside the record,
+    compared before each switch, and the update conditional on it (a racing region's
+    update fails its prerequisite and reads again)."""
+    from agent.switch.base import StaleEpoch
+
+    switch = build_switch(Rfc2136Switch(**named.switch_config()))
+    assert isinstance(switch, Rfc2136)
+    await switch.forget_epoch()
+    await switch.point_to("b", epoch=3)
+    assert await switch.recorded_epoch() == 3
+    with pytest.raises(StaleEpoch, match="switched under epoch 3, refusing epoch 2"):
+        await switch.point_to("a", epoch=2)
+    assert await resolve(named.port) == [ADDRESSES["b"]]  # the stale region moved nothing
+    await switch.point_to("b", epoch=3)  # the same epoch again: idempotent
+    # a region that read epoch 3 but was overtaken before its update lands
+    stale = switch.message("a", epoch=4, seen=2)
+    assert await switch._send(stale) != 0
+    assert await resolve(named.port) == [ADDRESSES["b"]]
+    await switch.point_to("a", epoch=4)
+    assert (await switch.recorded_epoch(), await resolve(named.port)) == (4, [ADDRESSES["a"]])
+    await switch.point_to("a")  # a person, no epoch: allowed, the record stays
+    assert await switch.recorded_epoch() == 4
+    await switch.forget_epoch()
+    assert await switch.recorded_epoch() is None
+
+
 async def test_rfc2136_wrong_key_is_refused_and_nothing_changes(
     named: BindServer, tmp_path: Path
 ) -> None:
@@ -143,7 +170,8 @@ async def test_webhook_hook_posts_the_region(monkeypatch: pytest.MonkeyPatch) ->
     try:
         hook_switch = WebhookHook(WebhookSwitch(url="env:HOOK_URL"))
         await hook_switch.point_to("b")
+        await hook_switch.point_to("a", epoch=7)
         assert "127.0.0.1" not in repr(hook_switch.describe())
     finally:
         await runner.cleanup()
-    assert got == [{"region": "b"}]
+    assert got == [{"region": "b", "epoch": None}, {"region": "a", "epoch": 7}]

@@ -34,7 +34,9 @@ async def drill(lab: Lab, named: BindServer, unique: str, tmp_path: Path) -> Asy
     from agent.failover_config import Rfc2136Switch
     from agent.switch.rfc2136 import Rfc2136
 
-    await Rfc2136(Rfc2136Switch(**named.switch_config())).point_to("a")
+    switch = Rfc2136(Rfc2136Switch(**named.switch_config()))
+    await switch.point_to("a")
+    await switch.forget_epoch()  # each drill's etcd prefix starts its epochs over
     async with Drill(lab, unique, tmp_path, dns=named) as d:
         await d.ready(30)
         yield d

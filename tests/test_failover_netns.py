@@ -52,7 +52,9 @@ async def drill(
     from agent.failover_config import Rfc2136Switch
     from agent.switch.rfc2136 import Rfc2136
 
-    await Rfc2136(Rfc2136Switch(**named.switch_config())).point_to("a")
+    switch = Rfc2136(Rfc2136Switch(**named.switch_config()))
+    await switch.point_to("a")
+    await switch.forget_epoch()  # each drill's etcd prefix starts its epochs over
     try:
         async with AgentDrill(netlab, unique, tmp_path, dns=named) as d:
             await d.ready(60)

@@ -218,4 +218,6 @@ async def resolve_to(rig: Rig, region: str) -> None:
     from agent.failover_config import Rfc2136Switch
     from agent.switch.rfc2136 import Rfc2136
 
-    await Rfc2136(Rfc2136Switch(**rig.dns.switch_config())).point_to(region)
+    switch = Rfc2136(Rfc2136Switch(**rig.dns.switch_config()))
+    await switch.point_to(region)
+    await switch.forget_epoch()  # this rig's etcd prefix starts its epochs over

@@ -134,7 +134,9 @@ async def _point_dns_to_a(dns: Any) -> None:
     from agent.failover_config import Rfc2136Switch
     from agent.switch.rfc2136 import Rfc2136
 
-    await Rfc2136(Rfc2136Switch(**dns.switch_config())).point_to("a")
+    switch = Rfc2136(Rfc2136Switch(**dns.switch_config()))
+    await switch.point_to("a")
+    await switch.forget_epoch()  # this run's etcd prefix starts its epochs over
 
 
 async def _run(stage: F.Stage, history: History, schedule: list[Fault], seconds: float) -> None:

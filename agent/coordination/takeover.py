@@ -237,6 +237,6 @@ class Takeover:
     async def _switch(self) -> None:
         for switch in self.switches:
             try:
-                await switch.point_to(self.region)
+                await switch.point_to(self.region, self.epoch)
             except SwitchError as exc:
                 self.errors.append(f"{switch.describe()}: {exc}")

@@ -1,7 +1,7 @@
 """Hooks for switches without a provider here (a load balancer, a service mesh).
 
-``ExecHook`` runs a program (``{region}`` substituted in its
-arguments); ``WebhookHook`` POSTs ``{"region": ...}`` as JSON. Both raise
+``ExecHook`` runs a program (``{region}`` and ``{epoch}`` substituted in its
+arguments); ``WebhookHook`` POSTs ``{"region": ..., "epoch": ...}`` as JSON. Both raise
 ``SwitchError`` on a non-zero exit / an HTTP status of 300 or more.
 """
 
@@ -22,8 +22,9 @@ class ExecHook:
     def describe(self) -> str:
         return f"exec {self.cfg.argv[0]}"
 
-    async def point_to(self, region: str) -> None:
-        argv = [a.replace("{region}", region) for a in self.cfg.argv]
+    async def point_to(self, region: str, epoch: int | None = None) -> None:
+        shown = "" if epoch is None else str(epoch)
+        argv = [a.replace("{region}", region).replace("{epoch}", shown) for a in self.cfg.argv]
         try:
             async with asyncio.timeout(self.cfg.timeout):
                 proc = await asyncio.create_subprocess_exec(
@@ -44,12 +45,13 @@ class WebhookHook:
     def describe(self) -> str:
         return "webhook"  # the URL may carry a token: never shown
 
-    async def point_to(self, region: str) -> None:
+    async def point_to(self, region: str, epoch: int | None = None) -> None:
+        body = {"region": region, "epoch": epoch}
         try:
             async with (
                 asyncio.timeout(self.cfg.timeout),
                 aiohttp.ClientSession() as session,
-                session.post(self.cfg.url.reveal(), json={"region": region}) as response,
+                session.post(self.cfg.url.reveal(), json=body) as response,
             ):
                 if response.status >= 300:
                     raise SwitchError(f"webhook switch answered HTTP {response.status}")

@@ -27,22 +27,13 @@ class Route53:
     def describe(self) -> str:
         return f"route53 {self.cfg.name} in {self.cfg.hosted_zone_id}"
 
-    def change_batch(self, region: str) -> dict[str, Any]:
+    def change_batch(self, region: str, epoch: int | None = None) -> dict[str, Any]:
         cfg = self.cfg
-        return {
-            "Comment": f"dragent: serve from {region}",
-            "Changes": [
-                {
-                    "Action": "UPSERT",
-                    "ResourceRecordSet": {
-                        "Name": cfg.name,
-                        "Type": cfg.rdtype,
-                        "TTL": cfg.ttl,
-                        "ResourceRecords": [{"Value": record_value(cfg.records, region)}],
-                    },
-                }
-            ],
-        }
+        changes = [_upsert(cfg.name, cfg.rdtype, cfg.ttl, record_value(cfg.records, region))]
+        if epoch is not None:
+            name = f"_dragent-epoch.{cfg.name}"
+            changes.append(_upsert(name, "TXT", cfg.ttl, f'"epoch={epoch}"'))
+        return {"Comment": f"dragent: serve from {region}", "Changes": changes}
 
     def _client_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {"region_name": self.cfg.region_name}
@@ -53,8 +44,10 @@ class Route53:
             args["aws_secret_access_key"] = self.cfg.secret_key.reveal()
         return args
 
-    async def point_to(self, region: str) -> None:
-        batch = self.change_batch(region)
+    async def point_to(self, region: str, epoch: int | None = None) -> None:
+        """UPSERT the record (and, with ``epoch``, a TXT record of it beside; Route 53
+        has no conditional change, so the epoch is recorded, not compared)."""
+        batch = self.change_batch(region, epoch)
         try:
             async with get_session().create_client("route53", **self._client_args()) as client:
                 answer = await client.change_resource_record_sets(
@@ -69,3 +62,15 @@ class Route53:
             raise SwitchError(f"{self.describe()}: {exc}") from None
         except TimeoutError:
             raise SwitchError(f"{self.describe()}: change not INSYNC in {self.within:g}s") from None
+
+
+def _upsert(name: str, rdtype: str, ttl: int, value: str) -> dict[str, Any]:
+    return {
+        "Action": "UPSERT",
+        "ResourceRecordSet": {
+            "Name": name,
+            "Type": rdtype,
+            "TTL": ttl,
+            "ResourceRecords": [{"Value": value}],
+        },
+    }
