@@ -8,12 +8,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from agent.agentproc import AgentProcess
 from agent.lab import Lab
 from agent.lab.bind import BindServer, lab_dns
 from agent.lab.netns import unavailable
+from agent.supervise import StreamTask, run_stream
+from replicators.metrics import Metrics
 
 
 async def eventually(
@@ -68,3 +72,29 @@ async def fresh_dns(lab: Lab) -> AsyncIterator[BindServer]:
         yield server
     finally:
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running(task: StreamTask) -> AsyncIterator[None]:
+    """``run_stream(task)`` until the block ends (then a bounded drain)."""
+    stop = asyncio.Event()
+    job = asyncio.create_task(run_stream(task, stop, Metrics(CollectorRegistry())))
+    try:
+        yield
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await job
+
+
+async def takes_writes(dsn: str) -> bool:
+    """True if the database at ``dsn`` commits a write, False if it is read-only."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS fencing_probe (id int)")
+        await conn.execute("INSERT INTO fencing_probe VALUES (1)")
+        return True
+    except asyncpg.ReadOnlySQLTransactionError:
+        return False
+    finally:
+        await conn.close()

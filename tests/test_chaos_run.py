@@ -1,6 +1,6 @@
 """A seeded chaos run (docs/chaos.md) on a lab in network namespaces, judged.
 
-``dragent lab chaos --minutes 2.5 --seed 11 --json`` as an operator runs it:
+``dragent lab chaos --minutes 2.5 --seed 21 --json`` as an operator runs it:
 both agents and a keeper per region as real processes, three clients
 writing, a nemesis drawing about eight faults of every kind from the seed,
 then heal, a quiet period, and the checker. The verdict must be ok: no
@@ -24,7 +24,7 @@ from tests.test_statuspage import CHROMIUM_FLAGS
 
 pytestmark = [pytest.mark.lab, needs_netns, pytest.mark.timeout(900)]
 
-SEED = 11
+SEED = 21
 
 
 async def test_a_seeded_chaos_run_keeps_every_promise(tmp_path: Path) -> None:

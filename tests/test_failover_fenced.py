@@ -23,7 +23,7 @@ from agent.coordination.drill import Drill
 from agent.lab import Lab
 from replicators.s3 import S3Store
 from replicators.vault import Vault
-from tests.support import eventually
+from tests.support import eventually, takes_writes
 from tests.test_failover_agent import agents  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.lab
@@ -123,17 +123,7 @@ async def test_a_refused_switchover_puts_the_old_primary_back(
             await standby.execute("SELECT pg_wal_replay_resume()")
             await standby.close()
 
-        async def a_takes_writes() -> bool:
-            conn = await asyncpg.connect(drill.a_dsn)
-            try:
-                await conn.execute("CREATE TABLE IF NOT EXISTS refused_switchover (id int)")
-                return True
-            except asyncpg.ReadOnlySQLTransactionError:
-                return False
-            finally:
-                await conn.close()
-
-        await eventually(a_takes_writes, within=5)
+        await eventually(lambda: takes_writes(drill.a_dsn), within=5)
         await eventually(lambda: not a.fenced and a.writable, within=5)
         view = await a.lease.view()
         assert (view.leader, view.epoch) == ("a", 1)

@@ -18,7 +18,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import asyncpg
 import pytest
 import tomli_w
 
@@ -26,7 +25,7 @@ from agent.agentproc import AgentProcess
 from agent.coordination import fencing
 from agent.coordination.keeper import Watch, parse_pet
 from agent.lab import Lab
-from tests.support import eventually
+from tests.support import eventually, takes_writes
 from tests.test_failover_agent import config
 
 pytestmark = pytest.mark.lab
@@ -47,18 +46,6 @@ def test_the_watch_fences_once_per_silence_and_never_while_disarmed() -> None:
     for bad in (b"[]", b'{"armed": 1}', b'{"armed": true, "fence_in": -1}', b"{"):
         with pytest.raises(ValueError):
             parse_pet(bad)
-
-
-async def _writable(dsn: str) -> bool:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("CREATE TABLE IF NOT EXISTS keeper_probe (id int)")
-        await conn.execute("INSERT INTO keeper_probe VALUES (1)")
-        return True
-    except asyncpg.ReadOnlySQLTransactionError:
-        return False
-    finally:
-        await conn.close()
 
 
 async def test_a_paused_holder_is_fenced_by_its_keeper_before_the_lease_expires(
@@ -90,7 +77,7 @@ async def test_a_paused_holder_is_fenced_by_its_keeper_before_the_lease_expires(
             return bool(s and s["role"] == "active" and s["failover"]["keeper"]["reached"])
 
         await eventually(a_active, within=30)
-        assert await _writable(lab.pg_dsn("a"))
+        assert await takes_writes(lab.pg_dsn("a"))
         assert a.proc is not None
         ttl = float(data["failover"]["lease_ttl"])
         paused_at = time.monotonic()
@@ -99,7 +86,7 @@ async def test_a_paused_holder_is_fenced_by_its_keeper_before_the_lease_expires(
             # fenced by the keeper within fence_after + fence_timeout, before the TTL
 
             async def read_only() -> bool:
-                return not await _writable(lab.pg_dsn("a"))
+                return not await takes_writes(lab.pg_dsn("a"))
 
             await eventually(read_only, within=ttl)
             assert time.monotonic() - paused_at < ttl
@@ -109,7 +96,7 @@ async def test_a_paused_holder_is_fenced_by_its_keeper_before_the_lease_expires(
                 return bool(s and s["role"] == "active" and s["epoch"] == 2)
 
             await eventually(b_took_over, within=30)
-            assert not await _writable(lab.pg_dsn("a"))
+            assert not await takes_writes(lab.pg_dsn("a"))
         finally:
             a.proc.send_signal(signal.SIGCONT)
 
@@ -118,7 +105,7 @@ async def test_a_paused_holder_is_fenced_by_its_keeper_before_the_lease_expires(
             return bool(s and s["role"] == "passive" and s["failover"]["leader"] == "b")
 
         await eventually(a_knows, within=30)
-        assert not await _writable(lab.pg_dsn("a"))
+        assert not await takes_writes(lab.pg_dsn("a"))
     finally:
         for p in procs.values():
             await p.stop(grace=10)

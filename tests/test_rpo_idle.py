@@ -21,23 +21,21 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from prometheus_client import CollectorRegistry
 
 from agent.backoff import Backoff
 from agent.config import AgentConfig
 from agent.lab import Lab
-from agent.supervise import StreamTask, run_stream
+from agent.supervise import StreamTask
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.source import ArtifactsSource
 from replicators.keys import KeyProvider, build_key_provider
-from replicators.metrics import Metrics
 from replicators.objects.bucket import Bucket, find_weed_binary
 from replicators.objects.source import ObjectsSource
 from replicators.pair import lab_shipper
 from replicators.s3 import S3Store
 from replicators.shipper import Shipper
 from replicators.vault import Vault
-from tests.support import eventually
+from tests.support import eventually, running
 from tests.test_objects_rig import filer_address, options
 
 pytestmark = pytest.mark.lab
@@ -55,18 +53,6 @@ class SwitchBucket:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.bucket, name)
-
-
-@contextlib.asynccontextmanager
-async def running(task: StreamTask) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    job = asyncio.create_task(run_stream(task, stop, Metrics(CollectorRegistry())))
-    try:
-        yield
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await job
 
 
 def rpo(task: StreamTask) -> float:

@@ -12,7 +12,6 @@ wall time; once healed (where healing is possible), it falls back under a second
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -23,7 +22,6 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from prometheus_client import CollectorRegistry
 
 from agent.backoff import Backoff
 from agent.collector import ProgressCollector
@@ -31,16 +29,15 @@ from agent.compliance import controls as c
 from agent.config import AgentConfig
 from agent.configbase import Secret
 from agent.lab import Lab
-from agent.supervise import StreamTask, run_stream
+from agent.supervise import StreamTask
 from replicators.keys import KeyProvider, build_key_provider
-from replicators.metrics import Metrics
 from replicators.pair import lab_shipper
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.walsource import WalSource
 from replicators.s3 import S3Store
 from replicators.store import ObjectInfo, ObjectStore
 from replicators.vault import Vault
-from tests.support import eventually
+from tests.support import eventually, running
 
 pytestmark = pytest.mark.lab
 
@@ -137,19 +134,6 @@ async def _dropped(rig: Rig) -> bool:
     await _sql(rig.lab, _DROP_SLOT, rig.slot)
     query = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1"
     return int(await _sql(rig.lab, query, rig.slot)) == 0
-
-
-@contextlib.asynccontextmanager
-async def running(task: StreamTask) -> AsyncIterator[None]:
-    """``run_stream(task)`` until the block ends."""
-    stop = asyncio.Event()
-    job = asyncio.create_task(run_stream(task, stop, Metrics(CollectorRegistry())))
-    try:
-        yield
-    finally:
-        stop.set()
-        async with asyncio.timeout(30):
-            await job
 
 
 def gauge(task: StreamTask, policy: Any) -> float:

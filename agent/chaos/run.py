@@ -31,8 +31,9 @@ from agent.chaos.checker import check
 from agent.chaos.history import HISTORY_VERSION, History, read_history
 from agent.chaos.schedule import Fault, plan
 from agent.chaos.timeline import render
-from agent.config import parse_config
+from agent.config import AgentConfig, parse_config
 from agent.coordination.agentdrill import AgentDrill, agent_status
+from agent.failover_config import fencing_budget
 from agent.lab import Lab, LabError
 from agent.lab.bind import lab_dns
 from agent.lab.processes import poll
@@ -53,9 +54,12 @@ async def chaos(
     seed: int,
     faults: tuple[str, ...] = DEFAULT_FAULTS,
     sync: bool = False,
-    rpo_target: float = 1.0,
+    rpo_target: float | None = None,
 ) -> dict[str, Any]:
-    """One run (see the module docstring); returns the verdict. ``out`` must exist."""
+    """One run (see the module docstring); returns the verdict. ``out`` must exist.
+
+    ``rpo_target`` (default: ``loss_bound`` of the drill's configuration) is the age
+    a write lost across a failover may have in the asynchronous mode."""
     log = logs.get("chaos", seed=seed)
     lab = Lab(root / "lab", network="netns")
     await lab.up()
@@ -69,6 +73,8 @@ async def chaos(
         async with ChaosDrill(lab, f"chaos-{seed}", root / "drill", dns=dns) as drill:
             await drill.ready(90)
             await workload.setup(drill, sync=sync)
+            if rpo_target is None:
+                rpo_target = loss_bound(parse_config(drill.config("a"), "chaos a"))
             start = {"minutes": minutes, "seed": seed, "sync": sync, "faults": list(faults)}
             history.write(
                 {"type": "start", "version": HISTORY_VERSION, "rpo_target": rpo_target} | start
@@ -93,6 +99,19 @@ def judge(out: Path) -> dict[str, Any]:
     (out / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True))
     (out / "timeline.html").write_text(render(events, verdict))
     return verdict
+
+
+REPLICATION_RPO = 1.0
+"""The PostgreSQL RPO target: what replication may lag when a partition begins."""
+
+
+def loss_bound(cfg: AgentConfig) -> float:
+    """How old a write lost across a failover may be in the asynchronous mode: a primary
+    cut off from its standby goes on acknowledging writes until it has fenced itself, at
+    most the fencing budget's worst case after its last renewal; add what replication
+    may lag when the cut begins. Only the zero-loss mode loses nothing."""
+    budget = fencing_budget(cfg.failover, cfg.etcd)
+    return round(budget.worst_case + REPLICATION_RPO, 3)
 
 
 class ChaosDrill(AgentDrill):
