@@ -112,6 +112,28 @@ async def test_kill_9_of_the_sender_loses_and_duplicates_nothing(pair: Pair) -> 
     assert applied == in_vault
 
 
+async def test_kill_9_of_the_receiver_mid_apply_loses_and_duplicates_nothing(pair: Pair) -> None:
+    """The passive agent is killed -9 three times while it applies (10 segments a
+    second): each restart resumes from its target's state, and the applied log holds
+    every record of the vault once, in order."""
+    await pair.a.start()
+    await pair.b.start()
+    await pair.a.wait_ready()
+    await pair.b.wait_ready()
+    for at in (150, 400, 650):
+        await eventually(lambda at=at: _past(pair.b, "applied", at), within=20)  # type: ignore[misc]
+        await pair.b.kill()
+        await pair.b.start()
+        await pair.b.wait_ready()
+    assert await pair.a.stop() == 0
+    shipped = load_state(pair.workdir / "a" / "streams" / pair.stream / "to-b" / "shipped.json")
+    await eventually(lambda: _past(pair.b, "applied", shipped - 1), within=30)
+    in_vault = await vault_indices(pair.lab, pair.stream)
+    assert in_vault == list(range(shipped))
+    target = pair.workdir / "b" / "streams" / pair.stream / "target" / "applied.log"
+    assert [parse_record(r)[0] for r in read_applied_log(target)] == in_vault
+
+
 def load_state(path: Path) -> int:
     import json
 

@@ -388,12 +388,34 @@ class Coordinator:
         self._set_role("passive", self.view.epoch if self.view else self.epoch)
 
     async def _do_adopt(self, action: Action) -> None:
-        if self.view is None or not self.view.leader_lease:
+        """Renew the lease an earlier process of this region held. If that process took
+        it over (``via`` takeover) and died before promoting — this region's database
+        is still a standby — finish that takeover now, lease checks and all."""
+        view = self.view
+        if view is None or not view.leader_lease:
             return
-        self.lease.adopt(self.view.leader_lease)
+        self.lease.adopt(view.leader_lease)
         self.holding, self.lease_lost = True, False
         self.renewed_at = None
-        self._set_role("active", self.view.leader_epoch)
+        if view.leader_via == "takeover" and await self._standby():
+            others = [r for r in self.f.peer_probes if r != self.region]
+            old = others[0] if others else "?"
+            why = "finishing the takeover an earlier process of this region began"
+            self.log.warning("taking over", epoch=view.leader_epoch, old=old, reason=why)
+            await self._take_over(view.leader_epoch, old, why, time.time())
+            return
+        self._set_role("active", view.leader_epoch)
+
+    async def _standby(self) -> bool:
+        """True if this region's database is in recovery (False without one)."""
+        dsn = self.f.postgres_dsn
+        if not dsn:
+            return False
+        conn = await asyncpg.connect(dsn, timeout=self.f.probe_timeout)
+        try:
+            return bool(await conn.fetchval("SELECT pg_is_in_recovery()"))
+        finally:
+            await conn.close()
 
     async def _do_acquire(self, action: Action) -> None:
         sent = time.monotonic()
@@ -419,16 +441,21 @@ class Coordinator:
             self.log.info("takeover lost the race: another region acquired the lease")
             return
         self.holding, self.renewed_at, self.lease_lost = True, sent, False
-        old = self.view.last_leader if self.view else "?"
+        old = (self.view.last_leader if self.view else None) or "?"
         self.log.warning("taking over", epoch=epoch, old=old, reason=action.reason)
+        await self._take_over(epoch, old, action.reason, seen)
+
+    async def _take_over(self, epoch: int, old: str, reason: str, seen: float) -> None:
+        """Every step after the lease is held (``Takeover.run``), the keepalive beside it;
+        then serve and record, or abort if the lease was lost on the way."""
         run = Takeover(
             region=self.region,
-            old_region=old or "?",
+            old_region=old,
             epoch=epoch,
-            reason=action.reason,
+            reason=reason,
             dsn=self.f.postgres_dsn,
             switches=self.switches,
-            old_dsns=[u for u in self.f.peer_probes.get(old or "", []) if "postgres" in u],
+            old_dsns=[u for u in self.f.peer_probes.get(old, []) if "postgres" in u],
             catch_up=self.catch_up,
             catchup_timeout=self.f.catchup_timeout,
             catchup_settle=self.f.catchup_settle,
@@ -444,7 +471,7 @@ class Coordinator:
             try:
                 try:
                     await run.run()
-                    if self.heartbeat and old:
+                    if self.heartbeat and old != "?":
                         run.notes["local_last_heartbeat"] = await self.heartbeat.last(old)
                 except LeaseLost as exc:
                     aborted = str(exc)
@@ -452,7 +479,7 @@ class Coordinator:
                     run.errors.append(f"takeover: {type(exc).__name__}: {exc}")
                     self.log.error("takeover step failed", error=run.errors[-1])
                 if aborted is None:
-                    primary_last = self.peers.last_heartbeat.get(old or "")
+                    primary_last = self.peers.last_heartbeat.get(old)
                     await self._serving(epoch, run)
             finally:
                 stop_keepalive.set()

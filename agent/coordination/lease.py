@@ -2,7 +2,7 @@
 
 Keys under the configured prefix (values are JSON):
 
-``leader``            ``{"region", "epoch"}``, attached to the holder's lease
+``leader``            ``{"region", "epoch", "via"}``, attached to the holder's lease
 ``epoch``             ``{"epoch", "region"}``: the last epoch handed out and to whom
 ``paused``            present: automatic failover is paused cluster-wide
 ``last_failover``     ``{"at", "epoch", "region"}`` (wall clock, for the lockout)
@@ -49,6 +49,9 @@ class ClusterView:
     last_leader: str | None
     paused: bool
     last_failover: float | None
+    leader_via: str | None = None
+    """How the leader took the lease: "takeover" (a coordinator's transaction) or
+    "switchover" (handed over by an operator's command)."""
 
 
 def _endpoint(url: str) -> tuple[str, int]:
@@ -118,6 +121,7 @@ class EtcdLease:
             last_leader=epoch.get("region"),
             paused=kvs[2] is not None,
             last_failover=last.get("at"),
+            leader_via=leader.get("via"),
         )
 
     async def acquire(self, expect_epoch: int) -> int | None:
@@ -134,7 +138,7 @@ class EtcdLease:
             return None
         same_epoch = t.mod(ekey) == got.mod_revision if got else t.version(ekey) == 0
         compare = [t.version(self.key("leader")) == 0, same_epoch]
-        leader = json.dumps({"region": self.region, "epoch": new}).encode()
+        leader = json.dumps({"region": self.region, "epoch": new, "via": "takeover"}).encode()
         epoch = json.dumps({"epoch": new, "region": self.region}).encode()
         success = [t.put(self.key("leader"), leader, lease=lease.id), t.put(ekey, epoch)]
         won, _ = await self._call("transaction", compare=compare, success=success, failure=[])

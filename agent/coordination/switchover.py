@@ -57,7 +57,7 @@ async def hand_over(lease: EtcdLease, to: str, *, force: bool) -> int:
         t.mod(leader_key) == leader.mod_revision if leader else t.version(leader_key) == 0,
         t.mod(epoch_key) == epoch_kv.mod_revision if epoch_kv else t.version(epoch_key) == 0,
     ]
-    body = json.dumps({"region": to, "epoch": epoch + 1}).encode()
+    body = json.dumps({"region": to, "epoch": epoch + 1, "via": "switchover"}).encode()
     success = [
         t.put(leader_key, body, lease=new_lease.id),
         t.put(epoch_key, json.dumps({"epoch": epoch + 1, "region": to}).encode()),
