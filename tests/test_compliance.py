@@ -16,7 +16,7 @@ from agent.compliance.keyage import created_at
 from agent.compliance.monitor import ComplianceMonitor
 from agent.config import AgentConfig, parse_config
 from agent.policy_config import DAY, PolicyConfig
-from replicators.keys import rotate_key_file
+from replicators.keys import generate_key_file, rotate_key_file
 
 POLICY = PolicyConfig(
     drill_every=7 * DAY, default_rpo_seconds=5.0, max_key_age=90 * DAY, rpo_window=DAY
@@ -183,6 +183,14 @@ async def test_monitor_key_age_and_drill_against_the_vault(
         await monitor.evaluate_once()
         kinds = [e["type"] for e in await (await monitor.evidence()).entries()]
         assert kinds.count(c.FAILOVER) == 1 and kinds.count(c.VERIFICATION) == 1
+        # a key file replaced by one without the old versions is no rotation
+        generate_key_file(key_file.with_suffix(".new"))
+        key_file.with_suffix(".new").replace(key_file)
+        results = {r.control: r for r in await monitor.evaluate_once()}
+        assert results["key-age"].status == "fail"
+        assert "replaced, not rotated" in results["key-age"].reason
+        kinds = [e["type"] for e in await (await monitor.evidence()).entries()]
+        assert kinds.count(c.KEY_ROTATION) == 2
         changes = [e for e in chain.entries if e["type"] == c.CONTROL_CHANGE]
         assert {"control": "key-age", "from": "fail", "to": "pass"}.items() <= {
             k: v

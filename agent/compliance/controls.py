@@ -43,6 +43,7 @@ class Facts:
     entries: Sequence[Mapping[str, Any]]  # evidence of every log read, any order
     live_rpo: Mapping[str, float] = field(default_factory=dict)  # stream -> seconds
     key_created: Mapping[str, float | None] = field(default_factory=dict)  # key name -> time
+    key_problems: Mapping[str, str] = field(default_factory=dict)  # key name -> what is wrong
     encrypted: Mapping[str, bool] = field(default_factory=dict)  # destination -> has a KEK
     chain_ok: bool | None = None
     object_lock: bool | None = None
@@ -179,6 +180,8 @@ def key_age(facts: Facts) -> Outcome:
         elif facts.now - created > limit:
             old.append(f"{name} {_ago(facts.now - created)}")
     rotations = tuple(ref(e) for e in of_type(facts.entries, KEY_ROTATION)[-3:])
+    if facts.key_problems:
+        return "fail", "; ".join(facts.key_problems[k] for k in sorted(facts.key_problems)), ()
     if old:
         return "fail", f"keys older than {_ago(limit)}: " + ", ".join(old), rotations
     if unknown:

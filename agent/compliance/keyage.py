@@ -48,6 +48,19 @@ def current_key_id(cfg: KeysConfig) -> str | None:
     return current if isinstance(current, str) else None
 
 
+def key_versions(cfg: KeysConfig) -> set[str] | None:
+    """The version ids a local key file holds (None for KMS or an unreadable file).
+    Reads only the ids; key material is never looked at."""
+    if cfg.provider != "local" or cfg.key_file is None:
+        return None
+    try:
+        doc = json.loads(Path(cfg.key_file).read_text())
+    except (OSError, ValueError):
+        return None
+    versions = doc.get("keys") if isinstance(doc, dict) else None
+    return set(versions) if isinstance(versions, dict) else None
+
+
 def key_ages(keys: dict[str, KeysConfig]) -> dict[str, tuple[str | None, float | None]]:
     """For each named key: (current version id, its creation time or None)."""
     out: dict[str, tuple[str | None, float | None]] = {}

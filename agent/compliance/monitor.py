@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from agent import logs
 from agent.compliance import controls as c
-from agent.compliance.keyage import key_ages, named_keys
+from agent.compliance.keyage import key_ages, key_versions, named_keys
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog
 from replicators.errors import DragentError
@@ -70,6 +70,7 @@ class ComplianceMonitor:
         self._rpo_max: dict[str, float] = {}
         self._rpo_since = clock()
         self.keys: dict[str, tuple[str | None, float | None]] = {}
+        self.key_problems: dict[str, str] = {}
         # the first scheduled drill waits ``drill_after`` seconds: an agent that just
         # started (or a test's) does not launch a drill at once
         self._drill_attempt = clock() - _DRILL_RETRY + drill_after
@@ -137,17 +138,29 @@ class ComplianceMonitor:
         return entry
 
     async def record_keys(self, now: float) -> None:
-        """Append a ``key.rotation`` entry for every key whose current version is new."""
-        self.keys = key_ages(named_keys(self.cfg))
-        seen = {
-            (e["data"].get("key"), e["data"].get("key_id"))
-            for e in self._own
-            if e.get("type") == c.KEY_ROTATION
-        }
+        """Append a ``key.rotation`` entry for every key whose current version is new. A
+        new version in a key file that no longer holds the version recorded before is a
+        replaced file, not a rotation (what was sealed under the old one cannot be opened):
+        nothing is recorded, the problem is kept (``key_problems``) and fails key-age."""
+        keys = named_keys(self.cfg)
+        self.keys = key_ages(keys)
+        rotations = [e["data"] for e in self._own if e.get("type") == c.KEY_ROTATION]
+        seen = {(d.get("key"), d.get("key_id")) for d in rotations}
+        last = {d.get("key"): d.get("key_id") for d in rotations}
         for name, (key_id, created) in sorted(self.keys.items()):
-            if key_id is not None and (name, key_id) not in seen:
-                data = {"key": name, "key_id": key_id, "created_at": created}
-                self._own.append(await (await self.evidence()).append(c.KEY_ROTATION, data))
+            if key_id is None or (name, key_id) in seen:
+                continue
+            held = key_versions(keys[name])
+            if last.get(name) is not None and held is not None and last[name] not in held:
+                self.key_problems[name] = (
+                    f"{name}: the key file no longer holds version {last[name]}: replaced, "
+                    "not rotated; segments sealed under it cannot be opened"
+                )
+                self.log.error("key file replaced, not rotated", key=name, missing=last[name])
+                continue
+            self.key_problems.pop(name, None)
+            data = {"key": name, "key_id": key_id, "created_at": created}
+            self._own.append(await (await self.evidence()).append(c.KEY_ROTATION, data))
 
     async def record_failovers(self) -> int:
         """Append the failover engine's records (``<data_dir>/failovers/*.json``, one per
@@ -196,6 +209,7 @@ class ComplianceMonitor:
             entries=self.entries(),
             live_rpo=dict(self._live_rpo()),
             key_created={name: created for name, (_, created) in self.keys.items()},
+            key_problems=dict(self.key_problems),
             encrypted={name: True for name in named_keys(cfg)},  # a KEK is mandatory per key
             chain_ok=self.chain_ok,
             object_lock=self.object_lock,
