@@ -23,14 +23,17 @@ history, ``heal`` undoes it and is idempotent. Targets name what is hit:
 - ``kill-region``: ``a`` or ``b``: the region's agent, database and etcd member
   killed at once (a region lost), started again at heal.
 
-``clock-skew`` is not offered: it needs the agent restarted under
-libfaketime, which this lab does not do yet.
+- ``clock-skew``: ``a`` or ``b``: the region's agent restarted under
+  libfaketime (``faketime -f +Ns``) with its wall clock 5 to 30 s ahead or
+  behind (monotonic time offset alike, so durations stay true); healed by a
+  restart on the true clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -55,6 +58,7 @@ TARGETS: dict[str, list[str]] = {
     "flip-byte": ["vault-b"],
     "isolate": ["a", "b"],
     "kill-region": ["a", "b"],
+    "clock-skew": ["a", "b"],
 }  # fmt: skip
 
 
@@ -229,6 +233,23 @@ async def revive_region(stage: Stage, target: str) -> str:
     return f"{target} started again"
 
 
+async def clock_skew(stage: Stage, target: str) -> str:
+    offset = stage.rng.choice((-1, 1)) * stage.rng.randint(5, 30)
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        raise LabError("faketime is not installed (deploy/lab/install-system-deps.sh)")
+    await stage.lab.server(target, "agent").stop()
+    argv = [faketime, "-f", f"{offset:+d}s", *stage.lab.agent_command(target)]
+    await stage.lab.start_agent(target, argv)
+    return f"agent of {target} restarted with its clock {offset:+d}s off"
+
+
+async def true_clock(stage: Stage, target: str) -> str:
+    await stage.lab.server(target, "agent").stop()
+    await stage.lab.start_agent(target, stage.lab.agent_command(target))
+    return f"agent of {target} restarted on the true clock"
+
+
 async def nothing(stage: Stage, target: str) -> str:
     return "nothing to heal"
 
@@ -243,11 +264,13 @@ FAULTS: dict[str, tuple[Step, Step]] = {
     "flip-byte": (flip_byte, nothing),
     "isolate": (isolate, heal_links),
     "kill-region": (kill_region, revive_region),
+    "clock-skew": (clock_skew, true_clock),
 }
 
 
 async def heal_everything(stage: Stage) -> None:
-    """After the last fault: every link, every suspended or killed process back."""
+    """After the last fault: every link, every suspended or killed process back, every
+    agent on the true clock."""
     await unpause(stage, "holder")
     for member in ("a", "b", "witness"):
         await stage.lab.fault(member, "etcd", "resume")
@@ -256,10 +279,13 @@ async def heal_everything(stage: Stage) -> None:
     stage.lab.heal()
     await stage.lab.up()  # idempotent: starts whatever is down
     for region in ("a", "b"):
+        argv = stage.lab.agent_command(region)
+        if "faketime" in " ".join(stage.lab.state.get("agents", {}).get(region, [])):
+            await stage.lab.server(region, "agent").stop()
         try:
-            await stage.lab.start_agent(region)
+            await stage.lab.start_agent(region, argv)
         except LabError:
             await asyncio.sleep(1.0)
-            await stage.lab.start_agent(region)
+            await stage.lab.start_agent(region, argv)
     if stage.drill.standby is not None and not stage.drill.standby.is_running():
         await stage.drill.standby.start()

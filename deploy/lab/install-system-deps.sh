@@ -17,6 +17,8 @@ command -v restic >/dev/null || need+=(restic)  # baseline of benchmarks/artifac
 command -v promtool >/dev/null || need+=(prometheus)  # alert-rule tests, Prometheus over the lab
 [ -x /usr/sbin/ip ] || command -v ip >/dev/null || need+=(iproute2)  # the netns lab: namespaces, veth pairs, a bridge
 [ -x /usr/sbin/nft ] || command -v nft >/dev/null || need+=(nftables)  # the netns lab: partitions are packet drops
+command -v faketime >/dev/null || need+=(faketime)  # the chaos run's clock-skew fault (libfaketime)
+command -v tc >/dev/null || [ -x /usr/sbin/tc ] || need+=(iproute2)  # the chaos run's slow link (tc tbf)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
