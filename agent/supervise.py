@@ -5,7 +5,10 @@ module owns waiting, retrying and logging, so runners stay free of them.
 
 - Transient errors (store unavailable, source down, anything unexpected)
   restart the runner after a capped, jittered backoff; ``recover()`` runs
-  again, so a half-done step is redone from the last durable point.
+  again, so a half-done step is redone from the last durable point. The
+  backoff (and the error log's rate limit) resets only once a step went
+  through after a recovery: a runner that recovers and then fails every
+  step (a wrong secret) backs off exponentially and logs once per interval.
 - ``IntegrityError`` is never retried: the stream halts, says why in its
   progress (``/status``, ``/readyz``) and waits for the stop.
 - When ``stop`` is set the current step finishes (a shipper seals, publishes
@@ -83,14 +86,17 @@ async def _supervise(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
     while not stop.is_set():
         try:
             await task.runner.recover()
-            if limiter.forget("error"):
-                log.info("stream recovered", after_attempts=task.backoff.attempt)
             _enter(task, "running")
-            task.backoff.reset()
-            log.info("stream running")
+            stepped = False
             while not stop.is_set():
                 began = time.time()
                 did = await task.runner.sync_once(stop)
+                if not stepped:  # a recovery counts once a step went through after it
+                    stepped = True
+                    if limiter.forget("error"):
+                        log.info("stream recovered", after_attempts=task.backoff.attempt)
+                    task.backoff.reset()
+                    log.info("stream running")
                 if not did:
                     task.idle_at = began
                     if task.idle:
