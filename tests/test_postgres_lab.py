@@ -255,6 +255,14 @@ async def test_restore_to_a_time_holds_exactly_the_rows_committed_before(pg: PgR
     data_dir = pg.workdir / "restored"
     pg.clusters.append(data_dir)
     port = free_port()
+    # a point the WAL never reaches fails within its deadline and leaves nothing behind
+    beyond = RestoreTarget(lsn=end + (1 << 32))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the failure, cleanup follows
+        await restore(
+            pg.options, pg.stream.name, pg.store, pg.recv_keys,
+            target=beyond, data_dir=data_dir, port=port, within=5.0,
+        )  # fmt: skip
+    assert not any(data_dir.iterdir()) and not data_dir.with_name("restored.wal").exists()
     result = await restore(
         pg.options, pg.stream.name, pg.store, pg.recv_keys,
         target=RestoreTarget(time=point), data_dir=data_dir, port=port,

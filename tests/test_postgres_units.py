@@ -152,3 +152,38 @@ def test_a_base_backup_is_due_after_a_promotion_and_when_none_exists() -> None:
     assert "timeline 2, the primary's is 3" in (backup_due(newest, 3, 1100.0, 0.0) or "")
     assert backup_due(newest, 2, 1500.0, 3600.0) is None
     assert "backup_every 3600s" in (backup_due(newest, 2, 4600.0, 3600.0) or "")
+
+
+def test_a_restore_before_the_first_backup_names_the_earliest_point() -> None:
+    from replicators.errors import NotFound
+    from replicators.postgres.basebackup import BackupManifest, choose_backup
+
+    backups = [
+        BackupManifest("b1", "pg", 1, 0x3000000, 0x3000100, 1_800_000_000.0, 1_800_000_060.0,
+                       [], 10),
+        BackupManifest("b2", "pg", 1, 0x5000000, 0x5000100, 1_800_003_600.0, 1_800_003_660.0,
+                       [], 10),
+    ]  # fmt: skip
+    with pytest.raises(NotFound, match=r"earliest restorable point is 2027-01-15T08:01:00\+00:00"):
+        choose_backup(backups, before_time=1_800_000_000.0)
+    with pytest.raises(NotFound, match="LSN 0/3000100"):
+        choose_backup(backups, before_lsn=0x100)
+    with pytest.raises(NotFound, match="holds no base backup of this stream"):
+        choose_backup([], before_time=1.0)
+    assert choose_backup(backups, before_time=1_800_003_700.0).id == "b2"
+
+
+async def test_a_restore_to_a_future_time_is_refused_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    from agent.configbase import Secret
+    from replicators.errors import SourceError
+    from replicators.postgres.options import PostgresOptions
+    from replicators.postgres.restore import restore
+
+    options = PostgresOptions(dsn=Secret("postgresql://x@127.0.0.1:1/app", "test"))
+    target = RestoreTarget(time=time.time() + 3600)
+    data = tmp_path / "restored"
+    with pytest.raises(SourceError, match="is in the future"):
+        await restore(options, "pg", None, None, target=target, data_dir=data, port=1)  # type: ignore[arg-type]
+    assert not data.exists()

@@ -20,6 +20,7 @@ stream is never held in memory whole: one part at a time.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import json
 import re
@@ -222,8 +223,18 @@ def choose_backup(
         and (before_lsn is None or b.end_lsn <= before_lsn)
     ]
     if not usable:
-        raise NotFound("no base backup in the vault ends before the requested point")
+        raise NotFound(
+            "no base backup in the vault ends before the requested point: " + _earliest(backups)
+        )
     return usable[-1]
+
+
+def _earliest(backups: list[BackupManifest]) -> str:
+    if not backups:
+        return "the vault holds no base backup of this stream (take one: dragent backup postgres)"
+    first = min(backups, key=lambda b: b.end_time)
+    when = dt.datetime.fromtimestamp(first.end_time, dt.UTC).isoformat(timespec="seconds")
+    return f"the earliest restorable point is {when} (LSN {L.format_lsn(first.end_lsn)})"
 
 
 async def extract_backup(

@@ -23,15 +23,22 @@ import contextlib
 import datetime as dt
 import itertools
 import shutil
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from replicators.errors import SourceError
 from replicators.keys import KeyProvider, OpenedSegment, unseal
 from replicators.postgres import lsn as L
 from replicators.postgres import standby
-from replicators.postgres.basebackup import choose_backup, extract_backup, list_backups
+from replicators.postgres.basebackup import (
+    BackupManifest,
+    choose_backup,
+    extract_backup,
+    list_backups,
+)
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
 from replicators.postgres.walfetch import FILLING
@@ -153,12 +160,55 @@ async def restore(
     within: float = 600.0,
     on_bytes: Callable[[int], None] | None = None,
 ) -> RestoreResult:
-    """Build, start and promote a cluster at ``target`` in ``data_dir`` (absent or empty)."""
+    """Build, start and promote a cluster at ``target`` in ``data_dir`` (absent or empty).
+
+    A restore that fails removes what it created (the cluster is stopped, the data
+    directory emptied, the spool removed), so that running it again works. A time in
+    the future is refused at once (it could never be reached)."""
     standby.require_empty(data_dir)
+    if target.time is not None and target.time > time.time():
+        when = dt.datetime.fromtimestamp(target.time, dt.UTC).isoformat(timespec="seconds")
+        raise SourceError(f"--to {when} is in the future: the latest restorable point is now")
     backups = await list_backups(store, keys, stream)
     backup = choose_backup(backups, before_time=target.time, before_lsn=target.lsn)
-    await extract_backup(options, store, keys, backup, data_dir, on_bytes=on_bytes)
     spool_path = spool_dir or data_dir.with_name(data_dir.name + ".wal")
+    try:
+        return await _build(
+            options, stream, store, keys, backup, target, data_dir, port, spool_path,
+            within, on_bytes,
+        )  # fmt: skip
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await standby.stop(options, data_dir)
+        await asyncio.to_thread(_remove_created, data_dir, spool_path)
+        raise
+
+
+def _remove_created(data_dir: Path, spool_path: Path) -> None:
+    """Empty the data directory (it was absent or empty) and remove the spool."""
+    if data_dir.exists():
+        for entry in data_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    shutil.rmtree(spool_path, ignore_errors=True)
+
+
+async def _build(
+    options: PostgresOptions,
+    stream: str,
+    store: ObjectStore,
+    keys: KeyProvider,
+    backup: BackupManifest,
+    target: RestoreTarget,
+    data_dir: Path,
+    port: int,
+    spool_path: Path,
+    within: float,
+    on_bytes: Callable[[int], None] | None,
+) -> RestoreResult:
+    await extract_backup(options, store, keys, backup, data_dir, on_bytes=on_bytes)
     spool = WalSpool(spool_path)
     marker = spool_path / FILLING
     marker.touch()  # wal-fetch serves only whole files until the fill is complete
