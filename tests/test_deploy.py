@@ -32,6 +32,8 @@ SECRETS_ENV = {
     "DRAGENT_PEER_S3_SECRET_KEY": "y",
     "DRAGENT_PG_DSN": "postgresql://dragent@db/app",
     "DRAGENT_TOKEN": "t",
+    "DRAGENT_TSIG_SECRET": "c2VjcmV0",
+    "DRAGENT_PAGER_URL": "https://pager.example.internal/hook",
 }
 
 
@@ -104,6 +106,9 @@ def test_example_config_passes_config_check(path: Path, monkeypatch: pytest.Monk
     cfg = load_config(path)
     assert cfg.streams and cfg.peers
     assert cfg.http.token is not None  # an example never serves the API without a token
+    if path.parent.name == "examples":  # the two-region example is complete
+        assert {s.kind for s in cfg.streams} == {"postgres", "objects", "artifacts"}
+        assert cfg.failover.enabled and cfg.failover.switches and cfg.failover.keeper_socket
 
 
 # -- Kubernetes -----------------------------------------------------------------------------
