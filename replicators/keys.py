@@ -163,10 +163,18 @@ def _parse_key_file(path: Path, raw: bytes) -> _KeyFile:
 
 
 def _read_key_file(path: Path) -> _KeyFile:
+    """Parse the key file; refuses one that its group or others may read or write."""
     try:
+        mode = path.stat().st_mode
         raw = path.read_bytes()
     except OSError as exc:
         raise KeyAccessError(f"cannot read key file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise KeyAccessError(
+            f"key file {path} is open to its group or others (mode {mode & 0o777:o}): "
+            "a key-encryption key must be readable by its owner only",
+            hint=f"chmod 600 {path}",
+        )
     return _parse_key_file(path, raw)
 
 

@@ -139,11 +139,22 @@ async def test_unreadable_or_invalid_key_file(tmp_path: Path) -> None:
         await LocalKeyProvider(tmp_path / "absent.json").data_key()
     bad = tmp_path / "bad.json"
     bad.write_text('{"format": "dragent-kek/1", "current": "k", "keys": {"k": "zz"}}')
+    bad.chmod(0o600)
     with pytest.raises(KeyAccessError, match="not hex"):
         await LocalKeyProvider(bad).data_key()
     bad.write_text("not json")
     with pytest.raises(KeyAccessError, match="not valid JSON"):
         await LocalKeyProvider(bad).data_key()
+
+
+async def test_a_key_file_others_may_read_is_refused_with_the_fix(key_file: Path) -> None:
+    for mode in (0o640, 0o604, 0o660):
+        key_file.chmod(mode)
+        with pytest.raises(KeyAccessError, match=f"mode {mode:o}") as caught:
+            await LocalKeyProvider(key_file).data_key()
+        assert caught.value.hint == f"chmod 600 {key_file}"
+    key_file.chmod(0o600)
+    assert (await LocalKeyProvider(key_file).data_key()).key_id
 
 
 def test_build_key_provider(key_file: Path) -> None:
