@@ -459,11 +459,14 @@ def _inflate(
         size = zstandard.frame_content_size(packed)
         if not 0 <= size <= h.frame_size:  # -1: size not declared
             raise _bad(h.where, f"frame {index}: bad zstd frame (content size {size})")
-        plain = dctx.decompress(packed)
+        inflater = dctx.decompressobj()
+        plain = inflater.decompress(packed)
     except zstandard.ZstdError as exc:
         raise _bad(h.where, f"frame {index}: bad zstd frame ({exc})") from None
-    if len(plain) != size:
+    if len(plain) != size or not inflater.eof:
         raise _bad(h.where, f"frame {index}: bad zstd frame (size mismatch)")
+    if extra := len(inflater.unused_data):
+        raise _bad(h.where, f"frame {index}: {extra} bytes after the zstd frame")
     return plain
 
 

@@ -300,6 +300,21 @@ def test_writer_bug_is_caught_by_the_merkle_root(monkeypatch: pytest.MonkeyPatch
     rejects(blob, match="merkle root mismatch")
 
 
+def test_bytes_after_a_zstd_frame_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A (buggy or hostile) writer holding the key appends data after a frame's zstd
+    stream: authenticated, yet refused."""
+    real = segment._encode_chunk
+
+    def padded(chunk: bytes, cctx: object) -> tuple[bytes, int]:
+        packed, flag = real(chunk, cctx)  # type: ignore[arg-type]
+        return (packed + b"trailing", flag) if flag else (packed, flag)
+
+    monkeypatch.setattr(segment, "_encode_chunk", padded)
+    blob = make([b"x" * 4000, b"y" * 4000])
+    monkeypatch.undo()
+    rejects(blob, match="bytes after the zstd frame")
+
+
 def test_frames_decrypt_with_the_documented_key_nonce_and_aad() -> None:
     blob = make([b"record"])
     (header_len,) = struct.unpack_from(">H", blob, 10)
