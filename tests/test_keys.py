@@ -149,11 +149,11 @@ async def test_unreadable_or_invalid_key_file(tmp_path: Path) -> None:
 
 async def test_a_key_file_others_may_read_is_refused_with_the_fix(key_file: Path) -> None:
     for mode in (0o640, 0o604, 0o660):
-        key_file.chmod(mode)
+        os.chmod(key_file, mode)
         with pytest.raises(KeyAccessError, match=f"mode {mode:o}") as caught:
             await LocalKeyProvider(key_file).data_key()
         assert caught.value.hint == f"chmod 600 {key_file}"
-    key_file.chmod(0o600)
+    os.chmod(key_file, 0o600)
     assert (await LocalKeyProvider(key_file).data_key()).key_id
 
 
