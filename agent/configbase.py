@@ -117,6 +117,9 @@ class KeysConfig(Section):
     kms_key_id: str | None = None
     kms_endpoint: str | None = None
     kms_region: str = "us-east-1"
+    kms_allowed_keys: list[str] = []
+    """Older KMS keys (ARNs) whose segments this region may still open; a segment sealed
+    under any other key than these and ``kms_key_id`` is refused before Decrypt."""
     data_key_reuse: Duration = 300.0
 
     @model_validator(mode="after")

@@ -24,7 +24,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -368,9 +368,12 @@ class AwsKmsKeyProvider:
         data_key_reuse: float = 300.0,
         timeout: float = 10.0,
         clock: Clock = time.monotonic,
+        allowed: Iterable[str] = (),
     ) -> None:
         self.kms_key_id, self.endpoint_url, self.region = kms_key_id, endpoint_url, region
         self.timeout = timeout
+        self.allowed = set(allowed)
+        self._resolved = False
         self._cache = _KeyCache(data_key_reuse, clock)
         self._stack = AsyncExitStack()
         self._client: Any = None
@@ -425,10 +428,14 @@ class AwsKmsKeyProvider:
             return self._cache.keep(key)
 
     async def unwrap(self, key_id: str, wrapped: bytes) -> bytes:
-        """The data key inside ``wrapped``, via ``Decrypt`` (see ``KeyProvider``)."""
+        """The data key inside ``wrapped``, via ``Decrypt`` (see ``KeyProvider``). The
+        segment's key id must be this provider's key (as configured, or its ARN from
+        ``DescribeKey``) or one of ``allowed`` (older keys): anything else is refused
+        before KMS is asked, with ``KeyAccessError``."""
         hit = self._cache.lookup(key_id, wrapped)
         if hit is not None:
             return hit
+        await self._check_key_id(key_id)
         resp = await self._call(
             "decrypt", key_id, CiphertextBlob=wrapped, KeyId=key_id, EncryptionContext=KMS_CONTEXT
         )
@@ -437,6 +444,21 @@ class AwsKmsKeyProvider:
             raise IntegrityError(f"kms returned a {len(plaintext)}-byte data key", where=key_id)
         self._cache.remember(key_id, wrapped, plaintext)
         return plaintext
+
+    async def _check_key_id(self, key_id: str) -> None:
+        if key_id in self.allowed or key_id == self.kms_key_id:
+            return
+        if not self._resolved:
+            resp = await self._call("describe_key", self.kms_key_id, KeyId=self.kms_key_id)
+            meta = resp.get("KeyMetadata", {})
+            self.allowed |= {str(v) for v in (meta.get("Arn"), meta.get("KeyId")) if v}
+            self._resolved = True
+        if key_id not in self.allowed:
+            raise KeyAccessError(
+                f"segment sealed under KMS key {key_id}, not this region's key "
+                f"{self.kms_key_id}: refused before Decrypt",
+                hint="an older key of this region? list it in [keys] kms_allowed_keys",
+            )
 
     async def aclose(self) -> None:
         self._cache.clear()
@@ -467,6 +489,7 @@ def build_key_provider(cfg: KeysConfig) -> KeyProvider:
         endpoint_url=cfg.kms_endpoint,
         region=cfg.kms_region,
         data_key_reuse=cfg.data_key_reuse,
+        allowed=cfg.kms_allowed_keys,
     )
 
 

@@ -202,6 +202,8 @@ class FakeKms:
             return self._generate(body, aad)
         if operation == "Decrypt":
             return self._decrypt(body, aad)
+        if operation == "DescribeKey":
+            return self._ok({"KeyMetadata": {"Arn": self.ARN, "KeyId": self.ARN[-36:]}})  # type: ignore[dict-item]
         return self._error("UnsupportedOperationException", operation)
 
     def _generate(self, body: dict[str, str], aad: bytes) -> web.Response:
@@ -269,7 +271,8 @@ async def test_kms_round_trip_reuse_and_cache(kms: tuple[FakeKms, str]) -> None:
         try:
             assert (await unseal(blob, other, expect_seq=1)).records == [b"weights", b"manifest"]
             await unseal(blob, other)
-            assert fake.calls == ["GenerateDataKey", "Decrypt"]  # unwrap is cached
+            # the alias is resolved once (DescribeKey) to accept the ARN; unwrap is cached
+            assert fake.calls == ["GenerateDataKey", "DescribeKey", "Decrypt"]
         finally:
             await other.aclose()
         clock.now += 61
@@ -288,8 +291,17 @@ async def test_kms_errors_are_classified(kms: tuple[FakeKms, str]) -> None:
         tampered = key.wrapped[:-1] + bytes([key.wrapped[-1] ^ 1])
         with pytest.raises(IntegrityError, match="InvalidCiphertextException"):
             await keys.unwrap(key.key_id, tampered)
-        with pytest.raises(KeyAccessError, match="NotFoundException"):
-            await keys.unwrap("arn:aws:kms:us-east-1:111122223333:key/other", key.wrapped)
+        before = len(fake.calls)
+        other_key = "arn:aws:kms:us-east-1:111122223333:key/other"
+        with pytest.raises(KeyAccessError, match="refused before Decrypt"):
+            await keys.unwrap(other_key, key.wrapped)
+        assert "Decrypt" not in fake.calls[before:]  # never sent to KMS
+        allowing = AwsKmsKeyProvider(FakeKms.ARN, endpoint_url=url, allowed=[other_key])
+        try:  # an older key on the allow-list is asked for (this fake knows no such key)
+            with pytest.raises(KeyAccessError, match="NotFoundException"):
+                await allowing.unwrap(other_key, key.wrapped)
+        finally:
+            await allowing.aclose()
         fake.refuse = True
         with pytest.raises(KeyAccessError, match="AccessDeniedException"):
             await keys.unwrap(key.key_id, os.urandom(60))
