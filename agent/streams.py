@@ -103,8 +103,10 @@ async def _sinks(
         progress = StreamProgress(stream=s.name, kind=s.kind, side="sink", peer="vault")
         target = build_target(s, cfg, cfg.data_dir / "streams" / s.name / "target")
         stack.push_async_callback(target.aclose)
+        # a batch may overshoot by its last record (an object part, a WAL run): room for it
+        cap = 4 * int(s.segment_max_bytes) + (64 << 20)
         sink = Sink(
-            SinkSettings(stream=s.name, origin="vault"),
+            SinkSettings(stream=s.name, origin="vault", max_segment_bytes=cap),
             vault,
             keys,
             target,

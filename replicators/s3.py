@@ -26,7 +26,14 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.config import S3Config
-from replicators.errors import AccessDenied, AlreadyExists, NotFound, StorageError, Unavailable
+from replicators.errors import (
+    AccessDenied,
+    AlreadyExists,
+    IntegrityError,
+    NotFound,
+    StorageError,
+    Unavailable,
+)
 from replicators.store import ObjectInfo
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}
@@ -187,8 +194,17 @@ class S3Store:
         with suppress(StorageError):
             await self._call(key, "abort_multipart_upload", Key=full, UploadId=upload_id)
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes. With ``max_bytes``, an object larger than that is refused
+        (``IntegrityError``) from its ``Content-Length``, before its body is read."""
         out = await self._call(key, "get_object", Key=self._key(key))
+        size = int(out.get("ContentLength", 0))
+        if max_bytes is not None and size > max_bytes:
+            out["Body"].close()
+            raise IntegrityError(
+                f"{size} bytes, more than the {max_bytes} allowed here: not read",
+                where=f"object {key}",
+            )
         try:
             async with asyncio.timeout(self._deadline), out["Body"] as body:
                 return await body.read()

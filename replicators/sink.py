@@ -38,6 +38,9 @@ LATE_CHECK_EVERY = 10.0
 class SinkSettings:
     stream: str
     origin: str
+    max_segment_bytes: int | None = None
+    """A segment object larger than this is refused unread (the stream's
+    ``segment_max_bytes`` with room for framing; None: no cap)."""
 
 
 class Sink:
@@ -110,7 +113,7 @@ class Sink:
 
     async def _apply(self, ref: SegmentRef) -> None:
         self.first_seqs.setdefault(ref.epoch, ref.seq)
-        blob = await self.vault.get_segment(ref)
+        blob = await self.vault.get_segment(ref, self.settings.max_segment_bytes)
         try:
             opened = await unseal(
                 blob,

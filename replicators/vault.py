@@ -49,8 +49,10 @@ class Vault:
         """Publish a segment once. Raises ``AlreadyExists`` if the name is taken."""
         await self.store.put(ref.key, blob, if_absent=True)
 
-    async def get_segment(self, ref: SegmentRef) -> bytes:
-        return await self.store.get(ref.key)
+    async def get_segment(self, ref: SegmentRef, max_bytes: int | None = None) -> bytes:
+        """The segment's bytes; with ``max_bytes``, a larger object is refused before its
+        body is read (``IntegrityError``: a segment this stream writes is never that big)."""
+        return await self.store.get(ref.key, max_bytes=max_bytes)
 
     async def segments(
         self, stream: str, after: SegmentRef | None = None

@@ -71,9 +71,9 @@ class InstrumentedStore:
         with self._measure("put"):
             await self.inner.put(key, data, if_absent=if_absent, metadata=metadata)
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         with self._measure("get"):
-            return await self.inner.get(key)
+            return await self.inner.get(key, max_bytes=max_bytes)
 
     async def stat(self, key: str) -> ObjectInfo:
         with self._measure("stat"):
@@ -129,10 +129,10 @@ class FaultyStore:
         if when == "after":
             raise self._fail("put", key, when)
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         if self._roll("get", key):
             raise self._fail("get", key, "before")
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_bytes=max_bytes)
 
     async def stat(self, key: str) -> ObjectInfo:
         if self._roll("stat", key):

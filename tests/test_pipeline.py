@@ -333,3 +333,18 @@ async def test_vault_verify_names_every_damaged_segment(
     report = json.loads(capsys.readouterr().out)
     assert report["damaged"] == sorted(r.key for r in victims)
     assert report["segments"] == len(refs) - 3 and not report["ok"]
+
+
+async def test_an_oversized_object_under_a_segment_name_is_refused_unread(rig: Rig) -> None:
+    from replicators.sink import SinkSettings
+
+    await ship_for(rig.shipper(), 0.3)
+    refs = await vault_refs(rig)
+    big = SegmentRef(refs[-1].epoch, refs[-1].seq + 1, rig.stream)
+    await rig.vault.store.put(big.key, b"\0" * (3 << 20))  # 3 MiB of nothing
+    sink, target = rig.sink()
+    sink.settings = SinkSettings(rig.stream, "vault", max_segment_bytes=1 << 20)
+    await sink.recover()
+    with pytest.raises(IntegrityError, match="more than the 1048576 allowed here: not read"):
+        await sink.sync_once(asyncio.Event())
+    assert indices(target) == list(range(indices(target)[-1] + 1))  # the rest applied

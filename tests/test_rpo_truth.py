@@ -53,8 +53,8 @@ class Switch:
     async def put(self, key: str, data: bytes, **kwargs: Any) -> None:
         await self.store.put(key, data, **kwargs)
 
-    async def get(self, key: str) -> bytes:
-        return await self.store.get(key)
+    async def get(self, key: str, **kwargs: Any) -> bytes:
+        return await self.store.get(key, **kwargs)
 
     async def stat(self, key: str) -> ObjectInfo:
         return await self.store.stat(key)
