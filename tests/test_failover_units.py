@@ -134,3 +134,38 @@ def test_failback_keeps_its_own_place_and_follows_the_new_primary(tmp_path: Path
     assert "primary_slot_name = 'dragent_a'" in auto
     forget_saved(data)
     assert not list(tmp_path.glob("*.json"))
+
+
+async def test_failback_passes_the_password_in_the_environment_never_in_argv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.coordination import failback
+
+    seen: list[tuple[list[str], dict[str, str] | None]] = []
+
+    async def record(argv: list[str], env: dict[str, str] | None = None) -> str:
+        seen.append((argv, env))
+        return ""
+
+    class Cluster:
+        data_dir = tmp_path / "pgdata"
+
+        def command(self, program: str, *args: str) -> list[str]:
+            return [program, *args]
+
+        async def stop(self) -> None:
+            pass
+
+    Cluster.data_dir.mkdir()
+    monkeypatch.setattr(failback, "run", record)
+    for dsn in (
+        "postgresql://dragent:s3cr3t@db-b:5432/app",
+        "host=db-b user=dragent password=s3cr3t",
+    ):
+        seen.clear()
+        await failback._rewind(Cluster(), dsn)  # type: ignore[arg-type]
+        await failback._fresh_copy(Cluster(), dsn)  # type: ignore[arg-type]
+        assert len(seen) == 2
+        for argv, env in seen:
+            assert not any("s3cr3t" in a for a in argv), argv
+            assert env is not None and env["PGPASSWORD"] == "s3cr3t"

@@ -32,6 +32,7 @@ import asyncpg
 
 from agent.coordination.takeover import CatchUpError, current_lsn, wait_lsn
 from replicators.errors import DragentError
+from replicators.postgres.pgtools import conninfo_and_env
 
 
 class FailbackError(DragentError):
@@ -88,10 +89,11 @@ class LocalCluster:
                 return
 
 
-async def run(argv: list[str]) -> str:
-    """Run a program; return its output; raise FailbackError on a non-zero exit."""
+async def run(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """Run a program; return its output; raise FailbackError on a non-zero exit. A
+    password goes in ``env`` (``PGPASSWORD``), never in ``argv``."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd="/"
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd="/", env=env
     )
     out, _ = await proc.communicate()
     text = out.decode(errors="replace")
@@ -146,7 +148,8 @@ async def reseed(
 async def _rewind(cluster: Cluster, source_dsn: str) -> None:
     await cluster.stop()
     data = str(cluster.data_dir)
-    await run(cluster.command("pg_rewind", "-D", data, f"--source-server={source_dsn}", "-R"))
+    conninfo, env = conninfo_and_env(source_dsn)
+    await run(cluster.command("pg_rewind", "-D", data, f"--source-server={conninfo}", "-R"), env)
 
 
 async def _check_follows(cluster_dsn: str, source_dsn: str, within: float) -> None:
@@ -174,6 +177,7 @@ async def _fresh_copy(cluster: Cluster, source_dsn: str) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+    conninfo, env = conninfo_and_env(source_dsn)
     await run(
         cluster.command(
             "pg_basebackup",
@@ -185,8 +189,9 @@ async def _fresh_copy(cluster: Cluster, source_dsn: str) -> None:
             "-c",
             "fast",
             "-d",
-            source_dsn,
-        )
+            conninfo,
+        ),
+        env,
     )
 
 
