@@ -169,3 +169,18 @@ async def test_failback_passes_the_password_in_the_environment_never_in_argv(
         for argv, env in seen:
             assert not any("s3cr3t" in a for a in argv), argv
             assert env is not None and env["PGPASSWORD"] == "s3cr3t"
+
+
+async def test_fencing_errors_never_show_a_password() -> None:
+    """URL, key=value and query-parameter DSNs, all unreachable: the error names where."""
+    from agent.coordination.fencing import FencingError, fence_read_only
+
+    for dsn in (
+        "postgresql://dragent:s3cr3t@127.0.0.1:9/app",
+        "host=127.0.0.1 port=9 user=dragent password=s3cr3t dbname=app",
+        "postgresql://dragent@127.0.0.1:9/app?password=s3cr3t",
+    ):
+        with pytest.raises(FencingError) as caught:
+            await fence_read_only(dsn)
+        assert "127.0.0.1:9/app" in str(caught.value)
+        assert "s3cr3t" not in str(caught.value)

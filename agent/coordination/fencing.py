@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Sequence
 
 import asyncpg
+import psycopg2.extensions
 
 from replicators.errors import DragentError
 
@@ -40,7 +41,14 @@ async def _connect(dsn: str) -> asyncpg.Connection:
 
 
 def _host(dsn: str) -> str:
-    return dsn.rsplit("@", 1)[-1]
+    """Where ``dsn`` points, for messages: host, port and database, never a password
+    (URL or key=value form alike)."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "a database (unparsable DSN)"
+    host, port = params.get("host", "localhost"), params.get("port", "5432")
+    return f"{host}:{port}/{params.get('dbname', '')}"
 
 
 async def fence_read_only(dsn: str) -> int:
