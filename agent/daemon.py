@@ -136,6 +136,10 @@ class Agent(StatusSource):
         finally:
             future.cancel()
 
+    def _token(self) -> str | None:
+        """The API token of the configuration in force (SIGHUP reloads it)."""
+        return self.cfg.http.token.reveal() if self.cfg.http.token else None
+
     def _effective(self) -> AgentConfig:
         """The configuration with the role the coordinator decided, if there is one."""
         return self.coordinator.effective(self.cfg) if self.coordinator else self.cfg
@@ -183,8 +187,7 @@ class Agent(StatusSource):
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._install_signals()
-        token = self.cfg.http.token.reveal() if self.cfg.http.token else None
-        app = build_app(self, self.registry, token, self.verify_jobs)
+        app = build_app(self, self.registry, self._token, self.verify_jobs)
         server = HttpServer(self.cfg.http, app)
         await server.start()
         self.log.info("http listening", listen=self.cfg.http.listen)

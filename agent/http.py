@@ -59,9 +59,12 @@ class StatusSource:
         raise NotImplementedError
 
 
-def _auth_middleware(token: str | None) -> Any:
+def _auth_middleware(token_of: Callable[[], str | None]) -> Any:
+    """Bearer-token check; the token is read at every request (a reload may change it)."""
+
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = token_of()
         if token is None or request.path in OPEN_PATHS:
             return await handler(request)
         given = request.headers.get("Authorization", "")
@@ -79,13 +82,14 @@ def _auth_middleware(token: str | None) -> Any:
 def build_app(
     source: StatusSource,
     registry: CollectorRegistry,
-    token: str | None,
+    token: str | Callable[[], str | None] | None,
     jobs: VerifyJobs | None = None,
 ) -> web.Application:
     """The endpoint's application. With ``jobs``, the verification API is served,
     ``jobs.collector`` is registered on ``registry`` and ``jobs.serve()`` runs for the
     life of the app, as does the RPO history sampler."""
-    app = web.Application(middlewares=[_auth_middleware(token)])
+    token_of = token if callable(token) else (lambda: token)
+    app = web.Application(middlewares=[_auth_middleware(token_of)])
     live = Live()
 
     async def metrics(_: web.Request) -> web.Response:

@@ -200,7 +200,21 @@ async def test_bearer_token_guards_everything_but_metrics_and_healthz(
             assert resp.status == 200
         async with http.get(f"{b.url}/status", headers={"Authorization": "Bearer nope"}) as resp:
             assert resp.status == 401
+        # a new token in the file and SIGHUP: the old one is refused, the new one works
+        token_file.write_text("n3wt0ken\n")
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGHUP)
+
+        async def new_token_works() -> bool:
+            new = {"Authorization": "Bearer n3wt0ken"}
+            async with http.get(f"{b.url}/status", headers=new) as resp:
+                return resp.status == 200
+
+        await eventually(new_token_works, within=20)
+        async with http.get(f"{b.url}/status", headers=headers) as resp:
+            assert resp.status == 401
     assert "t0ps3cret" not in b.log_path.read_text()
+    assert "n3wt0ken" not in b.log_path.read_text()
 
 
 async def _answers(http: aiohttp.ClientSession, url: str) -> bool:
