@@ -200,7 +200,8 @@ def _problems(exc: ValidationError, data: Any) -> list[str]:
         loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and x.startswith("function-")))
         msg = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
-        quiet = err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict | list)
+        quiet = err["type"] in ("missing", "extra_forbidden", "secret")  # never echo a secret
+        quiet = quiet or isinstance(value, dict | list)
         got = "" if quiet else f" (got {value!r})"
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Secret:
@@ -41,23 +42,29 @@ class Secret:
         return hash(self._value)
 
 
+def _secret_error(message: str) -> PydanticCustomError:
+    """A problem with a secret field: its error type ``secret`` keeps the value out of
+    every message (``agent.config`` never echoes it)."""
+    return PydanticCustomError("secret", message)
+
+
 def _resolve_secret(value: Any) -> Secret:
     if isinstance(value, Secret):
         return value
     if not isinstance(value, str):
-        raise ValueError("expected a string 'env:NAME' or 'file:PATH'")
+        raise _secret_error("expected a string 'env:NAME' or 'file:PATH'")
     if value.startswith("env:"):
         name = value[4:]
         if name not in os.environ:
-            raise ValueError(f"environment variable {name!r} is not set")
+            raise _secret_error(f"environment variable {name!r} is not set")
         return Secret(os.environ[name], value)
     if value.startswith("file:"):
         path = Path(value[5:])
         try:
             return Secret(path.read_text().strip(), value)
         except OSError as exc:
-            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
-    raise ValueError("secrets are not written in the file: expected 'env:NAME' or 'file:PATH'")
+            raise _secret_error(f"cannot read secret file {path}: {exc.strerror}") from None
+    raise _secret_error("secrets are not written in the file: expected 'env:NAME' or 'file:PATH'")
 
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

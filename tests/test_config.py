@@ -82,6 +82,7 @@ def test_every_problem_is_named_with_file_and_key(good: Path) -> None:
     assert any(p.startswith("streams[synthetic].segment_max_age:") for p in problems)
     assert any(p.startswith("streams[synthetic].colour: unknown key") for p in problems)
     assert any(p.startswith("http.token:") and "env:NAME" in p for p in problems)
+    assert "plain-text-token" not in text  # a secret written inline is never echoed
     assert len(problems) == 4
 
 
