@@ -195,7 +195,7 @@ async def test_postgres_restore_drill_compares_with_the_standby(
         pg.clusters.append(standby_dir)
         await standby.init_standby(
             pg.options, pg.stream.name, pg.store, pg.recv_keys,
-            data_dir=standby_dir, port=port, spool=pg.workdir / "spool",
+            data_dir=standby_dir, port=port, spool=pg.spool,
         )  # fmt: skip
         end = await current_lsn(primary)
         await eventually(lambda: shipper.end >= end, within=30)

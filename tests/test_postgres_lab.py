@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import shutil
 import socket
@@ -36,7 +37,7 @@ from replicators.errors import SourceError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
 from replicators.postgres import lsn as L
-from replicators.postgres import standby
+from replicators.postgres import standby, walfetch
 from replicators.postgres.basebackup import take_backup
 from replicators.postgres.guard import SyncGuard
 from replicators.postgres.kind import verify as kind_verify
@@ -90,6 +91,12 @@ class PgRig:
     def vault(self) -> Vault:
         return Vault(self.store)
 
+    @property
+    def spool(self) -> Path:
+        """The WAL spool, under a directory whose name a shell would split and a
+        postgresql.conf string would end (a space and a quote)."""
+        return self.workdir / "the spool's home" / "spool"
+
     def shipper(self) -> Shipper:
         name = self.stream.name
         return Shipper(
@@ -108,7 +115,7 @@ class PgRig:
             SinkSettings(name, "a"),
             self.vault,
             self.recv_keys,
-            WalSpool(self.workdir / "spool"),
+            WalSpool(self.spool),
             StreamProgress(name, "postgres", "sink", "vault"),
             self.metrics.stream(name, "vault"),
         )
@@ -203,9 +210,13 @@ async def test_standby_follows_primary_through_the_vault(pg: PgRig) -> None:
             pg.recv_keys,
             data_dir=data_dir,
             port=port,
-            spool=pg.workdir / "spool",
+            spool=pg.spool,
         )
         replica = f"postgresql://dragent@127.0.0.1:{port}/app"
+        # the standby runs a copy of wal-fetch beside its spool, never the checkout's
+        auto = (data_dir / "postgresql.auto.conf").read_text()
+        assert os.path.dirname(walfetch.__file__) not in auto
+        assert "spool.fetch/walfetch.py" in auto
         for i in range(5):
             await execute(
                 primary,
@@ -298,7 +309,7 @@ async def test_corrupted_segment_is_refused_and_nothing_of_it_served(
         tg.create_task(run_stream(task, stop, pg.metrics))
         await eventually(lambda: task.state == "halted", within=20)
         stop.set()
-    spool = pg.workdir / "spool"
+    spool = pg.spool
     applied = await sink.target.state()
     assert applied is not None and applied.ref == SegmentRef(bad.epoch, bad.seq - 1, bad.stream)
     rejected = pg.metrics.segments.labels(pg.stream.name, "vault", "rejected")._value.get()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import shlex
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,7 +58,7 @@ def configure(
         "port": str(port),
         "listen_addresses": "'127.0.0.1'",
         "unix_socket_directories": "''",
-        "restore_command": f"'{restore_command(spool)}'",
+        "restore_command": _conf_string(restore_command(spool)),
         "recovery_target_timeline": "'latest'",
         "hot_standby": "on",
         # After a not-yet-complete file, ask wal-fetch again soon (default 5s): this is what
@@ -120,7 +121,8 @@ async def init_standby(
     manifest = await newest_backup(store, keys, stream)
     await extract_backup(options, store, keys, manifest, data_dir)
     pgtools.give_to_owner(options, spool, mode=0o755)
-    cleanup = f"'{pgtools.bin_dir(options) / 'pg_archivecleanup'} {spool} %r'"
+    program = shlex.quote(str(pgtools.bin_dir(options) / "pg_archivecleanup"))
+    cleanup = _conf_string(f"{program} {shlex.quote(str(spool))} %r")
     configure(
         options, data_dir, port=port, spool=spool, signal="standby.signal",
         settings={"archive_cleanup_command": cleanup},
@@ -183,3 +185,8 @@ def _log_tail(data_dir: Path, lines: int = 8) -> str:
     except OSError:
         return "    (no postgres.log)"
     return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+def _conf_string(value: str) -> str:
+    """``value`` as a postgresql.conf string literal (single quotes doubled)."""
+    return "'" + value.replace("'", "''") + "'"

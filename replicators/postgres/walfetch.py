@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -123,11 +124,27 @@ def main(argv: list[str] | None = None) -> int:
         return FAILED
 
 
+def install(spool: Path) -> Path:
+    """Copy this script and ``lsn.py`` into ``<spool>.fetch/`` beside the spool, where the
+    database's OS user can run them wherever the checkout or the virtualenv lives (a home
+    directory of mode 0700, say); return the script's path. Idempotent."""
+    here = Path(__file__).resolve().parent
+    dest = spool.parent / f"{spool.name}.fetch"
+    dest.mkdir(parents=True, exist_ok=True)
+    dest.chmod(0o755)
+    for name in ("walfetch.py", "lsn.py"):
+        shutil.copyfile(here / name, dest / name)
+        (dest / name).chmod(0o644)
+    return dest / "walfetch.py"
+
+
 def restore_command(spool: Path) -> str:
-    """The restore_command line serving from ``spool`` with the system Python."""
-    script = Path(__file__).resolve()
+    """The restore_command line serving from ``spool`` with the system Python (every
+    path shell-quoted: a path with spaces or quotes survives)."""
+    script = install(spool)
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-    return f"{python} {script} %f %p --spool {spool}"
+    quoted = " ".join(shlex.quote(str(p)) for p in (python, script))
+    return f"{quoted} %f %p --spool {shlex.quote(str(spool))}"
 
 
 if __name__ == "__main__":
