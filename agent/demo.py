@@ -318,11 +318,37 @@ async def _finish(demo: Demo, samples: dict[str, list[float]]) -> int:
     print(f"summary: pgbench history rows: region a {rows_a}, region b's standby {followed}")
     objects = await count_objects(demo.bucket("a")), await count_objects(demo.bucket("b"))
     print(f"summary: objects: region a {objects[0]}, region b's mirror {objects[1]}")
+    same: dict[str, bool] = {}
     for version in ("1", "2"):
-        same = tree_digest(demo.lab.root / "a" / "models" / MODEL / version) == tree_digest(
-            demo.lab.root / "b" / "models" / MODEL / version
-        )
+        same[version] = tree_digest(
+            demo.lab.root / "a" / "models" / MODEL / version
+        ) == tree_digest(demo.lab.root / "b" / "models" / MODEL / version)
         print(
-            f"summary: {MODEL} version {version} in region b: {'identical' if same else 'MISSING'}"
+            f"summary: {MODEL} version {version} in region b: "
+            f"{'identical' if same[version] else 'MISSING'}"
         )
-    return code
+    failed = failed_checks(rows_a, followed, objects, same, code)
+    for check in failed:
+        print(f"FAILED: {check}")
+    return 1 if failed else 0
+
+
+def failed_checks(
+    rows_a: int | None,
+    rows_b: int | None,
+    objects: tuple[int, int],
+    models_same: dict[str, bool],
+    vault_code: int,
+) -> list[str]:
+    """The closing checks that failed (empty: the demo kept every promise)."""
+    out = []
+    if rows_a is None or rows_b is None or rows_b < rows_a or rows_a == 0:
+        out.append(f"standby rows: region b's standby has {rows_b} of region a's {rows_a}")
+    if objects[1] != objects[0] or objects[0] == 0:
+        out.append(f"mirror: region b holds {objects[1]} of region a's {objects[0]} objects")
+    for version, same in sorted(models_same.items()):
+        if not same:
+            out.append(f"model identity: version {version} differs or is missing in region b")
+    if vault_code:
+        out.append("vault verification: region b's vault did not verify (see above)")
+    return out
