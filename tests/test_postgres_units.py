@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -187,3 +190,45 @@ async def test_a_restore_to_a_future_time_is_refused_before_anything_is_made(
     with pytest.raises(SourceError, match="is in the future"):
         await restore(options, "pg", None, None, target=target, data_dir=data, port=1)  # type: ignore[arg-type]
     assert not data.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("runuser") is None, reason="needs root")
+def test_the_standby_runs_wal_fetch_even_from_a_checkout_only_root_may_enter(
+    tmp_path: Path,
+) -> None:
+    """A checkout under a 0700 directory: PostgreSQL (its own OS user) cannot reach the
+    checkout's wal-fetch. The restore_command runs a copy beside the spool instead."""
+    import importlib.util
+    import subprocess
+
+    import replicators.postgres.walfetch as ours
+
+    checkout = tmp_path / "private" / "dragent"
+    (checkout / "postgres").mkdir(parents=True)
+    (tmp_path / "private").chmod(0o700)
+    here = Path(ours.__file__).parent
+    for name in ("walfetch.py", "lsn.py"):
+        shutil.copyfile(here / name, checkout / "postgres" / name)
+    script = checkout / "postgres" / "walfetch.py"
+    spec = importlib.util.spec_from_file_location("walfetch_copy", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shared = Path(tempfile.mkdtemp(prefix="dragent-walfetch-"))
+    try:
+        shared.chmod(0o755)
+        spool = shared / "spool"
+        spool.mkdir()
+        spool.chmod(0o755)
+        command = module.restore_command(spool)
+        assert str(checkout) not in command
+        line = command.replace("%f", "000000010000000000000001").replace("%p", "/dev/null")
+        done = subprocess.run(
+            ["runuser", "-u", "postgres", "--", "sh", "-c", line],
+            capture_output=True, text=True, timeout=30, cwd="/",
+        )  # fmt: skip
+        # an empty spool: "not yet" (exit 1), never "permission denied" (exit 2)
+        assert done.returncode == 1, done.stderr
+        assert "Permission denied" not in done.stderr
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
