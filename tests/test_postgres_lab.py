@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pwd
 import random
 import shutil
 import socket
@@ -231,6 +232,11 @@ async def test_standby_follows_primary_through_the_vault(pg: PgRig) -> None:
 
         await eventually(caught_up, within=30)
         assert await fetchval(replica, "SELECT pg_is_in_recovery()") is True
+        # the spool is shared with the database's user only: WAL is never world-readable
+        postgres_gid = pwd.getpwnam("postgres").pw_gid
+        for path in [pg.spool, *pg.spool.iterdir()]:
+            st = path.stat()
+            assert st.st_gid == postgres_gid and not st.st_mode & 0o007, (path, oct(st.st_mode))
         # the live standby, compared at the primary's LSN while writes go on
         writes = asyncio.create_task(insert_range(primary, table, 1000, 1100))
         report = await compare(primary, replica, [f"public.{table}"])

@@ -53,6 +53,23 @@ def give_to_owner(options: PostgresOptions, path: Path, mode: int = 0o700) -> No
     path.chmod(mode)
 
 
+def share_with_database(options: PostgresOptions, path: Path) -> None:
+    """Make ``path`` (a WAL spool) shared by this process and the database's OS user only:
+    group of that user, mode 2770 (set-group-id: files made in it take the group), the
+    files already there group-readable and no more. WAL is the database's data: never
+    world-readable. The group is set when root or a member of it; otherwise it is left,
+    and the database's user must reach the spool some other way."""
+    path.mkdir(parents=True, exist_ok=True)
+    gid = pwd.getpwnam(options.os_user).pw_gid
+    if os.geteuid() == 0 or gid in os.getgroups():
+        os.chown(path, -1, gid)
+        for entry in path.iterdir():
+            if entry.is_file():
+                os.chown(entry, -1, gid)
+                entry.chmod(0o640)
+    path.chmod(0o2770)
+
+
 async def run(options: PostgresOptions, program: str, *args: str, cwd: Path | None = None) -> str:
     """Run a PostgreSQL program to completion; return its output, raise ``SourceError``
     with the output's tail on a non-zero exit."""

@@ -32,7 +32,7 @@ from pathlib import Path
 from replicators.errors import SourceError
 from replicators.keys import KeyProvider, OpenedSegment, unseal
 from replicators.postgres import lsn as L
-from replicators.postgres import standby
+from replicators.postgres import pgtools, standby
 from replicators.postgres.basebackup import (
     BackupManifest,
     choose_backup,
@@ -210,6 +210,7 @@ async def _build(
 ) -> RestoreResult:
     await extract_backup(options, store, keys, backup, data_dir, on_bytes=on_bytes)
     spool = WalSpool(spool_path)
+    pgtools.share_with_database(options, spool_path)
     marker = spool_path / FILLING
     marker.touch()  # wal-fetch serves only whole files until the fill is complete
 

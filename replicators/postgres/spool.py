@@ -37,8 +37,8 @@ STATE_FILE = "state.json"
 
 
 def save_state(path: Path, state: dict[str, object]) -> None:
-    """Crash-safe write (``checkpoint.save``), world-readable for wal-fetch."""
-    checkpoint.save(path, state, mode=0o644)
+    """Crash-safe write (``checkpoint.save``), readable by the spool's group (wal-fetch)."""
+    checkpoint.save(path, state, mode=0o640)
 
 
 def load_state(spool: Path) -> dict[str, object] | None:
@@ -85,8 +85,9 @@ class WalSpool:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(0o755)
+        if not directory.exists():  # shared with the database later (share_with_database)
+            directory.mkdir(parents=True)
+            directory.chmod(0o2770)
 
     async def state(self) -> Applied | None:
         state = load_state(self.directory)
@@ -121,7 +122,7 @@ class WalSpool:
             for timeline, start, data in pieces:
                 if start == L.HISTORY:
                     path = self.directory / L.history_file_name(timeline)
-                    fd = touched.get(path) or os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                    fd = touched.get(path) or os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
                     touched[path] = fd
                     os.ftruncate(fd, 0)
                     os.pwrite(fd, data, 0)
@@ -129,7 +130,7 @@ class WalSpool:
                 path = self.directory / L.wal_file_name(timeline, start)
                 fd = touched.get(path)
                 if fd is None:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
                     touched[path] = fd
                     if os.fstat(fd).st_size < L.WAL_SEGMENT_SIZE:
                         os.ftruncate(fd, L.WAL_SEGMENT_SIZE)

@@ -120,7 +120,7 @@ async def init_standby(
     require_empty(data_dir)
     manifest = await newest_backup(store, keys, stream)
     await extract_backup(options, store, keys, manifest, data_dir)
-    pgtools.give_to_owner(options, spool, mode=0o755)
+    pgtools.share_with_database(options, spool)
     program = shlex.quote(str(pgtools.bin_dir(options) / "pg_archivecleanup"))
     cleanup = _conf_string(f"{program} {shlex.quote(str(spool))} %r")
     configure(
