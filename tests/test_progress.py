@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent.backoff import Backoff
@@ -238,3 +240,22 @@ def test_an_idle_primary_is_proven_by_its_insert_lsn_samples() -> None:
         assert p.rpo(now=2.05 + i * 0.1) == pytest.approx(0.05)
     clock.add(600, 3.0)  # a write the shipper has not captured
     assert p.rpo(now=4.0) == pytest.approx(1.1)  # from the last sample within durable, t=2.9
+
+
+def test_checkpoint_save_finishes_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.write may write fewer bytes than asked: save loops until all are written."""
+    import os as real_os
+
+    from replicators import checkpoint
+
+    write = real_os.write
+
+    def short(fd: int, data: bytes | memoryview) -> int:
+        return write(fd, bytes(data)[:7])  # at most 7 bytes a call
+
+    monkeypatch.setattr(checkpoint.os, "write", short)
+    state = {"stream": "s", "epoch": 3, "seq": 41, "end": 123456789, "note": "x" * 100}
+    checkpoint.save(tmp_path / "state.json", state)
+    assert checkpoint.load(tmp_path / "state.json") == state
