@@ -156,6 +156,9 @@ async def test_status_and_metrics_show_watermarks_and_rpo(pair: Pair) -> None:
     assert (sa["region"], sa["role"], sa["epoch"]) == ("a", "active", 1)
     assert (sb["region"], sb["role"]) == ("b", "passive")
     src, dst = stream_status(sa), stream_status(sb)
+    # agents started outside the lab show as running in `dragent lab status`
+    regions = pair.lab.status()["regions"]
+    assert regions["a"]["agent"]["state"] == regions["b"]["agent"]["state"] == "running"
     assert src["side"] == "source" and src["peer"] == "b"
     assert 0 <= src["rpo_seconds"] < 5
     assert position(sa, "durable") <= position(sa, "captured")

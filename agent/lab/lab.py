@@ -31,6 +31,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import socket
 import sys
 from collections.abc import Collection, Sequence
 from dataclasses import asdict
@@ -437,9 +438,11 @@ class Lab:
     def _service_status(s: Server) -> dict[str, Any]:
         pid = s.pid
         state = "stopped" if pid is None else "paused" if s.is_paused() else "running"
+        if pid is None and s.kind == "agent" and _accepts(s.host, s.ports[0]):
+            state = "running"  # an agent this lab did not start (a demo, a test, by hand)
         return {
             "state": state,
-            "running": pid is not None,
+            "running": state != "stopped",
             "pid": pid,
             "port": s.ports[0],
             "endpoint": s.endpoint,
@@ -523,3 +526,12 @@ class Lab:
                 "(as root), or Lab(root, network='netns')",
             )
         return net
+
+
+def _accepts(host: str, port: int) -> bool:
+    """True if something listens on ``host:port`` (a connect within 0.2 s)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
