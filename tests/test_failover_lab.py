@@ -56,6 +56,11 @@ async def test_lease_epoch_and_fencing_token(drill: Drill) -> None:
     assert await b.lease.acquire(1) is None
     assert await b.lease.acquire(0) is None
     assert (await b.lease.view()).epoch == 1
+    # readiness says what it found, for every check of either region
+    for c in (a, b):
+        await c._check_readiness()
+        assert c.readiness and all(r["detail"] for r in c.readiness.values()), c.readiness
+    assert a.readiness["etcd"]["detail"] == "leader a, epoch 1"
 
 
 async def test_each_region_publishes_its_health_in_etcd(drill: Drill, lab: Lab) -> None:

@@ -616,7 +616,14 @@ class Coordinator:
         triggers a failover. Checks: etcd answers, the standby replays (or this
         is the primary), lag within ``max_lag``, each switch's credentials."""
         out: dict[str, dict[str, Any]] = {}
-        out["etcd"] = _result(self.view is not None and self.decision is not None, "")
+        view = self.view
+        answered = view is not None and self.decision is not None
+        out["etcd"] = _result(
+            answered,
+            f"leader {view.leader or 'none'}, epoch {view.epoch}"
+            if answered and view is not None
+            else "etcd has not answered yet",
+        )
         if self.f.postgres_dsn:
             out["database"] = await _db_readiness(self.f.postgres_dsn)
             lag_ok = self.role == "active" or (self.lag is not None and self.lag <= self.f.max_lag)
