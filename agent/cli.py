@@ -116,7 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
+    _describe(parser)
     return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Give every subcommand's own ``--help`` the one-line help its parent lists for it
+    (unless it has a description of its own), at every depth."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {a.dest: a.help for a in action._choices_actions}
+        for name, child in action.choices.items():
+            if child.description is None and helps.get(name):
+                child.description = f"{helps[name][0].upper()}{helps[name][1:]}."
+            _describe(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,3 +158,27 @@ def test_a_fencing_budget_longer_than_the_lease_is_refused_and_explained(good: P
     )
     assert out.returncode == 2
     assert "fencing budget exceeded" in out.stderr + out.stdout
+
+
+def test_every_subcommand_has_a_help_of_its_own() -> None:
+    """Each command's --help says what that command does, not its parent's text."""
+    import argparse
+
+    from agent.cli import build_parser
+
+    seen: dict[str, str] = {}
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    seen[f"{path} {name}".strip()] = child.description or ""
+                    walk(child, f"{path} {name}")
+
+    walk(build_parser(), "")
+    assert len(seen) > 30
+    missing = sorted(k for k, v in seen.items() if not v)
+    assert not missing, f"subcommands without a description: {missing}"
+    texts = list(seen.values())
+    repeated = sorted({t for t in texts if texts.count(t) > 1})
+    assert not repeated, f"descriptions shared by several subcommands: {repeated}"
