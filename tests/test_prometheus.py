@@ -166,3 +166,62 @@ async def test_real_prometheus_fires_the_rpo_alert_when_the_target_is_broken(
         with contextlib.suppress(Exception):
             await pair.a.stop(grace=10)
         await pair.b.stop(grace=10)
+
+
+@pytest.mark.lab
+async def test_a_broken_stream_fires_the_rpo_alert_with_the_real_target(
+    lab: Lab, tmp_path: Path, unique: str, prometheus: str
+) -> None:
+    """Region a's stream cannot write to b's vault (a wrong secret): nothing ships, the
+    RPO grows with wall time past the 5 s target, and after the rule's minute the alert
+    fires in a real Prometheus; /status and the compliance control say the same."""
+    import tomllib
+
+    (tmp_path / "agents").mkdir()
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_text("not-the-secret\n")
+    wrong.chmod(0o600)
+    peers = tomllib.loads(lab.config_path("a").read_text())["peers"]
+    peers[0]["vault"]["secret_key"] = f"file:{wrong}"
+    pair = Pair(lab, tmp_path / "agents", unique)
+    pair.a = pair.agent("a", peers=peers, policy={"default_rpo_seconds": 5})
+    try:
+        await pair.a.start()  # never ready: its stream retries
+
+        async def rpo_of_a() -> float:
+            status = await pair.a.status()
+            streams = (status or {}).get("streams") or [{}]
+            return float(streams[0].get("rpo_seconds") or 0.0)
+
+        await eventually(lambda: _above(rpo_of_a, 5.0), within=60, every=0.5)
+        first = await rpo_of_a()
+        await asyncio.sleep(3.0)
+        assert await rpo_of_a() >= first + 2.5  # grows with wall time
+
+        async def rpo_alert() -> bool:
+            body = await _get(f"{prometheus}/api/v1/alerts")
+            alerts = (body or {}).get("data", {}).get("alerts", [])
+            return any(
+                a["labels"]["alertname"] == "DragentRpoOverTarget"
+                and a["labels"]["stream"] == unique
+                and a["state"] == "firing"
+                for a in alerts
+            )
+
+        await eventually(rpo_alert, within=120, every=1.0)
+
+        async def control_fails() -> bool:
+            status = await pair.a.status()
+            controls = (status or {}).get("compliance", {}).get("controls", [])
+            return any(
+                c["control"] == "rpo-within-target" and c["status"] == "fail" for c in controls
+            )
+
+        await eventually(control_fails, within=90, every=1.0)
+    finally:
+        with contextlib.suppress(Exception):
+            await pair.a.stop(grace=10)
+
+
+async def _above(read: Any, value: float) -> bool:
+    return bool(await read() > value)

@@ -36,7 +36,7 @@ from agent.compliance import controls as c
 from agent.compliance.keyage import key_ages, key_versions, named_keys
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog
-from replicators.errors import DragentError
+from replicators.errors import DragentError, StorageError
 
 _FULL_CHECK_EVERY = 3600.0  # re-read and re-check the whole chain this often
 _DRILL_RETRY = 3600.0  # after a failed scheduled drill
@@ -103,7 +103,11 @@ class ComplianceMonitor:
             self.log.error("evidence log damaged", problems=report.problems[:5])
         self.object_lock = await log.lock_enabled()
         for peer in self.cfg.peers:
-            self._peers[peer.name] = await self._peer_entries(peer.name, peer.vault)
+            try:
+                self._peers[peer.name] = await self._peer_entries(peer.name, peer.vault)
+            except StorageError as exc:  # the controls are still evaluated without it
+                if self._errors.allow(f"peer {peer.name}") is not None:
+                    self.log.warning("peer evidence unreadable", peer=peer.name, error=f"{exc}")
 
     async def _peer_entries(self, region: str, vault: Any) -> list[dict[str, Any]]:
         reader = await EvidenceLog.reader(region, vault)
