@@ -24,7 +24,23 @@ class WebhookEvents(Section):
 
     listen: str = Field(default="127.0.0.1:7071", pattern=r"^[^\s]+:\d+$")
     token: SecretRef | None = None
-    """If set, requests must carry ``Authorization: Bearer <token>``."""
+    """If set, requests must carry ``Authorization: Bearer <token>``; required when
+    ``listen`` is not a loopback address."""
+    max_pending: int = Field(default=10_000, ge=1)
+    """Hints held between polls; past it they are dropped and a scan is asked for."""
+    max_event_age: PositiveDuration = 300.0
+    """An event's time is clamped to [received - this, received]: a forged or skewed
+    ``eventTime`` cannot make the RPO look older (or younger) than that."""
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> WebhookEvents:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if self.token is None and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                f"listen {self.listen} is reachable beyond this host: set token (a secret "
+                "reference) so that only the notifier can post events"
+            )
+        return self
 
 
 class ObjectsOptions(Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 
 from aiohttp import web
 
@@ -31,6 +32,7 @@ class S3Webhook:
         self.received = 0
         self.since: float | None = None
         self.drained_at: float | None = None
+        self._overflowed = False
 
     async def start(self) -> None:
         """Serve ``POST /events`` on ``cfg.listen`` (a no-op if serving)."""
@@ -56,11 +58,17 @@ class S3Webhook:
             return web.Response(status=400, text="expected an S3 event notification (JSON)\n")
         if not isinstance(message, dict):
             return web.Response(status=400, text="expected a JSON object\n")
+        now = time.time()
         for hint in s3_event_hints(message):
-            if hint.bucket == self.bucket and hint.key.startswith(self.prefix):
-                cut = len(self.prefix)
-                self._pending.append(Hint(hint.bucket, hint.key[cut:], hint.time, hint.deleted))
-                self.received += 1
+            if hint.bucket != self.bucket or not hint.key.startswith(self.prefix):
+                continue
+            if len(self._pending) >= self.cfg.max_pending:
+                self._overflowed = True  # dropped: the source scans instead
+                continue
+            when = min(now, max(hint.time, now - self.cfg.max_event_age))
+            key = hint.key[len(self.prefix) :]
+            self._pending.append(Hint(hint.bucket, key, when, hint.deleted))
+            self.received += 1
         return web.Response(status=204)
 
     async def poll(self) -> list[Hint]:
@@ -68,7 +76,9 @@ class S3Webhook:
         return hints
 
     def lost_events(self) -> bool:
-        return False
+        """True once after hints were dropped for a full queue (the source then scans)."""
+        lost, self._overflowed = self._overflowed, False
+        return lost
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
