@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+from agent import logs
 from agent.config import AgentConfig, PeerConfig
 from agent.supervise import StreamTask
+from replicators.errors import StorageError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.kinds import build_background, build_source, build_target
 from replicators.metrics import Metrics
 from replicators.progress import StreamProgress
 from replicators.shipper import Shipper, ShipperSettings
 from replicators.sink import Sink, SinkSettings
-from replicators.vault import Vault
+from replicators.store import ObjectStore
+from replicators.vault import Vault, check_create_only
 from replicators.wrappers import StoreMetrics, build_store
 
 EPOCH = 1  # without a coordinator ([failover] enabled = false) the epoch is fixed
@@ -60,6 +63,7 @@ async def _shippers(
 ) -> list[StreamTask]:
     store = await build_store(peer.vault, store_metrics, f"vault-{peer.name}")
     stack.push_async_callback(store.aclose)
+    await _create_only(store, peer.name)
     vault = Vault(store)
     keys = await _keys(stack, build_key_provider(peer.keys))
     tasks = []
@@ -115,6 +119,16 @@ async def _sinks(
         )
         tasks.append(StreamTask(f"vault->{s.name}", sink, progress, idle=cfg.sink_poll_interval))
     return tasks
+
+
+async def _create_only(store: ObjectStore, peer: str) -> None:
+    """Refuse to ship into a vault that ignores create-only writes (``IntegrityError``:
+    the generation fails and the agent exits). A vault that cannot be reached now is not
+    refused: the shippers retry it."""
+    try:
+        await check_create_only(store)
+    except StorageError as exc:
+        logs.get("streams").warning("create-only check skipped", peer=peer, error=str(exc))
 
 
 def _background(cfg: AgentConfig) -> list[StreamTask]:

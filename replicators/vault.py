@@ -9,11 +9,13 @@ rather than applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from replicators.errors import IntegrityError
+from replicators.errors import AlreadyExists, IntegrityError, StorageError
 from replicators.store import ObjectStore
 
 _NAME = re.compile(r"^streams/([a-z0-9][a-z0-9-]*)/(\d{10})/(\d{20})\.seg$")
@@ -75,3 +77,29 @@ class Vault:
         async for info in self.store.list(prefix, start_after=after):
             if _NAME.match(info.key):
                 yield SegmentRef.parse(info.key)
+
+
+PROBE_PREFIX = "probes/create-only-"
+
+
+async def check_create_only(store: ObjectStore) -> None:
+    """Prove that ``store`` honours create-only writes (``If-None-Match: *``), which the
+    vault's "publish once" rests on: write a probe object twice, expect the second to be
+    refused, delete it. Raises ``IntegrityError`` if the second write succeeded (the
+    store would let a re-sent segment replace a published one); the store's own errors
+    (unavailable, access denied) pass through unchanged."""
+    key = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+    await store.put(key, b"1", if_absent=True)
+    try:
+        await store.put(key, b"2", if_absent=True)
+    except AlreadyExists:
+        return
+    finally:
+        with contextlib.suppress(StorageError):
+            await store.delete(key)
+    raise IntegrityError(
+        "the vault's store accepted a second create-only write of one key: it ignores "
+        "If-None-Match, so a published segment could be replaced",
+        where="vault",
+        hint="use an S3 server that supports conditional writes (AWS S3, SeaweedFS, MinIO)",
+    )

@@ -348,3 +348,28 @@ async def test_an_oversized_object_under_a_segment_name_is_refused_unread(rig: R
     with pytest.raises(IntegrityError, match="more than the 1048576 allowed here: not read"):
         await sink.sync_once(asyncio.Event())
     assert indices(target) == list(range(indices(target)[-1] + 1))  # the rest applied
+
+
+class IgnoresCreateOnly:
+    """A store that drops ``if_absent`` (as a server without conditional writes does;
+    none here lacks them, so this small wrapper plays one)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    async def put(self, key: str, data: bytes, **kwargs: object) -> None:
+        kwargs.pop("if_absent", None)
+        await self.inner.put(key, data, **kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_a_vault_that_ignores_create_only_writes_is_refused(rig: Rig) -> None:
+    from replicators.vault import PROBE_PREFIX, check_create_only
+
+    await check_create_only(rig.vault.store)  # SeaweedFS honours If-None-Match: *
+    with pytest.raises(IntegrityError, match="ignores If-None-Match"):
+        await check_create_only(IgnoresCreateOnly(rig.vault.store))  # type: ignore[arg-type]
+    left = [i.key async for i in rig.vault.store.list(PROBE_PREFIX)]
+    assert left == []  # the probes are removed
