@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+MOTO   ?= .venv-moto
 
 .PHONY: demo test test-all soak lint bench deps venv clean
 
@@ -29,7 +30,14 @@ bench: venv
 deps:
 	@bash deploy/lab/install-system-deps.sh
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(MOTO)/.installed
+
+# moto's server speaks KMS, Route 53 and SQS for the tests; it pins its own botocore,
+# so it lives in a virtualenv of its own
+$(MOTO)/.installed:
+	test -x $(MOTO)/bin/python || $(PYTHON) -m venv $(MOTO)
+	$(MOTO)/bin/python -m pip install -q --disable-pip-version-check 'moto[server]==5.2.6'
+	touch $@
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,4 +47,4 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 
 clean:
 	-$(BIN)/dragent lab down --dir .lab-demo 2>/dev/null
-	rm -rf $(VENV) .lab .lab-demo .lab-chaos .lab-soak .lab-soak-sync .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MOTO) .lab .lab-demo .lab-chaos .lab-soak .lab-soak-sync .pytest_cache .ruff_cache

@@ -1,27 +1,29 @@
 """Key providers: the local key file (round trip, rotation, permissions, errors) and AWS KMS.
 
-The AWS KMS provider is tested against ``FakeKms`` below: a small fake written
-for these tests, because no KMS server runs here. It speaks the KMS JSON 1.1
-protocol (``X-Amz-Target: TrentService.<Operation>``) for GenerateDataKey and
-Decrypt only, checks the encryption context, and answers errors the way KMS
-does (``{"__type": ..., "message": ...}``). It is not a model of KMS beyond
-that: no key policies, grants or SigV4 verification.
+The AWS KMS provider is tested against moto's server (``moto_server``, from the
+virtualenv ``.venv-moto`` that ``make venv`` builds: moto pins its own botocore),
+which speaks the KMS protocol: keys and aliases, GenerateDataKey, Decrypt with
+the encryption context, DescribeKey, disabled keys. A hung server is a real
+SIGSTOP of its process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import json
 import os
+import signal
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp import web
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError
 
 from agent.config import KeysConfig
 from replicators.errors import IntegrityError, KeyAccessError, Unavailable
@@ -166,66 +168,15 @@ def test_build_key_provider(key_file: Path) -> None:
     assert isinstance(kms, AwsKmsKeyProvider) and kms.KIND == "aws-kms"
 
 
-# --- AWS KMS, against a fake ----------------------------------------------------------------
+# --- AWS KMS, against a real KMS protocol server (moto in server mode) -------------------
 
 
-class FakeKms:
-    """A fake KMS, because no KMS server runs here: GenerateDataKey and Decrypt over
-    the KMS JSON 1.1 protocol on 127.0.0.1 (see the module docstring for its limits)."""
-
-    ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-
-    def __init__(self) -> None:
-        self.master = AESGCM.generate_key(256)
-        self.calls: list[str] = []
-        self.refuse = False
-        self.delay = 0.0
-
-    def _error(self, kind: str, message: str, status: int = 400) -> web.Response:
-        body = json.dumps({"__type": kind, "message": message})
-        return web.Response(status=status, text=body, content_type="application/x-amz-json-1.1")
-
-    def _ok(self, doc: dict[str, str]) -> web.Response:
-        return web.Response(text=json.dumps(doc), content_type="application/x-amz-json-1.1")
-
-    async def handle(self, request: web.Request) -> web.Response:
-        operation = request.headers.get("X-Amz-Target", "").removeprefix("TrentService.")
-        body = json.loads(await request.read())
-        self.calls.append(operation)
-        await asyncio.sleep(self.delay)
-        if self.refuse:
-            return self._error("AccessDeniedException", "not authorized")
-        if body.get("KeyId") not in (self.ARN, "alias/dr"):
-            return self._error("NotFoundException", f"key {body.get('KeyId')} not found")
-        aad = json.dumps(body.get("EncryptionContext", {}), sort_keys=True).encode()
-        if operation == "GenerateDataKey":
-            return self._generate(body, aad)
-        if operation == "Decrypt":
-            return self._decrypt(body, aad)
-        if operation == "DescribeKey":
-            return self._ok({"KeyMetadata": {"Arn": self.ARN, "KeyId": self.ARN[-36:]}})  # type: ignore[dict-item]
-        return self._error("UnsupportedOperationException", operation)
-
-    def _generate(self, body: dict[str, str], aad: bytes) -> web.Response:
-        assert body["KeySpec"] == "AES_256"
-        plaintext, nonce = os.urandom(32), os.urandom(12)
-        blob = b"fake" + nonce + AESGCM(self.master).encrypt(nonce, plaintext, aad)
-        b64 = base64.b64encode
-        return self._ok(
-            {
-                "KeyId": self.ARN,
-                "Plaintext": b64(plaintext).decode(),
-                "CiphertextBlob": b64(blob).decode(),
-            }
-        )
-
-    def _decrypt(self, body: dict[str, str], aad: bytes) -> web.Response:
-        blob = base64.b64decode(body["CiphertextBlob"])
-        try:
-            plaintext = AESGCM(self.master).decrypt(blob[4:16], blob[16:], aad)
-        except (InvalidTag, ValueError):
-            return self._error("InvalidCiphertextException", "")
-        return self._ok({"KeyId": self.ARN, "Plaintext": base64.b64encode(plaintext).decode()})
+MOTO = Path(__file__).resolve().parents[1] / ".venv-moto" / "bin" / "moto_server"
+NAMES = {
+    "generate_data_key": "GenerateDataKey",
+    "decrypt": "Decrypt",
+    "describe_key": "DescribeKey",
+}
 
 
 @pytest.fixture
@@ -241,38 +192,70 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         monkeypatch.setenv(name, value)
 
 
+@dataclass
+class Kms:
+    url: str
+    proc: asyncio.subprocess.Process
+    arn: str
+    alias: str
+    calls: list[str]
+
+
 @pytest.fixture
-async def kms(aws_env: None) -> AsyncIterator[tuple[FakeKms, str]]:
-    fake = FakeKms()
-    app = web.Application()
-    app.router.add_post("/", fake.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+async def kms(
+    aws_env: None, unused_tcp_port: int, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Kms]:
+    """moto's server on 127.0.0.1 (its own virtualenv, ``make venv`` builds it), a fresh
+    KMS key with an alias, and the KMS operations the provider sends, in order."""
+    if not MOTO.exists():
+        pytest.fail(f"{MOTO} is missing: `make venv` builds the moto server's virtualenv")
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    proc = await asyncio.create_subprocess_exec(
+        str(MOTO), "-H", "127.0.0.1", "-p", str(unused_tcp_port),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
     try:
-        yield fake, f"http://127.0.0.1:{port}"
+        session = get_session()
+        async with session.create_client("kms", region_name="us-east-1", endpoint_url=url) as c:
+            for _ in range(100):
+                try:
+                    arn = (await c.create_key())["KeyMetadata"]["Arn"]
+                    break
+                except (OSError, aiohttp.ClientError, BotoCoreError):
+                    await asyncio.sleep(0.1)
+            alias = f"alias/dr-{unused_tcp_port}"
+            await c.create_alias(AliasName=alias, TargetKeyId=arn)
+        calls: list[str] = []
+        real = AwsKmsKeyProvider._call
+
+        async def counted(self: AwsKmsKeyProvider, operation: str, *a: Any, **k: Any) -> Any:
+            calls.append(NAMES.get(operation, operation))
+            return await real(self, operation, *a, **k)
+
+        monkeypatch.setattr(AwsKmsKeyProvider, "_call", counted)
+        yield Kms(url, proc, arn, alias, calls)
     finally:
-        await runner.cleanup()
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        await proc.wait()
 
 
-async def test_kms_round_trip_reuse_and_cache(kms: tuple[FakeKms, str]) -> None:
-    fake, url = kms
+async def test_kms_round_trip_reuse_and_cache(kms: Kms) -> None:
     clock = Clock()
-    keys = AwsKmsKeyProvider("alias/dr", endpoint_url=url, data_key_reuse=60, clock=clock)
+    keys = AwsKmsKeyProvider(kms.alias, endpoint_url=kms.url, data_key_reuse=60, clock=clock)
     try:
         key = await keys.data_key()
-        assert key.key_id == FakeKms.ARN and len(key.plaintext) == 32
+        assert key.key_id == kms.arn and len(key.plaintext) == 32
         assert await keys.data_key() is key
-        assert fake.calls == ["GenerateDataKey"]
+        assert kms.calls == ["GenerateDataKey"]
         blob = sealed(key, [b"weights", b"manifest"])
-        other = AwsKmsKeyProvider("alias/dr", endpoint_url=url)
+        other = AwsKmsKeyProvider(kms.alias, endpoint_url=kms.url)
         try:
             assert (await unseal(blob, other, expect_seq=1)).records == [b"weights", b"manifest"]
             await unseal(blob, other)
             # the alias is resolved once (DescribeKey) to accept the ARN; unwrap is cached
-            assert fake.calls == ["GenerateDataKey", "DescribeKey", "Decrypt"]
+            assert kms.calls == ["GenerateDataKey", "DescribeKey", "Decrypt"]
         finally:
             await other.aclose()
         clock.now += 61
@@ -282,32 +265,33 @@ async def test_kms_round_trip_reuse_and_cache(kms: tuple[FakeKms, str]) -> None:
     assert key.plaintext.hex() not in repr(keys)
 
 
-async def test_kms_errors_are_classified(kms: tuple[FakeKms, str]) -> None:
-    fake, url = kms
-    keys = AwsKmsKeyProvider(FakeKms.ARN, endpoint_url=url)
-    slow = AwsKmsKeyProvider(FakeKms.ARN, endpoint_url=url, timeout=0.3)
+async def test_kms_errors_are_classified(kms: Kms) -> None:
+    keys = AwsKmsKeyProvider(kms.arn, endpoint_url=kms.url)
+    slow = AwsKmsKeyProvider(kms.arn, endpoint_url=kms.url, timeout=0.3)
     try:
         key = await keys.data_key()
         tampered = key.wrapped[:-1] + bytes([key.wrapped[-1] ^ 1])
         with pytest.raises(IntegrityError, match="InvalidCiphertextException"):
             await keys.unwrap(key.key_id, tampered)
-        before = len(fake.calls)
-        other_key = "arn:aws:kms:us-east-1:111122223333:key/other"
+        before = len(kms.calls)
+        other_key = "arn:aws:kms:us-east-1:123456789012:key/0000aaaa-00aa-00aa-00aa-000000aaaaaa"
         with pytest.raises(KeyAccessError, match="refused before Decrypt"):
             await keys.unwrap(other_key, key.wrapped)
-        assert "Decrypt" not in fake.calls[before:]  # never sent to KMS
-        allowing = AwsKmsKeyProvider(FakeKms.ARN, endpoint_url=url, allowed=[other_key])
-        try:  # an older key on the allow-list is asked for (this fake knows no such key)
+        assert "Decrypt" not in kms.calls[before:]  # never sent to KMS
+        allowing = AwsKmsKeyProvider(kms.arn, endpoint_url=kms.url, allowed=[other_key])
+        # an older key on the allow-list is asked for; KMS refusing it (this server has no
+        # such key) is a KeyAccessError, not retried (moto does not enforce disabled keys)
+        try:
             with pytest.raises(KeyAccessError, match="NotFoundException"):
                 await allowing.unwrap(other_key, key.wrapped)
         finally:
             await allowing.aclose()
-        fake.refuse = True
-        with pytest.raises(KeyAccessError, match="AccessDeniedException"):
-            await keys.unwrap(key.key_id, os.urandom(60))
-        fake.refuse, fake.delay = False, 1.0
-        with pytest.raises(Unavailable, match="no answer"):
-            await slow.unwrap(key.key_id, os.urandom(60))
+        kms.proc.send_signal(signal.SIGSTOP)  # the server hangs: no answer in time
+        try:
+            with pytest.raises(Unavailable, match="no answer"):
+                await slow.unwrap(key.key_id, os.urandom(60))
+        finally:
+            kms.proc.send_signal(signal.SIGCONT)
     finally:
         await keys.aclose()
         await slow.aclose()
