@@ -12,6 +12,8 @@ import pytest_asyncio
 from agent.config import AgentConfig, load_config
 from agent.lab import Lab
 from agent.lab.bind import BindServer
+from agent.lab.moto import MotoServer
+from tests.moto import running_moto
 from tests.support import fresh_dns
 
 
@@ -23,6 +25,13 @@ async def lab(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Lab]:
         yield lab
     finally:
         await lab.down(purge=True)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def moto_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MotoServer]:
+    """moto's server (KMS, Route 53, SQS), one per session (``tests/moto.py``)."""
+    async with running_moto(tmp_path_factory.mktemp("moto")) as server:
+        yield server
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

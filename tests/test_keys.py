@@ -1,7 +1,7 @@
 """Key providers: the local key file (round trip, rotation, permissions, errors) and AWS KMS.
 
-The AWS KMS provider is tested against moto's server (``moto_server``, from the
-virtualenv ``.venv-moto`` that ``make venv`` builds: moto pins its own botocore),
+The AWS KMS provider is tested against moto's server (the session's ``moto_server``,
+``tests/moto.py``, from the virtualenv ``.venv-moto`` that ``make venv`` builds),
 which speaks the KMS protocol: keys and aliases, GenerateDataKey, Decrypt with
 the encryption context, DescribeKey, disabled keys. A hung server is a real
 SIGSTOP of its process.
@@ -9,23 +9,20 @@ SIGSTOP of its process.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
-import signal
+import secrets
 import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError
 
 from agent.config import KeysConfig
+from agent.lab.moto import MotoServer
 from replicators.errors import IntegrityError, KeyAccessError, Unavailable
 from replicators.keys import (
     KMS_CONTEXT,
@@ -171,7 +168,6 @@ def test_build_key_provider(key_file: Path) -> None:
 # --- AWS KMS, against a real KMS protocol server (moto in server mode) -------------------
 
 
-MOTO = Path(__file__).resolve().parents[1] / ".venv-moto" / "bin" / "moto_server"
 NAMES = {
     "generate_data_key": "GenerateDataKey",
     "decrypt": "Decrypt",
@@ -195,7 +191,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @dataclass
 class Kms:
     url: str
-    proc: asyncio.subprocess.Process
+    server: MotoServer
     arn: str
     alias: str
     calls: list[str]
@@ -203,42 +199,25 @@ class Kms:
 
 @pytest.fixture
 async def kms(
-    aws_env: None, unused_tcp_port: int, monkeypatch: pytest.MonkeyPatch
+    aws_env: None, moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Kms]:
-    """moto's server on 127.0.0.1 (its own virtualenv, ``make venv`` builds it), a fresh
-    KMS key with an alias, and the KMS operations the provider sends, in order."""
-    if not MOTO.exists():
-        pytest.fail(f"{MOTO} is missing: `make venv` builds the moto server's virtualenv")
-    url = f"http://127.0.0.1:{unused_tcp_port}"
-    proc = await asyncio.create_subprocess_exec(
-        str(MOTO), "-H", "127.0.0.1", "-p", str(unused_tcp_port),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        session = get_session()
-        async with session.create_client("kms", region_name="us-east-1", endpoint_url=url) as c:
-            for _ in range(100):
-                try:
-                    arn = (await c.create_key())["KeyMetadata"]["Arn"]
-                    break
-                except (OSError, aiohttp.ClientError, BotoCoreError):
-                    await asyncio.sleep(0.1)
-            alias = f"alias/dr-{unused_tcp_port}"
-            await c.create_alias(AliasName=alias, TargetKeyId=arn)
-        calls: list[str] = []
-        real = AwsKmsKeyProvider._call
+    """A fresh KMS key with an alias on the session's moto server, and the KMS operations
+    the provider sends, in order."""
+    url = moto_server.endpoint
+    session = get_session()
+    async with session.create_client("kms", region_name="us-east-1", endpoint_url=url) as c:
+        arn = (await c.create_key())["KeyMetadata"]["Arn"]
+        alias = f"alias/dr-{secrets.token_hex(6)}"
+        await c.create_alias(AliasName=alias, TargetKeyId=arn)
+    calls: list[str] = []
+    real = AwsKmsKeyProvider._call
 
-        async def counted(self: AwsKmsKeyProvider, operation: str, *a: Any, **k: Any) -> Any:
-            calls.append(NAMES.get(operation, operation))
-            return await real(self, operation, *a, **k)
+    async def counted(self: AwsKmsKeyProvider, operation: str, *a: Any, **k: Any) -> Any:
+        calls.append(NAMES.get(operation, operation))
+        return await real(self, operation, *a, **k)
 
-        monkeypatch.setattr(AwsKmsKeyProvider, "_call", counted)
-        yield Kms(url, proc, arn, alias, calls)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGCONT)
-            proc.terminate()
-        await proc.wait()
+    monkeypatch.setattr(AwsKmsKeyProvider, "_call", counted)
+    yield Kms(url, moto_server, arn, alias, calls)
 
 
 async def test_kms_round_trip_reuse_and_cache(kms: Kms) -> None:
@@ -286,12 +265,12 @@ async def test_kms_errors_are_classified(kms: Kms) -> None:
                 await allowing.unwrap(other_key, key.wrapped)
         finally:
             await allowing.aclose()
-        kms.proc.send_signal(signal.SIGSTOP)  # the server hangs: no answer in time
+        kms.server.pause()  # the server hangs (SIGSTOP): no answer in time
         try:
             with pytest.raises(Unavailable, match="no answer"):
                 await slow.unwrap(key.key_id, os.urandom(60))
         finally:
-            kms.proc.send_signal(signal.SIGCONT)
+            kms.server.resume()
     finally:
         await keys.aclose()
         await slow.aclose()
