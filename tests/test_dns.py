@@ -1,9 +1,6 @@
-"""Traffic switches: RFC 2136 against a real BIND 9, Route 53 against a small fake,
-exec and webhook hooks.
+"""Traffic switches: RFC 2136 against a real BIND 9, exec and webhook hooks.
 
-Route 53 has no local server, so its test runs against a fake of the two calls
-used (ChangeResourceRecordSets, GetChange) that parses the request body the
-real aiobotocore client sends.
+Route 53 is tested against moto's server in ``tests/test_route53.py``.
 """
 
 from __future__ import annotations
@@ -12,12 +9,11 @@ import base64
 import secrets
 import sys
 from pathlib import Path
-from xml.etree import ElementTree
 
 import pytest
 from aiohttp import web
 
-from agent.failover_config import ExecSwitch, Rfc2136Switch, Route53Switch, WebhookSwitch
+from agent.failover_config import ExecSwitch, Rfc2136Switch, WebhookSwitch
 from agent.lab.bind import ADDRESSES, BindServer, resolve
 from agent.switch.base import SwitchError, build_switch
 from agent.switch.hooks import ExecHook, WebhookHook
@@ -80,67 +76,6 @@ async def test_rfc2136_wrong_key_is_refused_and_nothing_changes(
 async def test_rfc2136_unknown_region_is_an_operator_error(named: BindServer) -> None:
     with pytest.raises(SwitchError, match="no record value configured for region 'c'"):
         await Rfc2136(Rfc2136Switch(**named.switch_config())).point_to("c")
-
-
-def _route53_fake(seen: list[dict[str, str]]) -> web.Application:
-    ns = "{https://route53.amazonaws.com/doc/2013-04-01/}"
-
-    def info(status: str) -> str:
-        return (
-            f"<ChangeInfo><Id>/change/C1</Id><Status>{status}</Status>"
-            "<SubmittedAt>2026-11-28T10:00:00Z</SubmittedAt></ChangeInfo>"
-        )
-
-    async def change(request: web.Request) -> web.Response:
-        body = ElementTree.fromstring(await request.read())
-        rrset = body.find(f".//{ns}ResourceRecordSet")
-        assert rrset is not None
-        seen.append(
-            {
-                "zone": request.match_info["zone"],
-                "action": body.findtext(f".//{ns}Action") or "",
-                "name": rrset.findtext(f"{ns}Name") or "",
-                "value": rrset.findtext(f".//{ns}Value") or "",
-            }
-        )
-        xml = f'<ChangeResourceRecordSetsResponse xmlns="{ns[1:-1]}">{info("PENDING")}'
-        return web.Response(text=xml + "</ChangeResourceRecordSetsResponse>")
-
-    async def get_change(request: web.Request) -> web.Response:
-        xml = f'<GetChangeResponse xmlns="{ns[1:-1]}">{info("INSYNC")}</GetChangeResponse>'
-        return web.Response(text=xml)
-
-    app = web.Application()
-    app.router.add_post("/2013-04-01/hostedzone/{zone}/rrset/", change)
-    app.router.add_post("/2013-04-01/hostedzone/{zone}/rrset", change)
-    app.router.add_get("/2013-04-01/change/{id}", get_change)
-    return app
-
-
-async def test_route53_upserts_and_waits_for_insync(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[dict[str, str]] = []
-    runner = web.AppRunner(_route53_fake(seen))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    monkeypatch.setenv("R53_AK", "AKIDEXAMPLE")
-    monkeypatch.setenv("R53_SK", "secret")
-    try:
-        cfg = Route53Switch(
-            hosted_zone_id="Z123",
-            name="app.example.com.",
-            records={"a": "192.0.2.1", "b": "192.0.2.2"},
-            endpoint=f"http://127.0.0.1:{port}",
-            access_key="env:R53_AK",
-            secret_key="env:R53_SK",
-        )
-        await build_switch(cfg).point_to("b")
-    finally:
-        await runner.cleanup()
-    assert seen == [
-        {"zone": "Z123", "action": "UPSERT", "name": "app.example.com.", "value": "192.0.2.2"}
-    ]
 
 
 async def test_exec_hook_substitutes_the_region(tmp_path: Path) -> None:
