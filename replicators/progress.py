@@ -16,6 +16,8 @@ never smaller than the truth we can prove. It is the larger of:
   proof, so its RPO grows with wall time; before the first proof it counts
   from the checkpoint's last durable change (``resumed``), else from
   ``started_at``.
+- ``now`` minus the source time from which the destination cannot restore
+  (``source_floor``: a gap in its log that no base backup covers yet).
 - ``now`` minus the source time of the oldest change known not to be durable
   (captured and in flight, or still inside the source). Measuring from the
   newest durable change instead would report hours for a stream that was idle
@@ -62,6 +64,9 @@ class StreamProgress:
     """Source time of the oldest change still inside the source (not yet batched)."""
     source_head: Callable[[], Head | None] | None = None
     """Optional: the source's head read independently of capture (see ``Head``)."""
+    source_floor: Callable[[], float | None] | None = None
+    """Optional: the source time from which the destination cannot restore, whatever
+    reaches it later (a gap in its log that no base backup covers yet)."""
     live: bool = True
     """False while the stream's runner is not running (the supervising loop sets it):
     no proof is taken then."""
@@ -142,6 +147,8 @@ class StreamProgress:
             candidates.append(self.oldest_pending_time)
         if self.source_pending is not None:
             candidates.append(self.source_pending())
+        if self.source_floor is not None:
+            candidates.append(self.source_floor())
         return max(0.0, now - min(t for t in candidates if t is not None))
 
     def lag(self, stage: Stage, now: float) -> float | None:

@@ -69,6 +69,7 @@ class Shipper:
         self.end = 0
         progress.source_pending = source.pending_since
         progress.source_head = getattr(source, "head", None)
+        progress.source_floor = getattr(source, "unrestorable_since", None)
 
     async def recover(self) -> None:
         """Find the last durable segment (checkpoint, then the vault) and resume the source."""
@@ -85,6 +86,9 @@ class Shipper:
             self.last, self.end = ref, int(opened.header.end)
             durable_time = opened.header.last_source_time
             self._save(durable_time)
+        note = getattr(self.source, "note_durable_time", None)
+        if note is not None:
+            note(durable_time)
         await self.source.resume(self.end)
         await self.source.ack(self.end)
         self.progress.resumed(self.end, durable_time, time.time())

@@ -44,6 +44,11 @@ class Source(Protocol):
       nothing new), else ``None``; it must never offer a fresh ``at`` while
       its capture is failing. It proves an idle stream's RPO
       (``replicators.progress.Head``).
+    - Optional ``note_durable_time(t)``, called before ``resume``: the source time
+      of the last change durable at the position given.
+    - Optional ``unrestorable_since()``: the source time from which the
+      destination cannot restore, whatever reaches it later (a gap in the log
+      no base backup covers yet), else ``None``; it feeds the RPO.
     """
 
     KIND: ClassVar[str]

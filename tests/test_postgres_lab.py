@@ -34,12 +34,12 @@ from agent.config import AgentConfig, StreamConfig, load_config
 from agent.configbase import Secret
 from agent.lab import Lab
 from agent.supervise import StreamTask, run_stream
-from replicators.errors import SourceError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
 from replicators.postgres import lsn as L
 from replicators.postgres import standby, walfetch
 from replicators.postgres.basebackup import take_backup
+from replicators.postgres.gaps import GapBook
 from replicators.postgres.guard import SyncGuard
 from replicators.postgres.kind import verify as kind_verify
 from replicators.postgres.options import PostgresOptions
@@ -618,7 +618,7 @@ async def test_timeline_history_follows_a_promoted_primary(pg: PgRig) -> None:
     await execute(new_primary, "SELECT pg_drop_replication_slot('" + str(pg.options.slot) + "')")
 
 
-async def test_slot_retention_warns_and_an_invalidated_slot_is_a_clear_error(
+async def test_slot_retention_warns_and_an_invalidated_slot_is_reseeded_with_a_gap(
     pg: PgRig, capsys: pytest.CaptureFixture[str]
 ) -> None:
     primary = pg.lab.pg_dsn("a")
@@ -635,13 +635,30 @@ async def test_slot_retention_warns_and_an_invalidated_slot_is_a_clear_error(
             await conn.execute("SELECT pg_switch_wal()")
         source = WalSource(options, "b", pg.stream.name)
         await source.resume(0)  # still valid: retained WAL reported and warned about
+        shipped = source._received  # where a stream that shipped nothing more would resume
         await source._check_slot()
         assert source.retained_bytes > 32 << 20
         assert "slot retains too much WAL" in "".join(capsys.readouterr())
         await source.aclose()
         await conn.execute("CHECKPOINT")  # the checkpoint invalidates the slot
-        with pytest.raises(SourceError, match="invalidated"):
-            await WalSource(options, "b", pg.stream.name).resume(0)
+        lost = "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1"
+        assert await conn.fetchval(lost, options.slot) == "lost"
+        # re-seeded: the slot is created again and the log goes on after a gap record
+        book = GapBook(pg.workdir / "gaps", pg.stream.name, "b")
+        source = WalSource(options, "b", pg.stream.name, book)
+        source.note_durable_time(1234.5)
+        await source.resume(shipped)
+        try:
+            assert await conn.fetchval(lost, options.slot) in ("reserved", "extended")
+            [gap] = book.gaps()
+            assert (gap.start, gap.start_time, gap.covered_by) == (shipped, 1234.5, None)
+            assert "invalidated" in gap.reason and gap.end > shipped
+            batch = await source.next_batch(1 << 20, 0.1, asyncio.Event())
+            assert (batch[0].start, batch[0].end) == (gap.start, gap.end)
+            assert L.unpack_record(batch[0].payload)[1] == L.GAP
+            assert source.unrestorable_since() == 1234.5
+        finally:
+            await source.aclose()
     finally:
         await conn.execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
         await conn.execute("SELECT pg_reload_conf()")
@@ -655,7 +672,7 @@ async def test_the_backup_job_seeds_a_vault_with_none_then_waits(
     role change): the active side's job takes one at once, then none until one is due."""
     from replicators.postgres.kind import BackupSchedule
 
-    job = BackupSchedule(pg.stream, cfg_a.peers[0])
+    job = BackupSchedule(pg.stream, cfg_a.peers[0], GapBook(pg.workdir / "gaps", "x", "b"))
     await job.recover()
     assert job.newest is None
     assert await job.sync_once(asyncio.Event())

@@ -232,3 +232,68 @@ def test_the_standby_runs_wal_fetch_even_from_a_checkout_only_root_may_enter(
         assert "Permission denied" not in done.stderr
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_gap_records_move_the_position_and_are_checked() -> None:
+    gap = L.pack_gap(3, 100, 4 * SEG)
+    assert L.unpack_record(gap) == (3, L.GAP, gap[12:])
+    recs = [gap, L.pack_record(3, 4 * SEG, b"ab")]
+    assert [p[1] for p in decode_records(_header(100, 4 * SEG + 2), recs)] == [L.GAP, 4 * SEG]
+    with pytest.raises(IntegrityError, match="gap record from"):
+        decode_records(_header(99, 4 * SEG + 2), recs)  # it must begin where the log stood
+    for bad in (L.pack_gap(3, 200, 100), L.pack_gap(0, 1, 2), gap + b"x"):
+        with pytest.raises(ValueError):
+            L.unpack_record(bad)
+
+
+def test_a_spool_applies_a_gap_and_remembers_it(tmp_path: Path) -> None:
+    import asyncio
+
+    from replicators.postgres.spool import WalSpool, load_state
+    from replicators.vault import SegmentRef
+
+    spool = WalSpool(tmp_path / "spool")
+    recs = [L.pack_gap(2, 100, SEG), L.pack_record(2, SEG, b"ab")]
+    asyncio.run(spool.apply(SegmentRef(1, 7, "s"), _header(100, SEG + 2), recs))
+    state = load_state(spool.directory)
+    assert state is not None and state["end"] == SEG + 2 and state["timeline"] == 2
+    assert state["gap"] == {"from": 100, "to": SEG, "seq": 7}
+    assert sorted(p.name for p in spool.directory.iterdir()) == [
+        L.wal_file_name(2, SEG),
+        "state.json",
+    ]
+
+
+def test_open_gaps_make_a_backup_due_until_one_starts_after_them(tmp_path: Path) -> None:
+    from replicators.postgres import gaps
+    from replicators.postgres.basebackup import BackupManifest
+    from replicators.postgres.kind import backup_due
+
+    book = gaps.GapBook(tmp_path, "pg", "b")
+    book.add(gaps.Gap("pg", "b", "dragent_b", SEG, 3 * SEG, 1, 500.0, 900.0, "slot dropped"))
+    book.add(gaps.Gap("other", "b", "dragent_b", SEG, 3 * SEG, 1, 1.0, 2.0, "another stream"))
+    [gap] = book.gaps()
+    assert book.unrestorable_since() == 500.0
+    old = BackupManifest("b1", "pg", 1, 0, 1, 100.0, 101.0, [], 10)
+    assert "gap (0/1000000 to 0/3000000)" in (backup_due(old, 1, 1000.0, 0.0, [gap]) or "")
+    new = BackupManifest("b2", "pg", 1, 3 * SEG, 3 * SEG + 5, 1000.0, 1001.0, [], 10)
+    assert backup_due(new, 1, 1002.0, 0.0, [gap]) is None
+    assert gaps.cover(tmp_path, book.gaps(), "b1", old.start_lsn) == []  # starts before it
+    [covered] = gaps.cover(tmp_path, book.gaps(), "b2", new.start_lsn)
+    book.forget()
+    assert covered.covered_by == "b2" and book.gaps()[0].covered_by == "b2"
+    assert book.unrestorable_since() is None
+    assert gaps.load(tmp_path, "other")[0].covered_by is None  # another stream's gap stays
+
+
+def test_the_rpo_never_counts_from_after_an_uncovered_gap() -> None:
+    from replicators.progress import StreamProgress
+
+    floor: list[float | None] = [None]
+    p = StreamProgress("pg", "postgres", "source", "b", source_floor=lambda: floor[0])
+    p.resumed(10, 100.0, 100.0)
+    p.step_done(began=200.0)
+    assert p.rpo(200.5) == pytest.approx(0.5)
+    floor[0] = 150.0  # the vault cannot restore past what was durable at 150
+    assert p.rpo(200.5) == pytest.approx(50.5)
+    assert p.rpo(260.0) == pytest.approx(110.0)  # and it grows with wall time

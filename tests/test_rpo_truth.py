@@ -4,9 +4,10 @@ A real WAL source on the lab's primary ships through ``agent.supervise.run_strea
 into region b's real vault (SeaweedFS). The stream is broken three ways: the
 vault refuses the credentials (an agent restarted with a wrong secret), the
 vault is unreachable (a closed port), and the replication slot is dropped while
-the stream is down. Each time the RPO gauge (the Prometheus collector), the
-``/status`` snapshot and the compliance control must show an RPO growing with
-wall time; once healed (where healing is possible), it falls back under a second.
+the stream is down (the source re-seeds with a recorded gap, and the vault cannot
+restore past it until a base backup is taken after it). Each time the RPO gauge
+(the Prometheus collector), the ``/status`` snapshot and the compliance control
+must show an RPO growing with wall time; once healed, it falls back under a second.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ import pytest_asyncio
 from agent.backoff import Backoff
 from agent.collector import ProgressCollector
 from agent.compliance import controls as c
-from agent.config import AgentConfig
+from agent.config import AgentConfig, StreamConfig
 from agent.configbase import Secret
 from agent.lab import Lab
 from agent.supervise import StreamTask
-from replicators.keys import KeyProvider, build_key_provider
+from replicators.keys import KeyProvider, build_key_provider, unseal
 from replicators.pair import lab_shipper
+from replicators.postgres.gaps import GapBook
+from replicators.postgres.kind import BackupSchedule
+from replicators.postgres.lsn import GAP, unpack_gap
 from replicators.postgres.options import PostgresOptions
+from replicators.postgres.restore import RestoreTarget, WalGapError, fill_spool
+from replicators.postgres.spool import WalSpool, decode_records
 from replicators.postgres.walsource import WalSource
 from replicators.s3 import S3Store
 from replicators.store import ObjectInfo, ObjectStore
@@ -80,11 +86,18 @@ class Rig:
     keys: KeyProvider
     workdir: Path
 
+    @property
+    def options(self) -> PostgresOptions:
+        return PostgresOptions(dsn=Secret(self.lab.pg_dsn("a"), "test"), slot=self.slot)
+
+    def book(self, name: str) -> GapBook:
+        return GapBook(self.workdir / "gaps", name, "b")
+
     def task(self, name: str, store: ObjectStore) -> tuple[StreamTask, Switch]:
-        options = PostgresOptions(dsn=Secret(self.lab.pg_dsn("a"), "test"), slot=self.slot)
         switch = Switch(store)
+        source = WalSource(self.options, "b", name, self.book(name))
         shipper = lab_shipper(
-            name, "postgres", WalSource(options, "b", name), Vault(switch), self.keys,
+            name, "postgres", source, Vault(switch), self.keys,
             self.workdir / "shipped.json", max_age=0.1,
         )  # fmt: skip
         backoff = Backoff(base=0.2, cap=1.0)
@@ -189,12 +202,13 @@ async def test_rpo_grows_while_the_vault_refuses_or_is_unreachable(rig: Rig, uni
         await eventually(lambda: healthy(task), within=30)
 
 
-async def test_rpo_grows_after_the_slot_is_dropped_while_the_stream_is_down(
+async def test_a_dropped_slot_is_reseeded_with_a_recorded_gap_and_the_rpo_grows_until_a_backup(
     rig: Rig, unique: str
 ) -> None:
     task, _ = rig.task(unique, rig.good)
     async with running(task):
         await eventually(lambda: healthy(task), within=30)
+    shipped = task.runner.end  # type: ignore[attr-defined]
     # down (its walsender gone): drop the slot, and let the primary move on to later WAL files
     await task.runner.source.aclose()  # type: ignore[attr-defined]
     await eventually(lambda: _dropped(rig), within=10)
@@ -203,5 +217,45 @@ async def test_rpo_grows_after_the_slot_is_dropped_while_the_stream_is_down(
         await _sql(rig.lab, "SELECT pg_switch_wal()::text")
     await _sql(rig.lab, "CHECKPOINT")
     async with running(task):
-        await assert_rpo_grows(task, rig.cfg, ("retrying",))
-        assert "no longer holds WAL" in (task.last_error or ""), task.last_error
+        # re-seeded, never a retry loop: the stream runs on from the new slot's start...
+        await eventually(lambda: bool(rig.book(unique).gaps()), within=15)
+        [gap] = rig.book(unique).gaps()
+        assert gap.start == shipped and gap.end > shipped and gap.covered_by is None
+        assert "no longer holds WAL" in gap.reason
+        # ...but the vault cannot restore past the gap: the RPO still grows with wall time
+        await assert_rpo_grows(task, rig.cfg, ("running",))
+        assert await _gap_records(rig, unique) == [(gap.start, gap.end)]
+        # a restore to a time after the gap's start says so; one before it is served
+        spool = WalSpool(rig.workdir / "restore-spool")
+        with pytest.raises(WalGapError, match="the recovery window has a gap"):
+            await fill_spool(
+                rig.good, rig.keys, unique, spool, from_lsn=0, target=RestoreTarget(time.time())
+            )
+        assert gap.start_time is not None
+        before = RestoreTarget(time=gap.start_time - 2.0)
+        await fill_spool(rig.good, rig.keys, unique, spool, from_lsn=0, target=before)
+
+        # the backup job sees the open gap, takes a base backup after it, and covers it
+        job = BackupSchedule(_stream(rig, unique), rig.cfg.peers[0], rig.book(unique))
+        await job.recover()
+        assert job.newest is None or job.newest.start_lsn < gap.end
+        assert await job.sync_once(asyncio.Event())
+        [covered] = rig.book(unique).gaps()
+        assert covered.covered_by == job.newest.id  # type: ignore[union-attr]
+        await eventually(lambda: healthy(task), within=15)
+        assert not await job.sync_once(asyncio.Event())  # covered: no second backup
+
+
+def _stream(rig: Rig, name: str) -> StreamConfig:
+    return StreamConfig(name=name, kind="postgres", postgres=rig.options)
+
+
+async def _gap_records(rig: Rig, stream: str) -> list[tuple[int, int]]:
+    """The gap records in the stream's log in b's vault, read and verified as a sink would."""
+    out = []
+    async for ref in Vault(rig.good).segments(stream):
+        opened = await unseal(await rig.good.get(ref.key), rig.keys, expect_stream=stream)
+        for _, start, data in decode_records(opened.header, opened.records):
+            if start == GAP:
+                out.append(unpack_gap(data))
+    return out

@@ -29,6 +29,7 @@ KEY_ROTATION = "key.rotation"
 FAILOVER = "failover"
 SWITCHOVER = "switchover"
 CONTROL_CHANGE = "compliance.change"
+STREAM_GAP = "stream.gap"
 FAILOVER_KINDS = (DRILL_FAILOVER, FAILOVER, SWITCHOVER)
 
 

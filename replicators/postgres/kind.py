@@ -21,7 +21,10 @@ from agent import logs
 from replicators.errors import SourceError
 from replicators.keys import build_key_provider
 from replicators.kinds import Background
+from replicators.postgres import gaps
+from replicators.postgres import lsn as L
 from replicators.postgres.basebackup import BackupManifest, list_backups, take_backup
+from replicators.postgres.gaps import Gap, GapBook
 from replicators.postgres.guard import StandbyMonitor, SyncGuard
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
@@ -44,8 +47,12 @@ def spool_dir(stream: StreamConfig, state_dir: Path) -> Path:
     return options_of(stream).spool_dir or state_dir / "spool"
 
 
+def gap_book(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig) -> GapBook:
+    return GapBook(agent.data_dir / gaps.DIRECTORY, stream.name, peer.name)
+
+
 def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
-    return WalSource(options_of(stream), peer.name, stream.name)
+    return WalSource(options_of(stream), peer.name, stream.name, gap_book(stream, agent, peer))
 
 
 def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
@@ -56,16 +63,27 @@ TIMELINE = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)):
 
 
 def backup_due(
-    newest: BackupManifest | None, timeline: int, now: float, every: float
+    newest: BackupManifest | None,
+    timeline: int,
+    now: float,
+    every: float,
+    open_gaps: list[Gap] | None = None,
 ) -> str | None:
     """Why a base backup must be taken now (None: the newest one serves). Pure.
 
     A vault needs one whose timeline is the primary's: after a promotion (a failover,
     a switchover, a failback) the backups there are of another history and no WAL in
     this vault joins them to the present, so a restore or a drill in the new direction
-    has nothing to start from. ``every`` > 0 also renews it on a schedule."""
+    has nothing to start from. Likewise after a gap in the WAL log (``open_gaps``: gaps
+    no base backup covers yet). ``every`` > 0 also renews it on a schedule."""
     if newest is None:
         return "no base backup in the vault"
+    after = [g for g in open_gaps or [] if g.end > newest.start_lsn]
+    if after:
+        return (
+            f"the WAL log has a gap ({L.format_lsn(after[0].start)} to "
+            f"{L.format_lsn(after[0].end)}) after the newest base backup"
+        )
     if newest.timeline != timeline:
         return (
             f"the newest base backup is of timeline {newest.timeline}, the primary's is {timeline}"
@@ -81,9 +99,10 @@ class BackupSchedule:
     after a role change that left the vault without a usable one, then every
     ``backup_every`` (when set). Each ``sync_once`` takes at most one backup."""
 
-    def __init__(self, stream: StreamConfig, peer: PeerConfig) -> None:
+    def __init__(self, stream: StreamConfig, peer: PeerConfig, book: GapBook) -> None:
         self.stream = stream
         self.peer = peer
+        self.book = book
         self.options = options_of(stream)
         self.newest: BackupManifest | None = None
         self.log = logs.get("postgres.backup", stream=stream.name, peer=peer.name)
@@ -99,9 +118,14 @@ class BackupSchedule:
         self.newest = backups[-1] if backups else None
 
     async def sync_once(self, stop: asyncio.Event) -> bool:
+        open_gaps = gaps.uncovered(self.book.gaps())
+        if open_gaps and self.newest is not None:
+            self._cover(self.newest)  # a backup stored before the gap was recorded
+            open_gaps = gaps.uncovered(self.book.gaps())
         why = backup_due(
-            self.newest, await self._timeline(), time.time(), self.options.backup_every
-        )
+            self.newest, await self._timeline(), time.time(), self.options.backup_every,
+            open_gaps,
+        )  # fmt: skip
         if why is None:
             return False
         self.log.info("taking a base backup", reason=why)
@@ -114,7 +138,13 @@ class BackupSchedule:
             await store.aclose()
         self.newest = manifest
         self.log.info("base backup stored", id=manifest.id, bytes=manifest.bytes)
+        self._cover(manifest)
         return True
+
+    def _cover(self, backup: BackupManifest) -> None:
+        for gap in gaps.cover(self.book.directory, self.book.gaps(), backup.id, backup.start_lsn):
+            self.log.info("WAL gap covered by a base backup", gap=gap.id, backup=backup.id)
+        self.book.forget()
 
     async def _timeline(self) -> int:
         conn = await asyncpg.connect(self.options.dsn.reveal(), timeout=10)
@@ -135,7 +165,8 @@ def background(
     jobs = []
     for peer in agent.peers:
         every = min(options.backup_every, 60.0) if options.backup_every > 0 else 60.0
-        jobs.append(Background(f"backup-{peer.name}", BackupSchedule(stream, peer), every))
+        job = BackupSchedule(stream, peer, gap_book(stream, agent, peer))
+        jobs.append(Background(f"backup-{peer.name}", job, every))
         if options.synchronous:
             guard = SyncGuard(options, stream.name, slot_name(options, peer.name))
             jobs.append(Background(f"sync-guard-{peer.name}", guard, 1.0))

@@ -83,6 +83,11 @@ HISTORY = 0xFFFF_FFFF_FFFF_FFFF
 """The start LSN that marks a record as a timeline history file, not WAL bytes."""
 
 
+GAP = 0xFFFF_FFFF_FFFF_FFFE
+"""The start LSN that marks a record as a gap: WAL ``[from, to)`` the vault never got."""
+_GAP_BODY = struct.Struct(">QQ")
+
+
 def pack_record(timeline: int, start: int, data: bytes) -> bytes:
     """A vault record: timeline, start LSN, then the WAL bytes (within one WAL file)."""
     return _RECORD_HEAD.pack(timeline, start) + data
@@ -93,13 +98,29 @@ def pack_history(timeline: int, content: bytes) -> bytes:
     return _RECORD_HEAD.pack(timeline, HISTORY) + content
 
 
+def pack_gap(timeline: int, start: int, end: int) -> bytes:
+    """A vault record saying that WAL ``[start, end)`` is not in this log (a slot that no
+    longer held it was re-seeded): the log goes on at ``end``, on ``timeline``."""
+    return _RECORD_HEAD.pack(timeline, GAP) + _GAP_BODY.pack(start, end)
+
+
+def unpack_gap(data: bytes) -> tuple[int, int]:
+    """The ``(start, end)`` of a gap record's body. Raises ``ValueError``."""
+    if len(data) != _GAP_BODY.size:
+        raise ValueError(f"gap record of {len(data)} bytes, expected {_GAP_BODY.size}")
+    start, end = _GAP_BODY.unpack(data)
+    if not start < end:
+        raise ValueError(f"gap record from {format_lsn(start)} to {format_lsn(end)}")
+    return start, end
+
+
 def history_file_name(timeline: int) -> str:
     return f"{timeline:08X}.history"
 
 
 def unpack_record(record: bytes) -> tuple[int, int, bytes]:
-    """``pack_record`` / ``pack_history`` reversed (a history record has start
-    ``HISTORY``). Raises ``ValueError`` on a record that cannot be WAL."""
+    """``pack_record`` / ``pack_history`` / ``pack_gap`` reversed (a history record has
+    start ``HISTORY``, a gap ``GAP``). Raises ``ValueError`` on a record that cannot be WAL."""
     if len(record) < _RECORD_HEAD.size:
         raise ValueError("WAL record shorter than its header")
     timeline, start = _RECORD_HEAD.unpack_from(record)
@@ -107,6 +128,11 @@ def unpack_record(record: bytes) -> tuple[int, int, bytes]:
     if start == HISTORY:
         if timeline < 2:
             raise ValueError(f"history record for timeline {timeline}")
+        return timeline, start, data
+    if start == GAP:
+        if timeline == 0:
+            raise ValueError("gap record with no timeline")
+        unpack_gap(data)
         return timeline, start, data
     if timeline == 0 or (data and segment_start(start) != segment_start(start + len(data) - 1)):
         raise ValueError(f"WAL record at {format_lsn(start)} crosses a WAL file or has no timeline")

@@ -40,8 +40,9 @@ from replicators.postgres.basebackup import (
     list_backups,
 )
 from replicators.postgres.options import PostgresOptions
-from replicators.postgres.spool import WalSpool
+from replicators.postgres.spool import WalSpool, decode_records
 from replicators.postgres.walfetch import FILLING
+from replicators.segment import SegmentHeader
 from replicators.sink import check_continuity
 from replicators.store import ObjectStore
 from replicators.stream import Applied
@@ -105,6 +106,7 @@ async def fill_spool(
     refs = [ref async for ref in Vault(store).segments(stream)]
     last: Applied | None = None
     applied = 0
+    blocked: WalGapError | None = None
 
     async def fetch(ref: SegmentRef) -> OpenedSegment:
         blob = await store.get(ref.key)
@@ -127,6 +129,14 @@ async def fill_spool(
             last = Applied(ref=ref, end=int(header.end), source_time=header.last_source_time)
             if int(header.end) <= L.segment_start(from_lsn):
                 continue
+            gap = _gap(header, opened.records)
+            if gap is not None:
+                for _, t in pending:
+                    t.cancel()
+                if _past(target, int(header.start), header.first_source_time):
+                    break  # the target lies before the gap: everything it needs is here
+                blocked = WalGapError(*gap, header.first_source_time)
+                break
             await spool.apply(ref, header, opened.records)
             applied += 1
             if on_segment:
@@ -135,7 +145,30 @@ async def fill_spool(
                 for _, t in pending:
                     t.cancel()
                 break
+    if blocked is not None:
+        raise blocked
     return applied
+
+
+class WalGapError(SourceError):
+    """The log holds a gap record between the backup and the target: WAL that never
+    reached the vault (``replicators.postgres.gaps``)."""
+
+    def __init__(self, start: int, end: int, start_time: float) -> None:
+        when = dt.datetime.fromtimestamp(start_time, dt.UTC).isoformat(timespec="seconds")
+        super().__init__(
+            f"the recovery window has a gap: WAL {L.format_lsn(start)} to {L.format_lsn(end)} "
+            f"never reached the vault (the source's slot was re-seeded); the latest point "
+            f"restorable before it is {when}"
+        )
+        self.start, self.end, self.start_time = start, end, start_time
+
+
+def _gap(header: SegmentHeader, records: list[bytes]) -> tuple[int, int] | None:
+    for timeline, start, data in decode_records(header, records):
+        if start == L.GAP and timeline:
+            return L.unpack_gap(data)
+    return None
 
 
 def _past(target: RestoreTarget, start: int, first_time: float) -> bool:
@@ -177,11 +210,22 @@ async def restore(
             options, stream, store, keys, backup, target, data_dir, port, spool_path,
             within, on_bytes,
         )  # fmt: skip
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             await standby.stop(options, data_dir)
         await asyncio.to_thread(_remove_created, data_dir, spool_path)
+        if isinstance(exc, WalGapError):
+            raise SourceError(f"{exc}; {_after_gap(backups, exc.end)}") from None
         raise
+
+
+def _after_gap(backups: list[BackupManifest], end: int) -> str:
+    after = [b for b in backups if b.start_lsn >= end]
+    if not after:
+        return "no base backup after it is in the vault yet (the agent takes one at once)"
+    first = min(after, key=lambda b: b.end_time)
+    when = dt.datetime.fromtimestamp(first.end_time, dt.UTC).isoformat(timespec="seconds")
+    return f"the earliest restorable point after it is {when} (base backup {first.id})"
 
 
 def _remove_created(data_dir: Path, spool_path: Path) -> None:

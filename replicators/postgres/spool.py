@@ -9,7 +9,10 @@ Layout of a spool directory (readable by the PostgreSQL OS user, who runs
   streams from a server on a timeline after 1 (a promoted standby).
 - ``state.json``: the last applied segment, the applied end LSN and timeline.
   ``wal-fetch`` serves bytes only below that end, so bytes written by an apply
-  that crashed before recording its state are never served.
+  that crashed before recording its state are never served. ``gap``: the last
+  gap record applied (WAL the vault never received, after the source's slot was
+  re-seeded); a standby fed from the spool cannot replay across it and must be
+  re-seeded from a base backup taken after it.
 
 ``apply`` is idempotent: re-writing the same verified bytes at the same
 offsets gives the same files. Every file written is fsynced before the state
@@ -63,6 +66,16 @@ def decode_records(header: SegmentHeader, records: Sequence[bytes]) -> list[tupl
         if start == L.HISTORY:
             out.append((timeline, start, data))
             continue
+        if start == L.GAP:
+            begin, end = L.unpack_gap(data)
+            if begin != expect:
+                raise IntegrityError(
+                    f"gap record from {L.format_lsn(begin)}, expected {L.format_lsn(expect)}",
+                    where=f"segment {header.seq}",
+                )
+            out.append((timeline, start, data))
+            expect = end
+            continue
         if start != expect:
             raise IntegrityError(
                 f"WAL record starts at {L.format_lsn(start)}, expected {L.format_lsn(expect)}",
@@ -100,8 +113,9 @@ class WalSpool:
         """Write the segment's WAL bytes into their files, fsync, then record the state."""
         pieces = decode_records(header, records)
         wal = [p for p in pieces if p[1] != L.HISTORY]
-        timeline = max([p[0] for p in wal], default=self._timeline())
-        await asyncio.to_thread(self._write, pieces)
+        before = load_state(self.directory) or {}
+        timeline = max([p[0] for p in wal], default=int(before.get("timeline", 1)))  # type: ignore[call-overload]
+        await asyncio.to_thread(self._write, [p for p in pieces if p[1] != L.GAP])
         state = {
             "stream": ref.stream,
             "epoch": ref.epoch,
@@ -110,11 +124,12 @@ class WalSpool:
             "timeline": timeline,
             "source_time": header.last_source_time,
         }
+        gaps = [L.unpack_gap(p[2]) for p in pieces if p[1] == L.GAP]
+        if gaps:  # a standby fed from this spool cannot replay across it: re-seed it
+            state["gap"] = {"from": gaps[-1][0], "to": gaps[-1][1], "seq": ref.seq}
+        elif "gap" in before:
+            state["gap"] = before["gap"]
         await asyncio.to_thread(save_state, self.directory / STATE_FILE, state)
-
-    def _timeline(self) -> int:
-        state = load_state(self.directory)
-        return int(state["timeline"]) if state else 1  # type: ignore[arg-type]
 
     def _write(self, pieces: list[tuple[int, int, bytes]]) -> None:
         touched: dict[Path, int] = {}

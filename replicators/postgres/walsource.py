@@ -20,8 +20,14 @@
   RPO of an idle primary between heartbeats (``replicators.progress``). Samples
   are taken only while the source streams: a failing source proves nothing.
 
-Errors: ``SourceError`` (connection lost, slot invalidated); the supervising
-loop calls ``recover()`` again, which reconnects from the last durable position.
+A slot that no longer holds the WAL at the durable position (invalidated, or
+created anew after a failback lost it) is re-seeded, never retried forever:
+the stream goes on from the slot's start after a gap record, and the gap is
+recorded (``replicators.postgres.gaps``) for the backup job, the RPO and the
+evidence log.
+
+Errors: ``SourceError`` (connection lost); the supervising loop calls
+``recover()`` again, which reconnects from the last durable position.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from agent import logs
 from replicators.errors import SourceError
 from replicators.postgres import lsn as L
 from replicators.postgres import pgmetrics
+from replicators.postgres.gaps import Gap, GapBook
 from replicators.postgres.options import PostgresOptions
 from replicators.stream import Change
 
@@ -97,9 +104,17 @@ class LsnClock:
 class WalSource:
     KIND: ClassVar[str] = KIND
 
-    def __init__(self, options: PostgresOptions, peer: str, stream: str = "") -> None:
+    def __init__(
+        self,
+        options: PostgresOptions,
+        peer: str,
+        stream: str = "",
+        gaps: GapBook | None = None,
+    ) -> None:
         self.options = options
         self.stream = stream
+        self.peer = peer
+        self.gaps = gaps
         self.slot = slot_name(options, peer)
         self.log = logs.get("postgres.source", slot=self.slot)
         self.clock = LsnClock()
@@ -110,6 +125,8 @@ class WalSource:
         self._conn: Any = None
         self._fd = -1
         self._history: bytes | None = None
+        self._gap: Change | None = None
+        self._durable_time: float | None = None
         self._cursor: Any = None
         self._db: asyncpg.Connection | None = None
         self._buf: deque[tuple[int, bytes, float]] = deque()
@@ -129,19 +146,25 @@ class WalSource:
         await self.aclose()
         self._failed = None
         self._buf.clear()
+        self._gap = None
         try:
             self._db = await asyncpg.connect(self.options.dsn.reveal(), timeout=10)
-            restart = await self._ensure_slot()
+            restart, why = await self._ensure_slot()
             start = position if position else L.segment_start(restart)
             if position and position < L.segment_start(restart):
-                raise SourceError(
+                why = why or (
                     f"slot {self.slot} no longer holds WAL at {L.format_lsn(position)} "
-                    f"(restart_lsn {L.format_lsn(restart)}): a new base backup is needed"
+                    f"(restart_lsn {L.format_lsn(restart)})"
                 )
+                start = L.segment_start(restart)
+            else:
+                why = None  # a new stream, or a slot re-created before anything was shipped
             await asyncio.to_thread(self._start_replication, start)
         except (OSError, asyncpg.PostgresError, psycopg2.Error) as exc:
             await self.aclose()
             raise SourceError(f"cannot stream from the primary: {exc}") from exc
+        if why is not None:
+            self._reseed(position, start, why)
         self._received = self._acked = start
         loop = asyncio.get_running_loop()
         self._fd = self._conn.fileno()
@@ -149,7 +172,15 @@ class WalSource:
         await self._sample(heartbeat=True)
         self.log.info("streaming", start=L.format_lsn(start), timeline=self.timeline)
 
-    async def _ensure_slot(self) -> int:
+    def note_durable_time(self, source_time: float | None) -> None:
+        """Before ``resume``: the source time of the last change durable at the position
+        given, which dates the start of a gap should the slot no longer hold it."""
+        self._durable_time = source_time
+
+    async def _ensure_slot(self) -> tuple[int, str | None]:
+        """The slot's restart LSN, creating the slot if missing; an invalidated slot is
+        dropped and created again. Returns why the slot was (re)created after an
+        invalidation (None otherwise)."""
         assert self._db is not None
         row = await self._db.fetchrow(
             "SELECT restart_lsn::text, wal_status FROM pg_replication_slots WHERE slot_name = $1",
@@ -162,11 +193,34 @@ class WalSource:
             )
             return await self._ensure_slot()
         if row["wal_status"] == "lost" or row["restart_lsn"] is None:
-            raise SourceError(
-                f"replication slot {self.slot} was invalidated (max_slot_wal_keep_size): "
-                "drop it and re-seed the destination with a new base backup"
-            )
-        return L.parse_lsn(row["restart_lsn"])
+            self.log.error("replication slot invalidated: creating it again")
+            await self._db.execute("SELECT pg_drop_replication_slot($1)", self.slot)
+            restart, _ = await self._ensure_slot()
+            return restart, f"slot {self.slot} was invalidated (max_slot_wal_keep_size)"
+        return L.parse_lsn(row["restart_lsn"]), None
+
+    def _reseed(self, position: int, start: int, why: str) -> None:
+        """The slot cannot serve ``position``: stream from ``start`` and say so in the log
+        (a gap record first), in the gap book and in the agent's log."""
+        now = time.time()
+        # dated by the last durable change: a restore to a time after it meets the gap
+        at = self._durable_time if self._durable_time is not None else now
+        self._gap = Change(L.pack_gap(self.timeline, position, start), position, start, at)
+        gap = Gap(
+            stream=self.stream, peer=self.peer, slot=self.slot, start=position, end=start,
+            timeline=self.timeline, start_time=self._durable_time, found_at=now, reason=why,
+        )  # fmt: skip
+        if self.gaps is not None:
+            self.gaps.add(gap)
+        self.log.error(
+            "WAL gap: the slot re-seeded; a new base backup is needed",
+            **{k: v for k, v in gap.describe().items() if k in ("start", "end", "reason")},
+        )
+
+    def unrestorable_since(self) -> float | None:
+        """Source time from which the destination vault cannot restore (a gap no base
+        backup covers yet), or None (``replicators.progress``)."""
+        return self.gaps.unrestorable_since() if self.gaps is not None else None
 
     def _start_replication(self, start: int) -> None:
         """Blocking: connect, identify the timeline, START_REPLICATION, first feedback."""
@@ -243,6 +297,10 @@ class WalSource:
         batch: list[Change] = []
         size = 0
         first_seen: float | None = None
+        if self._gap is not None:
+            # A gap record first: the log goes on after WAL it never received.
+            batch.append(self._gap)
+            self._gap = None
         if self._history is not None:
             # A new timeline's history file travels first, so a standby can follow it.
             at = self._buf[0][0] if self._buf else self._received
