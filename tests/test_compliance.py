@@ -167,6 +167,11 @@ async def test_monitor_key_age_and_drill_against_the_vault(
         record = {"kind": "failover", "epoch": 7, "from": "a", "to": "b", "reason": "test",
                   "timeline": {}, "rto_seconds": 4.2, "rpo_seconds": 0.1, "errors": []}  # fmt: skip
         write_local(cfg.data_dir, record)
+        # and so does a gap a re-seeded slot left in a stream's log, once
+        from replicators.postgres import gaps
+
+        gap = gaps.Gap(unique, "a", "dragent_a", 1 << 24, 3 << 24, 2, 100.0, 200.0, "dropped")
+        gaps.record(cfg.data_dir / gaps.DIRECTORY, gap)
         rotate_key_file(key_file)
         cfg = cfg.model_copy(update={"role": "passive", "policy": policy.model_copy(
             update={"drill_schedule": True})})  # fmt: skip
@@ -183,6 +188,11 @@ async def test_monitor_key_age_and_drill_against_the_vault(
         await monitor.evaluate_once()
         kinds = [e["type"] for e in await (await monitor.evidence()).entries()]
         assert kinds.count(c.FAILOVER) == 1 and kinds.count(c.VERIFICATION) == 1
+        assert kinds.count(c.STREAM_GAP) == 1
+        [entry] = [
+            e for e in await (await monitor.evidence()).entries() if e["type"] == c.STREAM_GAP
+        ]
+        assert entry["data"]["start"] == "0/1000000" and entry["data"]["recovery_window"] == "gap"
         # a key file replaced by one without the old versions is no rotation
         generate_key_file(key_file.with_suffix(".new"))
         key_file.with_suffix(".new").replace(key_file)

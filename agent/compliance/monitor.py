@@ -10,7 +10,8 @@
   into a running maximum; every ``rpo_sample_every`` record that maximum as
   an ``rpo.sample`` evidence entry (on a region that ships); every
   ``evaluate_every`` read new evidence, record key rotations it sees, the
-  failover engine's records (``<data_dir>/failovers/``) and finished
+  failover engine's records (``<data_dir>/failovers/``), gaps in a stream's
+  log (``<data_dir>/gaps/``) and finished
   on-demand verifications (``verifications()``: the agent's verify jobs), run a restore
   drill when one is due (passive region, ``drill_schedule``), then evaluate
   the controls and record status changes as evidence.
@@ -37,6 +38,7 @@ from agent.compliance.keyage import key_ages, key_versions, named_keys
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog
 from replicators.errors import DragentError, StorageError
+from replicators.postgres import gaps
 
 _FULL_CHECK_EVERY = 3600.0  # re-read and re-check the whole chain this often
 _DRILL_RETRY = 3600.0  # after a failed scheduled drill
@@ -185,6 +187,21 @@ class ComplianceMonitor:
             added += 1
         return added
 
+    async def record_gaps(self) -> int:
+        """Append each gap in a stream's log (``<data_dir>/gaps/``: WAL a peer's vault never
+        received, after a slot was re-seeded) not yet in the log, as a ``stream.gap``
+        entry: a hole in the recovery window. Returns how many were appended."""
+        seen = {e["data"].get("id") for e in self._own if e["type"] == c.STREAM_GAP}
+        added = 0
+        found = await asyncio.to_thread(gaps.load, self.cfg.data_dir / gaps.DIRECTORY)
+        for gap in found:
+            if gap.id in seen:
+                continue
+            data = {"id": gap.id, **gap.describe(), "recovery_window": "gap"}
+            self._own.append(await (await self.evidence()).append(c.STREAM_GAP, data))
+            added += 1
+        return added
+
     async def record_verifications(self) -> int:
         """Append each finished on-demand verification (a job with ``id``, ``stream``,
         ``state`` and a signed ``report``) not yet in the log, as a ``verification`` entry."""
@@ -247,6 +264,7 @@ class ComplianceMonitor:
         await self.refresh(now)
         await self.record_keys(now)
         await self.record_failovers()
+        await self.record_gaps()
         await self.record_verifications()
         if self.drill_due(now):
             await self.drill(now)
