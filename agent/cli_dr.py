@@ -9,6 +9,8 @@
 - ``dragent evidence ls|verify --config F [--region R] [--public-key FILE]``.
 - ``dragent evidence add-report FILE --config F``: record a signed
   verification report (``dragent verify ... --format json``) as evidence.
+- ``dragent evidence rotate-signing-key --config F --new-key PATH [--reason TEXT]``:
+  change the key that signs this region's evidence log (and its reports).
 - ``dragent compliance status --config F [--json]``: evaluate the controls now.
 - ``dragent report compliance --config F --from DATE --to DATE --format html|md|json``
   and ``dragent report check FILE --config F``.
@@ -219,6 +221,43 @@ def _cmd_evidence_add_report(args: argparse.Namespace) -> int:
     return 0
 
 
+_ROTATE_HELP = """\
+Change the key that signs this region's evidence log (and its reports).
+
+The chain's current key (the one at the configured report-signing key path)
+signs a signing-key.change entry naming the new public key; once that entry
+is stored, the new key (PEM Ed25519 private key, e.g. from `openssl genpkey
+-algorithm ed25519 -out new.key`) replaces the old one at that path (mode
+0600, atomically, with its .pub). Run it again if it was interrupted: it
+sees the entry already naming the new key and only installs it. Then copy
+the new key to the region's other agents (they refuse to write evidence
+with the old one) and remove PATH.
+
+If the current key is lost, this is refused: no other key can continue the
+chain. Restore the key from its backup; see docs/operations.md,
+"Changing the signing key".
+"""
+
+
+def _cmd_evidence_rotate_key(args: argparse.Namespace) -> int:
+    from agent.evidence.keys import read_private_key
+    from agent.evidence.rotate import rotate_signing_key
+
+    cfg = load_config(args.config)
+    new = read_private_key(Path(args.new_key))
+    if new is None:
+        print(f"dragent: {args.new_key}: no such file", file=sys.stderr)
+        return 2
+    rotation = asyncio.run(rotate_signing_key(cfg, new, reason=args.reason))
+    print(rotation.summary(cfg.signing_key_path))
+    print(
+        f"copy {cfg.signing_key_path} to every other agent of region {cfg.region}, "
+        f"then remove {args.new_key}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # -- compliance and reports -----------------------------------------------------------
 
 
@@ -318,6 +357,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("file")
     add.add_argument("--config", required=True)
     add.set_defaults(func=_cmd_evidence_add_report)
+    rot = esub.add_parser(
+        "rotate-signing-key",
+        help="change the evidence log's signing key, recorded in the log",
+        description=_ROTATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rot.add_argument("--config", required=True)
+    rot.add_argument(
+        "--new-key", required=True, metavar="PATH", help="the new Ed25519 private key (PEM)"
+    )
+    rot.add_argument("--reason", default="", help="why, recorded in the entry")
+    rot.set_defaults(func=_cmd_evidence_rotate_key)
 
     comp = sub.add_parser("compliance", help="compliance controls")
     csub = comp.add_subparsers(dest="action", required=True)

@@ -17,7 +17,11 @@
   the controls and record status changes as evidence.
 
 Storage errors are logged (rate-limited) and the step is tried again at the
-next tick; the last results stay, marked with their evaluation time.
+next tick; the last results stay, marked with their evaluation time. An
+agent whose signing key is not the evidence chain's (``SigningKeyError``)
+records nothing, still evaluates the controls, logs it (rate-limited) and
+reports it in ``status()`` (``evidence_write_refused``) until the chain's key
+is installed; status changes seen meanwhile are recorded then.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from agent.compliance import controls as c
 from agent.compliance.keyage import key_ages, key_versions, named_keys
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog
+from agent.evidence.chain import SigningKeyError
 from replicators.errors import DragentError, StorageError
 from replicators.postgres import gaps
 
@@ -63,6 +68,8 @@ class ComplianceMonitor:
         self.results: list[c.ControlResult] = []
         self.evaluated_at: float | None = None
         self.chain_ok: bool | None = None
+        self.evidence_refused: str | None = None  # why this agent may not append, if so
+        self._recorded: dict[str, str] = {}  # control -> status, as last recorded
         self.object_lock: bool | None = None
         self._evidence: EvidenceLog | None = None
         self._raw: list[tuple[str, bytes]] = []
@@ -262,6 +269,11 @@ class ComplianceMonitor:
         """Refresh evidence, record key rotations, drill if due, evaluate, record changes."""
         now = self._clock() if now is None else now
         await self.refresh(now)
+        if not await self._writable():  # evaluate all the same, record nothing
+            self.keys = key_ages(named_keys(self.cfg))
+            results = c.evaluate(self.facts(now))
+            self.results, self.evaluated_at = results, now
+            return results
         await self.record_keys(now)
         await self.record_failovers()
         await self.record_gaps()
@@ -274,7 +286,7 @@ class ComplianceMonitor:
         return results
 
     async def _record_changes(self, results: list[c.ControlResult]) -> None:
-        before = {r.control: r.status for r in self.results}
+        before = self._recorded
         changes = [
             {"control": r.control, "from": before.get(r.control), "to": r.status, "why": r.reason}
             for r in results
@@ -284,6 +296,26 @@ class ComplianceMonitor:
             await (await self.evidence()).append(c.CONTROL_CHANGE, {"changes": changes})
             for ch in changes:
                 self.log.info("control status", control=ch["control"], status=ch["to"])
+        self._recorded = {r.control: r.status for r in results}
+
+    async def _writable(self) -> bool:
+        """Whether this agent's signing key may extend the evidence chain now."""
+        try:
+            await (await self.evidence()).check_signer()
+        except SigningKeyError as exc:
+            self._refused(exc)
+            return False
+        if self.evidence_refused is not None:
+            self._errors.forget("evidence refused")
+            self.log.info("evidence log: this agent's signing key is the chain's again")
+        self.evidence_refused = None
+        return True
+
+    def _refused(self, exc: SigningKeyError) -> None:
+        self.evidence_refused = str(exc)
+        held = self._errors.allow("evidence refused")
+        if held is not None:
+            self.log.error("evidence not recorded: signing key refused", error=str(exc), held=held)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Observe, sample and evaluate until ``stop`` is set (see the module docstring)."""
@@ -312,6 +344,8 @@ class ComplianceMonitor:
         # logged (rate-limited) and the step runs again at its next tick.
         try:
             await step
+        except SigningKeyError as exc:  # nothing written; evaluations go on without appends
+            self._refused(exc)
         except Exception as exc:
             held = self._errors.allow(what)
             if held is not None:
@@ -324,6 +358,7 @@ class ComplianceMonitor:
         return {
             "evaluated_at": self.evaluated_at,
             "evidence_chain_ok": self.chain_ok,
+            "evidence_write_refused": self.evidence_refused,
             "object_lock": self.object_lock,
             "counts": counts,
             "controls": [r.as_dict() for r in self.results],
