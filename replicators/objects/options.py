@@ -43,6 +43,38 @@ class WebhookEvents(Section):
         return self
 
 
+class SqsEvents(Section):
+    """S3 event notifications delivered to an SQS queue (S3 → SQS, or through SNS), read by
+    long polling. The queue must be this stream's alone: a message naming no key of the
+    source bucket/prefix is deleted as irrelevant."""
+
+    queue_url: str = Field(pattern=r"^https?://\S+$")
+    region_name: str = "us-east-1"
+    endpoint: str | None = None
+    """Unset: AWS's SQS endpoint for ``region_name``."""
+    access_key: SecretRef | None = None
+    secret_key: SecretRef | None = None
+    wait_time: int = Field(default=20, ge=1, le=20)
+    """Long polling: seconds one ReceiveMessage waits for a message (``WaitTimeSeconds``)."""
+    visibility_timeout: int = Field(default=300, ge=1, le=43200)
+    """Seconds a received message stays hidden; one not deleted by then (its changes not yet
+    durable, an agent that died) is delivered again."""
+    max_receives: int = Field(default=5, ge=1)
+    """A message received more often than this (``ApproximateReceiveCount``) is poison:
+    counted, deleted, and a scan asked for, so it never blocks the queue."""
+    max_pending: int = Field(default=1000, ge=1)
+    """Messages received and not yet deleted; at this many, receiving pauses."""
+    max_event_age: PositiveDuration = 300.0
+    """An event's time is clamped to [sent - this, received] (sent: when SQS got the
+    message): a forged or skewed ``eventTime`` cannot make the RPO look older or younger."""
+
+    @model_validator(mode="after")
+    def _both_keys(self) -> SqsEvents:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ValueError("access_key and secret_key go together (or neither: the AWS chain)")
+        return self
+
+
 class ObjectsOptions(Section):
     source: S3Config
     """The bucket (and prefix) replicated, in the active region."""
@@ -55,11 +87,12 @@ class ObjectsOptions(Section):
     into it once it returns as passive. Unset: ``source`` always ships to ``mirror``."""
     mirror_filer: FilerEvents | None = None
     """The mirror region's filer, for events while that region is active (else it scans)."""
-    events: Literal["none", "filer", "webhook"] = "none"
+    events: Literal["none", "filer", "webhook", "sqs"] = "none"
     """Push capture: ``filer`` subscribes to the SeaweedFS filer, ``webhook`` receives S3
-    event notifications; ``none`` relies on the scan."""
+    event notifications, ``sqs`` reads them from an SQS queue; ``none`` relies on the scan."""
     filer: FilerEvents | None = None
     webhook: WebhookEvents = WebhookEvents()
+    sqs: SqsEvents | None = None
     scan_interval: PositiveDuration = 60.0
     """A full listing scan (the safety net) starts this long after the previous one ended."""
     verify_interval: Duration = 0.0
@@ -75,6 +108,8 @@ class ObjectsOptions(Section):
         if self.source_region is None or active_region == self.source_region:
             return self
         events = self.events if self.events != "filer" or self.mirror_filer else "none"
+        if events == "sqs":
+            events = "none"  # the queue carries the source bucket's notifications only
         return self.model_copy(
             update={
                 "source": self.mirror,
@@ -90,6 +125,8 @@ class ObjectsOptions(Section):
     def _checks(self) -> ObjectsOptions:
         if self.events == "filer" and self.filer is None:
             raise ValueError("events = 'filer' needs a [streams.objects.filer] table")
+        if self.events == "sqs" and self.sqs is None:
+            raise ValueError("events = 'sqs' needs a [streams.objects.sqs] table (queue_url)")
         if self.mirror_filer is not None and self.source_region is None:
             raise ValueError("mirror_filer is used only with source_region (set both or neither)")
         if self.part_size < 5 * 1024 * 1024:

@@ -38,6 +38,7 @@ from replicators.objects.index import Entry, ShippedIndex
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.queue import ChangeQueue
 from replicators.objects.scan import Scanner
+from replicators.objects.sqs import SqsPoller
 from replicators.objects.tail import FilerTail
 from replicators.objects.webhook import S3Webhook
 from replicators.stream import Change
@@ -87,12 +88,14 @@ class ObjectsSource:
         self.index = ShippedIndex(state_dir / "shipped.sqlite")
         self.queue = ChangeQueue()
         self.scanner = Scanner(bucket, self.index, self.queue, options.scan_interval)
-        self.tail: FilerTail | S3Webhook | None = None
+        self.tail: FilerTail | S3Webhook | SqsPoller | None = None
         bucket_name, prefix = options.source.bucket, options.source.prefix
         if options.events == "filer" and options.filer:
             self.tail = FilerTail(options.filer, bucket_name, prefix)
         elif options.events == "webhook":
             self.tail = S3Webhook(options.webhook, bucket_name, prefix)
+        elif options.events == "sqs" and options.sqs:
+            self.tail = SqsPoller(options.sqs, bucket_name, prefix)
         self._seq = 0
         self._inflight: list[tuple[int, str, Entry | None]] = []
         self._latest: dict[str, Entry | None] = {}
@@ -112,6 +115,8 @@ class ObjectsSource:
         self._confirmed.clear()
         self._head = None
         await self.scanner.restart()
+        if isinstance(self.tail, SqsPoller):
+            self.tail.forget()  # what was in flight is captured again: its messages return
         if self.tail is not None:
             await self.tail.start()
 
@@ -170,6 +175,8 @@ class ObjectsSource:
             for key, entry in done:
                 if self._latest.get(key, 0) == entry:
                     del self._latest[key]
+        if isinstance(self.tail, SqsPoller):
+            self.tail.ack(position)  # its messages whose changes are now durable are deleted
 
     async def aclose(self) -> None:
         if self.tail is not None:
@@ -187,6 +194,17 @@ class ObjectsSource:
         if self.tail.lost_events():
             await self.tail.start()  # subscribed again before the scan begins: nothing missed
             self.scanner.start_now()
+        if isinstance(self.tail, SqsPoller):
+            self.tail.settle(self._capturing, self._seq)
+
+    def _capturing(self, key: str) -> bool:
+        """``key`` is queued, read ahead or in transfer: a record of it may still come."""
+        t = self._transfer
+        return (
+            key in self.queue
+            or (t is not None and t.state.key == key)
+            or any(f.key == key for f in self._ready)
+        )
 
     def _prove_head(self) -> None:
         """Nothing seen is left to capture: record the head (see the module docstring)."""
