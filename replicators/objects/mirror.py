@@ -37,6 +37,8 @@ from replicators.vault import SegmentRef
 
 KIND = "objects"
 APPLY_CONCURRENCY = 16
+MAX_PARTS = 10_000
+"""S3's limit on the parts of one multipart upload (part numbers 1..10000)."""
 
 
 def mirror_metadata(head: rec.Head, version: rec.Version) -> dict[str, str]:
@@ -152,6 +154,19 @@ class MirrorTarget:
                 self.skipped_records += 1
             return
         etags: list[str] = upload["etags"]
+        what = f"part {part.index} of {part.count} of {part.key!r} version {version}"
+        if part.count > MAX_PARTS:
+            raise IntegrityError(f"{what}: S3 allows at most {MAX_PARTS} parts")
+        if part.count != upload.get("count", part.count):
+            raise IntegrityError(
+                f"{what}: its part 0 said {upload['count']} parts",
+                hint="the stream's parts disagree; run an objects verify with repair",
+            )
+        if part.index > len(etags):
+            raise IntegrityError(
+                f"{what}: only {len(etags)} parts before it were applied",
+                hint="the stream's parts are out of order; run an objects verify with repair",
+            )
         try:
             etag = await self.bucket.upload_part(part.key, upload["id"], part.index + 1, part.body)
         except NotFound:
@@ -159,6 +174,12 @@ class MirrorTarget:
             return
         etags[part.index : part.index + 1] = [etag]
         if part.last:
+            if len(etags) != part.count:
+                raise IntegrityError(
+                    f"last part of {part.key!r} version {version} says {part.count} parts, "
+                    f"{len(etags)} were uploaded",
+                    hint="the stream's parts disagree; run an objects verify with repair",
+                )
             try:
                 await self.bucket.finish_upload(part.key, upload["id"], etags[: part.count])
             except NotFound:
@@ -170,7 +191,12 @@ class MirrorTarget:
 
     async def _begin(self, part: rec.Part) -> dict[str, Any]:
         current = await self.current_version(part.key)
-        upload: dict[str, Any] = {"version": part.version.encode(), "id": None, "etags": []}
+        upload: dict[str, Any] = {
+            "version": part.version.encode(),
+            "id": None,
+            "etags": [],
+            "count": part.count,
+        }
         if current is None or current < part.version:
             meta = mirror_metadata(part.head, part.version)
             upload["id"] = await self.bucket.start_upload(part.key, part.head.content_type, meta)
