@@ -16,6 +16,7 @@ the key's current state, so duplicates and out-of-order hints are harmless.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,20 +35,28 @@ class Hint:
 
 
 def s3_event_hints(message: dict[str, Any]) -> list[Hint]:
-    """Hints from one S3 event-notification message (other messages, e.g. s3:TestEvent: none)."""
+    """Hints from one S3 event-notification message (other messages, e.g. s3:TestEvent: none).
+
+    Raises ``ValueError`` naming what is wrong when the message has the shape of none:
+    ``Records`` not a list, a record, its ``s3``, ``bucket`` or ``object`` not an object.
+    """
+    records = message.get("Records") or []
+    if not isinstance(records, list):
+        raise ValueError("S3 event: Records is not a list")
     hints = []
-    for rec in message.get("Records", []) or []:
+    for item in records:
+        rec = _object(item, "record")
+        s3 = _object(rec.get("s3") or {}, "record's s3")
+        obj = _object(s3.get("object") or {}, "record's s3.object")
+        bucket = _object(s3.get("bucket") or {}, "record's s3.bucket")
         name = str(rec.get("eventName", ""))
-        s3 = rec.get("s3") or {}
-        obj = s3.get("object") or {}
         if "key" not in obj or not name.startswith(("ObjectCreated", "ObjectRemoved", "s3:Object")):
             continue
-        when = _iso_time(rec.get("eventTime"))
         hints.append(
             Hint(
-                bucket=str((s3.get("bucket") or {}).get("name", "")),
+                bucket=str(bucket.get("name", "")),
                 key=unquote_plus(str(obj["key"])),
-                time=when,
+                time=_iso_time(rec.get("eventTime")),
                 deleted="ObjectRemoved" in name,
                 sequencer=str(obj.get("sequencer", "")),
             )
@@ -55,21 +64,34 @@ def s3_event_hints(message: dict[str, Any]) -> list[Hint]:
     return hints
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"S3 event: {what} is not an object")
+    return value
+
+
 def _iso_time(text: Any) -> float:
     if not isinstance(text, str) or not text:
         return 0.0
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # not a time, or one out of range
         return 0.0
 
 
 def filer_hints(event: dict[str, Any], buckets_dir: str = "/buckets") -> list[Hint]:
-    """Hints from one filer metadata event: the old path (if it went away) and the new one."""
+    """Hints from one filer metadata event: the old path (if it went away) and the new one.
+
+    Raises ``ValueError`` naming what is wrong when the event does not have that shape
+    (``tsNs`` not an integer, the notification or an entry not an object, an entry's
+    name not a string).
+    """
     note = event.get("eventNotification") or {}
+    if not isinstance(note, dict):
+        raise ValueError("filer event: eventNotification is not an object")
     directory = str(event.get("directory", ""))
-    when = int(event.get("tsNs", 0) or 0) / 1e9
-    old, new = note.get("oldEntry"), note.get("newEntry")
+    when = event_time(event)
+    old, new = _entry(note.get("oldEntry"), "oldEntry"), _entry(note.get("newEntry"), "newEntry")
     hints = []
     if old and not old.get("isDirectory"):
         moved = new is not None and (
@@ -86,6 +108,25 @@ def filer_hints(event: dict[str, Any], buckets_dir: str = "/buckets") -> list[Hi
     return hints
 
 
+def event_time(event: dict[str, Any]) -> float:
+    """A filer event's ``tsNs`` in unix seconds (0 when absent); ``ValueError`` if it is not
+    a non-negative integer of at most 20 digits."""
+    ts = event.get("tsNs", 0) or 0
+    if isinstance(ts, str) and ts.isascii() and ts.isdigit() and len(ts) <= 20:
+        ts = int(ts)
+    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < 10**20:
+        raise ValueError(f"filer event: tsNs {ts!r:.40} is not a time in nanoseconds")
+    return ts / 1e9
+
+
+def _entry(value: Any, what: str) -> dict[str, Any] | None:
+    if not value:  # absent, null or empty: no entry
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ValueError(f"filer event: {what} is not an entry with a name")
+    return value
+
+
 def _filer_hint(directory: str, name: str, when: float, deleted: bool, root: str) -> Hint | None:
     path = f"{directory.rstrip('/')}/{name}"
     root = root.rstrip("/") + "/"
@@ -97,16 +138,34 @@ def _filer_hint(directory: str, name: str, when: float, deleted: bool, root: str
     return Hint(bucket=bucket, key=key, time=when, deleted=deleted)
 
 
-class JsonStream:
-    """Splits a byte stream of concatenated (possibly pretty-printed) JSON values."""
+MAX_EVENT = 16 << 20
+"""Characters a JSON value may span before it is dropped unread (a filer event is a few
+KiB; a huge file's chunk list some MiB)."""
 
-    def __init__(self) -> None:
+# Truncating a valid value at its end can only fail these ways: inside a string, or
+# within the last few characters (a literal such as ``-Infinit``, a number's exponent).
+_CUT_SHORT = 8
+
+
+class JsonStream:
+    """Splits a byte stream of concatenated (possibly pretty-printed) JSON values.
+
+    Bytes are decoded incrementally (a UTF-8 character split between two reads is kept
+    whole). A value that can never parse is skipped, and so is one that grows beyond
+    ``max_event`` characters: the stream goes on with the next ``{``, and ``dropped``
+    counts what was skipped (those events are lost: the caller should scan).
+    """
+
+    def __init__(self, max_event: int = MAX_EVENT) -> None:
         self._buf = ""
         self._decoder = json.JSONDecoder()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.max_event = max_event
+        self.dropped = 0
 
     def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
         """Yield every complete JSON object fed so far; keep the partial tail."""
-        self._buf += data.decode("utf-8", errors="replace")
+        self._buf += self._utf8.decode(data)
         pos = 0
         while True:
             start = self._buf.find("{", pos)
@@ -115,7 +174,22 @@ class JsonStream:
                 return
             try:
                 value, end = self._decoder.raw_decode(self._buf, start)
-            except json.JSONDecodeError:
+            except RecursionError:  # nested too deeply to ever parse
+                self.dropped += 1
+                pos = start + 1
+                continue
+            except json.JSONDecodeError as exc:
+                cut_short = exc.msg.startswith("Unterminated string") or (
+                    exc.pos >= len(self._buf) - _CUT_SHORT
+                )
+                if not cut_short:  # a malformed value: skip it
+                    self.dropped += 1
+                    pos = start + 1
+                    continue
+                if len(self._buf) - start > self.max_event:  # too long to keep waiting for
+                    self.dropped += 1
+                    self._buf = ""
+                    return
                 self._buf = self._buf[start:]
                 return
             pos = end

@@ -23,7 +23,7 @@ import sys
 import time
 
 from agent import logs
-from replicators.objects.events import Hint, JsonStream, filer_hints
+from replicators.objects.events import Hint, JsonStream, event_time, filer_hints
 from replicators.objects.options import FilerEvents
 
 log = logs.get("objects")
@@ -106,10 +106,17 @@ class FilerTail:
                 self._died()
                 break
             for event in self._json.feed(data):
-                self._last_event = max(self._last_event, int(event.get("tsNs", 0) or 0) / 1e9)
-                out += [
-                    h for h in filer_hints(event, self.cfg.buckets_dir) if h.bucket == self.bucket
-                ]
+                try:
+                    hints = filer_hints(event, self.cfg.buckets_dir)
+                except ValueError as exc:  # a malformed event: its change is found by a scan
+                    log.warning("malformed filer event skipped; starting a scan", error=str(exc))
+                    self._lost = True
+                    continue
+                self._last_event = max(self._last_event, event_time(event))
+                out += [h for h in hints if h.bucket == self.bucket]
+            if self._json.dropped:
+                log.warning("unreadable filer output skipped; starting a scan")
+                self._json.dropped, self._lost = 0, True
         if self.prefix:
             cut = len(self.prefix)
             out = [
@@ -130,7 +137,8 @@ class FilerTail:
         self.since = self.drained_at = None
 
     def lost_events(self) -> bool:
-        """True once after the subscription ended (events may have been missed)."""
+        """True once after the subscription ended or printed an event that could not be
+        read (events may have been missed)."""
         lost, self._lost = self._lost, False
         return lost
 

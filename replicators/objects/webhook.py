@@ -54,12 +54,16 @@ class S3Webhook:
                 return web.Response(status=401, text="bad or missing bearer token\n")
         try:
             message = json.loads(await request.read())
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             return web.Response(status=400, text="expected an S3 event notification (JSON)\n")
         if not isinstance(message, dict):
             return web.Response(status=400, text="expected a JSON object\n")
+        try:
+            hints = s3_event_hints(message)
+        except ValueError as exc:  # refused whole: the sender sees why and may send it again
+            return web.Response(status=400, text=f"not an S3 event notification: {exc}\n")
         now = time.time()
-        for hint in s3_event_hints(message):
+        for hint in hints:
             if hint.bucket != self.bucket or not hint.key.startswith(self.prefix):
                 continue
             if len(self._pending) >= self.cfg.max_pending:
