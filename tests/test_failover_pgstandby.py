@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import socket
 import sys
@@ -93,33 +94,44 @@ class Rig:
             }
         ]
         other = "b" if region == "a" else "a"
-        probes = [f"{lab.agent_url(other)}/healthz"]
-        if region == "b":
-            probes.insert(0, self.primary)
+        # the other region's database first: `dragent failback` follows the first DSN
+        probes = [self.replica if region == "a" else self.primary]
+        probes.append(f"{lab.agent_url(other)}/healthz")
         data["etcd"] = {
             "endpoints": [f"http://127.0.0.1:{lab.port(region, 'etcd_client')}"],
             "prefix": self.prefix,
             "dial_timeout": 0.5,
         }
+        pg = lab.postgres("a")
         data["failover"] = {
             **FAST,
             "enabled": True,
             "postgres_dsn": self.primary if region == "a" else self.replica,
             "peer_probes": {other: probes},
             "switches": [self.dns.switch_config()],
+            # the cluster `dragent failback` re-seeds in this region
+            "postgres_data_dir": str(pg.data_dir if region == "a" else self.workdir / "standby"),
+            "postgres_bin_dir": str(pg.bin_dir),
         }
+        if os.geteuid() == 0:
+            data["failover"]["postgres_os_user"] = "postgres"
         path = self.workdir / f"{region}.toml"
         path.write_text(tomli_w.dumps(data))
         return path
 
     async def cli(self, *args: str) -> str:
+        code, out = await self.cli_status(*args)
+        assert code == 0, out
+        return out
+
+    async def cli_status(self, *args: str) -> tuple[int, str]:
+        """``dragent ARGS``: its exit code and its output (stdout and stderr)."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out, _ = await proc.communicate()
-        assert proc.returncode == 0, out.decode()
-        return out.decode()
+        return int(proc.returncode or 0), out.decode()
 
     async def cleanup(self) -> None:
         for agent in self.agents.values():
