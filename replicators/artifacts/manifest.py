@@ -16,6 +16,7 @@ Pure: no I/O. ``decode`` raises ``IntegrityError`` on anything malformed.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Iterable, Sequence
@@ -28,12 +29,14 @@ from verifiers.merkle import leaf_hash, merkle_root
 FORMAT = "dragent-artifact-manifest/1"
 DELETE_FORMAT = "dragent-artifact-delete/1"
 _U16, _U32, _U64 = struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
-_NAME = re.compile(r"^[A-Za-z0-9._-][A-Za-z0-9._@+=-]{0,254}$")
+_NAME = re.compile(r"[A-Za-z0-9._-][A-Za-z0-9._@+=-]{0,254}")
+MAX_PATH, MAX_COMPONENT = 4096, 255
+"""Bytes of UTF-8 a file path and each of its components may have (Linux's limits)."""
 
 
 def valid_name(name: str) -> bool:
     """A model or version name: one path component, no ``..``, no leading dot."""
-    return bool(_NAME.match(name)) and not name.startswith(".") and name not in ("", "..")
+    return bool(_NAME.fullmatch(name)) and not name.startswith(".") and name not in ("", "..")
 
 
 def valid_path(path: str) -> bool:
@@ -136,6 +139,39 @@ def _fail(why: str, where: str = "manifest") -> IntegrityError:
     return IntegrityError(why, where=where)
 
 
+def _uint(value: Any, bits: int) -> bool:
+    """Is ``value`` a JSON integer (not a bool) in ``[0, 2**bits)``?"""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << bits
+
+
+def _time(doc: dict[str, Any], name: str, where: str) -> float:
+    value = doc.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _fail(f"{name} {value!r:.40} is not a time", where)
+    return float(value)
+
+
+def _shown(text: str) -> str:
+    """``text`` for a message: as it is if it is UTF-8, else escaped (a lone surrogate
+    would make the log line itself fail)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return ascii(text)
+    return text
+
+
+def _path_fits(path: str) -> str | None:
+    """Why ``path`` cannot be written as a file here (not UTF-8, too long), or None."""
+    try:
+        raw = path.encode()
+    except UnicodeEncodeError:
+        return "file path is not UTF-8"
+    if len(raw) > MAX_PATH or max(len(p) for p in raw.split(b"/")) > MAX_COMPONENT:
+        return f"file path longer than {MAX_PATH} bytes or a component longer than {MAX_COMPONENT}"
+    return None
+
+
 def _chunk(raw: Any, npacks: int, where: str) -> ChunkRef:
     if not (isinstance(raw, list) and len(raw) == 4 and isinstance(raw[0], str)):
         raise _fail("chunk entry is not [id, length, pack, record]", where)
@@ -144,8 +180,8 @@ def _chunk(raw: Any, npacks: int, where: str) -> ChunkRef:
         ident = bytes.fromhex(cid)
     except ValueError:
         raise _fail(f"chunk id {cid!r} is not hex", where) from None
-    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (length, pack, record))
-    if len(ident) != 32 or not ints or length <= 0 or not 0 <= pack < npacks or record < 0:
+    ints = _uint(length, 32) and _uint(pack, 32) and _uint(record, 32)
+    if len(ident) != 32 or not ints or length <= 0 or not pack < npacks:
         raise _fail(f"bad chunk entry {raw!r}", where)
     return ChunkRef(ident, length, pack, record)
 
@@ -154,11 +190,13 @@ def _file(raw: Any, npacks: int, name: str) -> FileEntry:
     if not isinstance(raw, dict) or not isinstance(raw.get("path"), str):
         raise _fail("file entry without a path", name)
     path = raw["path"]
-    where = f"{name} file {path}"
+    where = f"{name} file {_shown(path[:300])}"
     if not valid_path(path):
         raise _fail("unsafe file path", where)
+    if (why := _path_fits(path)) is not None:
+        raise _fail(why, where)
     size, mode, chunks = raw.get("size"), raw.get("mode"), raw.get("chunks")
-    if not isinstance(size, int) or not isinstance(mode, int) or not isinstance(chunks, list):
+    if not (_uint(size, 64) and _uint(mode, 32) and isinstance(chunks, list)):
         raise _fail("file entry needs size, mode and chunks", where)
     refs = tuple(_chunk(c, npacks, where) for c in chunks)
     if sum(c.length for c in refs) != size:
@@ -166,34 +204,62 @@ def _file(raw: Any, npacks: int, name: str) -> FileEntry:
     return FileEntry(path, size, mode, refs)
 
 
-def decode(data: bytes) -> Manifest:
-    """Parse and check a manifest: structure, names, paths, sizes and the stated root."""
+def _json(data: bytes) -> Any:
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise _fail(f"not JSON: {exc}") from None
+
+
+def _overlaps(files: tuple[FileEntry, ...]) -> str | None:
+    """A path listed twice, or listed as a file and also as the directory of another."""
+    paths = {f.path for f in files}
+    if len(paths) != len(files):
+        return "duplicate file paths"
+    for f in files:
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in paths:
+                return f"{'/'.join(parts[:i])!r} is both a file and a directory"
+    return None
+
+
+def decode(data: bytes) -> Manifest:
+    """Parse and check a manifest: structure, names, paths, sizes and the stated root.
+
+    Raises ``IntegrityError`` for anything that could not be materialized as it is:
+    a field of the wrong type or out of range, an unsafe name or path, a path too long
+    for a file system, a path that is both a file and a directory.
+    """
+    return _manifest(_json(data))
+
+
+def _manifest(doc: Any) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise _fail(f"not a {FORMAT} document")
     model, version = doc.get("model"), doc.get("version")
     if not (isinstance(model, str) and isinstance(version, str)):
         raise _fail("model and version must be strings")
-    name = f"manifest {model}/{version}"
+    name = f"manifest {_shown(model[:300])}/{_shown(version[:300])}"
     if not (valid_name(model) and valid_name(version)):
         raise _fail("unsafe model or version name", name)
     packs = doc.get("packs")
     if not isinstance(packs, list) or not all(isinstance(p, str) for p in packs):
         raise _fail("packs must be a list of keys", name)
-    files = tuple(_file(f, len(packs), name) for f in doc.get("files") or [])
-    if len({f.path for f in files}) != len(files):
-        raise _fail("duplicate file paths", name)
+    listed, chunking = doc.get("files") or [], doc.get("chunking", "")
+    if not isinstance(listed, list) or not isinstance(chunking, str):
+        raise _fail("files must be a list and chunking a string", name)
+    files = tuple(_file(f, len(packs), name) for f in listed)
+    if (why := _overlaps(files)) is not None:
+        raise _fail(why, name)
     m = Manifest(
         model=model,
         version=version,
         files=files,
         packs=tuple(packs),
-        chunking=str(doc.get("chunking", "")),
-        created_at=float(doc.get("created_at", 0.0)),
-        source_time=float(doc.get("source_time", 0.0)),
+        chunking=chunking,
+        created_at=_time(doc, "created_at", name),
+        source_time=_time(doc, "source_time", name),
     )
     if m.root().hex() != doc.get("root"):
         raise _fail("stated root does not match the listed content", name)
@@ -225,18 +291,16 @@ def encode_tombstone(t: Tombstone) -> bytes:
 
 def decode_record(data: bytes) -> Manifest | Tombstone:
     """A stream record: a manifest or a tombstone. Raises ``IntegrityError`` if neither."""
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _fail(f"not JSON: {exc}") from None
+    doc = _json(data)
     if not isinstance(doc, dict) or doc.get("format") != DELETE_FORMAT:
-        return decode(data)
-    model, version, at = doc.get("model"), doc.get("version"), doc.get("deleted_at")
-    if not (isinstance(model, str) and isinstance(version, str) and isinstance(at, int | float)):
+        return _manifest(doc)
+    model, version = doc.get("model"), doc.get("version")
+    if not (isinstance(model, str) and isinstance(version, str) and "deleted_at" in doc):
         raise _fail("tombstone needs model, version and deleted_at", "tombstone")
+    where = f"tombstone {_shown(model[:300])}/{_shown(version[:300])}"
     if not (valid_name(model) and valid_name(version)):
-        raise _fail("unsafe model or version name", f"tombstone {model}/{version}")
-    return Tombstone(model, version, float(at))
+        raise _fail("unsafe model or version name", where)
+    return Tombstone(model, version, _time(doc, "deleted_at", where))
 
 
 def locate(m: Manifest) -> dict[str, list[tuple[FileEntry, int, int, ChunkRef]]]:

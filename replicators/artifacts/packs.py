@@ -24,7 +24,7 @@ from replicators.keys import KeyProvider, unseal
 from replicators.s3 import S3Store
 from replicators.segment import DataKey, OpenedSegment, seal
 
-_KEY = re.compile(r"^artifacts/([a-z0-9][a-z0-9-]*)/packs/([0-9a-f]{8,32})/(\d{12})\.pack$")
+_KEY = re.compile(r"artifacts/([a-z0-9][a-z0-9-]*)/packs/([0-9a-f]{8,32})/([0-9]{12})\.pack")
 FRAME_SIZE = 1 << 20
 
 
@@ -49,7 +49,7 @@ class PackRef:
 
     @classmethod
     def parse(cls, key: str) -> PackRef:
-        match = _KEY.match(key)
+        match = _KEY.fullmatch(key)
         if not match:
             raise IntegrityError(f"not a pack name: {key!r}", where="vault")
         return cls(match.group(1), match.group(2), int(match.group(3)))
