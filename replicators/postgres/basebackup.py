@@ -23,6 +23,7 @@ import asyncio
 import datetime as dt
 import itertools
 import json
+import math
 import re
 import time
 from collections import deque
@@ -73,9 +74,58 @@ class BackupManifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> BackupManifest:
-        d = json.loads(raw)
-        d["start_lsn"], d["end_lsn"] = L.parse_lsn(d["start_lsn"]), L.parse_lsn(d["end_lsn"])
-        return cls(**d)
+        """``to_json`` reversed. Raises ``IntegrityError`` naming what is malformed (the
+        manifest comes out of a verified segment: a bad one is never retried)."""
+        try:
+            d = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise IntegrityError(f"not JSON: {exc}", where="backup manifest") from None
+        try:
+            return cls._checked(d)
+        except ValueError as exc:
+            raise IntegrityError(str(exc), where="backup manifest") from None
+
+    @classmethod
+    def _checked(cls, d: Any) -> BackupManifest:
+        names = set(cls.__dataclass_fields__)
+        if not isinstance(d, dict) or set(d) != names:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"expected the fields {sorted(names)}, got {got}")
+        if not (isinstance(d["id"], str) and isinstance(d["stream"], str)):
+            raise ValueError("id and stream must be strings")
+        if not (isinstance(d["start_lsn"], str) and isinstance(d["end_lsn"], str)):
+            raise ValueError("start_lsn and end_lsn must be LSNs (X/Y)")
+        start, end = L.parse_lsn(d["start_lsn"]), L.parse_lsn(d["end_lsn"])
+        if not _uint(d["timeline"], 32) or d["timeline"] == 0 or start > end:
+            raise ValueError(f"timeline {d['timeline']!r:.40} or WAL range {start}..{end}")
+        if not (_finite(d["start_time"]) and _finite(d["end_time"])):
+            raise ValueError("start_time and end_time must be times")
+        parts = d["parts"]
+        if not isinstance(parts, list) or not all(_part(p) for p in parts):
+            raise ValueError("parts must be a list of {key, size, root}")
+        if not _uint(d["bytes"], 64) or d["bytes"] != sum(p["size"] for p in parts):
+            raise ValueError(f"bytes {d['bytes']!r:.40} is not the sum of the parts' sizes")
+        return cls(**{**d, "start_lsn": start, "end_lsn": end})
+
+
+def _uint(value: Any, bits: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << bits
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _part(p: Any) -> bool:
+    """Is ``p`` a part as ``take_backup`` lists it (``stored`` is informative)?"""
+    return (
+        isinstance(p, dict)
+        and isinstance(p.get("key"), str)
+        and _uint(p.get("size"), 64)
+        and _uint(p.get("stored", 0), 64)
+        and isinstance(p.get("root"), str)
+        and re.fullmatch("[0-9a-f]{32}", p["root"]) is not None
+    )
 
 
 async def _seal_put(
@@ -202,6 +252,9 @@ async def list_backups(store: ObjectStore, keys: KeyProvider, stream: str) -> li
             blob = await store.get(info.key)
             name = sealed_name(stream, backup_id)
             opened = await unseal(blob, keys, expect_stream=name, expect_seq=0)
+            if len(opened.records) != 1:
+                why = f"{len(opened.records)} records, expected 1"
+                raise IntegrityError(f"{info.key}: manifest segment holds {why}")
             manifest = BackupManifest.from_json(opened.records[0])
             if manifest.id != backup_id or manifest.stream != stream:
                 raise IntegrityError(f"{info.key}: manifest names another backup")
