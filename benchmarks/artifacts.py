@@ -212,11 +212,11 @@ def _restic_runs(
     server: Path | None = None,
 ) -> list[dict[str, float]]:
     import os
-    import shutil
     import subprocess
 
-    if shutil.which("restic") is None:
-        raise SystemExit("restic is not installed (Debian: apt-get install -y restic)")
+    from benchmarks._baseline import require
+
+    require("restic")
     env = {
         **os.environ,
         **extra_env,
@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the figures as JSON to this file")
     parser.add_argument("--no-disk", action="store_true", help="leave out the local-disk row")
     args = parser.parse_args(argv)
+    from benchmarks._baseline import require
+
+    require("restic")
     work = Path(args.dir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     size = args.size_mib * MIB

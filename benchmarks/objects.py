@@ -33,7 +33,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import load_config
 from agent.lab import Lab
+from benchmarks._baseline import require
 from replicators.keys import build_key_provider
 from replicators.metrics import Metrics
 from replicators.objects import records as rec
@@ -243,8 +243,7 @@ def rclone_sync(lab: Lab, prefix: str, workdir: Path) -> float:
 
 
 def rclone(lab: Lab, prefix: str, total: int, objects: int, workdir: Path) -> dict[str, Any]:
-    if shutil.which("rclone") is None:
-        return {"error": "rclone not installed (apt-get install -y rclone)"}
+    require("rclone")
     return _rate(objects, total, rclone_sync(lab, prefix, workdir))
 
 
@@ -336,6 +335,7 @@ def main() -> int:
     if args.merkle_only:
         print(json.dumps(merkle(args.merkle_keys, 10)))
         return 0
+    require("rclone")
     res = {"merkle": merkle_in_child(args.merkle_keys)} | asyncio.run(run(args))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")

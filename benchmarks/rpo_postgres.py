@@ -1,7 +1,7 @@
 """Measured RPO of PostgreSQL WAL shipping, side by side with two baselines, in one run.
 
 Usage: ``python benchmarks/rpo_postgres.py [--seconds 60] [--rate 200] [--json]
-[--segment-max-age 0.2] [--lab-dir DIR] [--no-pgbackrest]``
+[--segment-max-age 0.2] [--lab-dir DIR]``
 
 A fresh lab (real PostgreSQL 15 and SeaweedFS) runs ``pgbench`` at a fixed rate
 (``-R``) against region a's primary for ``--seconds``. Three shippers take the
@@ -14,7 +14,9 @@ same WAL at the same time:
 - **pgBackRest** ``archive-push`` (Debian ``pgbackrest``) from
   ``archive_command`` with ``archive_timeout = 60s``, into a local posix
   repository (SeaweedFS here speaks only plain HTTP, which pgBackRest's S3
-  driver refuses), when the package is installed.
+  driver refuses). A missing ``pgbackrest`` or ``pg_receivewal`` stops the
+  benchmark before it starts (``deploy/lab/install-system-deps.sh`` installs
+  both); a pgBackRest that fails to set up stops it too: no row is dropped.
 
 Every second a heartbeat is written into the WAL (``pg_logical_emit_message``)
 and its LSN and wall time are recorded. A poller reads, every 20 ms, each
@@ -54,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.config import load_config
 from agent.configbase import Secret
 from agent.lab import Lab
+from benchmarks._baseline import require
 from replicators.keys import build_key_provider
 from replicators.metrics import Metrics
 from replicators.postgres import lsn as L
@@ -128,9 +131,7 @@ async def _proc(argv: list[str], **kw: Any) -> asyncio.subprocess.Process:
     )
 
 
-async def _setup_pgbackrest(lab: Lab, work: Path) -> Path | None:
-    if shutil.which("pgbackrest") is None:
-        return None
+async def _setup_pgbackrest(lab: Lab, work: Path) -> Path:
     pg = lab.postgres("a")
     repo = work / "pgbackrest-repo"
     repo.mkdir()
@@ -165,15 +166,14 @@ async def _setup_pgbackrest(lab: Lab, work: Path) -> Path | None:
     )
     _, err = await proc.communicate()
     if proc.returncode:
-        print(f"pgBackRest stanza-create failed: {err.decode()[-300:]}", file=sys.stderr)
-        return None
+        raise SystemExit(f"pgBackRest stanza-create failed: {err.decode()[-300:]}")
     return conf
 
 
 async def _bench(args: argparse.Namespace, lab: Lab, work: Path) -> dict[str, Any]:
     primary = lab.pg_dsn("a")
     pg = lab.postgres("a")
-    backrest = None if args.no_pgbackrest else await _setup_pgbackrest(lab, work)
+    await _setup_pgbackrest(lab, work)
     init = await _proc(pg.command("pgbench", "-i", "-s", "2", "-q", primary))
     await init.communicate()
 
@@ -285,8 +285,6 @@ async def _bench(args: argparse.Namespace, lab: Lab, work: Path) -> dict[str, An
     beats = [(lsn, t) for lsn, t in heartbeats if t <= ended - 2.0]
     rows: dict[str, Any] = {}
     for name, d in durable.items():
-        if name == "pgbackrest" and backrest is None:
-            continue
         rpo = d.rpo(beats, ended)
         requests = {"dragent": segments, "pg_receivewal": 0, "pgbackrest": archived - archived0}
         rows[name] = {
@@ -302,7 +300,6 @@ async def _bench(args: argparse.Namespace, lab: Lab, work: Path) -> dict[str, An
         "segment_max_age": args.segment_max_age,
         "rate_tps": args.rate,
         "shippers": rows,
-        "pgbackrest": "used" if backrest else "skipped" if args.no_pgbackrest else "not installed",
         "commit_latency_ms": commit,
     }
 
@@ -362,8 +359,7 @@ async def _commit_costs(primary: str, store: S3Store, keys: Any, work: Path) -> 
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"pgbench at {result['rate_tps']} tps for {result['seconds']} s, dragent "
-          f"segment_max_age {result['segment_max_age']} s "
-          f"(pgBackRest: {result['pgbackrest']})")  # fmt: skip
+          f"segment_max_age {result['segment_max_age']} s")  # fmt: skip
     print(f"{'shipper':<15}{'RPO p50 s':>11}{'p99 s':>9}{'max s':>9}{'beats':>7}{'req/hour':>11}")
     for name, r in result["shippers"].items():
         print(
@@ -385,9 +381,9 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=200, help="pgbench transactions per second")
     parser.add_argument("--segment-max-age", type=float, default=0.2, help="seconds")
     parser.add_argument("--lab-dir", help="use (and keep) this lab directory")
-    parser.add_argument("--no-pgbackrest", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    require("pgbackrest", "pg_receivewal")
     result = asyncio.run(run(args))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

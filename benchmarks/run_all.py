@@ -41,7 +41,15 @@ MAX_FIGURES = 14
 
 
 def benchmarks() -> list[str]:
-    return sorted(p.stem for p in HERE.glob("*.py") if p.stem not in ("run_all", "__init__"))
+    """Every runnable benchmark: a script of this directory with a ``__main__`` block
+    (helpers such as ``dirstore.py`` and ``_baseline.py`` are not benchmarks)."""
+    return sorted(
+        p.stem
+        for p in HERE.glob("*.py")
+        if p.stem != "run_all"
+        and not p.stem.startswith("_")
+        and 'if __name__ == "__main__":' in p.read_text()
+    )
 
 
 def json_takes_a_file(script: Path) -> bool:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the lab needs (PostgreSQL 15, etcd, a venv-capable
-# Python, iproute2 and nftables for the netns lab). As root it runs apt-get;
-# otherwise it names the command to run.
+# Python, iproute2 and nftables for the netns lab) and every baseline the benchmarks
+# name (rclone, restic, pgBackRest; pg_receivewal comes with PostgreSQL). As root it
+# runs apt-get; otherwise it names the command to run.
 set -euo pipefail
 
 need=()
@@ -13,6 +14,7 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v chromium >/dev/null || need+=(chromium)  # headless rendering of HTML reports
 command -v rclone >/dev/null || need+=(rclone)  # baseline of benchmarks/objects.py
 command -v restic >/dev/null || need+=(restic)  # baseline of benchmarks/artifacts.py
+command -v pgbackrest >/dev/null || need+=(pgbackrest)  # baseline of benchmarks/rpo_postgres.py
 [ -x /usr/sbin/named ] || need+=(bind9)  # the lab's DNS server for the failover switch tests
 command -v promtool >/dev/null || need+=(prometheus)  # alert-rule tests, Prometheus over the lab
 [ -x /usr/sbin/ip ] || command -v ip >/dev/null || need+=(iproute2)  # the netns lab: namespaces, veth pairs, a bridge
