@@ -24,8 +24,10 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: venv
-	$(BIN)/python benchmarks/run_all.py
+# every benchmark against its baselines; writes benchmarks/results/<date>-<machine>.json and .md
+# (small sizes: make bench BENCH_ARGS='--quick --note "what else ran"')
+bench: deps venv
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 deps:
 	@bash deploy/lab/install-system-deps.sh

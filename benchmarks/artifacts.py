@@ -1,6 +1,6 @@
 """Artifacts benchmark: dragent against restic on two versions of a checkpoint.
 
-Usage: ``python benchmarks/artifacts.py [--size-mib 1024] [--changed 0.10] [--json FILE]``
+Usage: ``python benchmarks/artifacts.py [--size-mib 1024] [--changed 0.10] [--json]``
 
 Writes a synthetic checkpoint laid out like a safetensors file (v1), then a
 second version with ``--changed`` of its tensors rewritten (v2). In one run,
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uploads", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
     parser.add_argument("--dir", default="/tmp/dragent-bench-artifacts")
-    parser.add_argument("--json", help="also write the figures as JSON to this file")
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     parser.add_argument("--no-disk", action="store_true", help="leave out the local-disk row")
     args = parser.parse_args(argv)
     from benchmarks._baseline import require
@@ -464,9 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     for tool, tool_runs in runs.items():
         res[tool] = _median(tool_runs)
     res["runs"] = runs
-    print(table(res))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+        print(table(res), file=sys.stderr)
+        print(json.dumps(res, indent=2, sort_keys=True))
+    else:
+        print(table(res))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

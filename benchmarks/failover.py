@@ -1,6 +1,6 @@
 """Failover benchmark: RTO and RPO over kill trials, each phase timed.
 
-Usage: ``python benchmarks/failover.py [--trials 5] [--baseline-ttl 6] [--json FILE]``
+Usage: ``python benchmarks/failover.py [--trials 5] [--baseline-ttl 6] [--json]``
 
 Brings up a lab (real etcd with three members, PostgreSQL, SeaweedFS, BIND).
 Each trial (``agent.coordination.drill.kill_trial``): a fresh streaming
@@ -72,15 +72,16 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def print_table(results: dict[str, Any]) -> None:
+def table(results: dict[str, Any]) -> str:
     names = list(results["configs"])
-    print(f"{'seconds (median / max)':<24}" + "".join(f"{n:>26}" for n in names))
+    lines = [f"{'seconds (median / max)':<24}" + "".join(f"{n:>26}" for n in names)]
     for col in COLUMNS:
         cells = []
         for n in names:
             s = results["configs"][n]["summary"].get(col)
             cells.append(f"{s['median']:>12.3f} / {s['max']:<11.3f}" if s else f"{'-':>26}")
-        print(f"{col:<24}" + "".join(cells))
+        lines.append(f"{col:<24}" + "".join(cells))
+    return "\n".join(lines)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,9 +126,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--baseline-ttl", type=float, default=6.0)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     arguments = parser.parse_args()
     outcome = asyncio.run(main(arguments))
-    print_table(outcome)
     if arguments.json:
-        arguments.json.write_text(json.dumps(outcome, indent=2) + "\n")
+        print(table(outcome), file=sys.stderr)
+        print(json.dumps(outcome, indent=2))
+    else:
+        print(table(outcome))

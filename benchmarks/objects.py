@@ -21,7 +21,7 @@ in this process:
 - Merkle: two key trees of ``M`` keys (default 100,000) differing in 10 keys,
   built and compared in a child process; time and peak RSS.
 
-``--json`` prints JSON; it is always written to benchmarks/results/objects.json.
+``--json`` prints the figures as JSON on stdout and the table on stderr.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ from replicators.objects.source import ObjectsSource
 from replicators.pair import running_pair
 from replicators.s3 import S3Store
 
-RESULTS = Path(__file__).resolve().parent / "results" / "objects.json"
 MIB = 1 << 20
 
 
@@ -325,7 +324,7 @@ def table(res: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     parser.add_argument("--objects", type=int, default=1000)
     parser.add_argument("--latency-objects", type=int, default=200)
     parser.add_argument("--merkle-keys", type=int, default=100_000)
@@ -337,9 +336,11 @@ def main() -> int:
         return 0
     require("rclone")
     res = {"merkle": merkle_in_child(args.merkle_keys)} | asyncio.run(run(args))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2) if args.json else table(res))
+    if args.json:
+        print(table(res), file=sys.stderr)
+        print(json.dumps(res, indent=2))
+    else:
+        print(table(res))
     return 0
 
 

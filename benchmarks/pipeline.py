@@ -22,8 +22,7 @@ Then ``--stream-mib`` MiB (default 256) are streamed through seal + open one
 segment at a time, alternating the two kinds, while tracemalloc records the
 peak of Python-level allocations: it should stay within a few segments.
 
-``--json`` prints the figures as JSON instead of the table; the JSON is
-always written to benchmarks/results/pipeline.json as well.
+``--json`` prints the figures as JSON on stdout and the table on stderr.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ from replicators.segment import DataKey, open_segment, seal
 MIB = 1 << 20
 SEGMENT_BYTES = 8 * MIB
 PAGE = 8192
-RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
 
 _PAGE_HEADER = struct.Struct("<HHIQI4x")  # magic, info, timeline, pageaddr, rem_len
 _RECORD_HEADER = struct.Struct("<IIQBB2xI")  # tot_len, xid, prev, info, rmid, crc
@@ -316,15 +314,17 @@ def table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     parser.add_argument("--mib", type=int, default=64, help="MiB per case for throughput")
     parser.add_argument("--stream-mib", type=int, default=256, help="MiB for the memory run")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (best is kept)")
     args = parser.parse_args(argv)
     res = run(args.mib, args.stream_mib, args.rounds)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res, indent=2) if args.json else table(res))
+    if args.json:
+        print(table(res), file=sys.stderr)
+        print(json.dumps(res, indent=2))
+    else:
+        print(table(res))
     return 0
 
 

@@ -67,7 +67,6 @@ from replicators.s3 import S3Store
 from replicators.shipper import Shipper, ShipperSettings
 from replicators.vault import Vault
 
-RESULTS = Path(__file__).resolve().parent / "results" / "rpo_postgres.json"
 SLOT = "dragent_bench"
 RW_SLOT = "bench_receivewal"
 STREAM = "pg-bench"
@@ -357,22 +356,25 @@ async def _commit_costs(primary: str, store: S3Store, keys: Any, work: Path) -> 
     return out
 
 
-def print_table(result: dict[str, Any]) -> None:
-    print(f"pgbench at {result['rate_tps']} tps for {result['seconds']} s, dragent "
+def table(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    out = lines.append
+    out(f"pgbench at {result['rate_tps']} tps for {result['seconds']} s, dragent "
           f"segment_max_age {result['segment_max_age']} s")  # fmt: skip
-    print(f"{'shipper':<15}{'RPO p50 s':>11}{'p99 s':>9}{'max s':>9}{'beats':>7}{'req/hour':>11}")
+    out(f"{'shipper':<15}{'RPO p50 s':>11}{'p99 s':>9}{'max s':>9}{'beats':>7}{'req/hour':>11}")
     for name, r in result["shippers"].items():
-        print(
+        out(
             f"{name:<15}{r['rpo_p50']:>11.3f}{r['rpo_p99']:>9.3f}{r['rpo_max']:>9.3f}"
             f"{r['heartbeats']:>7}{r['object_store_requests_per_hour']:>11}"
         )
     g = result["shippers"]["dragent"].get("exported_rpo_gauge_p99")
-    print(f"dragent_rpo_seconds gauge p99 over the run: {g:.3f} s")
+    out(f"dragent_rpo_seconds gauge p99 over the run: {g:.3f} s")
     c = result["commit_latency_ms"]
-    print(
+    out(
         f"commit latency ms, async p50 {c['async_p50']} p99 {c['async_p99']}; "
         f"synchronous (zero-loss) p50 {c['sync_p50']} p99 {c['sync_p99']}"
     )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -381,16 +383,15 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=200, help="pgbench transactions per second")
     parser.add_argument("--segment-max-age", type=float, default=0.2, help="seconds")
     parser.add_argument("--lab-dir", help="use (and keep) this lab directory")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     args = parser.parse_args()
     require("pgbackrest", "pg_receivewal")
     result = asyncio.run(run(args))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     if args.json:
+        print(table(result), file=sys.stderr)
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
-        print_table(result)
+        print(table(result))
     return 0
 
 

@@ -1,31 +1,40 @@
-"""Run every benchmark in benchmarks/ and print one summary table.
+"""Run every benchmark in benchmarks/ and write one dated results file.
 
 Usage: ``python benchmarks/run_all.py [--only NAME ...] [--skip NAME ...]
-[--args NAME="--seconds 30"] [--timeout SECONDS] [--json]``
+[--args NAME="--seconds 30"] [--quick] [--timeout SECONDS] [--note TEXT]
+[--out STEM] [--json]``
 
-Each ``benchmarks/<name>.py`` (but this file) runs in its own process with
-its JSON output switched on: benchmarks whose ``--json`` takes a file get
-``benchmarks/results/<name>.json``; those whose ``--json`` is a flag print
-JSON on stdout (and write the same file themselves). Their own tables go to
-``benchmarks/results/<name>.log``. One benchmark failing does not stop the
-others; the exit code is 1 if any failed.
+One convention for every benchmark: ``--json`` prints its figures as JSON on
+stdout (and its human table on stderr). Each ``benchmarks/<name>.py`` with a
+main block runs in its own process with ``--json``; its stderr (the table,
+progress, warnings) goes to ``benchmarks/results/<name>.log``. One benchmark
+failing does not stop the others; the exit code is 1 if any failed.
 
-The summary (``benchmarks/results/summary.json`` and ``summary.md``) lists,
-per benchmark, its exit status, wall time and its headline figures: every
-numeric result whose name says it is a percentile, a median, a maximum, a
-ratio or a rate; and one SVG chart (``benchmarks/results/<name>-<n>.svg``)
-per side-by-side comparison a benchmark reports (a table whose entries, such
-as ``ours`` and ``rclone``, share figures). ``--json`` prints the summary as
-JSON instead of the table.
+The run is written to ``benchmarks/results/<date>-<machine>.json`` (every
+benchmark's full JSON, its arguments, exit status and wall time, and the
+machine: CPUs, load averages, the processes that were using CPU while it ran,
+and ``--note``) and ``<date>-<machine>.md`` (a headline table, then each
+benchmark's own table). ``<date>`` is the UTC date and ``<machine>`` the host
+name; ``--out`` names another stem. Figures quoted in the README come from one
+such file, committed with the text that quotes it. One SVG chart per
+side-by-side comparison goes next to it (``<stem>-<name>-<n>.svg``, not
+committed). ``--json`` prints the whole run as JSON on stdout instead of the
+headline table. ``--quick`` uses each benchmark's small sizes (``QUICK``),
+which ``--args`` overrides.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import html
+import importlib
 import json
+import os
+import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +47,14 @@ HEADLINE = re.compile(
     r"(^|[._])(p50|p99|median|max|ratio|mbps|mb_per_s|per_s|rto|rpo|seconds)([._]|$)"
 )
 MAX_FIGURES = 14
+# small sizes for a run that fits in about 20 minutes on two busy cores (``--quick``)
+QUICK = {
+    "pipeline": ["--mib", "16", "--stream-mib", "64", "--rounds", "3"],
+    "objects": ["--objects", "300", "--latency-objects", "60", "--merkle-keys", "100000"],
+    "artifacts": ["--size-mib", "128", "--rounds", "1"],
+    "rpo_postgres": ["--seconds", "150", "--rate", "100"],
+    "failover": ["--trials", "1"],
+}
 
 
 def benchmarks() -> list[str]:
@@ -52,21 +69,75 @@ def benchmarks() -> list[str]:
     )
 
 
-def json_takes_a_file(script: Path) -> bool:
-    """True if the script's ``--json`` option takes a value (``--json FILE``)."""
-    done = subprocess.run(
-        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60
-    )
-    return bool(re.search(r"--json [A-Z_]+", done.stdout))
+def busy_processes(limit: int = 8) -> list[str]:
+    """The processes using the most CPU right now, but this run's (``ps``)."""
+    try:
+        done = subprocess.run(
+            ["ps", "-eo", "pid,ppid,pcpu,etimes,args", "--sort=-pcpu", "--no-headers"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    ours = {os.getpid()}
+    out = []
+    for line in done.stdout.splitlines():
+        fields = line.split(None, 4)
+        if len(fields) < 5 or int(fields[0]) in ours or int(fields[1]) in ours:
+            continue
+        if float(fields[2]) < 5.0:
+            break
+        out.append(f"{fields[2]}% {fields[4][:160]}")
+        if len(out) == limit:
+            break
+    return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "host": socket.gethostname().split(".")[0],
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def parse_stdout(stdout: str) -> Any:
+    """The JSON a benchmark printed on stdout (the last JSON document if other lines
+    came before it)."""
+    text = stdout.strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    at = text.rfind("\n{")
+    while at != -1:
+        try:
+            return json.loads(text[at + 1 :])
+        except ValueError:
+            at = text.rfind("\n{", 0, at)
+    return None
 
 
 def run_one(name: str, extra: list[str], within: float) -> dict[str, Any]:
-    """Run one benchmark; return its status, wall time and parsed JSON (or None)."""
+    """Run one benchmark with ``--json``; return its status, wall time, figures and the
+    load and busy processes around it."""
     script = HERE / f"{name}.py"
-    out_file = RESULTS / f"{name}.json"
-    to_file = json_takes_a_file(script)
-    argv = [sys.executable, str(script), *extra]
-    argv += ["--json", str(out_file)] if to_file else ["--json"]
+    argv = [sys.executable, str(script), *extra, "--json"]
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    load_before, busy = os.getloadavg(), busy_processes()
     started = time.monotonic()
     log = RESULTS / f"{name}.log"
     try:
@@ -75,28 +146,25 @@ def run_one(name: str, extra: list[str], within: float) -> dict[str, Any]:
                 argv, stdout=subprocess.PIPE, stderr=err, text=True, timeout=within
             )
         code, stdout = done.returncode, done.stdout
-    except subprocess.TimeoutExpired:
-        code, stdout = -1, ""
+    except subprocess.TimeoutExpired as e:
+        code, stdout = -1, (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else ""
     seconds = round(time.monotonic() - started, 1)
-    figures = _load(stdout if not to_file else None, out_file, code)
-    if to_file or code != 0:
+    figures = parse_stdout(stdout) if code == 0 else None
+    if code == 0 and figures is None:
+        code = 3  # exited 0 but printed no JSON: a broken benchmark, not a result
+    if code != 0:
         with open(log, "a") as f:
             f.write(stdout)
-    return {"name": name, "exit": code, "seconds": seconds, "argv": argv[1:], "results": figures}
-
-
-def _load(stdout: str | None, out_file: Path, code: int) -> Any:
-    if code != 0:
-        return None
-    if stdout:
-        try:
-            return json.loads(stdout)
-        except ValueError:
-            pass
-    try:
-        return json.loads(out_file.read_text())
-    except (OSError, ValueError):
-        return None
+    return {
+        "name": name,
+        "exit": code,
+        "started_at": started_at,
+        "seconds": seconds,
+        "argv": [str(Path(argv[1]).relative_to(HERE.parent)), *argv[2:]],
+        "load_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "busy_at_start": busy,
+        "results": figures,
+    }
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, float]:
@@ -180,15 +248,22 @@ def svg_chart(title: str, group: dict[str, dict[str, float]]) -> str:
     return "\n".join(out)
 
 
-def write_charts(runs: list[dict[str, Any]]) -> list[str]:
+def write_charts(runs: list[dict[str, Any]], stem: str) -> list[str]:
     """One SVG per side-by-side group of each benchmark; returns the file names."""
     names = []
     for r in runs:
         for i, (path, group) in enumerate(comparisons(r["results"])):
-            name = f"{r['name']}-{i}.svg"
+            name = f"{stem}-{r['name']}-{i}.svg"
             (RESULTS / name).write_text(svg_chart(f"{r['name']}: {path}", group))
             names.append(name)
     return names
+
+
+def status(run: dict[str, Any]) -> str:
+    code = run["exit"]
+    if code == 0:
+        return "ok"
+    return {-1: "timeout", 2: "missing baseline", 3: "no JSON"}.get(code, f"exit {code}")
 
 
 def table(runs: list[dict[str, Any]]) -> str:
@@ -197,12 +272,54 @@ def table(runs: list[dict[str, Any]]) -> str:
         "| --- | --- | ---: | --- | ---: |",
     ]
     for r in runs:
-        status = "ok" if r["exit"] == 0 else ("timeout" if r["exit"] == -1 else f"exit {r['exit']}")
         figures = headline(r["results"]) or {"(no JSON)": float("nan")}
         for i, (k, v) in enumerate(figures.items()):
-            head = (r["name"], status, f"{r['seconds']:g}") if i == 0 else ("", "", "")
+            head = (r["name"], status(r), f"{r['seconds']:g}") if i == 0 else ("", "", "")
             lines.append(f"| {head[0]} | {head[1]} | {head[2]} | {k} | {v:.4g} |")
     return "\n".join(lines)
+
+
+def own_table(run: dict[str, Any]) -> str:
+    """The benchmark's own table (its module's ``table(results)``), or its log's tail."""
+    if run["results"] is not None:
+        try:
+            module = importlib.import_module(f"benchmarks.{run['name']}")
+            return str(module.table(run["results"]))
+        except Exception as e:  # a table that cannot render must not lose the run
+            return f"(table not rendered: {e!r})"
+    try:
+        return "\n".join((RESULTS / f"{run['name']}.log").read_text().splitlines()[-15:])
+    except OSError:
+        return "(no output)"
+
+
+def markdown(run: dict[str, Any], charts: list[str]) -> str:
+    m = run["machine"]
+    out = [
+        f"# Benchmarks {run['date']} on {m['host']}",
+        "",
+        f"`{run['command']}`, started {run['started_at']}, {run['seconds']:g} s in all.",
+        "",
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}.",
+    ]
+    if run["note"]:
+        out += ["", f"Also running: {run['note']}"]
+    out += ["", "## Headline figures", "", table(run["runs"]), ""]
+    for r in run["runs"]:
+        load = " → ".join(f"{x:g}" for x in r["load_1m"])
+        out += [
+            f"## {r['name']} ({status(r)}, {r['seconds']:g} s)",
+            "",
+            f"`{shlex.join(r['argv'])}`; load average (1 min) {load}",
+            "",
+        ]
+        if r["busy_at_start"]:
+            out += ["Other processes using CPU when it started:", ""]
+            out += [f"- `{p}`" for p in r["busy_at_start"]] + [""]
+        out += ["```", own_table(r), "```", ""]
+    if charts:
+        out += ["Charts (next to this file, not committed): " + ", ".join(charts), ""]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,26 +329,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--args", action="append", default=[], help='extra arguments: NAME="--seconds 30"'
     )
+    parser.add_argument("--quick", action="store_true", help="small sizes (QUICK)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per benchmark, seconds")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--note", default="", help="what else was running on the machine")
+    parser.add_argument("--out", help="results file stem (default <date>-<machine>)")
+    parser.add_argument("--json", action="store_true", help="print the whole run as JSON")
     args = parser.parse_args(argv)
-    extra: dict[str, list[str]] = {}
+    extra: dict[str, list[str]] = dict(QUICK) if args.quick else {}
     for item in args.args:
         name, _, rest = item.partition("=")
         extra[name] = shlex.split(rest)
     names = [n for n in benchmarks() if (not args.only or n in args.only) and n not in args.skip]
     RESULTS.mkdir(exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    info = machine()
+    stem = args.out or f"{now:%Y-%m-%d}-{info['host']}"
+    started = time.monotonic()
     runs = []
     for name in names:
         print(f"running {name}…", file=sys.stderr, flush=True)
         runs.append(run_one(name, extra.get(name, []), args.timeout))
-    summary = {"finished_at": time.time(), "runs": runs}
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    charts = write_charts(runs)
-    images = "".join(f"\n![{c}]({c})\n" for c in charts)
-    (RESULTS / "summary.md").write_text("# Benchmarks\n\n" + table(runs) + "\n" + images)
+    run = {
+        "date": f"{now:%Y-%m-%d}",
+        "started_at": now.isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - started, 1),
+        "command": " ".join(
+            ["benchmarks/run_all.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": info,
+        "note": args.note,
+        "runs": runs,
+    }
+    (RESULTS / f"{stem}.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+    charts = write_charts(runs, stem)
+    (RESULTS / f"{stem}.md").write_text(markdown(run, charts))
+    print(f"wrote benchmarks/results/{stem}.json and .md", file=sys.stderr)
     if args.json:
-        json.dump(summary, sys.stdout, indent=2, default=str)
+        json.dump(run, sys.stdout, indent=2, default=str)
         print()
     else:
         print(table(runs))
@@ -239,4 +373,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
     sys.exit(main())
