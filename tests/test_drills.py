@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -214,15 +215,32 @@ async def test_postgres_restore_drill_compares_with_the_standby(
         stream = StreamConfig(name=pg.stream.name, kind="postgres", postgres=options)
         cfg = cfg_b.model_copy(update={"region": unique, "data_dir": tmp_path, "streams": [stream]})
         report = await restore_drill(cfg)
-    result = report["streams"][0]
-    assert report["ok"] and report["equal"], report["differences"]
-    assert result["method"] == "postgres-pitr" and result["records"] == 500
-    assert (
-        result["tables"][f"public.{table}"]["restored"]
-        == (result["tables"][f"public.{table}"]["source"])
-    )
-    assert {"restore", "verify", "teardown"} <= set(report["phases"])
-    assert not any(SCRATCH_ROOT.glob(f"*-{os.getpid()}"))
+        result = report["streams"][0]
+        assert report["ok"] and report["equal"], report["differences"]
+        assert result["method"] == "postgres-pitr" and result["records"] == 500
+        assert (
+            result["tables"][f"public.{table}"]["restored"]
+            == (result["tables"][f"public.{table}"]["source"])
+        )
+        assert {"restore", "verify", "teardown"} <= set(report["phases"])
+        assert not any(SCRATCH_ROOT.glob(f"*-{os.getpid()}"))
+
+        # a drill at a past time compares like with like: the state a passed drill recorded
+        # by then, never the live standby (which has 200 more rows by now)
+        recorded = [{"type": "drill.restore", "seq": 7, "data": report}]
+        await asyncio.sleep(1.1)
+        then = time.time()
+        await asyncio.sleep(1.1)
+        await insert_range(primary, table, 500, 700)
+        end = await current_lsn(primary)
+        await eventually(lambda: shipper.end >= end, within=30)
+        past = await restore_drill(cfg, at=then, evidence=recorded)
+        result = past["streams"][0]
+        assert past["ok"] and result["records"] == 500, past["differences"]
+        assert result["start"].endswith("(recorded by evidence entry 7)")
+        before = await restore_drill(cfg, at=then - 3600, evidence=recorded)
+        assert not before["ok"]
+        assert "no state of" in before["streams"][0]["problem"], before["streams"][0]
 
 
 async def test_objects_restore_drill_compares_a_scratch_bucket_with_the_mirror(

@@ -100,6 +100,31 @@ class TableHasher:
         return Node(lo, hi, int(row[0]), int(row[1]))
 
 
+async def table_roots(dsn: str, tables: list[str]) -> dict[str, dict[str, Any]]:
+    """The root and row count of each of ``tables`` in one database, as ``compare`` gives
+    them (a root over a range holding every row is the same whatever that range).
+    A table that is missing or has no usable primary key maps to None."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise SourceError(f"cannot connect for verification: {exc}") from exc
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        present = set(await list_tables(conn))
+        for table in tables:
+            key = await primary_key(conn, table) if table in present else None
+            if key is None:
+                out[table] = {"root": None, "rows": None}
+                continue
+            hasher = TableHasher(conn, table, key)
+            lo, hi = await hasher.bounds() or (0, 0)
+            node = await hasher.node(lo, hi)
+            out[table] = {"root": _hex(node), "rows": node.count}
+    finally:
+        await conn.close()
+    return out
+
+
 def split(lo: int, hi: int, fanout: int = FANOUT) -> list[tuple[int, int]]:
     """``[lo, hi]`` cut into at most ``fanout`` contiguous inclusive ranges."""
     width = hi - lo + 1

@@ -28,7 +28,8 @@ async def run_restore_drill(
     Returns ``(signed report, evidence entry)``. The entry carries the
     report's signature, so the report can be matched to it later.
     """
-    report = await restore_drill(cfg, at=at, streams=streams)
+    evidence = await log.entries() if at is not None else None
+    report = await restore_drill(cfg, at=at, streams=streams, evidence=evidence)
     signed = sign(report, load_or_create_signing_key(cfg.signing_key_path))
     data = {k: report[k] for k in EVIDENCE_FIELDS if k in report}
     data["report_signature"] = signed["signature"]["value"]

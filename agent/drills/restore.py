@@ -158,13 +158,15 @@ async def _restore_stream(
     keys: KeyProvider,
     scratch_dir: Path,
     at: float | None,
+    evidence: list[dict[str, Any]] | None = None,
 ) -> StreamResult:
     result = StreamResult(stream.name, stream.kind)
     if stream.kind in KIND_DRILLS and getattr(stream, stream.kind) is not None:
         module = importlib.import_module(KIND_DRILLS[stream.kind])
         drill_id = f"{scratch_dir.name}-{os.getpid()}".lower()
+        extra = {"evidence": evidence} if stream.kind == "postgres" else {}
         await module.restore_and_compare(
-            stream, vault.store, keys, drill_id=drill_id, at=at, result=result
+            stream, vault.store, keys, drill_id=drill_id, at=at, result=result, **extra
         )
         return result
     scratch = SyntheticTarget(scratch_dir / stream.name)
@@ -238,12 +240,15 @@ async def restore_drill(
     at: float | None = None,
     streams: list[str] | None = None,
     scratch_root: Path | None = None,
+    evidence: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run one restore drill; return its (unsigned) report. Never leaves scratch copies.
 
     ``streams`` limits the drill to those names (default: every configured
-    stream). Integrity problems are reported per stream (``ok`` false), not
-    raised; storage and key errors propagate (the drill could not run).
+    stream). ``evidence``: this region's evidence entries, where a drill at ``at``
+    finds the state to compare with (``agent.drills.postgres.recorded_state``).
+    Integrity problems are reported per stream (``ok`` false), not raised;
+    storage and key errors propagate (the drill could not run).
     """
     started = time.time()
     chosen = [s for s in cfg.streams if streams is None or s.name in streams]
@@ -261,7 +266,7 @@ async def restore_drill(
             stack.push_async_callback(keys.aclose)
             t = clock.add("prepare", t)
             for stream in chosen:
-                result = await _restore_stream(stream, Vault(store), keys, scratch, at)
+                result = await _restore_stream(stream, Vault(store), keys, scratch, at, evidence)
                 results.append(result)
                 for name, seconds in result.seconds.items():
                     clock.phases[name] = round(clock.phases.get(name, 0.0) + seconds, 6)
