@@ -28,6 +28,7 @@ from replicators.keys import KeyProvider, unseal
 from replicators.lineage import check_continuity
 from replicators.metrics import StreamMetrics
 from replicators.progress import StreamProgress
+from replicators.segment import SegmentHeader
 from replicators.stream import Applied, Target
 from replicators.vault import SegmentRef, Vault
 
@@ -122,6 +123,7 @@ class Sink:
                 expect_epoch=ref.epoch,
                 expect_seq=ref.seq,
             )
+            _positions(opened.header, ref)
             check_continuity(self.last, ref, opened.header)
         except IntegrityError:
             self.metrics.rejected()
@@ -135,3 +137,16 @@ class Sink:
         self.progress.advance("applied", self.last.end, header.last_source_time, now)
         self.progress.advance("verified", self.last.end, header.last_source_time, now)
         self.metrics.applied(len(opened.records), now - header.first_source_time)
+
+
+def _positions(header: SegmentHeader, ref: SegmentRef) -> tuple[int, int]:
+    """The segment's start and end positions: decimal integers, start <= end. Anything
+    else is an integrity error (the header was authenticated: its writer is broken)."""
+    digits = all(p.isascii() and p.isdigit() for p in (header.start, header.end))
+    start, end = (int(header.start), int(header.end)) if digits else (1, 0)
+    if not start <= end:
+        raise IntegrityError(
+            f"positions {header.start!r}..{header.end!r} are not a range of integers",
+            where=f"segment {ref.key}",
+        )
+    return start, end
