@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,6 +16,7 @@ from pydantic import ValidationError
 
 from replicators.objects.options import WebhookEvents
 from replicators.objects.webhook import S3Webhook
+from tests.tlsutil import make_ca
 
 
 def _free_port() -> int:
@@ -31,12 +34,48 @@ def _event(key: str, when: float) -> dict[str, object]:
     }
 
 
-def test_a_webhook_beyond_loopback_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_webhook_beyond_loopback_needs_a_token_and_tls(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     WebhookEvents(listen="127.0.0.1:7071")
     with pytest.raises(ValidationError, match="reachable beyond this host: set token"):
         WebhookEvents(listen="0.0.0.0:7071")
     monkeypatch.setenv("HOOK_TOKEN", "t")
-    WebhookEvents(listen="0.0.0.0:7071", token="env:HOOK_TOKEN")
+    with pytest.raises(ValidationError, match="set tls_cert and tls_key so that the token"):
+        WebhookEvents(listen="0.0.0.0:7071", token="env:HOOK_TOKEN")
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    with pytest.raises(ValidationError, match="set both tls_cert and tls_key"):
+        WebhookEvents(listen="127.0.0.1:7071", tls_cert=cert)
+    WebhookEvents(listen="0.0.0.0:7071", token="env:HOOK_TOKEN", tls_cert=cert, tls_key=key)
+
+
+async def test_a_webhook_with_tls_serves_https_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca, cert, _ = make_ca(tmp_path)
+    monkeypatch.setenv("HOOK_TOKEN", "secret-token")
+    port = _free_port()
+    cfg = WebhookEvents(
+        listen=f"127.0.0.1:{port}", token="env:HOOK_TOKEN",
+        tls_cert=cert, tls_key=cert.with_suffix(".key"),
+    )  # fmt: skip
+    hook = S3Webhook(cfg, "data", "p/")
+    await hook.start()
+    try:
+        trust = ssl.create_default_context(cafile=str(ca))
+        body = json.dumps({"Records": [_event("p/k", time.time())]})
+        headers = {"Authorization": "Bearer secret-token"}
+        async with aiohttp.ClientSession() as http:
+            url = f"https://127.0.0.1:{port}/events"
+            async with http.post(url, data=body, headers=headers, ssl=trust) as resp:
+                assert resp.status == 204
+            with pytest.raises(aiohttp.ClientError):  # the token never travels in clear
+                async with http.post(f"http://127.0.0.1:{port}/events", data=body) as resp:
+                    assert resp.status >= 400
+                    raise aiohttp.ClientError("refused")
+        assert [h.key for h in await hook.poll()] == ["k"]
+    finally:
+        await hook.stop()
 
 
 async def test_forged_times_are_clamped_and_a_full_queue_asks_for_a_scan() -> None:

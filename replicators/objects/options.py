@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import ByteSize, Field, model_validator
@@ -26,6 +27,10 @@ class WebhookEvents(Section):
     token: SecretRef | None = None
     """If set, requests must carry ``Authorization: Bearer <token>``; required when
     ``listen`` is not a loopback address."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    """HTTPS with this certificate chain and key (PEM); required, with ``token``, when
+    ``listen`` is not a loopback address: the token must never cross a network in clear."""
     max_pending: int = Field(default=10_000, ge=1)
     """Hints held between polls; past it they are dropped and a scan is asked for."""
     max_event_age: PositiveDuration = 300.0
@@ -35,10 +40,19 @@ class WebhookEvents(Section):
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> WebhookEvents:
         host = self.listen.rpartition(":")[0].strip("[]")
-        if self.token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both tls_cert and tls_key, or neither")
+        if host in ("127.0.0.1", "localhost", "::1"):
+            return self
+        if self.token is None:
             raise ValueError(
                 f"listen {self.listen} is reachable beyond this host: set token (a secret "
                 "reference) so that only the notifier can post events"
+            )
+        if self.tls_cert is None:
+            raise ValueError(
+                f"listen {self.listen} is reachable beyond this host: set tls_cert and "
+                "tls_key so that the token and the events travel encrypted"
             )
         return self
 

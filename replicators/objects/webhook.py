@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import ssl
 import time
 
 from aiohttp import web
@@ -43,7 +44,11 @@ class S3Webhook:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, _, port = self.cfg.listen.rpartition(":")
-        await web.TCPSite(runner, host, int(port)).start()
+        tls = None
+        if self.cfg.tls_cert is not None and self.cfg.tls_key is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
+        await web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=tls).start()
         self._runner = runner
 
     async def _receive(self, request: web.Request) -> web.Response:
