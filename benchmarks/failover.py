@@ -1,49 +1,267 @@
 """Failover benchmark: RTO and RPO over kill trials, each phase timed.
 
-Usage: ``python benchmarks/failover.py [--trials 5] [--baseline-ttl 6] [--json]``
+Usage: ``python benchmarks/failover.py [--trials 5] [--baseline-ttl 6] [--json]
+[--no-native]``
 
 Brings up a lab (real etcd with three members, PostgreSQL, SeaweedFS, BIND).
-Each trial (``agent.coordination.drill.kill_trial``): a fresh streaming
-standby of region a in region b, both coordinators running, a client writing
-a row every 20 ms to region a; then region a is killed whole (coordinator,
-PostgreSQL, S3, etcd member) and the clock runs until region b took a write
-under the new epoch and the DNS name resolves to b. Region a is restarted
-between trials.
+Each trial: region b's standby following region a, both regions' coordinators
+running, a client writing a row every 20 ms to region a; then region a is
+killed whole (agent or coordinator, PostgreSQL, S3, etcd member) and the clock
+runs until region b took a write under the new epoch and the DNS name resolves
+to b. Region a is restarted between trials.
+
+The headline row, **vault-fed standby**, is production's shape: both agents
+run as daemons (``dragent run``) with a ``postgres`` stream and failover
+enabled; a base backup is taken with ``dragent backup postgres``; region a's
+agent ships its WAL into b's vault, b's agent rebuilds the WAL spool from the
+vault, and b's standby, built by ``dragent standby init``, replays it through
+``dragent wal-fetch``. b's coordinator (inside its daemon) takes the lease,
+waits for replay to settle, promotes the standby and moves the DNS record.
+
+Extra rows, labelled (``--no-native`` leaves them out): a **native streaming
+replica** (``pg_basebackup -R``, streaming from a's PostgreSQL directly, not
+through the vault) with both coordinators in this process
+(``agent.coordination.drill.kill_trial``), at the drill's timing and at a
+longer lease (``--baseline-ttl``; fence_after and takeover_after scaled alike)
+to show that detection — the lease — dominates the RTO.
 
 Reported per trial and summarised (median, max): the phases of b's failover
 record (detection = first failed probe → epoch acquired, i.e. lease expiry
 and the probe window; fencing of the old region; catch-up; promotion; DNS;
 serving), the RTO from the kill as the client saw it, the RPO from the WAL
 heartbeats (the record) and from the client's log of acknowledged commits.
-
-Side by side in one run: the drill's timing (lease 3 s, fence after 2 s,
-takeover after 1 s of failed probes) and a baseline with a longer lease
-(``--baseline-ttl``, fence_after and takeover_after scaled alike), to show
-that detection — the lease — dominates the RTO.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import socket
 import statistics
 import sys
 import tempfile
+import time
+import tomllib
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent import logs
-from agent.coordination.drill import Drill, kill_trial
+from agent.agentproc import AgentProcess
+from agent.coordination import fencing
+from agent.coordination.drill import FAST, Drill, Writer, kill_trial, present_ids
 from agent.coordination.events import PHASES
+from agent.coordination.takeover import promote
 from agent.failover_config import Rfc2136Switch
 from agent.lab import Lab
-from agent.lab.bind import lab_dns
+from agent.lab.bind import lab_dns, resolve
 from agent.switch.base import build_switch
+from agent.switch.rfc2136 import Rfc2136
 
 COLUMNS = (*PHASES, "rto_record", "rto_client", "rpo_heartbeat", "rpo_client", "lost_rows")
+WORK_ROOT = Path("/tmp/dragent-failover-bench")  # reachable by the postgres OS user
+VAULT_FED = "vault-fed standby (real agents)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VaultFed:
+    """One vault-fed trial's two agents (processes), their configurations and standby."""
+
+    def __init__(self, lab: Lab, dns: Any, name: str) -> None:
+        self.lab, self.dns, self.name = lab, dns, name
+        WORK_ROOT.mkdir(exist_ok=True)
+        WORK_ROOT.chmod(0o755)
+        self.workdir = WORK_ROOT / name
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir()
+        self.workdir.chmod(0o755)
+        self.slot = "dragent_fb_" + name.replace("-", "_")[-40:]
+        self.port = _free_port()
+        self.replica = f"postgresql://dragent@127.0.0.1:{self.port}/app"
+        self.primary = lab.pg_dsn("a")
+        (self.workdir / "dsn-a").write_text(self.primary)
+        (self.workdir / "dsn-b").write_text(self.replica)
+        self.prefix = f"/dragent-failover-bench/{name}"
+        self.config = {r: self._config(r) for r in ("a", "b")}
+        self.agents = {
+            r: AgentProcess(
+                self.config[r],
+                self.workdir / f"{r}.log",
+                self.workdir / f"{r}.pid",
+                lab.agent_url(r),
+            )
+            for r in ("a", "b")
+        }
+
+    def _config(self, region: str) -> Path:
+        lab = self.lab
+        data = tomllib.loads(lab.config_path(region).read_text())
+        data["data_dir"] = str(self.workdir / f"agent-{region}")
+        postgres: dict[str, Any] = {"dsn": f"file:{self.workdir / f'dsn-{region}'}"}
+        postgres["slot"] = self.slot
+        if region == "b":
+            postgres |= {"standby_data_dir": str(self.workdir / "standby")}
+            postgres |= {"standby_port": self.port}
+        data["streams"] = [
+            {
+                "name": self.name,
+                "kind": "postgres",
+                "segment_max_age": "100ms",
+                "postgres": postgres,
+            }
+        ]
+        other = "b" if region == "a" else "a"
+        probes = [self.replica if region == "a" else self.primary]
+        probes.append(f"{lab.agent_url(other)}/healthz")
+        data["etcd"] = {
+            "endpoints": [f"http://127.0.0.1:{lab.port(region, 'etcd_client')}"],
+            "prefix": self.prefix,
+            "dial_timeout": 0.5,
+        }
+        pg = lab.postgres("a")
+        data["failover"] = {
+            **FAST,
+            "enabled": True,
+            "postgres_dsn": f"file:{self.workdir / f'dsn-{region}'}",
+            "peer_probes": {other: probes},
+            "switches": [self.dns.switch_config()],
+            "postgres_data_dir": str(pg.data_dir if region == "a" else self.workdir / "standby"),
+            "postgres_bin_dir": str(pg.bin_dir),
+        }
+        if os.geteuid() == 0:
+            data["failover"]["postgres_os_user"] = "postgres"
+        path = self.workdir / f"{region}.toml"
+        path.write_text(tomli_w.dumps(data))
+        return path
+
+    async def cli(self, *args: str) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"dragent {' '.join(args[:2])}: {out.decode()[-800:]}")
+
+    async def cleanup(self) -> None:
+        for agent in self.agents.values():
+            with contextlib.suppress(Exception):
+                await agent.stop(grace=10)
+        await self.lab.fault("a", "all", "start")
+        pg_ctl = self.lab.postgres("a").command(
+            "pg_ctl", "-D", str(self.workdir / "standby"), "-m", "immediate", "stop"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *pg_ctl, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        await proc.wait()
+        with contextlib.suppress(Exception):
+            await fencing.unfence(self.primary)
+        with contextlib.suppress(Exception):
+            await promote(self.primary)
+        conn = await asyncpg.connect(self.primary)
+        try:
+            await conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = $1 AND NOT active",
+                self.slot,
+            )
+        finally:
+            await conn.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def _until(check: Any, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if await check():
+                return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{what} not within {within:g} s")
+
+
+async def vault_fed_trial(lab: Lab, dns: Any, name: str) -> dict:
+    """One kill trial with production's standby: fed from the vault by the real agents."""
+    switch = Rfc2136(Rfc2136Switch(**dns.switch_config()))
+    await switch.point_to("a")
+    await switch.forget_epoch()  # this trial's etcd prefix starts its epochs over
+    rig = VaultFed(lab, dns, name)
+    try:
+        table = "fb_" + name.replace("-", "_")
+        writer = Writer(rig.primary, table)
+        await writer.setup()
+        await rig.cli("backup", "postgres", "--config", str(rig.config["a"]))
+        a, b = rig.agents["a"], rig.agents["b"]
+        await a.start()
+        await b.start()
+        await a.wait_ready()
+        await b.wait_ready()
+        await rig.cli("standby", "init", "--config", str(rig.config["b"]))
+
+        async def b_follows() -> bool:
+            failover = ((await b.status()) or {}).get("failover") or {}
+            a_status = (await a.status()) or {}
+            return failover.get("lag_seconds") is not None and a_status.get("role") == "active"
+
+        await _until(b_follows, 90, "b following a with a known lag")
+        stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(writer.run(stop))
+            await _until(_true(lambda: len(writer.committed) >= 50), 30, "50 commits")
+            killed_at = time.time()
+            await a.kill()
+            await lab.fault("a", "all", "kill")
+            stop.set()
+
+        async def b_serves() -> bool:
+            status = await b.status()
+            if not (status and status["role"] == "active" and status["epoch"] >= 2):
+                return False
+            if not status["failover"]["last_failover"]:
+                return False
+            answer = await resolve(dns.port, address=dns.address)
+            return answer == [dns.addresses["b"]]
+
+        await _until(b_serves, 90, "b serving under the new epoch, DNS on b")
+        served_at = time.time()
+        record = (await b.status())["failover"]["last_failover"]  # type: ignore[index]
+        await lab.fault("a", "all", "start")
+        present = await present_ids(rig.replica, table)
+    finally:
+        await rig.cleanup()
+    kept = [t for i, t in writer.committed if i in present]
+    lost = [t for i, t in writer.committed if i not in present]
+    row = {p: record["phases"][p] for p in PHASES}
+    row.update(
+        rto_record=record["rto_seconds"],
+        rto_client=round(served_at - killed_at, 3),
+        rpo_heartbeat=record["rpo_seconds"],
+        rpo_client=round(max(lost) - max(kept), 3) if lost and kept else 0.0,
+        lost_rows=len(lost),
+        errors=len(record.get("errors") or []),
+    )
+    return row
+
+
+def _true(check: Any) -> Any:
+    async def wrapped() -> bool:
+        return bool(check())
+
+    return wrapped
 
 
 async def one_trial(lab: Lab, dns: Any, name: str, work: Path, timing: dict[str, float]) -> dict:
@@ -74,12 +292,12 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def table(results: dict[str, Any]) -> str:
     names = list(results["configs"])
-    lines = [f"{'seconds (median / max)':<24}" + "".join(f"{n:>26}" for n in names)]
+    lines = [f"{'seconds (median / max)':<24}" + "".join(f"{n:>40}" for n in names)]
     for col in COLUMNS:
         cells = []
         for n in names:
             s = results["configs"][n]["summary"].get(col)
-            cells.append(f"{s['median']:>12.3f} / {s['max']:<11.3f}" if s else f"{'-':>26}")
+            cells.append(f"{s['median']:>26.3f} / {s['max']:<11.3f}" if s else f"{'-':>40}")
         lines.append(f"{col:<24}" + "".join(cells))
     return "\n".join(lines)
 
@@ -88,14 +306,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     logs.configure("logfmt", "warning")
     root = Path(tempfile.mkdtemp(prefix="dragent-failover-bench-"))
     lab = Lab(root / "lab")
-    configs = {
-        "drill (ttl 3s)": {},
-        f"baseline (ttl {args.baseline_ttl:g}s)": {
-            "lease_ttl": args.baseline_ttl,
-            "fence_after": args.baseline_ttl * 2 / 3,
-            "takeover_after": args.baseline_ttl / 3,
-        },
-    }
+    configs: dict[str, dict[str, float]] = {VAULT_FED: {}}
+    if not args.no_native:
+        configs |= {
+            "native streaming replica, drill timing": {},
+            f"native streaming replica, lease {args.baseline_ttl:g} s": {
+                "lease_ttl": args.baseline_ttl,
+                "fence_after": args.baseline_ttl * 2 / 3,
+                "takeover_after": args.baseline_ttl / 3,
+            },
+        }
     results: dict[str, Any] = {"trials": args.trials, "configs": {}}
     dns = None
     try:
@@ -106,9 +326,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for cname, timing in configs.items():
             rows = []
             for i in range(args.trials):
-                row = await one_trial(
-                    lab, dns, f"bench-{len(results['configs'])}-{i}", root, timing
-                )
+                trial = f"bench-{len(results['configs'])}-{i}"
+                if cname == VAULT_FED:
+                    row = await vault_fed_trial(lab, dns, trial)
+                else:
+                    row = await one_trial(lab, dns, trial, root, timing)
                 print(
                     f"{cname} trial {i + 1}: " + ", ".join(f"{k}={v}" for k, v in row.items()),
                     file=sys.stderr,
@@ -126,6 +348,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--baseline-ttl", type=float, default=6.0)
+    parser.add_argument(
+        "--no-native", action="store_true", help="only the vault-fed standby, no extra rows"
+    )
     parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     arguments = parser.parse_args()
     outcome = asyncio.run(main(arguments))
