@@ -6,7 +6,9 @@ import asyncio
 import filecmp
 import hashlib
 import json
+import os
 import re
+import resource
 import shutil
 import sys
 from asyncio.subprocess import PIPE
@@ -390,3 +392,30 @@ async def test_an_empty_store_deletes_nothing(rig: Rig) -> None:
     stop.set()
     async with asyncio.timeout(10):
         assert await task == []
+
+
+async def test_more_files_than_may_be_open_at_once_and_modes_masked(rig: Rig) -> None:
+    """Assembly opens one file at a time: a version with more files than RLIMIT_NOFILE
+    allows this process to open arrives whole; a setuid bit shipped is not applied."""
+    version = rig.src / "shards" / "v1"
+    version.mkdir(parents=True)
+    for i in range(300):
+        (version / f"shard-{i:03d}.bin").write_bytes(i.to_bytes(2, "big") * 600)
+    tool = version / "tool.sh"
+    tool.write_bytes(b"#!/bin/sh\necho hello\n")
+    tool.chmod(0o4755)
+    (version / "_COMPLETE").write_bytes(b"")
+    shipper = rig.shipper()
+    await shipper.recover()
+    await ship_once(shipper)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 64, hard))  # fewer than 301 files
+    try:
+        await apply_all(rig)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    arrived = rig.dst / "shards" / "v1"
+    assert len(list(arrived.glob("shard-*.bin"))) == 300
+    assert (arrived / "shard-299.bin").read_bytes() == (299).to_bytes(2, "big") * 600
+    assert (arrived / "tool.sh").stat().st_mode & 0o7777 == 0o755

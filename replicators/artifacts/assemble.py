@@ -3,7 +3,9 @@
 Every pack the manifest names is fetched once and verified in full (its
 authentication tags and Merkle root, ``packs.open_pack``); every chunk taken
 from it is checked against its id (SHA-256) and length before it is written
-at its offset. Files are fsynced, given their mode, and the directory is
+at its offset, opening one file at a time (a version may hold more files
+than the process may open). Files are fsynced, given their permission bits
+(``mode & 0o777``: never setuid, setgid or sticky), and the directory is
 fsynced. Any failure raises ``ArtifactIntegrityError`` naming the artifact,
 the file, the chunk and the pack, and leaves nothing published (callers
 assemble into a hidden directory and rename it into place).
@@ -90,31 +92,47 @@ def check_chunk(m: Manifest, occ: Occurrence, records: list[bytes], key: str) ->
     return data
 
 
-def _prepare(directory: Path, m: Manifest) -> dict[str, int]:
+def _prepare(directory: Path, m: Manifest) -> None:
+    """Create every file at its size, empty; none is kept open (a version may hold more
+    files than this process may open at once)."""
     directory.mkdir(parents=True, exist_ok=False)
-    fds = {}
     for f in m.files:
         path = directory / f.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(fd, f.size)
-        fds[f.path] = fd
-    return fds
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, f.size)
+        finally:
+            os.close(fd)
 
 
-def _write(fds: dict[str, int], pieces: list[tuple[str, int, bytes]]) -> None:
+def _write(directory: Path, pieces: list[tuple[str, int, bytes]]) -> None:
+    """Write each piece at its offset, opening one file at a time."""
+    by_file: dict[str, list[tuple[int, bytes]]] = {}
     for path, offset, data in pieces:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fds[path], view, offset)
-            view, offset = view[n:], offset + n
+        by_file.setdefault(path, []).append((offset, data))
+    for path, writes in by_file.items():
+        fd = os.open(directory / path, os.O_WRONLY)
+        try:
+            for offset, data in writes:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+        finally:
+            os.close(fd)
 
 
-def _finish(directory: Path, m: Manifest, fds: dict[str, int]) -> None:
+def _finish(directory: Path, m: Manifest) -> None:
+    """Give every file its mode (permission bits only: never setuid, setgid or sticky
+    from another region) and fsync it, one at a time; then fsync the directories."""
     for f in m.files:
-        fd = fds[f.path]
-        os.fchmod(fd, f.mode & 0o7777)
-        os.fsync(fd)
+        fd = os.open(directory / f.path, os.O_RDONLY)
+        try:
+            os.fchmod(fd, f.mode & 0o777)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     dirs = {directory} | {(directory / f.path).parent for f in m.files}
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
         fsync_dir(d)
@@ -132,9 +150,7 @@ LocalChunks = dict[bytes, tuple[Path, int, int]]
 """Chunks already on local disk: ``{id: (file, offset, length)}`` (earlier versions)."""
 
 
-def _copy_local(
-    fds: dict[str, int], occs: list[Occurrence], local: LocalChunks
-) -> list[Occurrence]:
+def _copy_local(directory: Path, occs: list[Occurrence], local: LocalChunks) -> list[Occurrence]:
     """Write the chunks found intact on local disk; return the occurrences still missing.
     A local chunk is used only if its bytes hash to its id (files may have changed)."""
     missing = []
@@ -150,7 +166,7 @@ def _copy_local(
             except OSError:
                 data = b""
         if len(data) == ref.length and chunk_id(data) == ref.id:
-            _write(fds, [(f.path, offset, data)])
+            _write(directory, [(f.path, offset, data)])
         else:
             missing.append(occ)
     return missing
@@ -174,7 +190,7 @@ async def assemble(
     or ``OSError``; on any error the directory may hold partial files and is
     the caller's to remove.
     """
-    fds = await asyncio.to_thread(_prepare, directory, m)
+    await asyncio.to_thread(_prepare, directory, m)
     slots = asyncio.Semaphore(PARALLEL_PACKS)
     fetched = 0
 
@@ -183,12 +199,12 @@ async def assemble(
         async with slots:
             total = sum(o[3].length for o in occs)
             if local:
-                occs = await asyncio.to_thread(_copy_local, fds, occs, local)
+                occs = await asyncio.to_thread(_copy_local, directory, occs, local)
             if occs:
                 records = await fetch_pack(store, keys, m, key, occs)
                 pieces = [(o[0].path, o[2], check_chunk(m, o, records, key)) for o in occs]
                 del records
-                await asyncio.to_thread(_write, fds, pieces)
+                await asyncio.to_thread(_write, directory, pieces)
                 fetched += sum(len(p[2]) for p in pieces)
         if progress is not None:
             progress(total)
@@ -197,12 +213,9 @@ async def assemble(
         async with asyncio.TaskGroup() as tg:
             for key, occs in locate(m).items():
                 tg.create_task(one(key, occs))
-        await asyncio.to_thread(_finish, directory, m, fds)
+        await asyncio.to_thread(_finish, directory, m)
     except BaseExceptionGroup as group:
         raise _first(group) from None
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     return fetched
 
 
