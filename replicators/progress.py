@@ -107,6 +107,12 @@ class StreamProgress:
         if self.proven_at is None and source_time is not None:
             self.started_at = source_time
 
+    def count_from(self, source_time: float | None) -> None:
+        """Until a proof, the RPO counts from no later than ``source_time`` (the last change
+        known durable, e.g. from a checkpoint read before the destination answered)."""
+        if self.proven_at is None and source_time is not None:
+            self.started_at = min(self.started_at, source_time)
+
     def step_done(self, began: float) -> None:
         """A shipper step that began at ``began`` returned normally with everything it captured
         durable: every change older than the oldest one the source still holds is durable, or,

@@ -79,6 +79,8 @@ class Shipper:
             self.last = SegmentRef(epoch=state["epoch"], seq=state["seq"], stream=state["stream"])
             self.end = int(state["end"])
             durable_time = _source_time(state)
+            # before any vault I/O, which may fail: the RPO counts from here, not from now
+            self.progress.count_from(durable_time)
         async for ref in self.vault.segments(self.settings.stream, after=self.last):
             self._not_stale(ref)
             blob = await self.vault.get_segment(ref)

@@ -259,3 +259,19 @@ async def _gap_records(rig: Rig, stream: str) -> list[tuple[int, int]]:
             if start == GAP:
                 out.append(unpack_gap(data))
     return out
+
+
+async def test_a_restarted_stream_whose_vault_is_down_counts_from_its_checkpoint(
+    rig: Rig, unique: str
+) -> None:
+    """After a restart or a role change the RPO must not start from zero while the vault
+    does not answer: it counts from the last change the checkpoint says is durable."""
+    from replicators import checkpoint
+
+    task, _ = rig.task(unique, rig.closed_port)
+    then = time.time() - 100.0
+    state = {"stream": unique, "epoch": 1, "seq": 3, "end": 1 << 24, "source_time": then}
+    checkpoint.save(rig.workdir / "shipped.json", {**state, "destination": "b"})
+    async with running(task):
+        await eventually(lambda: task.state == "retrying", within=10)
+        assert gauge(task, rig.cfg.policy) >= 100.0
