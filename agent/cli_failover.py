@@ -133,15 +133,13 @@ def _cmd_failback(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     f = cfg.failover
-    if f.postgres_data_dir is None or f.postgres_dsn is None:
+    if f.postgres_data_dir is None or f.dsn is None:
         raise DragentError(
             f"{args.config}: failover.postgres_data_dir and failover.postgres_dsn are needed"
         )
     source = args.source_dsn or asyncio.run(_leader_dsn(cfg))
-    cluster = LocalCluster(
-        f.postgres_data_dir, f.postgres_bin_dir, f.postgres_os_user, f.postgres_dsn
-    )
-    how = asyncio.run(reseed(cluster, source, f.postgres_dsn))
+    cluster = LocalCluster(f.postgres_data_dir, f.postgres_bin_dir, f.postgres_os_user, f.dsn)
+    how = asyncio.run(reseed(cluster, source, f.dsn))
     print(f"{cfg.region}: re-seeded as a standby of the leader ({how})")
     return 0
 

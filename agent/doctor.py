@@ -140,8 +140,8 @@ def checks(cfg: AgentConfig) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
         job = _bind(_etcd, cfg.etcd, endpoint, cfg.region)
         out.append((f"etcd {redact(endpoint)}", job))
     dsns = {}
-    if cfg.failover.postgres_dsn:
-        dsns["[failover] postgres_dsn"] = cfg.failover.postgres_dsn
+    if cfg.failover.dsn:
+        dsns["[failover] postgres_dsn"] = cfg.failover.dsn
     for s in cfg.streams:
         if s.postgres is not None:
             dsns[f"stream {s.name} dsn"] = s.postgres.dsn.reveal()

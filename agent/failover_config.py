@@ -14,10 +14,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from agent.configbase import Duration, Name, PositiveDuration, SecretRef, Section
+from agent.configbase import (
+    Duration,
+    Name,
+    PositiveDuration,
+    SecretRef,
+    Section,
+    _secret_error,
+)
 
 
 class EtcdConfig(Section):
@@ -97,7 +105,8 @@ class FailoverConfig(Section):
     max_lag: PositiveDuration = 5.0
     fencing: Literal["read-only", "stop"] = "read-only"
     stop_command: list[str] = []
-    postgres_dsn: str | None = None
+    # this region's database, a secret reference (env:NAME or file:PATH) like every DSN
+    postgres_dsn: SecretRef | None = None
     postgres_data_dir: Path | None = None
     postgres_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     postgres_os_user: str | None = None
@@ -116,6 +125,24 @@ class FailoverConfig(Section):
     # replay must stand still this long to count as caught up; a standby fed by a
     # restore_command asks again every wal_retrieve_retry_interval (5 s by default)
     catchup_settle: PositiveDuration = 0.3
+
+    @property
+    def dsn(self) -> str | None:
+        """``postgres_dsn`` revealed, for the code that connects (never for a message)."""
+        return self.postgres_dsn.reveal() if self.postgres_dsn is not None else None
+
+    @field_validator("peer_probes")
+    @classmethod
+    def _no_password_in_probes(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for region, probes in value.items():
+            for probe in probes:
+                if probe.startswith(("postgres://", "postgresql://")) and _has_password(probe):
+                    raise _secret_error(
+                        f"peer_probes.{region}: a password is written in the file; give the "
+                        "DSN without it and put the password in a passfile (~/.pgpass or "
+                        "PGPASSFILE)"
+                    )
+        return value
 
     @model_validator(mode="after")
     def _timing(self) -> FailoverConfig:
@@ -185,3 +212,13 @@ def fencing_budget(failover: FailoverConfig, etcd: EtcdConfig) -> FencingBudget:
         fence_timeout=failover.fence_timeout,
         lease_ttl=lease_seconds(failover.lease_ttl),
     )
+
+
+def _has_password(dsn: str) -> bool:
+    """A URL DSN with a password in its user part or in a ``password=`` parameter."""
+    parts = urlsplit(dsn)
+    try:
+        inline = parts.password is not None
+    except ValueError:
+        return True  # unparseable: refuse rather than risk it
+    return inline or "password" in {k.lower() for k, _ in parse_qsl(parts.query)}

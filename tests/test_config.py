@@ -182,3 +182,27 @@ def test_every_subcommand_has_a_help_of_its_own() -> None:
     texts = list(seen.values())
     repeated = sorted({t for t in texts if texts.count(t) > 1})
     assert not repeated, f"descriptions shared by several subcommands: {repeated}"
+
+
+def test_failover_dsn_is_a_secret_and_probes_carry_no_password(good: Path) -> None:
+    base = good.read_text()
+    inline = "postgresql://dragent:hunter2-pw@db:5432/app"
+    good.write_text(base + f'[failover]\npostgres_dsn = "{inline}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(good)
+    assert "failover.postgres_dsn:" in str(info.value) and "env:NAME" in str(info.value)
+    assert "hunter2-pw" not in str(info.value)
+    for probe in (inline, "postgresql://probe@db/app?password=hunter2-pw"):
+        good.write_text(base + f'[failover]\npeer_probes = {{ b = ["{probe}"] }}\n')
+        with pytest.raises(ConfigError) as info:
+            load_config(good)
+        assert "peer_probes.b: a password is written in the file" in str(info.value)
+        assert "hunter2-pw" not in str(info.value)
+    (good.parent / "dsn").write_text(inline)
+    probe = "postgresql://probe@db/app"
+    good.write_text(
+        base + f'[failover]\npostgres_dsn = "file:{good.parent}/dsn"\n'
+        f'peer_probes = {{ b = ["{probe}"] }}\n'
+    )
+    cfg = load_config(good)
+    assert cfg.failover.dsn == inline and "hunter2-pw" not in repr(cfg)

@@ -16,7 +16,7 @@ import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.coordination import fencing
-from agent.coordination.drill import FAST
+from agent.coordination.drill import FAST, secret_file
 from agent.lab import Lab
 from tests.support import eventually
 
@@ -44,8 +44,9 @@ def config(lab: Lab, region: str, workdir: Path, prefix: str) -> Path:
         **FAST,
         "enabled": True,
         "peer_probes": {other: [f"{lab.agent_url(other)}/healthz"]},
-        **({"postgres_dsn": lab.pg_dsn("a")} if region == "a" else {}),
     }
+    if region == "a":
+        data["failover"]["postgres_dsn"] = secret_file(workdir / "dsn-a", lab.pg_dsn("a"))
     path = workdir / f"{region}.toml"
     path.write_text(tomli_w.dumps(data))
     return path

@@ -181,3 +181,16 @@ def test_partition_only_a_b_link_no_failover_no_flapping() -> None:
     steps = _timeline(a_sees_etcd=True, b_sees_a=False)
     assert all(role == "active" and a == ["renew"] for _, role, a, _ in steps)
     assert all(b == [] for *_, b in steps)
+
+
+def test_holder_leaves_a_switchovers_fence_alone_while_automation_is_paused() -> None:
+    """A switchover fences the old primary, waits for the standby, then moves the lease;
+    the old holder renews meanwhile and must not lift that fence (writes acknowledged
+    then would never reach the new primary)."""
+    during = holder(fenced=True, fence_external=True, paused=True)
+    assert decide(during, RULES).kinds() == ["renew"]
+    assert decide(during, RULES).role == "active"
+    # its own fence (after a silence) is lifted once renewed, paused or not
+    assert decide(holder(fenced=True, paused=True), RULES).kinds() == ["renew", "unfence"]
+    # and someone else's once automation runs again (a refused switchover, an operator)
+    assert decide(holder(fenced=True, fence_external=True), RULES).kinds() == ["renew", "unfence"]

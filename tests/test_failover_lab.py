@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 import pytest_asyncio
 import tomli_w
@@ -175,3 +176,42 @@ async def _failback_command(drill: Drill, lab: Lab) -> str:
     how = out.rsplit("(", 1)[-1].rstrip(")\n")
     assert f"a: re-seeded as a standby of the leader ({how})" in out, out
     return how
+
+
+async def test_a_paused_holder_leaves_a_fence_it_did_not_set_until_resumed(drill: Drill) -> None:
+    """What a switchover does between fencing the old primary and moving the lease: the
+    holder keeps renewing, keeps its database fenced and keeps shipping (mode active)."""
+    a = drill.coordinators["a"]
+    await a.lease.set_paused(True, "switchover")
+    try:
+        await fencing.fence_read_only(drill.a_dsn)
+        await asyncio.sleep(4 * float(drill.config("a").failover.renew_interval) + 1.0)
+        assert await fencing.is_fenced(drill.a_dsn)
+        assert a.holding and a.fenced and a.mode == "active", a.status()
+    finally:
+        await a.lease.set_paused(False)
+    await eventually(lambda: not a.fenced, within=10)
+    assert not await fencing.is_fenced(drill.a_dsn)
+
+
+async def test_no_wal_stream_starts_from_a_standby(drill: Drill) -> None:
+    """A region that holds the lease before its standby is promoted (a switchover hands it
+    over, then promotes) must not create its slot yet: a slot made on the standby holds
+    a timeline the promotion ends, and streaming from it fails for good."""
+    from agent.configbase import Secret
+    from replicators.errors import SourceError
+    from replicators.postgres.options import PostgresOptions
+    from replicators.postgres.walsource import WalSource
+
+    slot = "dragent_standby_probe"
+    options = PostgresOptions(dsn=Secret(drill.b_dsn, "test"), slot=slot)
+    with pytest.raises(SourceError, match="standby"):
+        await WalSource(options, "a", "s").resume(0)
+    conn = await asyncpg.connect(drill.b_dsn)
+    try:
+        query = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1"
+        assert await conn.fetchval(query, slot) == 0
+    finally:
+        await conn.close()
+    b = drill.coordinators["b"]
+    assert b._in_recovery and b.mode == "passive"

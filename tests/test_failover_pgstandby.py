@@ -106,7 +106,7 @@ class Rig:
         data["failover"] = {
             **FAST,
             "enabled": True,
-            "postgres_dsn": self.primary if region == "a" else self.replica,
+            "postgres_dsn": f"file:{self.workdir / f'dsn-{region}'}",
             "peer_probes": {other: probes},
             "switches": [self.dns.switch_config()],
             # the cluster `dragent failback` re-seeds in this region

@@ -20,9 +20,10 @@ goes on after a recorded gap).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -74,8 +75,11 @@ class Life:
         self.writers: list[Writer] = []
         self.steps: list[dict[str, object]] = []
 
-    async def write_while(self, region: str, step: asyncio.Future[object] | None = None) -> Writer:
-        """A client writes to ``region`` for a moment (while ``step`` runs, if given)."""
+    async def write_while(
+        self, region: str, step: Callable[[], Awaitable[object]] | None = None
+    ) -> Writer:
+        """A client writes to ``region`` for a moment (while ``step()`` runs, if given: it
+        starts once the client has committed some rows)."""
         writer = Writer(self.dsn[region], self.table, first_id=1 + 1_000_000 * len(self.writers))
         self.writers.append(writer)
         stop = asyncio.Event()
@@ -83,7 +87,7 @@ class Life:
             tg.create_task(writer.run(stop))
             await eventually(lambda: len(writer.committed) > 20, within=20)
             if step is not None:
-                await step
+                await step()
             await asyncio.sleep(0.3)
             stop.set()
         return writer
@@ -146,7 +150,7 @@ class Life:
                 samples.append(value)
                 await asyncio.sleep(0.1)
 
-        await self.write_while(active, asyncio.ensure_future(sample()))
+        await self.write_while(active, sample)
         samples.sort()
         p50, p99 = (
             samples[len(samples) // 2],
@@ -183,8 +187,7 @@ async def test_three_rounds_then_an_unplanned_failover_lose_nothing_acknowledged
 
     for round_ in range(1, ROUNDS + 1):
         for old, new in (("a", "b"), ("b", "a")):
-            switch = asyncio.ensure_future(life.switchover(new))
-            await life.write_while(old, switch)
+            await life.write_while(old, functools.partial(life.switchover, new))
             assert await life.lost(new) == [], f"round {round_}: switchover to {new} lost rows"
             assert await resolve(rig.dns.port) == [ADDRESSES[new]]
             how = await life.failback(old)
@@ -220,7 +223,6 @@ async def test_three_rounds_then_an_unplanned_failover_lose_nothing_acknowledged
     await life.failback("a")
     await life.flows("b")
     await life.drill("a")
-    switch = asyncio.ensure_future(life.switchover("a"))
-    await life.write_while("b", switch)
+    await life.write_while("b", lambda: life.switchover("a"))
     assert set(await life.lost("a")) <= set(lost)
     print(json.dumps(life.steps, indent=1))

@@ -50,7 +50,7 @@ class Coordinator:
         self.region = cfg.region
         self.lease = EtcdLease(cfg.etcd, cfg.region, self.f.lease_ttl)
         self.peers = PeerWatch(self.f.peer_probes, self.f.probe_timeout)
-        dsn = self.f.postgres_dsn
+        dsn = self.f.dsn
         self.heartbeat = Heartbeat(dsn, cfg.region, self.f.probe_timeout) if dsn else None
         self.switches = [build_switch(s) for s in self.f.switches]
         path = self.f.keeper_socket
@@ -66,6 +66,8 @@ class Coordinator:
         self.role: Role = "passive"
         self.epoch = 0
         self._fenced = False
+        self._own_fence = False  # the fence in force is one this process set
+        self._in_recovery = False  # the database is a standby (not yet promoted)
         self.holding = False
         self.renewed_at: float | None = None
         self.lease_lost = False  # etcd said the held lease no longer exists
@@ -121,8 +123,13 @@ class Coordinator:
     def fenced(self, value: bool) -> None:
         """Set when this region's database is (or is no longer) fenced; a holder's
         change of it is a change of mode that the daemon follows."""
+        self._set_fence(value, self._own_fence)
+
+    def _set_fence(self, fenced: bool, own: bool) -> None:
+        """The database is fenced (or not), by this process (``own``) or someone else;
+        signals the daemon when that changes the mode."""
         before = self.mode
-        self._fenced = value
+        self._fenced, self._own_fence = fenced, own and fenced
         if self.mode != before:
             self._signal(self._changed)
 
@@ -135,10 +142,14 @@ class Coordinator:
 
     @property
     def mode(self) -> Mode:
-        """``active`` (holds the lease, writes), ``fenced`` (holds or held it but must
-        not write: it ships nothing) or ``passive``."""
+        """``active`` (holds the lease, writes), ``fenced`` (holds or held it but fenced
+        itself, unsure of the lease, or its database is still a standby that a switchover
+        is promoting: it ships nothing) or ``passive``. A holder fenced by someone else
+        (a switchover fences the old primary, then waits until the standby has
+        everything it wrote) stays ``active``: it must ship its last WAL."""
         if self.role == "active":
-            return "fenced" if self._fenced else "active"
+            unsure = self._fenced and self._own_fence
+            return "fenced" if unsure or self._in_recovery else "active"
         return "passive"
 
     def status(self) -> dict[str, Any]:
@@ -250,12 +261,17 @@ class Coordinator:
         """Read whether this region's database is fenced (read-only mode): at start and
         with every probe, so a fence left behind by someone else (a refused switchover,
         an operator) is seen, shown and decided on (a holder unfences, a follower fences)."""
-        if self.f.postgres_dsn and self.f.fencing == "read-only":
+        if self.f.dsn and self.f.fencing == "read-only":
             with contextlib.suppress(
                 fencing.FencingError, OSError, asyncpg.PostgresError, TimeoutError
             ):
                 async with asyncio.timeout(self.f.probe_timeout):
-                    self.fenced = await fencing.is_fenced(self.f.postgres_dsn)
+                    fenced, in_recovery = await fencing.fence_state(self.f.dsn)
+                before = self.mode
+                self._in_recovery = in_recovery
+                if self.mode != before:
+                    self._signal(self._changed)
+                self.fenced = fenced  # a fence found gone is no longer anyone's
 
     # -- one cycle --------------------------------------------------------------------
     async def observe(self) -> Observation:
@@ -289,6 +305,7 @@ class Coordinator:
             last_failover=view.last_failover,
             peer_down_since=self.peers.down_since.get(view.last_leader or ""),
             lag=self.lag,
+            fence_external=self.fenced and not self._own_fence,
         )
 
     async def _renew(self) -> bool:
@@ -371,14 +388,14 @@ class Coordinator:
     async def _do_fence(self, action: Action) -> None:
         if self._warnings.allow(f"fencing: {action.reason}") is not None:
             self.log.warning("fencing this region", reason=action.reason, mode=self.f.fencing)
-        account = await fencing.fence(self.f.postgres_dsn, self.f.fencing, self.f.stop_command)
-        self.fenced = True
+        account = await fencing.fence(self.f.dsn, self.f.fencing, self.f.stop_command)
+        self._set_fence(True, own=True)
         self.log.warning("fenced", result=account)
 
     async def _do_unfence(self, action: Action) -> None:
-        if self.f.postgres_dsn and self.f.fencing == "read-only":
-            await fencing.unfence(self.f.postgres_dsn)
-        self.fenced = False
+        if self.f.dsn and self.f.fencing == "read-only":
+            await fencing.unfence(self.f.dsn)
+        self._set_fence(False, own=False)
         self.log.info("unfenced", reason=action.reason)
 
     async def _do_release(self, action: Action) -> None:
@@ -408,7 +425,7 @@ class Coordinator:
 
     async def _standby(self) -> bool:
         """True if this region's database is in recovery (False without one)."""
-        dsn = self.f.postgres_dsn
+        dsn = self.f.dsn
         if not dsn:
             return False
         conn = await asyncpg.connect(dsn, timeout=self.f.probe_timeout)
@@ -453,7 +470,7 @@ class Coordinator:
             old_region=old,
             epoch=epoch,
             reason=reason,
-            dsn=self.f.postgres_dsn,
+            dsn=self.f.dsn,
             switches=self.switches,
             old_dsns=[u for u in self.f.peer_probes.get(old, []) if "postgres" in u],
             catch_up=self.catch_up,
@@ -486,7 +503,8 @@ class Coordinator:
         if aborted is not None:
             await self._abort(run, aborted)
             return
-        self.fenced = False
+        self._in_recovery = False  # promoted by this takeover
+        self._set_fence(False, own=False)
         self._set_role("active", epoch)
         await self._record(run, primary_last)
 
@@ -498,9 +516,9 @@ class Coordinator:
         try:
             async with asyncio.timeout(self.f.fence_timeout):
                 run.notes["fenced"] = await fencing.fence(
-                    self.f.postgres_dsn, self.f.fencing, self.f.stop_command
+                    self.f.dsn, self.f.fencing, self.f.stop_command
                 )
-            self.fenced = True
+            self._set_fence(True, own=True)
         except (TimeoutError, fencing.FencingError, OSError, asyncpg.PostgresError) as exc:
             run.errors.append(f"fencing after the abort: {type(exc).__name__}: {exc}")
         self.holding, self.renewed_at = False, None
@@ -624,8 +642,8 @@ class Coordinator:
             if answered and view is not None
             else "etcd has not answered yet",
         )
-        if self.f.postgres_dsn:
-            out["database"] = await _db_readiness(self.f.postgres_dsn)
+        if self.f.dsn:
+            out["database"] = await _db_readiness(self.f.dsn)
             lag_ok = self.role == "active" or (self.lag is not None and self.lag <= self.f.max_lag)
             out["lag"] = _result(lag_ok, f"lag {self.lag}s, max {self.f.max_lag:g}s")
         for switch in self.switches:

@@ -12,7 +12,9 @@ The safety argument, in the order the rules are checked:
    etcd is attached to its lease and names it). If it has not renewed for
    ``fence_after`` (< the lease TTL), it fences its own database *before* etcd
    can let the lease expire; it unfences only after a renewal succeeds while
-   the key still names it.
+   the key still names it, and never a fence someone else set while automation
+   is paused (a switchover fences the old primary, then waits for the standby,
+   then moves the lease: the old holder renews meanwhile).
 2. A region takes the lease only in an etcd transaction that requires the
    leader key to be absent and the epoch to be the one it observed, and that
    bumps the epoch: two regions can never both acquire, and every acquisition
@@ -70,6 +72,9 @@ class Observation:
     last_failover: float | None = None
     peer_down_since: float | None = None
     lag: float | None = None
+    fence_external: bool = False
+    """The database is fenced and this process did not fence it (a switchover in progress,
+    an operator, an earlier process)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,11 @@ def decide(o: Observation, r: Rules) -> Decision:
 def _as_holder(o: Observation, r: Rules) -> Decision:
     silent = o.now - o.renewed_at if o.renewed_at is not None else float("inf")
     if o.etcd_ok and o.leader == o.region:
+        if o.fenced and o.fence_external and o.paused:
+            # a switchover fenced this primary and is waiting for the standby: lifting the
+            # fence would let writes in that the new primary never sees
+            why = "leader, fenced by someone else while automation is paused (a switchover?)"
+            return Decision("active", (Action("renew"),), why)
         acts = (Action("renew"),) + ((Action("unfence", "lease renewed"),) if o.fenced else ())
         return Decision("active", acts, "leader: lease renewed")
     if o.etcd_ok:

@@ -130,11 +130,19 @@ def region_data(
     data["failover"] = {
         **FAST,
         **failover,
-        "postgres_dsn": dsn,
+        "postgres_dsn": secret_file(data_dir / "postgres-dsn", dsn),
         "peer_probes": probes,
         "switches": switches,
     }
     return data
+
+
+def secret_file(path: Path, value: str) -> str:
+    """Write ``value`` to ``path`` (mode 0600) and return its reference ``file:<path>``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(value)
+    return f"file:{path}"
 
 
 def region_config(lab: Lab, region: str, **options: Any) -> AgentConfig:

@@ -96,9 +96,18 @@ async def unfence(dsn: str) -> None:
 
 async def is_fenced(dsn: str) -> bool:
     """True if a new session on the cluster starts read-only."""
+    return (await fence_state(dsn))[0]
+
+
+async def fence_state(dsn: str) -> tuple[bool, bool]:
+    """(a new session starts read-only, the cluster is in recovery: a standby)."""
     conn = await _connect(dsn)
     try:
-        return await conn.fetchval("SHOW default_transaction_read_only") == "on"
+        row = await conn.fetchrow(
+            "SELECT current_setting('default_transaction_read_only') = 'on', pg_is_in_recovery()"
+        )
+        assert row is not None
+        return bool(row[0]), bool(row[1])
     finally:
         await conn.close()
 

@@ -122,9 +122,7 @@ class Keeper:
         self.log.warning("agent silent past its deadline: fencing", epoch=self.watch.epoch)
         try:
             async with asyncio.timeout(self.f.fence_timeout):
-                account = await fencing.fence(
-                    self.f.postgres_dsn, self.f.fencing, self.f.stop_command
-                )
+                account = await fencing.fence(self.f.dsn, self.f.fencing, self.f.stop_command)
         except (TimeoutError, fencing.FencingError, OSError) as exc:
             self._warn("keeper fence failed, retrying", f"{type(exc).__name__}: {exc}")
             return

@@ -100,7 +100,7 @@ async def run(
 async def _run(
     c: Coordinator, old: str, old_dsn: str | None, planned: bool, force: bool, within: float
 ) -> dict[str, Any]:
-    dsn = c.f.postgres_dsn
+    dsn = c.f.dsn
     run = Takeover(
         region=c.region,
         old_region=old,

@@ -149,6 +149,11 @@ class WalSource:
         self._gap = None
         try:
             self._db = await asyncpg.connect(self.options.dsn.reveal(), timeout=10)
+            if await self._db.fetchval("SELECT pg_is_in_recovery()"):
+                # a slot made now would hold the standby's timeline, which its promotion ends
+                raise SourceError(
+                    "the database is a standby (in recovery): WAL is shipped from a primary"
+                )
             restart, why = await self._ensure_slot()
             start = position if position else L.segment_start(restart)
             if position and position < L.segment_start(restart):
@@ -160,6 +165,9 @@ class WalSource:
             else:
                 why = None  # a new stream, or a slot re-created before anything was shipped
             await asyncio.to_thread(self._start_replication, start)
+        except SourceError:
+            await self.aclose()
+            raise
         except (OSError, asyncpg.PostgresError, psycopg2.Error) as exc:
             await self.aclose()
             raise SourceError(f"cannot stream from the primary: {exc}") from exc
