@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import sys
 from pathlib import Path
 
-from agent import __version__, logs
+from agent import __version__
 from agent.config import ConfigError, load_config
+from agent.jsonout import print_json
+from replicators import logs
 
 # Each module adds its commands with ``register(subparsers)``.
 COMMAND_MODULES = (
@@ -114,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     demo.set_defaults(func=_cmd_demo)
 
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+    added = {m: importlib.import_module(m).register(sub) for m in COMMAND_MODULES}
+    importlib.import_module("agent.chaos.cli").register(added["agent.lab.cli"])
     _describe(parser)
     return parser
 
@@ -150,11 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dragent: {exc}", file=sys.stderr)
             return 1
         raise
-
-
-def print_json(value: object) -> None:
-    json.dump(value, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":

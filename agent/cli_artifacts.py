@@ -96,7 +96,7 @@ async def _ls(cfg: AgentConfig, stream: str, as_json: bool) -> int:
         for m in sorted(known.values(), key=lambda m: (m.model, m.version))
     ]
     if as_json:
-        from agent.cli import print_json
+        from agent.jsonout import print_json
 
         print_json(rows)
     else:

@@ -56,8 +56,8 @@ def _stream(cfg: AgentConfig, path: str, name: str | None, bucket: str | None) -
 async def _restore(
     cfg: AgentConfig, stream: StreamConfig, prefix: str, to_ns: int, into: str
 ) -> int:
+    from replicators.bucket import Bucket
     from replicators.keys import build_key_provider
-    from replicators.objects.bucket import Bucket
     from replicators.objects.restore import restore
     from replicators.s3 import S3Store
     from replicators.vault import Vault

@@ -15,9 +15,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, ValidationError, field_validator, model_validator
 
-from agent.configbase import (
+from agent.failover_config import EtcdConfig, FailoverConfig, fencing_budget
+from agent.policy_config import PolicyConfig
+from replicators.artifacts.options import ArtifactsOptions
+from replicators.errors import DragentError
+from replicators.objects.options import ObjectsOptions
+from replicators.postgres.options import PostgresOptions
+from replicators.settings import (
     Duration,
     KeysConfig,
     Name,
@@ -27,12 +33,7 @@ from agent.configbase import (
     SecretRef,
     Section,
 )
-from agent.failover_config import EtcdConfig, FailoverConfig, fencing_budget
-from agent.policy_config import PolicyConfig
-from replicators.artifacts.options import ArtifactsOptions
-from replicators.errors import DragentError
-from replicators.objects.options import ObjectsOptions
-from replicators.postgres.options import PostgresOptions
+from replicators.synthetic import SyntheticOptions
 
 __all__ = [
     "AgentConfig",
@@ -64,12 +65,6 @@ class PeerConfig(Section):
     agent_url: str | None = None
     vault: S3Config
     keys: KeysConfig
-
-
-class SyntheticOptions(Section):
-    rate: float = Field(default=200.0, gt=0, description="records per second")
-    record_size: int = Field(default=512, ge=16, le=16 * 1024 * 1024)
-    compressible: bool = True
 
 
 StreamKindName = Literal["synthetic", "postgres", "objects", "artifacts"]

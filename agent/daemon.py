@@ -21,7 +21,6 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from agent import logs
 from agent.catchup import drain_sinks
 from agent.collector import ProgressCollector
 from agent.compliance.monitor import ComplianceMonitor
@@ -32,6 +31,7 @@ from agent.streams import EPOCH, build_tasks
 from agent.supervise import StreamTask, run_stream
 from agent.systemd import Notifier
 from agent.verifyjobs import VerifyJobs
+from replicators import logs
 from replicators.metrics import Metrics
 from replicators.postgres.pgmetrics import COLLECTOR as PG_COLLECTOR
 from replicators.wrappers import StoreMetrics

@@ -27,11 +27,11 @@ import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.config import load_config
-from agent.configbase import S3Config
 from agent.demo_workload import count_objects, put_objects, tree_digest, write_model
 from agent.lab import Lab
 from agent.lab.seaweed import find_weed
 from agent.vaultcmd import vault_verify
+from replicators.settings import S3Config
 
 PG_STREAM = "pg"
 OBJECTS_STREAM = "objects"

@@ -7,8 +7,8 @@ import os
 import random
 from pathlib import Path
 
-from agent.configbase import S3Config
 from replicators.s3 import S3Store
+from replicators.settings import S3Config
 
 TENSORS = 32
 TENSOR_BYTES = 512 * 1024

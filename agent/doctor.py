@@ -28,14 +28,14 @@ from typing import Any
 import asyncpg
 
 from agent.config import AgentConfig
-from agent.configbase import KeysConfig, S3Config
 from agent.coordination.health import redact
 from agent.coordination.lease import EtcdLease
 from agent.failover_config import EtcdConfig
-from agent.switch.base import build_switch
+from agent.switch import build_switch
 from replicators.keys import build_key_provider
 from replicators.s3 import S3Store
 from replicators.segment import read_header
+from replicators.settings import KeysConfig, S3Config
 from replicators.vault import Vault
 
 DEADLINE = 10.0

@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from agent.configbase import (
+from replicators.settings import (
     Duration,
     Name,
     PositiveDuration,

@@ -7,7 +7,7 @@ section changes what passes.
 
 from __future__ import annotations
 
-from agent.configbase import PositiveDuration, Section
+from replicators.settings import PositiveDuration, Section
 
 DAY = 86400.0
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-from agent import logs
 from agent.config import AgentConfig, PeerConfig
 from agent.supervise import StreamTask
+from replicators import logs
 from replicators.errors import StorageError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.kinds import build_background, build_source, build_target

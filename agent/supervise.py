@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent import logs
 from agent.backoff import Backoff
+from replicators import logs
 from replicators.errors import DragentError, IntegrityError
 from replicators.metrics import Metrics
 from replicators.progress import StreamProgress

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.cli import print_json
 from agent.config import AgentConfig
+from agent.jsonout import print_json
 from replicators import lineage
 from replicators.errors import IntegrityError
 from replicators.keys import build_key_provider, unseal

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent import logs
-from replicators import kinds
+from replicators import kinds, logs
 from verifiers.report import load_or_create_signing_key, sign
 
 if TYPE_CHECKING:

@@ -55,7 +55,6 @@ import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import logs
 from agent.agentproc import AgentProcess
 from agent.coordination import fencing
 from agent.coordination.drill import FAST, Drill, Writer, kill_trial, present_ids
@@ -64,8 +63,9 @@ from agent.coordination.takeover import promote
 from agent.failover_config import Rfc2136Switch
 from agent.lab import Lab
 from agent.lab.bind import lab_dns, resolve
-from agent.switch.base import build_switch
+from agent.switch import build_switch
 from agent.switch.rfc2136 import Rfc2136
+from replicators import logs
 
 COLUMNS = (*PHASES, "rto_record", "rto_client", "rpo_heartbeat", "rpo_client", "lost_rows")
 WORK_ROOT = Path("/tmp/dragent-failover-bench")  # reachable by the postgres OS user

@@ -49,10 +49,10 @@ from prometheus_client import CollectorRegistry
 from agent.config import load_config
 from agent.lab import Lab
 from benchmarks._baseline import require
+from replicators.bucket import Bucket, find_weed_binary
 from replicators.keys import build_key_provider
 from replicators.metrics import Metrics
 from replicators.objects import records as rec
-from replicators.objects.bucket import Bucket, find_weed_binary
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource

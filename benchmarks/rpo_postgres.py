@@ -73,7 +73,6 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.config import load_config
-from agent.configbase import S3Config, Secret
 from agent.lab import Lab
 from benchmarks._baseline import require
 from benchmarks._s3count import CountingProxy
@@ -84,6 +83,7 @@ from replicators.postgres.options import PostgresOptions
 from replicators.postgres.walsource import WalSource
 from replicators.progress import StreamProgress
 from replicators.s3 import S3Store
+from replicators.settings import S3Config, Secret
 from replicators.shipper import Shipper, ShipperSettings
 from replicators.vault import Vault
 from replicators.wrappers import InstrumentedStore, StoreMetrics

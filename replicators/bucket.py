@@ -1,4 +1,4 @@
-"""A bucket as the ``objects`` kind needs it: heads with LastModified, ranged and
+"""A bucket as the ``objects`` and ``artifacts`` kinds need it: heads with LastModified, ranged and
 conditional reads, content types, and multipart uploads driven part by part.
 
 Built on ``S3Store`` (same client, same single retry layer, same error

@@ -36,9 +36,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.config import KeysConfig
 from replicators.errors import IntegrityError, KeyAccessError, Unavailable
 from replicators.segment import KEY_SIZE, DataKey, OpenedSegment, open_segment, read_header
+from replicators.settings import KeysConfig
 
 KEY_FILE_FORMAT = "dragent-kek/1"
 KMS_CONTEXT = {"purpose": "dragent-segment"}

@@ -22,11 +22,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.settings import AgentSettings, PeerSettings, StreamSettings
     from replicators.stream import Source, Target
 
 KIND_MODULES = {
-    "synthetic": "replicators.synthetic",
+    "synthetic": "replicators.synthetic.kind",
     "postgres": "replicators.postgres.kind",
     "objects": "replicators.objects.kind",
     "artifacts": "replicators.artifacts.kind",
@@ -50,17 +50,17 @@ def module(kind: str) -> ModuleType:
 
 
 def build_source(
-    stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path
+    stream: StreamSettings, agent: AgentSettings, peer: PeerSettings, state_dir: Path
 ) -> Source:
     return module(stream.kind).source(stream, agent, peer, state_dir)
 
 
-def build_target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+def build_target(stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> Target:
     return module(stream.kind).target(stream, agent, state_dir)
 
 
 def build_background(
-    stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
+    stream: StreamSettings, agent: AgentSettings, role: str, state_dir: Path
 ) -> list[Background]:
     make = getattr(module(stream.kind), "background", None)
     return [] if make is None else list(make(stream, agent, role, state_dir))

@@ -31,6 +31,10 @@ class LogWalk:
     keys: KeyProvider
     stream: str
     stale: list[SegmentRef] = field(default_factory=list)
+    bytes: int = 0
+    """Bytes of the segments fetched so far."""
+    at: SegmentRef | None = None
+    """The segment being read (after an ``IntegrityError``: the one that failed)."""
 
     async def refs(self) -> list[SegmentRef]:
         """The stream's segments that belong to its log, in order (names only)."""
@@ -41,8 +45,11 @@ class LogWalk:
 
     async def open(self, ref: SegmentRef) -> OpenedSegment:
         """Fetch and open one segment, its name bound to its header."""
+        self.at = ref
+        blob = await self.vault.get_segment(ref)
+        self.bytes += len(blob)
         return await unseal(
-            await self.vault.get_segment(ref),
+            blob,
             self.keys,
             expect_stream=ref.stream,
             expect_epoch=ref.epoch,

@@ -25,7 +25,6 @@ import google_crc32c
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from agent.config import S3Config
 from replicators.errors import (
     AccessDenied,
     AlreadyExists,
@@ -34,6 +33,7 @@ from replicators.errors import (
     StorageError,
     Unavailable,
 )
+from replicators.settings import S3Config
 from replicators.store import ObjectInfo
 
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}

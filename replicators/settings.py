@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -136,3 +137,71 @@ class KeysConfig(Section):
         if self.provider == "aws-kms" and not self.kms_key_id:
             raise ValueError("provider 'aws-kms' needs kms_key_id")
         return self
+
+
+class PeerSettings(Protocol):
+    """What the stream kinds read of another region's settings (``agent.config.PeerConfig``
+    is one): the core never imports the agent that assembles it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vault(self) -> S3Config: ...
+
+    @property
+    def keys(self) -> KeysConfig: ...
+
+
+class StreamSettings(Protocol):
+    """What the stream kinds read of one stream's settings (``agent.config.StreamConfig``):
+    its name and kind, and the options table of its kind (``None`` for the others)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def segment_max_bytes(self) -> int: ...
+
+    @property
+    def segment_max_age(self) -> float: ...
+
+    @property
+    def synthetic(self) -> Any: ...
+
+    @property
+    def postgres(self) -> Any: ...
+
+    @property
+    def objects(self) -> Any: ...
+
+    @property
+    def artifacts(self) -> Any: ...
+
+
+class AgentSettings(Protocol):
+    """What the stream kinds read of a region's settings (``agent.config.AgentConfig``)."""
+
+    @property
+    def region(self) -> str: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    @property
+    def vault(self) -> S3Config: ...
+
+    @property
+    def keys(self) -> KeysConfig: ...
+
+    @property
+    def peers(self) -> Sequence[PeerSettings]: ...
+
+    @property
+    def streams(self) -> Sequence[StreamSettings]: ...

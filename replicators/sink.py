@@ -21,8 +21,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from agent import logs
-from replicators import lineage
+from replicators import lineage, logs
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, unseal
 from replicators.lineage import check_continuity

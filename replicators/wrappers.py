@@ -18,9 +18,9 @@ from typing import ClassVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from agent.config import S3Config
 from replicators.errors import StorageError, Unavailable
 from replicators.s3 import S3Store
+from replicators.settings import S3Config
 from replicators.store import ObjectInfo, ObjectStore
 
 

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from agent.failover_config import ExecSwitch, Rfc2136Switch, WebhookSwitch
 from agent.lab.bind import ADDRESSES, BindServer, resolve
-from agent.switch.base import SwitchError, build_switch
+from agent.switch import build_switch
+from agent.switch.base import SwitchError
 from agent.switch.hooks import ExecHook, WebhookHook
 from agent.switch.rfc2136 import Rfc2136
 

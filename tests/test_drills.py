@@ -12,7 +12,6 @@ import pytest
 
 from agent.compliance.controls import DRILL_RESTORE
 from agent.config import AgentConfig, StreamConfig, SyntheticOptions
-from agent.configbase import Secret
 from agent.drills import restore_drill, run_restore_drill
 from agent.drills.postgres import SCRATCH_ROOT
 from agent.evidence import EvidenceLog
@@ -22,6 +21,7 @@ from replicators.keys import build_key_provider
 from replicators.postgres.options import PostgresOptions
 from replicators.s3 import S3Store
 from replicators.segment import seal
+from replicators.settings import Secret
 from replicators.synthetic import make_record
 from replicators.vault import SegmentRef, Vault
 from tests.support import eventually

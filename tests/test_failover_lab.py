@@ -198,10 +198,10 @@ async def test_no_wal_stream_starts_from_a_standby(drill: Drill) -> None:
     """A region that holds the lease before its standby is promoted (a switchover hands it
     over, then promotes) must not create its slot yet: a slot made on the standby holds
     a timeline the promotion ends, and streaming from it fails for good."""
-    from agent.configbase import Secret
     from replicators.errors import SourceError
     from replicators.postgres.options import PostgresOptions
     from replicators.postgres.walsource import WalSource
+    from replicators.settings import Secret
 
     slot = "dragent_standby_probe"
     options = PostgresOptions(dsn=Secret(drill.b_dsn, "test"), slot=slot)

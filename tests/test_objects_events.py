@@ -14,8 +14,8 @@ import pytest_asyncio
 
 from agent.config import AgentConfig
 from agent.lab import Lab
+from replicators.bucket import find_weed_binary
 from replicators.errors import NotFound
-from replicators.objects.bucket import find_weed_binary
 from replicators.objects.events import Hint
 from replicators.objects.tail import FilerTail
 from tests.support import eventually

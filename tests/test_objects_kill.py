@@ -15,8 +15,8 @@ import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.lab import Lab
+from replicators.bucket import Bucket, find_weed_binary
 from replicators.errors import NotFound
-from replicators.objects.bucket import Bucket, find_weed_binary
 from replicators.objects.records import META_VERSION, Version
 from tests.support import eventually
 from tests.test_objects_rig import filer_address, options, s3, same

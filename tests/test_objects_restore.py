@@ -12,9 +12,9 @@ import pytest
 from agent.config import AgentConfig, load_config
 from agent.lab import Lab
 from agent.lab.seaweed import ensure_buckets
+from replicators.bucket import Bucket
 from replicators.errors import IntegrityError
 from replicators.keys import build_key_provider
-from replicators.objects.bucket import Bucket
 from replicators.objects.restore import restore
 from replicators.s3 import S3Store
 from replicators.vault import SegmentRef, Vault

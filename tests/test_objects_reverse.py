@@ -13,8 +13,8 @@ import pytest_asyncio
 
 from agent.config import AgentConfig, StreamConfig
 from agent.lab import Lab
+from replicators.bucket import Bucket, find_weed_binary
 from replicators.objects import kind
-from replicators.objects.bucket import Bucket, find_weed_binary
 from replicators.objects.options import ObjectsOptions
 from tests.support import eventually
 from tests.test_objects_rig import Rig, filer_address, options, snapshot, stream_config

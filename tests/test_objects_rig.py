@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig, StreamConfig
 from agent.lab import Lab
+from replicators.bucket import Bucket
 from replicators.errors import NotFound
 from replicators.keys import build_key_provider
 from replicators.metrics import Metrics
-from replicators.objects.bucket import Bucket
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource

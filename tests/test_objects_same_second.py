@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 
 from agent.lab import Lab
+from replicators.bucket import Bucket
 from replicators.objects import records as rec
-from replicators.objects.bucket import Bucket
 from replicators.objects.index import ShippedIndex
 from replicators.objects.source import ObjectsSource
 from tests.test_objects_rig import options

@@ -31,8 +31,8 @@ from pydantic import ValidationError
 from agent.config import AgentConfig
 from agent.lab import Lab
 from agent.lab.moto import MotoServer
+from replicators.bucket import Bucket
 from replicators.errors import NotFound
-from replicators.objects.bucket import Bucket
 from replicators.objects.options import ObjectsOptions, SqsEvents
 from replicators.objects.source import ObjectsSource
 from replicators.objects.sqs import SqsPoller

@@ -31,7 +31,6 @@ from prometheus_client import CollectorRegistry
 
 from agent.agentproc import AgentProcess
 from agent.config import AgentConfig, StreamConfig, load_config
-from agent.configbase import Secret
 from agent.lab import Lab
 from agent.supervise import StreamTask, run_stream
 from replicators.keys import KeyProvider, build_key_provider
@@ -49,6 +48,7 @@ from replicators.postgres.walfetch import fetch
 from replicators.postgres.walsource import WalSource
 from replicators.progress import StreamProgress
 from replicators.s3 import S3Store
+from replicators.settings import Secret
 from replicators.shipper import Shipper, ShipperSettings
 from replicators.sink import Sink, SinkSettings
 from replicators.vault import SegmentRef, Vault

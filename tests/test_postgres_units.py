@@ -179,10 +179,10 @@ def test_a_restore_before_the_first_backup_names_the_earliest_point() -> None:
 async def test_a_restore_to_a_future_time_is_refused_before_anything_is_made(
     tmp_path: Path,
 ) -> None:
-    from agent.configbase import Secret
     from replicators.errors import SourceError
     from replicators.postgres.options import PostgresOptions
     from replicators.postgres.restore import restore
+    from replicators.settings import Secret
 
     options = PostgresOptions(dsn=Secret("postgresql://x@127.0.0.1:1/app", "test"))
     target = RestoreTarget(time=time.time() + 3600)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.backoff import Backoff
-from agent.logs import RateLimited
 from replicators.errors import IntegrityError
+from replicators.logs import RateLimited
 from replicators.postgres.walsource import LsnClock
 from replicators.progress import StreamProgress
 from replicators.sink import check_continuity

@@ -20,8 +20,9 @@ from aiobotocore.session import AioSession, get_session
 
 from agent.failover_config import Route53Switch
 from agent.lab.moto import MotoServer
+from agent.switch import build_switch
 from agent.switch import route53 as route53_module
-from agent.switch.base import SwitchError, build_switch
+from agent.switch.base import SwitchError
 from agent.switch.route53 import Route53
 from tests.moto import client
 

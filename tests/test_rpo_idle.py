@@ -28,8 +28,8 @@ from agent.lab import Lab
 from agent.supervise import StreamTask
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.source import ArtifactsSource
+from replicators.bucket import Bucket, find_weed_binary
 from replicators.keys import KeyProvider, build_key_provider
-from replicators.objects.bucket import Bucket, find_weed_binary
 from replicators.objects.source import ObjectsSource
 from replicators.pair import lab_shipper
 from replicators.s3 import S3Store

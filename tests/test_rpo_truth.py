@@ -28,7 +28,6 @@ from agent.backoff import Backoff
 from agent.collector import ProgressCollector
 from agent.compliance import controls as c
 from agent.config import AgentConfig, StreamConfig
-from agent.configbase import Secret
 from agent.lab import Lab
 from agent.supervise import StreamTask
 from replicators.keys import KeyProvider, build_key_provider, unseal
@@ -41,6 +40,7 @@ from replicators.postgres.restore import RestoreTarget, WalGapError, fill_spool
 from replicators.postgres.spool import WalSpool, decode_records
 from replicators.postgres.walsource import WalSource
 from replicators.s3 import S3Store
+from replicators.settings import Secret
 from replicators.store import ObjectInfo, ObjectStore
 from replicators.vault import Vault
 from tests.support import eventually, running

@@ -29,8 +29,8 @@ from typing import Any
 
 import xxhash
 
+from replicators.bucket import Bucket
 from replicators.errors import AlreadyExists, NotFound
-from replicators.objects.bucket import Bucket
 from replicators.objects.index import ShippedIndex
 from replicators.objects.mirror import mirror_metadata
 from replicators.objects.records import META_HASH, Head, Version

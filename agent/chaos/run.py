@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import logs
 from agent.chaos import faults as F
 from agent.chaos import workload
 from agent.chaos.checker import check
@@ -37,6 +36,7 @@ from agent.failover_config import fencing_budget
 from agent.lab import Lab, LabError
 from agent.lab.bind import lab_dns
 from agent.lab.processes import poll
+from replicators import logs
 from replicators.errors import IntegrityError
 from replicators.synthetic import SyntheticTarget, make_record, parse_record, read_applied_log
 

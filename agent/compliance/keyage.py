@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.configbase import KeysConfig
+from replicators.settings import KeysConfig
 
 _KEY_ID = re.compile(r"^k-(\d{8}-\d{6})-[0-9a-f]+$")
 

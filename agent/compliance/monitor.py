@@ -36,12 +36,12 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agent import logs
 from agent.compliance import controls as c
 from agent.compliance.keyage import key_ages, key_versions, named_keys
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog
 from agent.evidence.chain import SigningKeyError
+from replicators import logs
 from replicators.errors import DragentError, StorageError
 from replicators.postgres import gaps
 

@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import asyncpg
 
-from agent import logs
 from agent.config import AgentConfig
 from agent.coordination import events, fencing
 from agent.coordination.decide import Action, Decision, Observation, Role, Rules, decide
@@ -30,7 +29,8 @@ from agent.coordination.health import Heartbeat, PeerWatch, probe
 from agent.coordination.keeper import KeeperClient
 from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
 from agent.coordination.takeover import LeaseLost, Takeover, until
-from agent.switch.base import build_switch
+from agent.switch import build_switch
+from replicators import logs
 
 Mode = Literal["active", "fenced", "passive"]
 PAGE_EVERY = 300.0

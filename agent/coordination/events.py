@@ -27,8 +27,8 @@ from typing import Any
 
 import aiohttp
 
-from agent import logs
-from agent.configbase import Secret
+from replicators import logs
+from replicators.settings import Secret
 
 PHASES = ("detection", "fencing", "catch_up", "promotion", "dns", "serving")
 _MARKS = ("failure_seen", "acquired", "fenced", "caught_up", "promoted", "dns_switched", "serving")

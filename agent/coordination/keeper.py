@@ -32,9 +32,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import logs
 from agent.coordination import fencing
 from agent.failover_config import FailoverConfig
+from replicators import logs
 
 
 @dataclass

@@ -44,7 +44,7 @@ async def restore_and_compare(
     result: Any,
 ) -> None:
     """Fill ``result`` (a ``StreamResult``). Never leaves the scratch bucket behind."""
-    from replicators.objects.bucket import Bucket
+    from replicators.bucket import Bucket
     from replicators.objects.restore import restore
     from verifiers.objects import compare, source_tree
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from agent.configbase import S3Config
 from replicators.s3 import S3Store
+from replicators.settings import S3Config
 
 
 class LockedWriter(S3Store):

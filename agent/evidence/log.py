@@ -27,7 +27,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.configbase import S3Config
 from agent.evidence.chain import (
     KEY_CHANGE,
     PREFIX,
@@ -48,6 +47,7 @@ from agent.evidence.keys import read_private_key, same_key
 from agent.evidence.locked import LockedWriter
 from replicators.errors import AlreadyExists, IntegrityError, NotFound
 from replicators.s3 import S3Store
+from replicators.settings import S3Config
 from verifiers.report import key_id, load_or_create_signing_key
 
 _APPEND_ATTEMPTS = 5

@@ -28,8 +28,9 @@ from agent.lab.processes import LabError
 Command = Callable[[argparse.Namespace], int]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the ``lab`` command and its subcommands to a ``dragent`` subparsers object."""
+def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add the ``lab`` command and its subcommands to a ``dragent`` subparsers object;
+    return the lab's own subparsers (``agent.chaos.cli`` adds ``lab chaos`` there)."""
     lab = sub.add_parser(
         "lab",
         help="run regions a and b and a witness on this machine, with real servers",
@@ -64,43 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     fault.add_argument("words", nargs="+", metavar="ARG", help=FAULT_USAGE)
     fault.set_defaults(func=cmd_fault)
-    chaos = commands.add_parser(
-        "chaos", help="a seeded nemesis, a workload and a checker on a netns lab (root)"
-    )
-    chaos.add_argument("--minutes", type=float, default=3.0, help="length of the faults phase")
-    chaos.add_argument("--seed", type=int, default=1, help="the schedule's seed")
-    chaos.add_argument(
-        "--faults", default=None, help="comma-separated kinds (default: all; see docs/chaos.md)"
-    )
-    chaos.add_argument("--sync", action="store_true", help="zero-loss mode: no write may be lost")
-    chaos.add_argument("--dir", type=Path, default=Path(".lab-chaos"), help="work directory")
-    chaos.add_argument("--json", action="store_true", help="print the verdict as JSON")
-    chaos.set_defaults(func=cmd_chaos)
-
-
-def cmd_chaos(args: argparse.Namespace) -> int:
-    from agent.chaos.faults import TARGETS
-    from agent.chaos.run import DEFAULT_FAULTS, chaos
-
-    faults = tuple(args.faults.split(",")) if args.faults else DEFAULT_FAULTS
-    unknown = [f for f in faults if f not in TARGETS]
-    if unknown:
-        print(f"dragent lab chaos: unknown faults {unknown}: expected {sorted(TARGETS)}",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    root = args.dir.resolve()
-    out = root / f"run-{args.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    verdict = asyncio.run(
-        chaos(root, out, minutes=args.minutes, seed=args.seed, faults=faults, sync=args.sync)
-    )
-    if args.json:
-        print(json.dumps(verdict, indent=2, sort_keys=True))
-    else:
-        lost = verdict.get("lost", [])
-        print(f"verdict: {'ok' if verdict['ok'] else 'FAILED'}; {len(lost)} writes lost; "
-              f"split brain: {len(verdict.get('split_brain', []))}; files in {out}")  # fmt: skip
-    return 0 if verdict["ok"] else 1
+    return commands
 
 
 def _lab(args: argparse.Namespace) -> Lab:

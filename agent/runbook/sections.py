@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from agent.config import AgentConfig, StreamConfig
-from agent.configbase import S3Config
+from replicators.settings import S3Config
 
 
 def _vault(v: S3Config) -> str:

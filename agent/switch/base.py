@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from agent.failover_config import SwitchConfig
 from replicators.errors import DragentError
 
 
@@ -38,20 +37,3 @@ def record_value(records: Mapping[str, str], region: str) -> str:
         return records[region]
     except KeyError:
         raise SwitchError(f"no record value configured for region {region!r}") from None
-
-
-def build_switch(cfg: SwitchConfig) -> Switch:
-    """The provider for one configured switch."""
-    if cfg.provider == "rfc2136":
-        from agent.switch.rfc2136 import Rfc2136
-
-        return Rfc2136(cfg)
-    if cfg.provider == "route53":
-        from agent.switch.route53 import Route53
-
-        return Route53(cfg)
-    from agent.switch.hooks import ExecHook, WebhookHook
-
-    if cfg.provider == "exec":
-        return ExecHook(cfg)
-    return WebhookHook(cfg)

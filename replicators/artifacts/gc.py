@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import logs
+from replicators import logs
 from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.packs import packs_prefix
 from replicators.artifacts.restore import read_catalogue
@@ -39,7 +39,7 @@ from replicators.vault import Vault
 if TYPE_CHECKING:
     import asyncio
 
-    from agent.config import PeerConfig
+    from replicators.settings import PeerSettings
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Collector:
     """The background job of one (stream, destination): ``sync_once`` runs one pass."""
 
     def __init__(
-        self, stream: str, peer: PeerConfig, state_dir: Path, grace: float, retention: float
+        self, stream: str, peer: PeerSettings, state_dir: Path, grace: float, retention: float
     ) -> None:
         self.stream, self.peer, self.state_dir = stream, peer, state_dir
         self.grace, self.retention = grace, retention

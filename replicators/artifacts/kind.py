@@ -16,12 +16,12 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from replicators.artifacts import layout
+from replicators.artifacts import layout, open_model_store
 from replicators.artifacts.chunker import Chunker
 from replicators.artifacts.gc import Collector
 from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, decode
-from replicators.artifacts.modelstore import ModelStore, open_model_store
+from replicators.artifacts.modelstore import ModelStore
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import open_vault
 from replicators.artifacts.restore import catalogue, scrub
@@ -34,21 +34,21 @@ from replicators.s3 import S3Store
 from replicators.vault import Vault
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.settings import AgentSettings, PeerSettings, StreamSettings
     from replicators.stream import Source, Target
 
 KIND = "artifacts"
 
 
-def _options(stream: StreamConfig) -> ArtifactsOptions:
-    assert stream.artifacts is not None  # StreamConfig requires the table for this kind
+def _options(stream: StreamSettings) -> ArtifactsOptions:
+    assert stream.artifacts is not None  # StreamSettings requires the table for this kind
     return stream.artifacts
 
 
 class _SourceWithStore(ArtifactsSource):
     """Opens the destination's store on ``resume`` and closes it with the source."""
 
-    def __init__(self, stream: StreamConfig, peer: PeerConfig, state_dir: Path) -> None:
+    def __init__(self, stream: StreamSettings, peer: PeerSettings, state_dir: Path) -> None:
         self._peer = peer
         self._stack = AsyncExitStack()
         keys = build_key_provider(peer.keys)
@@ -67,7 +67,7 @@ class _SourceWithStore(ArtifactsSource):
 
 
 class _TargetWithStore(ArtifactsTarget):
-    def __init__(self, stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> None:
         self._agent = agent
         self._stack = AsyncExitStack()
         super().__init__(_options(stream), _Unopened(), build_key_provider(agent.keys), state_dir)
@@ -90,16 +90,18 @@ class _Unopened:
         raise RuntimeError("the artifacts store is used before it was opened")
 
 
-def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
+def source(
+    stream: StreamSettings, agent: AgentSettings, peer: PeerSettings, state_dir: Path
+) -> Source:
     return _SourceWithStore(stream, peer, state_dir)
 
 
-def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+def target(stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> Target:
     return _TargetWithStore(stream, agent, state_dir)
 
 
 def background(
-    stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
+    stream: StreamSettings, agent: AgentSettings, role: str, state_dir: Path
 ) -> list[Background]:
     """The active side collects unreferenced packs in every peer's vault (``gc.py``)."""
     if role != "active":
@@ -253,7 +255,7 @@ async def _vault_side(
 
 
 async def verify(
-    stream: StreamConfig, agent: AgentConfig, *, deep: bool = False, repair: bool = False
+    stream: StreamSettings, agent: AgentSettings, *, deep: bool = False, repair: bool = False
 ) -> dict[str, Any]:
     """Compare manifest roots: this region's model store against the vault's manifests.
 

@@ -32,8 +32,6 @@ from replicators.errors import SourceError
 if TYPE_CHECKING:
     import asyncio
 
-    from replicators.artifacts.options import ArtifactsOptions
-
 
 class Changed(SourceError):
     """The file changed or vanished while it was read: the source tries the version again
@@ -59,14 +57,3 @@ class ModelStore(Protocol):
     async def wait(self, delay: float, stop: asyncio.Event) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-async def open_model_store(options: ArtifactsOptions) -> ModelStore:
-    """The model store the options name (an S3 prefix when ``s3`` is set, else ``root``)."""
-    if options.s3 is not None:
-        from replicators.artifacts.prefix import PrefixStore
-
-        return await PrefixStore.open(options.s3)
-    from replicators.artifacts.tree import TreeStore
-
-    return TreeStore(options.root, watch=options.watch)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import ByteSize, Field, model_validator
 
-from agent.configbase import Duration, PositiveDuration, S3Config, Section
+from replicators.settings import Duration, PositiveDuration, S3Config, Section
 
 
 class ArtifactsOptions(Section):

@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.configbase import S3Config
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, unseal
 from replicators.s3 import S3Store
 from replicators.segment import DataKey, OpenedSegment, seal
+from replicators.settings import S3Config
 
 _KEY = re.compile(r"artifacts/([a-z0-9][a-z0-9-]*)/packs/([0-9a-f]{8,32})/([0-9]{12})\.pack")
 FRAME_SIZE = 1 << 20

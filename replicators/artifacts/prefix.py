@@ -28,12 +28,12 @@ import contextlib
 from datetime import datetime
 from typing import Any, ClassVar
 
-from agent.configbase import S3Config
 from replicators.artifacts.layout import FileInfo, VersionInfo
 from replicators.artifacts.manifest import valid_name, valid_path
 from replicators.artifacts.modelstore import Changed
+from replicators.bucket import Bucket
 from replicators.errors import AlreadyExists, NotFound, SourceError, StorageError
-from replicators.objects.bucket import Bucket
+from replicators.settings import S3Config
 
 KIND = "s3"
 RANGE = 8 << 20

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, ParamSpec, TypeVar
 
-from agent import logs
-from replicators.artifacts import layout
+from replicators import logs
+from replicators.artifacts import layout, open_model_store
 from replicators.artifacts.chunker import Chunker, Piece
 from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.manifest import (
@@ -46,7 +46,7 @@ from replicators.artifacts.manifest import (
     encode,
     encode_tombstone,
 )
-from replicators.artifacts.modelstore import Changed, ModelStore, open_model_store
+from replicators.artifacts.modelstore import Changed, ModelStore
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.packs import PackRef, seal_pack
 from replicators.artifacts.restore import catalogue

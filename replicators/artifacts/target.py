@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from agent import logs
-from replicators import checkpoint
+from replicators import checkpoint, logs
 from replicators.artifacts.assemble import LocalChunks, MissingPack, assemble, fsync_dir
 from replicators.artifacts.manifest import Manifest, Tombstone, decode, decode_record, encode
 from replicators.artifacts.options import ArtifactsOptions

@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from agent import logs
-from replicators import checkpoint
+from replicators import checkpoint, logs
+from replicators.bucket import Bucket
 from replicators.kinds import Background
-from replicators.objects.bucket import Bucket
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
@@ -29,14 +28,14 @@ from replicators.stream import Applied, Change
 from replicators.vault import SegmentRef
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.settings import AgentSettings, PeerSettings, StreamSettings
     from replicators.stream import Source, Target
 
 KIND = "objects"
 log = logs.get("objects")
 
 
-def _options(stream: StreamConfig, active_region: str) -> ObjectsOptions:
+def _options(stream: StreamSettings, active_region: str) -> ObjectsOptions:
     """The stream's options oriented for ``active_region`` (see ``ObjectsOptions.oriented``)."""
     assert stream.objects is not None  # the config validator guarantees it
     return stream.objects.oriented(active_region)
@@ -106,11 +105,13 @@ class LazyTarget:
             await self.inner.aclose()
 
 
-def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
+def source(
+    stream: StreamSettings, agent: AgentSettings, peer: PeerSettings, state_dir: Path
+) -> Source:
     return LazySource(_options(stream, agent.region), state_dir)
 
 
-def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+def target(stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> Target:
     """Applies into this region's bucket: the mirror while a peer is active."""
     return LazyTarget(_options(stream, _peer(agent)), state_dir)
 
@@ -119,7 +120,7 @@ class AntiEntropy:
     """A background job of the active agent: verify with repair every ``verify_interval``;
     the latest unsigned report is kept in ``<state_dir>/verify-latest.json``."""
 
-    def __init__(self, stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> None:
+    def __init__(self, stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> None:
         self.stream = stream
         self.agent = agent
         self.path = state_dir / "verify-latest.json"
@@ -139,7 +140,7 @@ class AntiEntropy:
 
 
 def background(
-    stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
+    stream: StreamSettings, agent: AgentSettings, role: str, state_dir: Path
 ) -> list[Background]:
     every = _options(stream, agent.region).verify_interval
     if role != "active" or every <= 0:
@@ -147,12 +148,12 @@ def background(
     return [Background("anti-entropy", AntiEntropy(stream, agent, state_dir), every)]
 
 
-def _peer(agent: AgentConfig) -> str:
+def _peer(agent: AgentSettings) -> str:
     return agent.peers[0].name if agent.peers else agent.region
 
 
 async def verify(
-    stream: StreamConfig, agent: AgentConfig, *, deep: bool = False, repair: bool = False
+    stream: StreamSettings, agent: AgentSettings, *, deep: bool = False, repair: bool = False
 ) -> dict[str, Any]:
     """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects)."""
     from verifiers.objects import verify_buckets

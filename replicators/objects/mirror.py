@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from replicators import checkpoint
+from replicators.bucket import Bucket
 from replicators.errors import IntegrityError, NotFound, StorageError
 from replicators.objects import records as rec
-from replicators.objects.bucket import Bucket
 from replicators.segment import SegmentHeader
 from replicators.stream import Applied
 from replicators.vault import SegmentRef

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import ByteSize, Field, model_validator
 
-from agent.configbase import Duration, PositiveDuration, S3Config, SecretRef, Section
+from replicators.settings import Duration, PositiveDuration, S3Config, SecretRef, Section
 
 
 class FilerEvents(Section):

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from replicators.bucket import Bucket
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider
 from replicators.logread import LogWalk
 from replicators.objects import records as rec
-from replicators.objects.bucket import Bucket
 from replicators.vault import SegmentRef, Vault
 
 

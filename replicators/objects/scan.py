@@ -23,7 +23,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from replicators.objects.bucket import Bucket, ObjectState
+from replicators.bucket import Bucket, ObjectState
 from replicators.objects.index import ShippedIndex
 from replicators.objects.queue import ChangeQueue
 

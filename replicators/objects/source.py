@@ -30,10 +30,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from agent import logs
+from replicators import logs
+from replicators.bucket import Bucket, ObjectState
 from replicators.errors import AlreadyExists, NotFound
 from replicators.objects import records as rec
-from replicators.objects.bucket import Bucket, ObjectState
 from replicators.objects.index import Entry, ShippedIndex
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.queue import ChangeQueue

@@ -45,7 +45,7 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from agent import logs
+from replicators import logs
 from replicators.objects.events import Hint, s3_event_hints
 from replicators.objects.options import SqsEvents
 

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 
-from agent import logs
+from replicators import logs
 from replicators.objects.events import Hint, JsonStream, event_time, filer_hints
 from replicators.objects.options import FilerEvents
 

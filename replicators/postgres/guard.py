@@ -24,7 +24,7 @@ import time
 
 import asyncpg
 
-from agent import logs
+from replicators import logs
 from replicators.errors import SourceError
 from replicators.postgres import lsn as L
 from replicators.postgres import pgmetrics

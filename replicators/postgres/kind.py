@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from agent import logs
+from replicators import logs
 from replicators.errors import SourceError
 from replicators.keys import build_key_provider
 from replicators.kinds import Background
@@ -32,30 +32,32 @@ from replicators.postgres.walsource import WalSource, slot_name
 from replicators.s3 import S3Store
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig, PeerConfig, StreamConfig
+    from replicators.settings import AgentSettings, PeerSettings, StreamSettings
     from replicators.stream import Source, Target
 
 KIND = "postgres"
 
 
-def options_of(stream: StreamConfig) -> PostgresOptions:
+def options_of(stream: StreamSettings) -> PostgresOptions:
     assert stream.postgres is not None  # the configuration requires the table
     return stream.postgres
 
 
-def spool_dir(stream: StreamConfig, state_dir: Path) -> Path:
+def spool_dir(stream: StreamSettings, state_dir: Path) -> Path:
     return options_of(stream).spool_dir or state_dir / "spool"
 
 
-def gap_book(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig) -> GapBook:
+def gap_book(stream: StreamSettings, agent: AgentSettings, peer: PeerSettings) -> GapBook:
     return GapBook(agent.data_dir / gaps.DIRECTORY, stream.name, peer.name)
 
 
-def source(stream: StreamConfig, agent: AgentConfig, peer: PeerConfig, state_dir: Path) -> Source:
+def source(
+    stream: StreamSettings, agent: AgentSettings, peer: PeerSettings, state_dir: Path
+) -> Source:
     return WalSource(options_of(stream), peer.name, stream.name, gap_book(stream, agent, peer))
 
 
-def target(stream: StreamConfig, agent: AgentConfig, state_dir: Path) -> Target:
+def target(stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> Target:
     return WalSpool(spool_dir(stream, state_dir))
 
 
@@ -99,7 +101,7 @@ class BackupSchedule:
     after a role change that left the vault without a usable one, then every
     ``backup_every`` (when set). Each ``sync_once`` takes at most one backup."""
 
-    def __init__(self, stream: StreamConfig, peer: PeerConfig, book: GapBook) -> None:
+    def __init__(self, stream: StreamSettings, peer: PeerSettings, book: GapBook) -> None:
         self.stream = stream
         self.peer = peer
         self.book = book
@@ -155,7 +157,7 @@ class BackupSchedule:
 
 
 def background(
-    stream: StreamConfig, agent: AgentConfig, role: str, state_dir: Path
+    stream: StreamSettings, agent: AgentSettings, role: str, state_dir: Path
 ) -> list[Background]:
     """Active: base-backup schedules, the zero-loss guard. Passive: the standby monitor."""
     options = options_of(stream)
@@ -174,7 +176,7 @@ def background(
 
 
 async def verify(
-    stream: StreamConfig, agent: AgentConfig, *, deep: bool = False, repair: bool = False
+    stream: StreamSettings, agent: AgentSettings, *, deep: bool = False, repair: bool = False
 ) -> dict[str, Any]:
     """Compare ``dsn`` with ``verify_dsn`` table by table (verifiers/postgres.py); returns
     the unsigned report. Every comparison is complete (``deep`` changes nothing); repair

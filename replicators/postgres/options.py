@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import ByteSize, Field
 
-from agent.configbase import Duration, PositiveDuration, SecretRef, Section
+from replicators.settings import Duration, PositiveDuration, SecretRef, Section
 
 
 class PostgresOptions(Section):

@@ -44,7 +44,7 @@ import asyncpg
 import psycopg2
 import psycopg2.extras
 
-from agent import logs
+from replicators import logs
 from replicators.errors import SourceError
 from replicators.postgres import lsn as L
 from replicators.postgres import pgmetrics
