@@ -23,6 +23,7 @@ soak: deps venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # every benchmark against its baselines; writes benchmarks/results/<date>-<machine>.json and .md
 # (small sizes: make bench BENCH_ARGS='--quick --note "what else ran"')
