@@ -183,23 +183,12 @@ class SourceIndex:
         with self._lock:
             return self._db.execute("SELECT 1 FROM packs LIMIT 1").fetchone() is None
 
-    def shipped_bytes(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM packs").fetchone()
-        return int(row[0])
-
     # -- manifest records --------------------------------------------------------------------
 
     def resume(self, position: int) -> None:
         """Forget records at or after ``position``: they are not durable."""
         with self._tx() as db:
             db.execute("DELETE FROM records WHERE position >= ?", (position,))
-
-    def last_position(self) -> int:
-        """One past the last record handed out (0 when none; adopted records are negative)."""
-        with self._lock:
-            row = self._db.execute("SELECT MAX(position) FROM records").fetchone()
-        return 0 if row[0] is None else int(row[0]) + 1
 
     def add_record(
         self, position: int, model: str, version: str, fingerprint: str, root: str

@@ -19,7 +19,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,10 +101,7 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def root(self) -> bytes:
-        return merkle_root([f.leaf() for f in sorted(self.files, key=lambda f: f.path)])
-
-    def chunk_ids(self) -> set[bytes]:
-        return {c.id for f in self.files for c in f.chunks}
+        return manifest_root(self.files)
 
 
 def manifest_root(files: Iterable[FileEntry]) -> bytes:
@@ -313,18 +310,4 @@ def locate(m: Manifest) -> dict[str, list[tuple[FileEntry, int, int, ChunkRef]]]
     for f in m.files:
         for i, (offset, ref) in enumerate(zip(f.offsets(), f.chunks, strict=True)):
             out.setdefault(m.packs[ref.pack], []).append((f, i, offset, ref))
-    return out
-
-
-def lengths_by_record(manifests: Sequence[Manifest], pack: str) -> dict[int, int]:
-    """Record lengths of ``pack`` known from ``manifests`` (to map a bad frame to chunks)."""
-    out: dict[int, int] = {}
-    for m in manifests:
-        if pack not in m.packs:
-            continue
-        index = m.packs.index(pack)
-        for f in m.files:
-            for c in f.chunks:
-                if c.pack == index:
-                    out[c.record] = c.length
     return out

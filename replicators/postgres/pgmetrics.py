@@ -40,7 +40,7 @@ class _Source(Protocol):
     def lag_bytes(self) -> dict[str, int]: ...
 
 
-_SOURCES: weakref.WeakSet[Any] = weakref.WeakSet()
+_SOURCES: weakref.WeakSet[_Source] = weakref.WeakSet()
 _MONITORS: weakref.WeakSet[Any] = weakref.WeakSet()
 _GUARDS: weakref.WeakSet[Any] = weakref.WeakSet()
 
