@@ -1,7 +1,7 @@
 """``dragent verify STREAM --config F``: verify one stream now, with any kind's ``verify()``.
 
 Calls the optional ``verify(stream, agent, deep=, repair=)`` of the stream's
-kind (``replicators.kinds.module(kind)``), signs the report with the region's
+kind (``replicators.registry.module(kind)``), signs the report with the region's
 key (``report_signing_key``, by default ``<data_dir>/report-signing.key``) and writes it as
 JSON, Markdown or HTML to ``--out`` or stdout. Exit 0 when the copies match,
 1 when the report found differences or the kind cannot verify, 2 for a bad

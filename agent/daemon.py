@@ -34,7 +34,7 @@ from agent.verifyjobs import VerifyJobs
 from replicators import logs
 from replicators.metrics import Metrics
 from replicators.postgres.pgmetrics import COLLECTOR as PG_COLLECTOR
-from replicators.wrappers import StoreMetrics
+from replicators.store_metrics import StoreMetrics
 
 
 class Agent(StatusSource):

@@ -15,14 +15,14 @@ from agent.supervise import StreamTask
 from replicators import logs
 from replicators.errors import StorageError
 from replicators.keys import KeyProvider, build_key_provider
-from replicators.kinds import build_background, build_source, build_target
 from replicators.metrics import Metrics
 from replicators.progress import StreamProgress
+from replicators.registry import build_background, build_source, build_target
 from replicators.shipper import Shipper, ShipperSettings
 from replicators.sink import Sink, SinkSettings
 from replicators.store import ObjectStore
+from replicators.store_metrics import StoreMetrics, build_store
 from replicators.vault import Vault, check_create_only
-from replicators.wrappers import StoreMetrics, build_store
 
 EPOCH = 1  # without a coordinator ([failover] enabled = false) the epoch is fixed
 

@@ -48,6 +48,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import load_config
 from agent.lab import Lab
+from agent.lab.stream_rig import running_pair
 from benchmarks._baseline import require
 from replicators.bucket import Bucket, find_weed_binary
 from replicators.keys import build_key_provider
@@ -56,7 +57,6 @@ from replicators.objects import records as rec
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
-from replicators.pair import running_pair
 from replicators.s3 import S3Store
 
 MIB = 1 << 20

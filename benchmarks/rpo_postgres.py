@@ -31,7 +31,7 @@ SeaweedFS here speaks plain HTTP and pgBackRest's S3 driver only HTTPS, so
 pgBackRest reaches the store through a counting HTTPS front
 (``benchmarks/_s3count.py``) that forwards every request unchanged and counts
 them by operation (GET, LIST, PUT...). dragent's requests are its own metric
-(``dragent_store_requests_total``, ``replicators/wrappers.py``): PUT, GET,
+(``dragent_store_requests_total``, ``replicators/store_metrics.py``): PUT, GET,
 HEAD and LIST, all counted. Bytes stored are the growth of each one's prefix
 in the bucket over its window(s). Per hour means over the measured time.
 
@@ -85,8 +85,8 @@ from replicators.progress import StreamProgress
 from replicators.s3 import S3Store
 from replicators.settings import S3Config, Secret
 from replicators.shipper import Shipper, ShipperSettings
+from replicators.store_metrics import InstrumentedStore, StoreMetrics
 from replicators.vault import Vault
-from replicators.wrappers import InstrumentedStore, StoreMetrics
 
 SLOT = "dragent_bench"
 RW_SLOT = "bench_receivewal"

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig, StreamConfig, load_config
 from agent.lab import Lab
+from agent.lab.stream_rig import lab_shipper, lab_sink
 from benchmarks.artifacts import changed, tensors, write_checkpoint, write_version
 from replicators.artifacts.gc import collect
 from replicators.artifacts.kind import verify
@@ -33,7 +34,6 @@ from replicators.artifacts.target import ArtifactsTarget
 from replicators.errors import IntegrityError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
-from replicators.pair import lab_shipper, lab_sink
 from replicators.s3 import S3Store
 from replicators.shipper import Shipper
 from replicators.sink import Sink

@@ -15,6 +15,7 @@ import tomli_w
 
 from agent.config import AgentConfig, ConfigError, S3Config, StreamConfig, load_config
 from agent.lab import DATA_BUCKET, Lab
+from agent.lab.stream_rig import lab_shipper, lab_sink
 from benchmarks.artifacts import changed, tensors, write_version
 from replicators.artifacts.kind import verify
 from replicators.artifacts.modelstore import Changed
@@ -24,7 +25,6 @@ from replicators.artifacts.prefix import RANGE, PrefixStore, parse_key
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
 from replicators.keys import KeyProvider, build_key_provider
-from replicators.pair import lab_shipper, lab_sink
 from replicators.s3 import S3Store
 from replicators.shipper import Shipper
 from replicators.vault import Vault

@@ -14,8 +14,8 @@ import tomli_w
 
 from agent.config import SyntheticOptions, load_config
 from agent.lab import Lab
+from agent.lab.stream_rig import lab_shipper
 from replicators.keys import build_key_provider, generate_key_file
-from replicators.pair import lab_shipper
 from replicators.s3 import S3Store
 from replicators.synthetic import SyntheticSource
 from replicators.vault import Vault

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig, StreamConfig
 from agent.lab import Lab
+from agent.lab.stream_rig import running_pair
 from replicators.bucket import Bucket
 from replicators.errors import NotFound
 from replicators.keys import build_key_provider
@@ -22,7 +23,6 @@ from replicators.metrics import Metrics
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
-from replicators.pair import running_pair
 from replicators.s3 import S3Store
 from replicators.shipper import Shipper
 from replicators.sink import Sink

@@ -13,10 +13,10 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from agent.config import AgentConfig, StreamConfig, SyntheticOptions
+from agent.lab.stream_rig import lab_shipper, lab_sink
 from replicators.errors import IntegrityError, KeyAccessError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
-from replicators.pair import lab_shipper, lab_sink
 from replicators.s3 import S3Store
 from replicators.shipper import Shipper
 from replicators.sink import Sink
@@ -183,7 +183,7 @@ async def test_seeded_store_faults_lose_and_duplicate_nothing(rig: Rig) -> None:
     """20% of vault calls fail, half of them after the write happened; the loop recovers."""
     from agent.backoff import Backoff
     from agent.supervise import StreamTask, run_stream
-    from replicators.wrappers import FaultyStore
+    from tests.faulty_store import FaultyStore
 
     faulty = FaultyStore(rig.vault.store, rate=0.2, seed=7)
     rig.vault = Vault(faulty)

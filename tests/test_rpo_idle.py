@@ -25,13 +25,13 @@ import pytest_asyncio
 from agent.backoff import Backoff
 from agent.config import AgentConfig
 from agent.lab import Lab
+from agent.lab.stream_rig import lab_shipper
 from agent.supervise import StreamTask
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.artifacts.source import ArtifactsSource
 from replicators.bucket import Bucket, find_weed_binary
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.objects.source import ObjectsSource
-from replicators.pair import lab_shipper
 from replicators.s3 import S3Store
 from replicators.shipper import Shipper
 from replicators.vault import Vault

@@ -29,9 +29,9 @@ from agent.collector import ProgressCollector
 from agent.compliance import controls as c
 from agent.config import AgentConfig, StreamConfig
 from agent.lab import Lab
+from agent.lab.stream_rig import lab_shipper
 from agent.supervise import StreamTask
 from replicators.keys import KeyProvider, build_key_provider, unseal
-from replicators.pair import lab_shipper
 from replicators.postgres.gaps import GapBook
 from replicators.postgres.kind import BackupSchedule
 from replicators.postgres.lsn import GAP, unpack_gap

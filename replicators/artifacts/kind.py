@@ -29,7 +29,7 @@ from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
 from replicators.artifacts.tree import TreeStore
 from replicators.keys import KeyProvider, build_key_provider
-from replicators.kinds import Background
+from replicators.registry import Background
 from replicators.s3 import S3Store
 from replicators.vault import Vault
 

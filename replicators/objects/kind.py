@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from replicators import checkpoint, logs
 from replicators.bucket import Bucket
-from replicators.kinds import Background
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
+from replicators.registry import Background
 from replicators.segment import SegmentHeader
 from replicators.stream import Applied, Change
 from replicators.vault import SegmentRef

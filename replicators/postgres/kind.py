@@ -20,7 +20,6 @@ import asyncpg
 from replicators import logs
 from replicators.errors import SourceError
 from replicators.keys import build_key_provider
-from replicators.kinds import Background
 from replicators.postgres import gaps
 from replicators.postgres import lsn as L
 from replicators.postgres.basebackup import BackupManifest, list_backups, take_backup
@@ -29,6 +28,7 @@ from replicators.postgres.guard import StandbyMonitor, SyncGuard
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
 from replicators.postgres.walsource import WalSource, slot_name
+from replicators.registry import Background
 from replicators.s3 import S3Store
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ vault must then hold every index exactly once, in order.
 
 Laid out as every kind is: ``options`` (its settings table), ``records`` (the
 record format), ``source``, ``target``, ``verify``, and ``kind`` (what the
-registry, ``replicators.kinds``, calls).
+registry, ``replicators.registry``, calls).
 """
 
 from __future__ import annotations

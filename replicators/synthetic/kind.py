@@ -1,4 +1,4 @@
-"""What the registry (``replicators.kinds``) calls for a ``synthetic`` stream."""
+"""What the registry (``replicators.registry``) calls for a ``synthetic`` stream."""
 
 from __future__ import annotations
 
