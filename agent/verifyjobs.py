@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from replicators import kinds, logs
+from replicators import logs, registry
 from verifiers.report import load_or_create_signing_key, sign
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class Job:
 
 def verify_function(stream: StreamConfig) -> VerifyFn | None:
     """The kind's ``verify`` or None if the kind has none."""
-    return getattr(kinds.module(stream.kind), "verify", None)
+    return getattr(registry.module(stream.kind), "verify", None)
 
 
 class VerifyJobs:
