@@ -21,7 +21,7 @@ waits for replay to settle, promotes the standby and moves the DNS record.
 Extra rows, labelled (``--no-native`` leaves them out): a **native streaming
 replica** (``pg_basebackup -R``, streaming from a's PostgreSQL directly, not
 through the vault) with both coordinators in this process
-(``agent.coordination.drill.kill_trial``), at the drill's timing and at a
+(``agent.lab.failover_drill.kill_trial``), at the drill's timing and at a
 longer lease (``--baseline-ttl``; takeover_after scaled alike, fence_after as
 far inside the lease as the drill's)
 to show that detection — the lease — dominates the RTO.
@@ -57,12 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.agentproc import AgentProcess
 from agent.coordination import fencing
-from agent.coordination.drill import FAST, Drill, Writer, kill_trial, present_ids
 from agent.coordination.events import PHASES
 from agent.coordination.takeover import promote
 from agent.failover_config import Rfc2136Switch
 from agent.lab import Lab
 from agent.lab.bind import lab_dns, resolve
+from agent.lab.failover_drill import FAST, Drill, Writer, kill_trial, present_ids
 from agent.switch import build_switch
 from agent.switch.rfc2136 import Rfc2136
 from replicators import logs

@@ -16,8 +16,8 @@ import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.coordination import fencing
-from agent.coordination.drill import FAST, secret_file
 from agent.lab import Lab
+from agent.lab.failover_drill import FAST, secret_file
 from tests.support import eventually
 
 pytestmark = pytest.mark.lab

@@ -19,8 +19,8 @@ import pytest
 from agent.agentproc import AgentProcess
 from agent.config import load_config
 from agent.coordination import switchover
-from agent.coordination.drill import Drill
 from agent.lab import Lab
+from agent.lab.failover_drill import Drill
 from replicators.s3 import S3Store
 from replicators.vault import Vault
 from tests.support import eventually, takes_writes

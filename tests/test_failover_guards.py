@@ -17,8 +17,8 @@ import pytest_asyncio
 import tomli_w
 from aiohttp import web
 
-from agent.coordination.drill import Drill
 from agent.lab import Lab
+from agent.lab.failover_drill import Drill
 from tests.support import eventually
 
 pytestmark = pytest.mark.lab

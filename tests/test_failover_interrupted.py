@@ -16,8 +16,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from agent.coordination.drill import Drill
 from agent.lab import Lab
+from agent.lab.failover_drill import Drill
 from tests.support import eventually, takes_writes
 
 pytestmark = pytest.mark.lab

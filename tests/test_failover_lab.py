@@ -1,7 +1,7 @@
 """Failover on the lab: real etcd (3 members), real PostgreSQL, real BIND.
 
 Region b's standby is a streaming replica of region a made for each test
-(``agent.coordination.drill``); each test has its own etcd prefix. The
+(``agent.lab.failover_drill``); each test has its own etcd prefix. The
 scenarios with a cut link (a cut off from b and the witness; only the a–b
 link cut) need each region in its own network namespace: they are in
 ``test_failover_netns.py``.
@@ -22,9 +22,9 @@ import pytest_asyncio
 import tomli_w
 
 from agent.coordination import fencing, switchover
-from agent.coordination.drill import Drill, Writer, kill_trial, present_ids, region_data
 from agent.lab import Lab
 from agent.lab.bind import ADDRESSES, BindServer, resolve
+from agent.lab.failover_drill import Drill, Writer, kill_trial, present_ids, region_data
 from tests.support import eventually
 
 pytestmark = pytest.mark.lab

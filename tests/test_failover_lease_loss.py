@@ -19,9 +19,9 @@ import asyncpg
 import pytest
 
 from agent.coordination.coordinator import Coordinator
-from agent.coordination.drill import Drill
 from agent.coordination.lease import EtcdLease
 from agent.lab import Lab
+from agent.lab.failover_drill import Drill
 from tests.support import eventually
 
 pytestmark = pytest.mark.lab

@@ -2,7 +2,7 @@
 
 The module starts a lab of its own with each member (a, b, witness) in its
 own network namespace; each region's agent runs in its namespace with the
-coordinator enabled (``agent.coordination.agentdrill``), b's standby streams
+coordinator enabled (``agent.lab.agent_drill``), b's standby streams
 from a across the a–b link, and links are cut with nftables drops inside the
 namespaces (``Lab.partition``). Before each cut, etcd's leadership is moved to
 b: the lease then expires one TTL after a's last renewal, on b's side of the
@@ -23,11 +23,11 @@ import pytest
 import pytest_asyncio
 
 from agent.coordination import fencing
-from agent.coordination.agentdrill import AgentDrill, Watch
-from agent.coordination.drill import Writer
 from agent.lab import MEMBERS, Lab
+from agent.lab.agent_drill import AgentDrill, Watch
 from agent.lab.bind import BindServer, resolve
 from agent.lab.etcd import member_ids, move_leader
+from agent.lab.failover_drill import Writer
 from tests.support import eventually, fresh_dns, needs_netns, netns_lab
 
 pytestmark = [pytest.mark.lab, needs_netns, pytest.mark.timeout(180)]

@@ -29,9 +29,9 @@ import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.coordination import fencing
-from agent.coordination.drill import FAST, Writer, present_ids
 from agent.lab import Lab
 from agent.lab.bind import ADDRESSES, BindServer, resolve
+from agent.lab.failover_drill import FAST, Writer, present_ids
 from replicators.postgres.lsn import parse_lsn
 from tests.support import eventually
 

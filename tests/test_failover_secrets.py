@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from agent.coordination.drill import Drill, kill_trial
 from agent.evidence.log import EvidenceLog
 from agent.lab import Lab
+from agent.lab.failover_drill import Drill, kill_trial
 
 pytestmark = pytest.mark.lab
 

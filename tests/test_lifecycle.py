@@ -30,9 +30,9 @@ import pytest
 import pytest_asyncio
 
 from agent.coordination import fencing
-from agent.coordination.drill import Writer, present_ids
 from agent.lab import Lab
 from agent.lab.bind import ADDRESSES, BindServer, resolve
+from agent.lab.failover_drill import Writer, present_ids
 from tests.support import eventually
 from tests.test_failover_pgstandby import Rig, resolve_to
 

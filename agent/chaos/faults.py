@@ -39,8 +39,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.config import parse_config
-from agent.coordination.agentdrill import AgentDrill, agent_status
 from agent.lab import Lab, LabError
+from agent.lab.agent_drill import AgentDrill, agent_status
 from agent.lab.network import ip_program
 from replicators.s3 import S3Store
 from replicators.vault import Vault

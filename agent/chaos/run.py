@@ -31,9 +31,9 @@ from agent.chaos.history import HISTORY_VERSION, History, read_history
 from agent.chaos.schedule import Fault, plan
 from agent.chaos.timeline import render
 from agent.config import AgentConfig, parse_config
-from agent.coordination.agentdrill import AgentDrill, agent_status
 from agent.failover_config import fencing_budget
 from agent.lab import Lab, LabError
+from agent.lab.agent_drill import AgentDrill, agent_status
 from agent.lab.bind import lab_dns
 from agent.lab.processes import poll
 from replicators import logs

@@ -27,7 +27,7 @@ import asyncpg
 import dns.exception
 
 from agent.chaos.history import History
-from agent.coordination.agentdrill import AgentDrill
+from agent.lab.agent_drill import AgentDrill
 from agent.lab.bind import resolve
 
 TABLE = "chaos_writes"

@@ -1,6 +1,6 @@
 """The failover drill (game day): kill the active region of a lab, measure, fail back, record.
 
-It runs the failover engine's own lab drill (``agent.coordination.drill``):
+It runs the failover engine's own lab drill (``agent.lab.failover_drill``):
 both regions' coordinators with a fast lease, a streaming standby for
 region b, and a client writing to region a that logs every acknowledged
 commit (the ground truth). Region a is killed whole (coordinator,
@@ -60,8 +60,8 @@ async def failover_drill(
     cfg: AgentConfig, root: Path, log: EvidenceLog, *, within: float = 60.0
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one kill-the-active-region drill on the lab at ``root``; return (data, entry)."""
-    from agent.coordination.drill import Drill, kill_trial
     from agent.lab import Lab
+    from agent.lab.failover_drill import Drill, kill_trial
 
     started = time.time()
     name = time.strftime("fd-%H%M%S", time.gmtime(started))

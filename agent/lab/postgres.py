@@ -86,7 +86,7 @@ def _run_as_owner() -> list[str]:
     return ["runuser", "-u", OS_USER, "--"] if os.geteuid() == 0 else []
 
 
-def _chown(path: Path) -> None:
+def chown_for_postgres(path: Path) -> None:
     if os.geteuid() == 0:
         user = pwd.getpwnam(OS_USER)
         os.chown(path, user.pw_uid, user.pw_gid)
@@ -215,14 +215,14 @@ class PostgresServer(Server):
             self.home.mkdir(parents=True, exist_ok=True)
             (self.home / OWNER_FILE).write_text(f"{self.link}\n")
         self.home.mkdir(parents=True, exist_ok=True)
-        _chown(self.home)
+        chown_for_postgres(self.home)
         self.home.chmod(0o700)
         args = ["-D", str(self.data_dir), "-U", OS_USER, "-A", "trust", "-E", "UTF8"]
         await self._run("initdb", *args, "--no-locale", "--no-sync", "--no-instructions")
 
     def _write_config(self) -> None:
         self.socket_dir.mkdir(exist_ok=True)
-        _chown(self.socket_dir)
+        chown_for_postgres(self.socket_dir)
         # A unix socket path is limited to 107 bytes; too deep a lab gets TCP only.
         too_long = len(str(self.socket_dir / f".s.PGSQL.{self.port}")) > 100
         settings = _SETTINGS.format(
@@ -238,7 +238,7 @@ class PostgresServer(Server):
                 f.write(include)
         for path in (conf, self.data_dir / "pg_hba.conf"):
             path.chmod(0o600)
-            _chown(path)
+            chown_for_postgres(path)
 
     def remove(self) -> None:
         """Delete the cluster and its link (the server must be stopped)."""

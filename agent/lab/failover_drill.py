@@ -13,7 +13,7 @@ after the lease expired and 1 s of failed probes.
 ``Drill`` runs both coordinators in the caller's process, so its faults are
 the lab's process faults (kill, pause). A cut link needs each region's
 traffic to leave from inside its own network namespace: that is
-``agent.coordination.agentdrill.AgentDrill`` on a ``netns`` lab.
+``agent.lab.agent_drill.AgentDrill`` on a ``netns`` lab.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from agent.coordination.coordinator import Coordinator
 from agent.coordination.takeover import promote
 from agent.lab import Lab
 from agent.lab.bind import BindServer
-from agent.lab.postgres import OWNER_FILE, PostgresServer, _chown
+from agent.lab.postgres import OWNER_FILE, PostgresServer, chown_for_postgres
 from agent.lab.processes import poll
 
 FAST = {
@@ -71,7 +71,7 @@ async def make_standby(lab: Lab, name: str, port: int, primary: str = "a") -> Po
     if server.home != server.link:
         server.link.symlink_to(server.home)
         (server.home / OWNER_FILE).write_text(f"{server.link}\n")
-    _chown(server.home)
+    chown_for_postgres(server.home)
     server.home.chmod(0o700)
     source = lab.postgres(primary)
     await _run(

@@ -1,6 +1,6 @@
 """A failover drill with real agents, each inside its region's network namespace.
 
-``Drill`` (``agent.coordination.drill``) runs both coordinators in the
+``Drill`` (``agent.lab.failover_drill``) runs both coordinators in the
 caller's process, so their traffic leaves from the host and passes any cut
 link. ``AgentDrill`` needs a ``netns`` lab: each region's coordinator runs in
 that region's agent (``dragent run`` with ``[failover]`` and one slow
@@ -35,9 +35,9 @@ from typing import Any
 
 import aiohttp
 
-from agent.coordination.drill import DrillRig, region_data
 from agent.lab import REGIONS, Lab, LabError
 from agent.lab.bind import BindServer
+from agent.lab.failover_drill import DrillRig, region_data
 from agent.lab.processes import poll
 
 SAMPLE_EVERY = 0.05
