@@ -17,13 +17,10 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.jsonout import print_json
-from replicators import lineage
-from replicators.errors import IntegrityError
-from replicators.keys import build_key_provider, unseal
+from replicators.keys import build_key_provider
+from replicators.logread import LogWalk
 from replicators.s3 import S3Store
 from replicators.segment import OpenedSegment
-from replicators.sink import check_continuity
-from replicators.stream import Applied
 from replicators.vault import Vault
 
 
@@ -47,31 +44,17 @@ async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> Walk:
     store = await S3Store.open(cfg.vault)
     keys = build_key_provider(cfg.keys)
     walk = Walk()
-    last: Applied | None = None
+    log = LogWalk(Vault(store), keys, stream)
     try:
-        refs = [ref async for ref in Vault(store).segments(stream)]
-        superseded = set(lineage.stale(refs))
-        walk.stale = sorted(r.key for r in superseded)
-        for ref in (r for r in refs if r not in superseded):
-            blob = await store.get(ref.key)
-            try:
-                opened = await unseal(
-                    blob, keys, expect_stream=stream, expect_epoch=ref.epoch, expect_seq=ref.seq
-                )
-            except IntegrityError as exc:
-                walk.problems.append((ref.key, str(exc)))
-                last = None  # its end is unknown: the next one is not compared with it
+        async for seen in log.check():
+            if seen.opened is None or (verify and seen.problem):
+                walk.problems.append((seen.ref.key, str(seen.problem)))
+            if seen.opened is None:
                 continue
-            if verify:
-                try:
-                    check_continuity(last, ref, opened.header)
-                except IntegrityError as exc:
-                    walk.problems.append((ref.key, str(exc)))
-            h = opened.header
-            last = Applied(ref=ref, end=int(h.end), source_time=h.last_source_time)
-            walk.rows.append(_row(ref.epoch, ref.seq, opened, len(blob)))
+            walk.rows.append(_row(seen.ref.epoch, seen.ref.seq, seen.opened, seen.size))
             if verify and len(walk.rows) % 100 == 0 and sys.stderr.isatty():
                 print(f"\rverified {len(walk.rows)} segments", end="", file=sys.stderr, flush=True)
+        walk.stale = sorted(r.key for r in log.stale)
     finally:
         await keys.aclose()
         await store.aclose()

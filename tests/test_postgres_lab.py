@@ -625,6 +625,7 @@ async def test_slot_retention_warns_and_an_invalidated_slot_is_reseeded_with_a_g
     options = pg.options.model_copy(update={"slot_warn_bytes": 1})
     source = WalSource(options, "b", pg.stream.name)
     await source.resume(0)
+    shipped = source._received  # where a stream that shipped nothing more would resume
     await source.aclose()  # the slot stays, nobody streams: it retains WAL
     conn = await asyncpg.connect(primary)
     try:
@@ -635,7 +636,6 @@ async def test_slot_retention_warns_and_an_invalidated_slot_is_reseeded_with_a_g
             await conn.execute("SELECT pg_switch_wal()")
         source = WalSource(options, "b", pg.stream.name)
         await source.resume(0)  # still valid: retained WAL reported and warned about
-        shipped = source._received  # where a stream that shipped nothing more would resume
         await source._check_slot()
         assert source.retained_bytes > 32 << 20
         assert "slot retains too much WAL" in "".join(capsys.readouterr())

@@ -30,6 +30,7 @@ job (``run_restore_drill`` does both).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -44,10 +45,9 @@ from tqdm import tqdm
 
 from agent.config import AgentConfig, StreamConfig
 from replicators.errors import IntegrityError
-from replicators.keys import KeyProvider, build_key_provider, unseal
+from replicators.keys import KeyProvider, build_key_provider
+from replicators.logread import LogWalk
 from replicators.s3 import S3Store
-from replicators.sink import check_continuity
-from replicators.stream import Applied
 from replicators.synthetic import SyntheticTarget, make_record, parse_record, read_applied_log
 from replicators.vault import Vault
 from verifiers.merkle import MerkleBuilder
@@ -125,28 +125,22 @@ async def _replay(
 ) -> str:
     """Fetch, verify and apply every segment (up to ``at``); return the vault's root."""
     builder = MerkleBuilder()
-    last: Applied | None = None
+    walk = LogWalk(vault, keys, stream.name)
     bar = tqdm(desc=f"restore {stream.name}", unit="seg", file=sys.stderr, disable=None)
     try:
-        async for ref in vault.segments(stream.name):
-            blob = await vault.get_segment(ref)
-            opened = await unseal(
-                blob, keys, expect_stream=stream.name, expect_epoch=ref.epoch, expect_seq=ref.seq
-            )
-            header = opened.header
-            if at is not None and header.last_source_time > at:
-                break
-            check_continuity(last, ref, header)
-            await scratch.apply(ref, header, opened.records)
-            for record in opened.records:
-                builder.add(record)
-            last = Applied(ref=ref, end=int(header.end), source_time=header.last_source_time)
-            result.segments += 1
-            result.records += len(opened.records)
-            result.bytes += len(blob)
-            result.start = result.start or header.start
-            result.end, result.last_source_time = header.end, header.last_source_time
-            bar.update(1)
+        async with contextlib.aclosing(walk.read(done=bar.update)) as segments:
+            async for ref, opened in segments:
+                header = opened.header
+                if at is not None and header.last_source_time > at:
+                    break
+                await scratch.apply(ref, header, opened.records)
+                for record in opened.records:
+                    builder.add(record)
+                result.segments += 1
+                result.records += len(opened.records)
+                result.start = result.start or header.start
+                result.end, result.last_source_time = header.end, header.last_source_time
+                result.bytes = walk.bytes  # the segments read so far
     finally:
         bar.close()
     return builder.root().hex()

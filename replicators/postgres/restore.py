@@ -21,16 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import itertools
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from replicators.errors import SourceError
-from replicators.keys import KeyProvider, OpenedSegment, unseal
+from replicators.keys import KeyProvider
+from replicators.logread import LogWalk
 from replicators.postgres import lsn as L
 from replicators.postgres import pgtools, standby
 from replicators.postgres.basebackup import (
@@ -43,10 +42,8 @@ from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool, decode_records
 from replicators.postgres.walfetch import FILLING
 from replicators.segment import SegmentHeader
-from replicators.sink import check_continuity
 from replicators.store import ObjectStore
-from replicators.stream import Applied
-from replicators.vault import SegmentRef, Vault
+from replicators.vault import Vault
 
 PREFETCH = 8
 
@@ -103,47 +100,24 @@ async def fill_spool(
 ) -> int:
     """Fetch, verify and apply the stream's segments into ``spool`` in log order,
     ``PREFETCH`` in flight. Returns how many were applied. Raises ``IntegrityError``."""
-    refs = [ref async for ref in Vault(store).segments(stream)]
-    last: Applied | None = None
+    walk = LogWalk(Vault(store), keys, stream)
     applied = 0
     blocked: WalGapError | None = None
-
-    async def fetch(ref: SegmentRef) -> OpenedSegment:
-        blob = await store.get(ref.key)
-        return await unseal(
-            blob, keys, expect_stream=ref.stream, expect_epoch=ref.epoch, expect_seq=ref.seq
-        )
-
-    async with asyncio.TaskGroup() as tg:
-        pending: deque[tuple[SegmentRef, asyncio.Task[OpenedSegment]]] = deque()
-        upcoming = iter(refs)
-        for ref in itertools.islice(upcoming, PREFETCH):
-            pending.append((ref, tg.create_task(fetch(ref))))
-        while pending:
-            ref, task = pending.popleft()
-            opened = await task  # in log order; only PREFETCH segments in memory
-            if (nxt := next(upcoming, None)) is not None:
-                pending.append((nxt, tg.create_task(fetch(nxt))))
+    async with contextlib.aclosing(walk.read(prefetch=PREFETCH)) as segments:
+        async for ref, opened in segments:  # in log order; only PREFETCH in memory
             header = opened.header
-            check_continuity(last, ref, header)
-            last = Applied(ref=ref, end=int(header.end), source_time=header.last_source_time)
             if int(header.end) <= L.segment_start(from_lsn):
                 continue
             gap = _gap(header, opened.records)
             if gap is not None:
-                for _, t in pending:
-                    t.cancel()
-                if _past(target, int(header.start), header.first_source_time):
-                    break  # the target lies before the gap: everything it needs is here
-                blocked = WalGapError(*gap, header.first_source_time)
-                break
+                if not _past(target, int(header.start), header.first_source_time):
+                    blocked = WalGapError(*gap, header.first_source_time)
+                break  # past the target, the gap does not matter: everything needed is here
             await spool.apply(ref, header, opened.records)
             applied += 1
             if on_segment:
                 on_segment(int(header.end) - int(header.start))
             if _past(target, int(header.start), header.first_source_time):
-                for _, t in pending:
-                    t.cancel()
                 break
     if blocked is not None:
         raise blocked
