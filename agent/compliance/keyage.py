@@ -1,6 +1,6 @@
 """When was each key-encryption key created? (from what the key files already record)
 
-A local key file (``replicators/keys.py``) has no creation time per version,
+A local key file (``replicators/keys/keyfile.py``) has no creation time per version,
 but every version id it generates is ``k-YYYYmmdd-HHMMSS-<hex>``: the UTC
 time the version was created. ``created_at`` parses that; an id of another
 shape (a KMS key ARN, a hand-written id) gives None ("unknown"). For AWS KMS
