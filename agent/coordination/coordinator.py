@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -25,10 +24,13 @@ import asyncpg
 from agent.config import AgentConfig
 from agent.coordination import events, fencing
 from agent.coordination.decide import Action, Decision, Observation, Role, Rules, decide
-from agent.coordination.health import Heartbeat, PeerWatch, probe
+from agent.coordination.health import Heartbeat, PeerWatch
 from agent.coordination.keeper import KeeperClient
 from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
-from agent.coordination.takeover import LeaseLost, Takeover, until
+from agent.coordination.probing import Probing
+from agent.coordination.takeover import LeaseLost
+from agent.coordination.taking_over import TakingOver
+from agent.coordination.thread_host import ThreadHost
 from agent.switch import build_switch
 from replicators import logs
 
@@ -37,7 +39,7 @@ PAGE_EVERY = 300.0
 READINESS_EVERY = 15.0
 
 
-class Coordinator:
+class Coordinator(ThreadHost, TakingOver, Probing):
     def __init__(
         self,
         cfg: AgentConfig,
@@ -86,6 +88,17 @@ class Coordinator:
         self._pages = logs.RateLimited(PAGE_EVERY)
         self._warnings = logs.RateLimited(30.0)
         self.log = logs.get("failover", region=cfg.region)
+        # what each action of ``decide`` does
+        self._actions: dict[str, Callable[[Action], Awaitable[None]]] = {
+            "renew": self._do_renew,
+            "fence": self._do_fence,
+            "unfence": self._do_unfence,
+            "release": self._do_release,
+            "adopt": self._do_adopt,
+            "acquire": self._do_acquire,
+            "takeover": self._do_takeover,
+            "page": self._do_page,
+        }
 
     # -- daemon interface -------------------------------------------------------------
     async def role_changed(self) -> tuple[Mode, int]:
@@ -173,55 +186,6 @@ class Coordinator:
             "last_failover": self.last_record,
         }
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; close the etcd and database connections.
-
-        ``threaded``: the loops run in a thread of their own, with their own event
-        loop, so that work blocking the caller's loop (imports, synchronous
-        drivers) never delays a lease renewal; ``role_changed()`` and
-        ``wait_decided()`` are still awaited in the caller's loop."""
-        if not self.threaded:
-            await self._run(stop)
-            return
-        self._caller = asyncio.get_running_loop()
-        done = threading.Event()
-        thread = threading.Thread(
-            target=self._thread_main, args=(done,), name=f"coordinator-{self.region}", daemon=True
-        )
-        thread.start()
-        try:
-            await stop.wait()
-        finally:
-            done.set()
-            await asyncio.to_thread(thread.join)
-
-    def _thread_main(self, done: threading.Event) -> None:
-        async def main() -> None:
-            stop = asyncio.Event()
-
-            async def stopped() -> bool:
-                return done.is_set()
-
-            async def watch() -> None:
-                await until(stopped, 0.05)
-                stop.set()
-
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(watch())
-                await self._run(stop)
-
-        try:
-            asyncio.run(main())
-        except Exception as exc:  # the thread's end is logged; the lease then expires
-            self.log.error("coordinator thread failed", error=f"{type(exc).__name__}: {exc}")
-
-    def _signal(self, event: asyncio.Event) -> None:
-        """Set an event the caller awaits, from whichever thread runs the loops."""
-        if self._caller is not None:
-            self._caller.call_soon_threadsafe(event.set)
-        else:
-            event.set()
-
     async def _run(self, stop: asyncio.Event) -> None:
         await self._initial_fence_state()
         try:
@@ -240,22 +204,6 @@ class Coordinator:
         if self.keeper:
             await self.keeper.aclose()
         await self.lease.aclose()
-
-    async def _every(
-        self, interval: float, job: Callable[[], Awaitable[object]], stop: asyncio.Event
-    ) -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await job()
-            except Exception as exc:  # one loop for every job: a failed cycle is retried
-                self._warn(
-                    f"{getattr(job, '__name__', 'job')} failed", f"{type(exc).__name__}: {exc}"
-                )
-            with contextlib.suppress(TimeoutError):
-                wait = max(0.0, interval - (time.monotonic() - started))
-                async with asyncio.timeout(wait):
-                    await stop.wait()
 
     async def _initial_fence_state(self) -> None:
         """Read whether this region's database is fenced (read-only mode): at start and
@@ -365,7 +313,7 @@ class Coordinator:
         """Run one action; a failure is logged and the next cycle decides again
         (a fence that failed is decided again, the region is not marked fenced).
         Fencing has a deadline of ``fence_timeout`` (part of the fencing budget)."""
-        handler = getattr(self, f"_do_{action.kind}")
+        handler = self._actions[action.kind]
         try:
             if action.kind in ("fence", "unfence"):
                 async with asyncio.timeout(self.f.fence_timeout):
@@ -450,213 +398,6 @@ class Coordinator:
         record = {"kind": "page", "region": self.region, "reason": action.reason, "epoch": 0}
         await events.notify(self.f.notify, record)
 
-    async def _do_takeover(self, action: Action) -> None:
-        seen = self._failure_seen()
-        sent = time.monotonic()
-        epoch = await self.lease.acquire(action.expect_epoch)
-        if epoch is None:
-            self.log.info("takeover lost the race: another region acquired the lease")
-            return
-        self.holding, self.renewed_at, self.lease_lost = True, sent, False
-        old = (self.view.last_leader if self.view else None) or "?"
-        self.log.warning("taking over", epoch=epoch, old=old, reason=action.reason)
-        await self._take_over(epoch, old, action.reason, seen)
-
-    async def _take_over(self, epoch: int, old: str, reason: str, seen: float) -> None:
-        """Every step after the lease is held (``Takeover.run``), the keepalive beside it;
-        then serve and record, or abort if the lease was lost on the way."""
-        run = Takeover(
-            region=self.region,
-            old_region=old,
-            epoch=epoch,
-            reason=reason,
-            dsn=self.f.dsn,
-            switches=self.switches,
-            old_dsns=[u for u in self.f.peer_probes.get(old, []) if "postgres" in u],
-            catch_up=self.catch_up,
-            catchup_timeout=self.f.catchup_timeout,
-            catchup_settle=self.f.catchup_settle,
-            hold=self.hold,
-        )
-        run.timeline["failure_seen"] = seen
-        run.mark("acquired")
-        aborted: str | None = None
-        primary_last: float | None = None
-        stop_keepalive = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._every(self.f.renew_interval, self._keepalive, stop_keepalive))
-            try:
-                try:
-                    await run.run()
-                    if self.heartbeat and old != "?":
-                        run.notes["local_last_heartbeat"] = await self.heartbeat.last(old)
-                except LeaseLost as exc:
-                    aborted = str(exc)
-                except Exception as exc:  # the lease is ours: record, page, keep it
-                    run.errors.append(f"takeover: {type(exc).__name__}: {exc}")
-                    self.log.error("takeover step failed", error=run.errors[-1])
-                if aborted is None:
-                    primary_last = self.peers.last_heartbeat.get(old)
-                    await self._serving(epoch, run)
-            finally:
-                stop_keepalive.set()
-        if aborted is not None:
-            await self._abort(run, aborted)
-            return
-        self._in_recovery = False  # promoted by this takeover
-        self._set_fence(False, own=False)
-        self._set_role("active", epoch)
-        await self._record(run, primary_last)
-
-    async def _abort(self, run: Takeover, why: str) -> None:
-        """The lease was lost mid-takeover: fence this region, let the lease go, stay
-        passive, and record why. Whatever was promoted stays read-only."""
-        self.log.error("takeover aborted: the lease was lost", reason=why)
-        run.errors.append(f"aborted: {why}")
-        try:
-            async with asyncio.timeout(self.f.fence_timeout):
-                run.notes["fenced"] = await fencing.fence(
-                    self.f.dsn, self.f.fencing, self.f.stop_command
-                )
-            self._set_fence(True, own=True)
-        except (TimeoutError, fencing.FencingError, OSError, asyncpg.PostgresError) as exc:
-            run.errors.append(f"fencing after the abort: {type(exc).__name__}: {exc}")
-        self.holding, self.renewed_at = False, None
-        await self.lease.release()
-        run.mark("aborted")
-        self._set_role("passive", run.epoch)
-        await self.publish(run.record("failover", aborted=why, rpo_seconds=None))
-
-    async def _keepalive(self) -> None:
-        try:
-            async with asyncio.timeout(self.cfg.etcd.dial_timeout):
-                await self._renew()
-        except (EtcdUnavailable, TimeoutError) as exc:
-            self._warn("lease renewal during the takeover failed", str(exc) or "deadline")
-
-    async def _serving(self, epoch: int, run: Takeover) -> None:
-        if self.heartbeat is None:
-            run.mark("serving")
-            return
-        for _ in range(100):
-            try:
-                self.last_heartbeat = await self.heartbeat.beat(epoch)
-                run.mark("serving")
-                return
-            except Exception as exc:  # retried until the deadline, then recorded
-                error = f"{type(exc).__name__}: {exc}"
-                await asyncio.sleep(0.1)
-        run.errors.append(f"not serving: {error}")
-
-    def _failure_seen(self) -> float:
-        view = self.view
-        since = self.peers.down_since.get(view.last_leader or "") if view else None
-        if since is None:
-            return time.time()
-        return time.time() - (time.monotonic() - since)
-
-    async def _record(self, run: Takeover, primary_last: float | None) -> None:
-        replayed = run.notes.get("local_last_heartbeat")
-        rpo = None
-        if primary_last is not None and replayed is not None:
-            rpo = round(max(0.0, primary_last - replayed), 3)
-        record = run.record("failover", rpo_seconds=rpo, primary_last_heartbeat=primary_last)
-        await self.publish(record)
-
-    async def publish(self, record: dict[str, Any]) -> None:
-        """Record a takeover: data directory, etcd (best effort), evidence log, webhooks."""
-        self.last_record = record
-        events.write_local(self.cfg.data_dir, record)
-        with contextlib.suppress(EtcdUnavailable):
-            await self.lease.put_json(f"failovers/{record['epoch']:010d}", record)
-            if record["kind"] == "failover":
-                at = {"at": record["timeline"]["acquired"], "epoch": record["epoch"]}
-                await self.lease.put_json("last_failover", at | {"region": record["region"]})
-        self.log.warning(
-            f"{record['kind']} done", **{k: record[k] for k in ("epoch", "rto_seconds")}
-        )
-        await events.to_evidence(self.cfg, record)
-        await events.notify(self.f.notify, record)
-
-    # -- probes and heartbeat --------------------------------------------------------------
-    def _own_targets(self) -> list[str]:
-        vault = self.cfg.vault.endpoint
-        return ([vault] if vault else []) + list(self.f.own_probes)
-
-    async def _probe(self) -> None:
-        """Probe the other regions and this one; publish this region's health."""
-        within = self.f.probe_timeout
-        own, _ = await asyncio.gather(
-            asyncio.gather(*(probe(u, within) for u in self._own_targets())),
-            self.peers.probe_all(time.monotonic()),
-        )
-        self.own_checks = [c.public() for c in own]
-        await self._initial_fence_state()  # what the database says, not what was assumed
-        health = {
-            "at": time.time(),
-            "role": self.role,
-            "epoch": self.epoch,
-            "fenced": self.fenced,
-            "heartbeat": self.last_heartbeat,
-            "checks": self.own_checks,
-            "peers": self.peers.view(),
-        }
-        with contextlib.suppress(EtcdUnavailable):
-            await self.lease.put_json(f"health/{self.region}", health)
-
-    async def _beat(self) -> None:
-        if self.heartbeat is None or not self.writable:
-            return
-        try:
-            self.last_heartbeat = await self.heartbeat.beat(self.epoch)
-        except Exception as exc:  # reported; the heartbeat loop goes on
-            self._warn("heartbeat failed", f"{type(exc).__name__}: {exc}")
-
-    async def _lag(self, leader: str | None) -> float | None:
-        """How much of the leader's WAL this region lacks, in seconds of heartbeats:
-        the leader's last heartbeat seen by the probes minus the last one replayed here.
-        A region without a database (``postgres_dsn`` unset) has no lag to gate on: 0."""
-        if self.heartbeat is None:
-            return 0.0
-        if not leader or leader == self.region:
-            return None
-        primary = self.peers.last_heartbeat.get(leader)
-        try:
-            local = await self.heartbeat.last(leader)
-        except Exception:  # lag unknown: the max_lag gate then refuses
-            return None
-        if primary is None or local is None:
-            return None
-        return max(0.0, primary - local)
-
-    async def _check_readiness(self) -> None:
-        """Can this region take over now? Separate from health: nothing here
-        triggers a failover. Checks: etcd answers, the standby replays (or this
-        is the primary), lag within ``max_lag``, each switch's credentials."""
-        out: dict[str, dict[str, Any]] = {}
-        view = self.view
-        answered = view is not None and self.decision is not None
-        out["etcd"] = _result(
-            answered,
-            f"leader {view.leader or 'none'}, epoch {view.epoch}"
-            if answered and view is not None
-            else "etcd has not answered yet",
-        )
-        if self.f.dsn:
-            out["database"] = await _db_readiness(self.f.dsn)
-            lag_ok = self.role == "active" or (self.lag is not None and self.lag <= self.f.max_lag)
-            out["lag"] = _result(lag_ok, f"lag {self.lag}s, max {self.f.max_lag:g}s")
-        for switch in self.switches:
-            check = getattr(switch, "check_credentials", None)
-            if check is None:
-                continue
-            try:
-                await check()
-                out[switch.describe()] = _result(True, "credentials accepted")
-            except Exception as exc:  # a readiness check reports every failure
-                out[switch.describe()] = _result(False, f"{type(exc).__name__}: {exc}")
-        self.readiness = out
-
     def collector(self) -> Any:
         """A Prometheus collector of this coordinator's state (scrape-time)."""
         from agent.coordination.metrics import FailoverCollector
@@ -673,23 +414,3 @@ class Coordinator:
     def _warn(self, message: str, error: str) -> None:
         if self._warnings.allow(message) is not None:
             self.log.warning(message, error=error)
-
-
-def _result(ok: bool, detail: str) -> dict[str, Any]:
-    return {"ok": ok, "detail": detail}
-
-
-async def _db_readiness(dsn: str) -> dict[str, Any]:
-    try:
-        async with asyncio.timeout(2.0):
-            conn = await asyncpg.connect(dsn)
-            try:
-                recovering = await conn.fetchval("SELECT pg_is_in_recovery()")
-                receiver = await conn.fetchval("SELECT status FROM pg_stat_wal_receiver")
-            finally:
-                await conn.close()
-    except Exception as exc:  # reported, never raised
-        return _result(False, f"{type(exc).__name__}: {exc}")
-    if not recovering:
-        return _result(True, "primary")
-    return _result(True, f"standby, wal receiver {receiver or 'not running (restore_command)'}")
