@@ -1,13 +1,11 @@
-"""Stream kinds: one module per kind, each with the same functions.
+"""Stream kinds: one package per kind, laid out the same way, and this one registry.
 
-A kind's module (``KIND_MODULES``) provides:
-
-- ``source(stream, agent, peer, state_dir) -> Source`` — the active side's
-  capture for one destination ``peer``; ``state_dir`` is private to that pair.
-- ``target(stream, agent, state_dir) -> Target`` — the passive side's copy.
-- optionally ``background(stream, agent, role, state_dir) -> list[Background]``
-  — extra periodic jobs of the kind (a base-backup schedule, a reconcile
-  scan), run by the same supervising loop as the streams.
+A kind is a package ``replicators/<kind>/`` (``options``, ``source``, ``target``,
+``verify``, and ``kind``: the module this registry imports). Its ``kind`` module is a
+``Kind``: ``source``, ``target`` and, optionally, ``background``, ``verify`` and
+``restore`` (see the protocol below). Adding a kind is that package and one line
+here (``KIND_MODULES``), or ``register`` at run time; ``tests/test_new_kind.py``
+proves it with a kind of its own, run through ship, apply, verify and restore.
 
 Modules are imported when a configuration uses the kind, so a kind's
 dependencies cost nothing to agents that do not run it.
@@ -19,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from replicators.settings import AgentSettings, PeerSettings, StreamSettings
@@ -31,6 +29,38 @@ KIND_MODULES = {
     "objects": "replicators.objects.kind",
     "artifacts": "replicators.artifacts.kind",
 }
+
+
+class Kind(Protocol):
+    """What a kind's ``kind`` module provides (functions at module level).
+
+    - ``source(stream, agent, peer, state_dir) -> Source``: the active side's capture
+      for one destination ``peer``; ``state_dir`` is private to that pair.
+    - ``target(stream, agent, state_dir) -> Target``: the passive side's copy.
+    - optional ``background(stream, agent, role, state_dir) -> list[Background]``:
+      periodic jobs of the kind (a base-backup schedule, a reconcile scan), run by the
+      same supervising loop as the streams.
+    - optional ``verify(stream, agent, *, deep, repair) -> dict``: the unsigned report
+      of an on-demand verification (``verifiers/report.py``).
+    - optional ``restore(stream, agent, into, *, at) -> dict``: this region's vault
+      (read with ``replicators.logread.LogWalk``) into ``into``, as of ``at``.
+
+    ``stream``, ``agent`` and ``peer`` are read through ``replicators.settings``'s
+    ``StreamSettings``, ``AgentSettings`` and ``PeerSettings``.
+    """
+
+    KIND: str
+
+    def source(
+        self, stream: StreamSettings, agent: AgentSettings, peer: PeerSettings, state_dir: Path
+    ) -> Source: ...
+
+    def target(self, stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> Target: ...
+
+
+def register(kind: str, module_name: str) -> None:
+    """Make ``kind`` known, its ``Kind`` module importable as ``module_name``."""
+    KIND_MODULES[kind] = module_name
 
 
 @dataclass(frozen=True)
