@@ -22,9 +22,7 @@ from tqdm import tqdm
 
 from agent.cli_restore import kind_parser
 from agent.config import AgentConfig, ConfigError, StreamConfig, load_config
-from replicators.keys import build_key_provider
-from replicators.s3 import S3Store
-from replicators.vault import Vault
+from replicators.vault import open_vault
 
 
 def _stream(cfg: AgentConfig, name: str | None, path: str) -> StreamConfig:
@@ -38,10 +36,7 @@ def _stream(cfg: AgentConfig, name: str | None, path: str) -> StreamConfig:
 async def _restore(cfg: AgentConfig, stream: str, model: str, version: str, to: Path) -> int:
     from replicators.artifacts.restore import find, restore
 
-    store = await S3Store.open(cfg.vault)
-    keys = build_key_provider(cfg.keys)
-    try:
-        vault = Vault(store)
+    async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
         try:
             m = await find(vault, keys, stream, model, version)
         except LookupError as exc:
@@ -56,9 +51,6 @@ async def _restore(cfg: AgentConfig, stream: str, model: str, version: str, to: 
             file=sys.stderr,
         ) as bar:
             await restore(m, vault, keys, to, bar.update)
-    finally:
-        await keys.aclose()
-        await store.aclose()
     print(
         f"restored {m.name} into {to}: {len(m.files)} files, {m.size} bytes, root {m.root().hex()}"
     )
@@ -77,13 +69,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 async def _ls(cfg: AgentConfig, stream: str, as_json: bool) -> int:
     from replicators.artifacts.restore import catalogue
 
-    store = await S3Store.open(cfg.vault)
-    keys = build_key_provider(cfg.keys)
-    try:
-        known = await catalogue(Vault(store), keys, stream)
-    finally:
-        await keys.aclose()
-        await store.aclose()
+    async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
+        known = await catalogue(vault, keys, stream)
     rows = [
         {
             "model": m.model,

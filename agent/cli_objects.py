@@ -57,24 +57,19 @@ async def _restore(
     cfg: AgentConfig, stream: StreamConfig, prefix: str, to_ns: int, into: str
 ) -> int:
     from replicators.bucket import Bucket
-    from replicators.keys import build_key_provider
     from replicators.objects.restore import restore
-    from replicators.s3 import S3Store
-    from replicators.vault import Vault
+    from replicators.vault import open_vault
 
     assert stream.objects is not None
     target = stream.objects.mirror.model_copy(
         update={"bucket": into, "prefix": stream.objects.source.prefix}
     )
-    store = await S3Store.open(cfg.vault)
-    keys = build_key_provider(cfg.keys)
-    bucket = await Bucket.open(target)
-    try:
-        result = await restore(Vault(store), keys, stream.name, prefix, to_ns, bucket)
-    finally:
-        await bucket.aclose()
-        await keys.aclose()
-        await store.aclose()
+    async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
+        bucket = await Bucket.open(target)
+        try:
+            result = await restore(vault, keys, stream.name, prefix, to_ns, bucket)
+        finally:
+            await bucket.aclose()
     at = datetime.fromtimestamp(to_ns / 1e9, UTC).isoformat()
     print(
         f"restored {result.objects} objects ({result.bytes} bytes) of {stream.name}:{prefix!r} "

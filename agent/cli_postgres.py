@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from agent.cli_restore import kind_parser
 from agent.config import AgentConfig, ConfigError, StreamConfig, load_config
-from replicators.keys import KeyProvider, build_key_provider
 from replicators.postgres import walfetch
-from replicators.s3 import S3Store
+from replicators.vault import open_vault
 
 
 def _stream(cfg: AgentConfig, name: str | None, path: str) -> StreamConfig:
@@ -35,17 +33,6 @@ def _stream(cfg: AgentConfig, name: str | None, path: str) -> StreamConfig:
         what = f"no postgres stream named {name!r}" if name else "not exactly one postgres stream"
         raise ConfigError(path, [f"streams: {what} (use --stream)"])
     return streams[0]
-
-
-@contextlib.asynccontextmanager
-async def _vault(vault: object, keys_cfg: object) -> AsyncIterator[tuple[S3Store, KeyProvider]]:
-    store = await S3Store.open(vault)  # type: ignore[arg-type]
-    keys = build_key_provider(keys_cfg)  # type: ignore[arg-type]
-    try:
-        yield store, keys
-    finally:
-        await keys.aclose()
-        await store.aclose()
 
 
 def _bar(desc: str) -> tuple[tqdm, Callable[[int], None]]:
@@ -66,7 +53,8 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         for peer in cfg.peers:
-            async with _vault(peer.vault, peer.keys) as (store, keys):
+            async with open_vault(peer.vault, peer.keys) as (vault, keys):
+                store = vault.store
                 bar, update = _bar(f"backup to {peer.name}")
                 with bar:
                     m = await take_backup(
@@ -95,7 +83,8 @@ def _cmd_standby_init(args: argparse.Namespace) -> int:
     spool = spool_dir(stream, cfg.data_dir / "streams" / stream.name / "target")
 
     async def run() -> int:
-        async with _vault(cfg.vault, cfg.keys) as (store, keys):
+        async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
+            store = vault.store
             m = await init_standby(
                 options,
                 stream.name,
@@ -126,7 +115,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> int:
-        async with _vault(cfg.vault, cfg.keys) as (store, keys):
+        async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
+            store = vault.store
             bar, update = _bar("restore")
             with bar:
                 result = await restore(

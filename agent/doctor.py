@@ -36,7 +36,7 @@ from replicators.keys import build_key_provider
 from replicators.s3 import S3Store
 from replicators.segment import read_header
 from replicators.settings import KeysConfig, S3Config
-from replicators.vault import Vault
+from replicators.vault import open_vault
 
 DEADLINE = 10.0
 
@@ -79,24 +79,17 @@ async def _vault(s3: S3Config) -> str:
 
 
 async def _own_key(keys_cfg: KeysConfig, vault: S3Config, streams: list[str]) -> str:
-    keys = build_key_provider(keys_cfg)
     opened = 0
-    try:
+    async with open_vault(vault, keys_cfg) as (log, keys):
         data = await keys.data_key()
         if await keys.unwrap(data.key_id, data.wrapped) != data.plaintext:
             raise ValueError("a data key did not unwrap to itself")
-        store = await S3Store.open(vault)
-        try:
-            for stream in streams:
-                async for ref in Vault(store).segments(stream):
-                    header = read_header(await store.get(ref.key))
-                    await keys.unwrap(header.key_id, header.wrapped_key)
-                    opened += 1
-                    break
-        finally:
-            await store.aclose()
-    finally:
-        await keys.aclose()
+        for stream in streams:
+            async for ref in log.segments(stream):
+                header = read_header(await log.get_segment(ref))
+                await keys.unwrap(header.key_id, header.wrapped_key)
+                opened += 1
+                break
     return f"wraps and unwraps; opens the oldest segment of {opened} of {len(streams)} streams"
 
 

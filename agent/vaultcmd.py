@@ -17,11 +17,9 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.jsonout import print_json
-from replicators.keys import build_key_provider
 from replicators.logread import LogWalk
-from replicators.s3 import S3Store
 from replicators.segment import OpenedSegment
-from replicators.vault import Vault
+from replicators.vault import open_vault
 
 
 @dataclass
@@ -41,11 +39,9 @@ class Walk:
 async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> Walk:
     """Every segment opened (and, with ``verify``, checked for continuity); a damaged
     segment is named and the walk goes on, so every damaged one is named."""
-    store = await S3Store.open(cfg.vault)
-    keys = build_key_provider(cfg.keys)
     walk = Walk()
-    log = LogWalk(Vault(store), keys, stream)
-    try:
+    async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
+        log = LogWalk(vault, keys, stream)
         async for seen in log.check():
             if seen.opened is None or (verify and seen.problem):
                 walk.problems.append((seen.ref.key, str(seen.problem)))
@@ -55,9 +51,6 @@ async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> Walk:
             if verify and len(walk.rows) % 100 == 0 and sys.stderr.isatty():
                 print(f"\rverified {len(walk.rows)} segments", end="", file=sys.stderr, flush=True)
         walk.stale = sorted(r.key for r in log.stale)
-    finally:
-        await keys.aclose()
-        await store.aclose()
     if verify and len(walk.rows) >= 100 and sys.stderr.isatty():
         print(file=sys.stderr)
     return walk

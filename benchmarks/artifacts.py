@@ -307,7 +307,7 @@ async def run_dragent(
     from agent.config import load_config
     from benchmarks.dirstore import DirStore
     from replicators.artifacts.options import ArtifactsOptions
-    from replicators.artifacts.packs import open_vault
+    from replicators.artifacts.packs import open_pack_store
     from replicators.artifacts.source import ArtifactsSource
     from replicators.keys import build_key_provider
     from replicators.metrics import Metrics
@@ -319,7 +319,7 @@ async def run_dragent(
     out = []
     peer = load_config(lab.config_path("a")).peers[0]
     store: ObjectStore = (
-        DirStore(disk) if disk else await open_vault(peer.vault)  # as the agent opens it
+        DirStore(disk) if disk else await open_pack_store(peer.vault)  # as the agent opens it
     )
     server = lab.region_dir("b") / "s3" / "weed.pid"
     keys = build_key_provider(peer.keys)

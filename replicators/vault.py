@@ -14,9 +14,15 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 from replicators.errors import AlreadyExists, IntegrityError, StorageError
+from replicators.keys import KeyProvider, build_key_provider
+from replicators.s3 import S3Store
 from replicators.store import ObjectStore
+
+if TYPE_CHECKING:
+    from replicators.settings import KeysConfig, S3Config
 
 _NAME = re.compile(r"^streams/([a-z0-9][a-z0-9-]*)/(\d{10})/(\d{20})\.seg$")
 
@@ -103,3 +109,23 @@ async def check_create_only(store: ObjectStore) -> None:
         where="vault",
         hint="use an S3 server that supports conditional writes (AWS S3, SeaweedFS, MinIO)",
     )
+
+
+@contextlib.asynccontextmanager
+async def open_vault(store_cfg: S3Config, keys_cfg: KeysConfig) -> AsyncIterator[Opened]:
+    """A region's vault and the key provider that opens (or seals for) it, both closed when
+    the block ends: ``async with open_vault(cfg.vault, cfg.keys) as (vault, keys)``."""
+    store = await S3Store.open(store_cfg)
+    try:
+        keys = build_key_provider(keys_cfg)
+        try:
+            yield Opened(Vault(store), keys)
+        finally:
+            await keys.aclose()
+    finally:
+        await store.aclose()
+
+
+class Opened(NamedTuple):
+    vault: Vault
+    keys: KeyProvider

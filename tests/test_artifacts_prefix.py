@@ -20,7 +20,7 @@ from benchmarks.artifacts import changed, tensors, write_version
 from replicators.artifacts.kind import verify
 from replicators.artifacts.modelstore import Changed
 from replicators.artifacts.options import ArtifactsOptions
-from replicators.artifacts.packs import open_vault
+from replicators.artifacts.packs import open_pack_store
 from replicators.artifacts.prefix import RANGE, PrefixStore, parse_key
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
@@ -81,7 +81,7 @@ async def rig(
 ) -> AsyncIterator[Rig]:
     models = cfg_a.vault.model_copy(update={"bucket": DATA_BUCKET, "prefix": f"models/{unique}/"})
     bucket = await S3Store.open(models)
-    store = await open_vault(cfg_a.peers[0].vault)
+    store = await open_pack_store(cfg_a.peers[0].vault)
     send, recv = build_key_provider(cfg_a.peers[0].keys), build_key_provider(cfg_b.keys)
     try:
         yield Rig(unique, models, bucket, Vault(store), send, recv, tmp_path)

@@ -93,7 +93,8 @@ async def test_html_report_renders_in_chromium_with_the_periods_data(
 ) -> None:
     from tests.test_drills import drill_config, publish
 
-    cfg = drill_config(cfg_b, unique, tmp_path)
+    # no peers: the peers' evidence logs in the shared lab hold other tests' drills
+    cfg = drill_config(cfg_b, unique, tmp_path).model_copy(update={"peers": []})
     await publish(cfg, unique, segments=2, per=10)
     from agent.drills import run_restore_drill
 

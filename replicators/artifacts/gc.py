@@ -30,11 +30,10 @@ from replicators import logs
 from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.packs import packs_prefix
 from replicators.artifacts.restore import read_catalogue
-from replicators.keys import KeyProvider, build_key_provider
-from replicators.s3 import S3Store
+from replicators.keys import KeyProvider
 from replicators.segment import read_header
 from replicators.store import ObjectStore
-from replicators.vault import Vault
+from replicators.vault import Vault, open_vault
 
 if TYPE_CHECKING:
     import asyncio
@@ -118,15 +117,14 @@ class Collector:
         path = self.state_dir / "source.db"
         if not path.exists():
             return False
-        store = await S3Store.open(self.peer.vault)
-        keys = build_key_provider(self.peer.keys)
         index = SourceIndex(path)
         try:
-            result = await collect(store, keys, index, self.stream, self.grace, self.retention)
+            async with open_vault(self.peer.vault, self.peer.keys) as (vault, keys):
+                result = await collect(
+                    vault.store, keys, index, self.stream, self.grace, self.retention
+                )
         finally:
             index.close()
-            await keys.aclose()
-            await store.aclose()
         self.log.info(
             "artifacts gc pass",
             packs=result.packs,

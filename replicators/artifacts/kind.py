@@ -23,7 +23,7 @@ from replicators.artifacts.index import SourceIndex
 from replicators.artifacts.manifest import ChunkRef, FileEntry, Manifest, decode
 from replicators.artifacts.modelstore import ModelStore
 from replicators.artifacts.options import ArtifactsOptions
-from replicators.artifacts.packs import open_vault
+from replicators.artifacts.packs import open_pack_store
 from replicators.artifacts.restore import catalogue, scrub
 from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
@@ -31,7 +31,7 @@ from replicators.artifacts.tree import TreeStore
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.registry import Background
 from replicators.s3 import S3Store
-from replicators.vault import Vault
+from replicators.vault import Vault, open_vault
 
 if TYPE_CHECKING:
     from replicators.settings import AgentSettings, PeerSettings, StreamSettings
@@ -56,7 +56,7 @@ class _SourceWithStore(ArtifactsSource):
 
     async def resume(self, position: int) -> None:
         if isinstance(self.store, _Unopened):
-            self.store = await open_vault(self._peer.vault)
+            self.store = await open_pack_store(self._peer.vault)
             self._stack.push_async_callback(self.store.aclose)
             self._stack.push_async_callback(self.keys.aclose)
         await super().resume(position)
@@ -293,13 +293,8 @@ async def verify(
         local, reread = await _local_roots(options, active, recorded)
         stats["versions_reread"] += reread
         roots[agent.region], counts[agent.region] = _combined(local), len(local)
-        store = await S3Store.open(vault_cfg)
-        keys = build_key_provider(keys_cfg)
-        try:
-            theirs, damaged, more = await _vault_side(Vault(store), keys, stream.name, deep)
-        finally:
-            await keys.aclose()
-            await store.aclose()
+        async with open_vault(vault_cfg, keys_cfg) as (vault, keys):
+            theirs, damaged, more = await _vault_side(vault, keys, stream.name, deep)
         roots[name], counts[name] = _combined(theirs), len(theirs)
         differences += _differences(local, theirs, agent.region, name) + damaged
         stats.update({k: stats.get(k, 0) + v for k, v in more.items()})

@@ -55,7 +55,7 @@ class PackRef:
         return cls(match.group(1), match.group(2), int(match.group(3)))
 
 
-async def open_vault(cfg: S3Config) -> S3Store:
+async def open_pack_store(cfg: S3Config) -> S3Store:
     """The destination vault as the source writes packs and manifests into it.
 
     Bodies are left out of the request signature: everything written there is a

@@ -19,7 +19,6 @@ import asyncpg
 
 from replicators import logs
 from replicators.errors import SourceError
-from replicators.keys import build_key_provider
 from replicators.postgres import gaps
 from replicators.postgres import lsn as L
 from replicators.postgres.basebackup import BackupManifest, list_backups, take_backup
@@ -29,7 +28,7 @@ from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
 from replicators.postgres.walsource import WalSource, slot_name
 from replicators.registry import Background
-from replicators.s3 import S3Store
+from replicators.vault import open_vault
 
 if TYPE_CHECKING:
     from replicators.settings import AgentSettings, PeerSettings, StreamSettings
@@ -110,13 +109,8 @@ class BackupSchedule:
         self.log = logs.get("postgres.backup", stream=stream.name, peer=peer.name)
 
     async def recover(self) -> None:
-        store = await S3Store.open(self.peer.vault)
-        keys = build_key_provider(self.peer.keys)
-        try:
-            backups = await list_backups(store, keys, self.stream.name)
-        finally:
-            await keys.aclose()
-            await store.aclose()
+        async with open_vault(self.peer.vault, self.peer.keys) as (vault, keys):
+            backups = await list_backups(vault.store, keys, self.stream.name)
         self.newest = backups[-1] if backups else None
 
     async def sync_once(self, stop: asyncio.Event) -> bool:
@@ -131,13 +125,8 @@ class BackupSchedule:
         if why is None:
             return False
         self.log.info("taking a base backup", reason=why)
-        store = await S3Store.open(self.peer.vault)
-        keys = build_key_provider(self.peer.keys)
-        try:
-            manifest = await take_backup(self.options, self.stream.name, store, keys)
-        finally:
-            await keys.aclose()
-            await store.aclose()
+        async with open_vault(self.peer.vault, self.peer.keys) as (vault, keys):
+            manifest = await take_backup(self.options, self.stream.name, vault.store, keys)
         self.newest = manifest
         self.log.info("base backup stored", id=manifest.id, bytes=manifest.bytes)
         self._cover(manifest)

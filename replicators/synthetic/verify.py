@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from replicators.errors import IntegrityError, SourceError
-from replicators.keys import KeyProvider, build_key_provider
+from replicators.keys import KeyProvider
 from replicators.logread import LogWalk
-from replicators.s3 import S3Store
 from replicators.store import ObjectStore
 from replicators.synthetic.records import read_applied_log
-from replicators.vault import Vault
+from replicators.vault import Vault, open_vault
 from verifiers.merkle import MerkleBuilder, leaf_hash
 
 if TYPE_CHECKING:
@@ -49,13 +48,8 @@ async def verify(
     if repair:
         raise SourceError(f"stream {stream.name}: synthetic copies are not repaired")
     started = time.time()
-    store = await S3Store.open(agent.vault)
-    keys = build_key_provider(agent.keys)
-    try:
-        vault = await _vault_side(store, keys, stream.name, collect=deep)
-    finally:
-        await keys.aclose()
-        await store.aclose()
+    async with open_vault(agent.vault, agent.keys) as (log, keys):
+        vault = await _vault_side(log.store, keys, stream.name, collect=deep)
     report = _report(stream.name, agent.region, started, vault)
     if deep:
         _compare_target(report, vault, target_log(stream, agent))
