@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from agent.cli_restore import kind_parser
 from agent.config import AgentConfig, ConfigError, StreamConfig, load_config
+from replicators.paths import StreamPaths
 from replicators.postgres import walfetch
 from replicators.vault import open_vault
 
@@ -80,7 +81,7 @@ def _cmd_standby_init(args: argparse.Namespace) -> int:
             args.config, ["streams.postgres.standby_data_dir: not set (or --data-dir)"]
         )
     port = args.port or options.standby_port
-    spool = spool_dir(stream, cfg.data_dir / "streams" / stream.name / "target")
+    spool = spool_dir(stream, StreamPaths(cfg.data_dir, stream.name).target)
 
     async def run() -> int:
         async with open_vault(cfg.vault, cfg.keys) as (vault, keys):

@@ -16,6 +16,7 @@ from replicators import logs
 from replicators.errors import StorageError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.metrics import Metrics
+from replicators.paths import StreamPaths
 from replicators.progress import StreamProgress
 from replicators.registry import build_background, build_source, build_target
 from replicators.shipper import Shipper, ShipperSettings
@@ -76,7 +77,8 @@ async def _shippers(
             segment_max_age=s.segment_max_age,
         )
         progress = StreamProgress(stream=s.name, kind=s.kind, side="source", peer=peer.name)
-        state_dir = cfg.data_dir / "streams" / s.name / f"to-{peer.name}"
+        paths = StreamPaths(cfg.data_dir, s.name)
+        state_dir = paths.to(peer.name)
         source = build_source(s, cfg, peer, state_dir)
         stack.push_async_callback(source.aclose)
         shipper = Shipper(
@@ -84,7 +86,7 @@ async def _shippers(
             source,
             vault,
             keys,
-            state_dir / "shipped.json",
+            paths.shipped(peer.name),
             progress,
             metrics.stream(s.name, peer.name),
         )
@@ -105,7 +107,7 @@ async def _sinks(
     tasks = []
     for s in cfg.streams:
         progress = StreamProgress(stream=s.name, kind=s.kind, side="sink", peer="vault")
-        target = build_target(s, cfg, cfg.data_dir / "streams" / s.name / "target")
+        target = build_target(s, cfg, StreamPaths(cfg.data_dir, s.name).target)
         stack.push_async_callback(target.aclose)
         # a batch may overshoot by its last record (an object part, a WAL run): room for it
         cap = 4 * int(s.segment_max_bytes) + (64 << 20)
@@ -134,7 +136,7 @@ async def _create_only(store: ObjectStore, peer: str) -> None:
 def _background(cfg: AgentConfig) -> list[StreamTask]:
     out = []
     for s in cfg.streams:
-        for job in build_background(s, cfg, cfg.role, cfg.data_dir / "streams" / s.name):
+        for job in build_background(s, cfg, cfg.role, StreamPaths(cfg.data_dir, s.name).root):
             progress = StreamProgress(stream=s.name, kind=s.kind, side="job", peer=job.name)
             out.append(StreamTask(f"{s.name}:{job.name}", job.runner, progress, idle=job.every))
     return out

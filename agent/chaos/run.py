@@ -38,6 +38,7 @@ from agent.lab.bind import lab_dns
 from agent.lab.processes import poll
 from replicators import logs
 from replicators.errors import IntegrityError
+from replicators.paths import StreamPaths
 from replicators.synthetic import SyntheticTarget, make_record, parse_record, read_applied_log
 
 QUIET = 20.0
@@ -280,7 +281,7 @@ async def _vault(stage: F.Stage) -> dict[str, Any]:
     cfg = parse_config(stage.lab.agent_config("b"), "lab b")
     name = stage.drill.name[:63]
     summary = await verify_summary(cfg, name)
-    target = SyntheticTarget(stage.drill.workdir / "b" / "streams" / name / "target")
+    target = SyntheticTarget(StreamPaths(stage.drill.workdir / "b", name).target)
     damaged = [i for i, ok in _applied_records(target) if not ok]
     return {
         "type": "vault",

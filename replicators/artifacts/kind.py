@@ -29,6 +29,7 @@ from replicators.artifacts.source import ArtifactsSource
 from replicators.artifacts.target import ArtifactsTarget
 from replicators.artifacts.tree import TreeStore
 from replicators.keys import KeyProvider, build_key_provider
+from replicators.paths import StreamPaths
 from replicators.registry import Background
 from replicators.s3 import S3Store
 from replicators.vault import Vault, open_vault
@@ -273,7 +274,7 @@ async def verify(
     options = _options(stream)
     started = time.time()
     active = agent.role == "active"
-    streams_dir = agent.data_dir / "streams" / stream.name
+    paths = StreamPaths(agent.data_dir, stream.name)
     where = (
         [(p.name, p.vault, p.keys) for p in agent.peers]
         if active
@@ -287,9 +288,9 @@ async def verify(
     for name, vault_cfg, keys_cfg in where:
         recorded: Recorded | None = None
         if not deep and active:
-            recorded = _recorded_by_source(streams_dir / f"to-{name}" / "source.db")
+            recorded = _recorded_by_source(paths.to(name) / "source.db")
         elif not deep:
-            recorded = _recorded_by_target(streams_dir / "target" / "manifests")
+            recorded = _recorded_by_target(paths.target / "manifests")
         local, reread = await _local_roots(options, active, recorded)
         stats["versions_reread"] += reread
         roots[agent.region], counts[agent.region] = _combined(local), len(local)

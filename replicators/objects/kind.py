@@ -22,6 +22,7 @@ from replicators.bucket import Bucket
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
+from replicators.paths import StreamPaths
 from replicators.registry import Background
 from replicators.segment import SegmentHeader
 from replicators.stream import Applied, Change
@@ -158,7 +159,8 @@ async def verify(
     """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects)."""
     from verifiers.objects import verify_buckets
 
-    indexes = sorted((agent.data_dir / "streams" / stream.name).glob("to-*/shipped.sqlite"))
+    shippers = StreamPaths(agent.data_dir, stream.name).shippers()
+    indexes = [d / "shipped.sqlite" for d in shippers if (d / "shipped.sqlite").exists()]
     return await verify_buckets(
         stream.name,
         _options(stream, agent.region if agent.role == "active" else _peer(agent)),

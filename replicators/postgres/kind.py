@@ -19,6 +19,7 @@ import asyncpg
 
 from replicators import logs
 from replicators.errors import SourceError
+from replicators.paths import StreamPaths
 from replicators.postgres import gaps
 from replicators.postgres import lsn as L
 from replicators.postgres.basebackup import BackupManifest, list_backups, take_backup
@@ -151,7 +152,7 @@ def background(
     """Active: base-backup schedules, the zero-loss guard. Passive: the standby monitor."""
     options = options_of(stream)
     if role != "active":
-        spool = spool_dir(stream, state_dir / "target")
+        spool = spool_dir(stream, StreamPaths(agent.data_dir, stream.name).target)
         return [Background("standby-monitor", StandbyMonitor(options, stream.name, spool), 2.0)]
     jobs = []
     for peer in agent.peers:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from replicators.errors import IntegrityError, SourceError
 from replicators.keys import KeyProvider
 from replicators.logread import LogWalk
+from replicators.paths import StreamPaths
 from replicators.store import ObjectStore
 from replicators.synthetic.records import read_applied_log
 from replicators.vault import Vault, open_vault
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 def target_log(stream: StreamSettings, agent: AgentSettings) -> Path:
     """Where this region's synthetic target keeps its applied records (agent/streams.py)."""
-    return agent.data_dir / "streams" / stream.name / "target" / "applied.log"
+    return StreamPaths(agent.data_dir, stream.name).target / "applied.log"
 
 
 async def verify(
