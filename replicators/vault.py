@@ -4,7 +4,8 @@ Layout (docs/vault-layout.md): ``streams/<stream>/<epoch:010d>/<seq:020d>.seg``.
 Zero-padded numbers make the store's lexicographic listing the log's order
 (epoch first, then seq). A segment is published once (create-only write) and
 never changed: its name is its identity, so a re-sent segment is detected
-rather than applied twice.
+rather than applied twice. Sealed blobs the log only refers to (artifacts
+packs) are published beside it the same way (``put_blob``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ class Vault:
     async def put_segment(self, ref: SegmentRef, blob: bytes) -> None:
         """Publish a segment once. Raises ``AlreadyExists`` if the name is taken."""
         await self.store.put(ref.key, blob, if_absent=True)
+
+    async def put_blob(self, key: str, blob: bytes) -> None:
+        """Publish a sealed blob the log refers to but does not hold (an artifacts pack),
+        beside the segments and create-only like them. The segments' namespace
+        (``streams/``) is refused. Raises ``AlreadyExists`` if the name is taken."""
+        if key.startswith("streams/") or not key or key.startswith("/"):
+            raise ValueError(f"{key!r} is not a name for a blob beside the log")
+        await self.store.put(key, blob, if_absent=True)
 
     async def get_segment(self, ref: SegmentRef, max_bytes: int | None = None) -> bytes:
         """The segment's bytes; with ``max_bytes``, a larger object is refused before its

@@ -142,3 +142,20 @@ def test_tombstones_round_trip_and_manifests_still_decode() -> None:
     assert decode_record(encode(m)) == m
     with pytest.raises(IntegrityError, match="unsafe"):
         decode_record(encode_tombstone(Tombstone("..", "v1", 5.0)))
+
+
+def test_packs_are_published_through_the_vault_create_only(tmp_path: Path) -> None:
+    import asyncio
+
+    from benchmarks.dirstore import DirStore
+    from replicators.errors import AlreadyExists
+    from replicators.vault import Vault
+
+    vault = Vault(DirStore(tmp_path))
+    key = PackRef("s", "0123abcd", 1).key
+    asyncio.run(vault.put_blob(key, b"sealed"))
+    with pytest.raises(AlreadyExists):
+        asyncio.run(vault.put_blob(key, b"other"))
+    for bad in ("streams/s/0000000001/00000000000000000001.seg", "", "/abs"):
+        with pytest.raises(ValueError, match="not a name for a blob"):
+            asyncio.run(vault.put_blob(bad, b"x"))

@@ -117,7 +117,7 @@ class _Packer:
             key = await self.src.keys.data_key()
             blob = await self.src.in_worker(seal_pack, pack.ref, pack.chunks, key)
             pack.chunks = []
-            await self.src.store.put(pack.ref.key, blob, if_absent=True)
+            await Vault(self.src.store).put_blob(pack.ref.key, blob)
             self.src.index.pack_done(pack.ref.key, len(blob))
             self.bytes_sent += len(blob)
         finally:
