@@ -14,10 +14,10 @@ import pytest
 
 from replicators.errors import IntegrityError
 from replicators.postgres import lsn as L
+from replicators.postgres.lsn import LsnClock
 from replicators.postgres.restore import RestoreTarget
 from replicators.postgres.spool import decode_records
 from replicators.postgres.walfetch import FILLING, fetch
-from replicators.postgres.walsource import LsnClock
 from replicators.segment import SegmentHeader
 
 SEG = L.WAL_SEGMENT_SIZE

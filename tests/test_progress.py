@@ -9,7 +9,7 @@ import pytest
 from agent.backoff import Backoff
 from replicators.errors import IntegrityError
 from replicators.logs import RateLimited
-from replicators.postgres.walsource import LsnClock
+from replicators.postgres.lsn import LsnClock
 from replicators.progress import StreamProgress
 from replicators.sink import check_continuity
 from replicators.stream import Applied

@@ -4,10 +4,14 @@ An LSN is a byte position in the WAL, written ``X/Y`` (high and low 32 bits in
 hex). WAL is stored in files of ``WAL_SEGMENT_SIZE`` bytes named
 ``TTTTTTTTXXXXXXXXYYYYYYYY``: timeline, then the segment number split into
 "log" and "seg" parts (``0x100000000 // WAL_SEGMENT_SIZE`` segments per log).
+
+Also the vault record of a WAL run (``pack_record``, ``pack_history``, ``pack_gap``)
+and ``LsnClock``, the (LSN, wall time) samples that date the WAL.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 import struct
 
@@ -79,6 +83,7 @@ def split_at_boundaries(start: int, data: bytes) -> list[tuple[int, bytes]]:
 
 
 _RECORD_HEAD = struct.Struct(">IQ")
+MAX_CLOCK_SAMPLES = 10_000
 HISTORY = 0xFFFF_FFFF_FFFF_FFFF
 """The start LSN that marks a record as a timeline history file, not WAL bytes."""
 
@@ -137,3 +142,41 @@ def unpack_record(record: bytes) -> tuple[int, int, bytes]:
     if timeline == 0 or (data and segment_start(start) != segment_start(start + len(data) - 1)):
         raise ValueError(f"WAL record at {format_lsn(start)} crosses a WAL file or has no timeline")
     return timeline, start, data
+
+
+class LsnClock:
+    """(LSN, wall time) samples: the time at which the primary's insert position was LSN.
+
+    ``time_at(p)`` is the time of the newest sample at or before ``p``: a byte at
+    ``p`` was written no earlier, so RPO figures derived from it err on the safe
+    (larger) side by at most one sample interval.
+    """
+
+    def __init__(self) -> None:
+        self._lsns: list[int] = []
+        self._times: list[float] = []
+
+    def add(self, lsn: int, at: float) -> None:
+        if self._lsns and lsn < self._lsns[-1]:
+            return
+        self._lsns.append(lsn)
+        self._times.append(at)
+        if len(self._lsns) > MAX_CLOCK_SAMPLES:
+            del self._lsns[: MAX_CLOCK_SAMPLES // 2], self._times[: MAX_CLOCK_SAMPLES // 2]
+
+    def time_at(self, lsn: int) -> float | None:
+        i = bisect.bisect_right(self._lsns, lsn)
+        return self._times[i - 1] if i else None
+
+    def newest(self) -> int | None:
+        return self._lsns[-1] if self._lsns else None
+
+    def latest(self) -> tuple[int, float] | None:
+        """The newest sample: (insert LSN, wall time at which it was read)."""
+        return (self._lsns[-1], self._times[-1]) if self._lsns else None
+
+    def forget_before(self, lsn: int) -> None:
+        """Drop samples no longer needed for positions at or after ``lsn``."""
+        i = bisect.bisect_right(self._lsns, lsn) - 1
+        if i > 0:
+            del self._lsns[:i], self._times[:i]

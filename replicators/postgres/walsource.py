@@ -33,7 +33,6 @@ Errors: ``SourceError`` (connection lost); the supervising loop calls
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import json
 import time
@@ -49,56 +48,18 @@ from replicators.errors import SourceError
 from replicators.postgres import lsn as L
 from replicators.postgres import pgmetrics
 from replicators.postgres.gaps import Gap, GapBook
+from replicators.postgres.lsn import LsnClock
 from replicators.postgres.options import PostgresOptions
 from replicators.stream import Change
 
 KIND = "postgres"
 HEARTBEAT_PREFIX = "dragent-heartbeat"
 _SLOT_CHECK_EVERY = 5.0
-_MAX_SAMPLES = 10_000
 _STOP_POLL = 0.1  # how soon a set stop event is noticed while idle
 
 
 def slot_name(options: PostgresOptions, peer: str) -> str:
     return options.slot or "dragent_" + "".join(c if c.isalnum() else "_" for c in peer.lower())
-
-
-class LsnClock:
-    """(LSN, wall time) samples: the time at which the primary's insert position was LSN.
-
-    ``time_at(p)`` is the time of the newest sample at or before ``p``: a byte at
-    ``p`` was written no earlier, so RPO figures derived from it err on the safe
-    (larger) side by at most one sample interval.
-    """
-
-    def __init__(self) -> None:
-        self._lsns: list[int] = []
-        self._times: list[float] = []
-
-    def add(self, lsn: int, at: float) -> None:
-        if self._lsns and lsn < self._lsns[-1]:
-            return
-        self._lsns.append(lsn)
-        self._times.append(at)
-        if len(self._lsns) > _MAX_SAMPLES:
-            del self._lsns[: _MAX_SAMPLES // 2], self._times[: _MAX_SAMPLES // 2]
-
-    def time_at(self, lsn: int) -> float | None:
-        i = bisect.bisect_right(self._lsns, lsn)
-        return self._times[i - 1] if i else None
-
-    def newest(self) -> int | None:
-        return self._lsns[-1] if self._lsns else None
-
-    def latest(self) -> tuple[int, float] | None:
-        """The newest sample: (insert LSN, wall time at which it was read)."""
-        return (self._lsns[-1], self._times[-1]) if self._lsns else None
-
-    def forget_before(self, lsn: int) -> None:
-        """Drop samples no longer needed for positions at or after ``lsn``."""
-        i = bisect.bisect_right(self._lsns, lsn) - 1
-        if i > 0:
-            del self._lsns[:i], self._times[:i]
 
 
 class WalSource:
