@@ -29,15 +29,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from agent.compliance import controls as c
 from agent.compliance.keyage import key_ages, key_versions, named_keys
+from agent.compliance.metrics import ComplianceCollector
 from agent.config import AgentConfig
 from agent.evidence import EvidenceLog
 from agent.evidence.chain import SigningKeyError
@@ -400,72 +398,3 @@ def well_formed(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def c_seq(key: str) -> int:
     """The seq of an evidence entry key."""
     return int(key.rsplit("/", 1)[1].split(".")[0])
-
-
-class ComplianceCollector(Collector):
-    """Scrape-time metrics from the monitor's last evaluation."""
-
-    def __init__(self, monitor: ComplianceMonitor) -> None:
-        self.monitor = monitor
-
-    def collect(self) -> Iterator[Metric]:
-        m = self.monitor
-        control = GaugeMetricFamily(
-            "dragent_compliance_control",
-            "1 for the control's current status (pass, fail, unknown).",
-            labels=["control", "status"],
-        )
-        for r in m.results:
-            for s in c.STATUSES:
-                control.add_metric([r.control, s], 1.0 if r.status == s else 0.0)
-        yield control
-        yield from self._drills()
-        yield from self._keys()
-
-    def _drills(self) -> Iterator[Metric]:
-        m, policy = self.monitor, self.monitor.cfg.policy
-        last = GaugeMetricFamily(
-            "dragent_drill_last_success_timestamp_seconds",
-            "Unix time of the last successful drill, by drill.",
-            labels=["drill"],
-        )
-        every = GaugeMetricFamily(
-            "dragent_drill_interval_seconds", "Drill interval from the policy.", labels=["drill"]
-        )
-        duration = GaugeMetricFamily(
-            "dragent_drill_last_duration_seconds",
-            "Measured RTO of the last drill, by drill.",
-            labels=["drill"],
-        )
-        drills = {
-            "restore": ((c.DRILL_RESTORE,), policy.drill_every),
-            "failover": (c.FAILOVER_KINDS, max(c.YEAR, policy.drill_every)),
-        }
-        for name, (kinds, interval) in drills.items():
-            every.add_metric([name], interval)
-            when = m.last_success(kinds)
-            if m.evaluated_at is not None:
-                last.add_metric([name], when or 0.0)
-            latest = c.of_type(m.entries(), *kinds)
-            rto = latest[-1]["data"].get("rto_seconds") if latest else None
-            if isinstance(rto, int | float):
-                duration.add_metric([name], float(rto))
-        yield last
-        yield every
-        yield duration
-
-    def _keys(self) -> Iterator[Metric]:
-        m = self.monitor
-        age = GaugeMetricFamily(
-            "dragent_key_age_seconds", "Age of the current key-encryption key.", labels=["key"]
-        )
-        limit = GaugeMetricFamily(
-            "dragent_key_max_age_seconds", "Maximum key age from the policy.", labels=["key"]
-        )
-        now = time.time()
-        for name, (_, created) in sorted(m.keys.items()):
-            limit.add_metric([name], m.cfg.policy.max_key_age)
-            if created is not None:
-                age.add_metric([name], max(0.0, now - created))
-        yield age
-        yield limit
