@@ -9,7 +9,8 @@ member in a namespace of its own, so ``partition()`` can cut a link between
 two members and ``heal()`` restore it.
 """
 
-from agent.lab.lab import DATA_BUCKET, MEMBERS, REGIONS, VAULT_BUCKET, Lab
+from agent.lab.lab import Lab
+from agent.lab.members import DATA_BUCKET, MEMBERS, REGIONS, VAULT_BUCKET
 from agent.lab.processes import LabError
 from agent.lab.seaweed import S3Credentials
 

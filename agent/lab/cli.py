@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
-from agent.lab.lab import MEMBERS, REGIONS, Action, Lab, Service
+from agent.lab.lab import Lab
+from agent.lab.members import MEMBERS, REGIONS, Action, Service
 from agent.lab.processes import LabError
 
 Command = Callable[[argparse.Namespace], int]
