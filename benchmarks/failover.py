@@ -39,30 +39,21 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import tomli_w
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.agentproc import AgentProcess
-from agent.coordination import fencing
 from agent.coordination.events import PHASES
-from agent.coordination.takeover import promote
 from agent.failover_config import Rfc2136Switch
 from agent.lab import Lab
 from agent.lab.bind import lab_dns, resolve
 from agent.lab.failover_drill import FAST, Drill, Writer, kill_trial, present_ids
+from agent.lab.vault_standby import VaultStandbyRig
 from agent.switch import build_switch
 from agent.switch.rfc2136 import Rfc2136
 from replicators import logs
@@ -72,117 +63,10 @@ WORK_ROOT = Path("/tmp/dragent-failover-bench")  # reachable by the postgres OS 
 VAULT_FED = "vault-fed standby (real agents)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class VaultFed:
+def vault_fed_rig(lab: Lab, dns: Any, name: str) -> VaultStandbyRig:
     """One vault-fed trial's two agents (processes), their configurations and standby."""
-
-    def __init__(self, lab: Lab, dns: Any, name: str) -> None:
-        self.lab, self.dns, self.name = lab, dns, name
-        WORK_ROOT.mkdir(exist_ok=True)
-        WORK_ROOT.chmod(0o755)
-        self.workdir = WORK_ROOT / name
-        shutil.rmtree(self.workdir, ignore_errors=True)
-        self.workdir.mkdir()
-        self.workdir.chmod(0o755)
-        self.slot = "dragent_fb_" + name.replace("-", "_")[-40:]
-        self.port = _free_port()
-        self.replica = f"postgresql://dragent@127.0.0.1:{self.port}/app"
-        self.primary = lab.pg_dsn("a")
-        (self.workdir / "dsn-a").write_text(self.primary)
-        (self.workdir / "dsn-b").write_text(self.replica)
-        self.prefix = f"/dragent-failover-bench/{name}"
-        self.config = {r: self._config(r) for r in ("a", "b")}
-        self.agents = {
-            r: AgentProcess(
-                self.config[r],
-                self.workdir / f"{r}.log",
-                self.workdir / f"{r}.pid",
-                lab.agent_url(r),
-            )
-            for r in ("a", "b")
-        }
-
-    def _config(self, region: str) -> Path:
-        lab = self.lab
-        data = tomllib.loads(lab.config_path(region).read_text())
-        data["data_dir"] = str(self.workdir / f"agent-{region}")
-        postgres: dict[str, Any] = {"dsn": f"file:{self.workdir / f'dsn-{region}'}"}
-        postgres["slot"] = self.slot
-        if region == "b":
-            postgres |= {"standby_data_dir": str(self.workdir / "standby")}
-            postgres |= {"standby_port": self.port}
-        data["streams"] = [
-            {
-                "name": self.name,
-                "kind": "postgres",
-                "segment_max_age": "100ms",
-                "postgres": postgres,
-            }
-        ]
-        other = "b" if region == "a" else "a"
-        probes = [self.replica if region == "a" else self.primary]
-        probes.append(f"{lab.agent_url(other)}/healthz")
-        data["etcd"] = {
-            "endpoints": [f"http://127.0.0.1:{lab.port(region, 'etcd_client')}"],
-            "prefix": self.prefix,
-            "dial_timeout": 0.5,
-        }
-        pg = lab.postgres("a")
-        data["failover"] = {
-            **FAST,
-            "enabled": True,
-            "postgres_dsn": f"file:{self.workdir / f'dsn-{region}'}",
-            "peer_probes": {other: probes},
-            "switches": [self.dns.switch_config()],
-            "postgres_data_dir": str(pg.data_dir if region == "a" else self.workdir / "standby"),
-            "postgres_bin_dir": str(pg.bin_dir),
-        }
-        if os.geteuid() == 0:
-            data["failover"]["postgres_os_user"] = "postgres"
-        path = self.workdir / f"{region}.toml"
-        path.write_text(tomli_w.dumps(data))
-        return path
-
-    async def cli(self, *args: str) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"dragent {' '.join(args[:2])}: {out.decode()[-800:]}")
-
-    async def cleanup(self) -> None:
-        for agent in self.agents.values():
-            with contextlib.suppress(Exception):
-                await agent.stop(grace=10)
-        await self.lab.fault("a", "all", "start")
-        pg_ctl = self.lab.postgres("a").command(
-            "pg_ctl", "-D", str(self.workdir / "standby"), "-m", "immediate", "stop"
-        )
-        proc = await asyncio.create_subprocess_exec(
-            *pg_ctl, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        await proc.wait()
-        with contextlib.suppress(Exception):
-            await fencing.unfence(self.primary)
-        with contextlib.suppress(Exception):
-            await promote(self.primary)
-        conn = await asyncpg.connect(self.primary)
-        try:
-            await conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE slot_name = $1 AND NOT active",
-                self.slot,
-            )
-        finally:
-            await conn.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+    slot = "dragent_fb_" + name.replace("-", "_")[-40:]
+    return VaultStandbyRig(lab, name, dns, WORK_ROOT / name, slot)
 
 
 async def _until(check: Any, within: float, what: str) -> None:
@@ -200,18 +84,13 @@ async def vault_fed_trial(lab: Lab, dns: Any, name: str) -> dict:
     switch = Rfc2136(Rfc2136Switch(**dns.switch_config()))
     await switch.point_to("a")
     await switch.forget_epoch()  # this trial's etcd prefix starts its epochs over
-    rig = VaultFed(lab, dns, name)
+    rig = vault_fed_rig(lab, dns, name)
     try:
         table = "fb_" + name.replace("-", "_")
         writer = Writer(rig.primary, table)
         await writer.setup()
-        await rig.cli("backup", "postgres", "--config", str(rig.config["a"]))
         a, b = rig.agents["a"], rig.agents["b"]
-        await a.start()
-        await b.start()
-        await a.wait_ready()
-        await b.wait_ready()
-        await rig.cli("standby", "init", "--config", str(rig.config["b"]))
+        await rig.start()
 
         async def b_follows() -> bool:
             failover = ((await b.status()) or {}).get("failover") or {}
@@ -219,14 +98,7 @@ async def vault_fed_trial(lab: Lab, dns: Any, name: str) -> dict:
             return failover.get("lag_seconds") is not None and a_status.get("role") == "active"
 
         await _until(b_follows, 90, "b following a with a known lag")
-        stop = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(writer.run(stop))
-            await _until(_true(lambda: len(writer.committed) >= 50), 30, "50 commits")
-            killed_at = time.time()
-            await a.kill()
-            await lab.fault("a", "all", "kill")
-            stop.set()
+        killed_at = await rig.kill_region_a(writer, acknowledged=49)
 
         async def b_serves() -> bool:
             status = await b.status()
@@ -256,13 +128,6 @@ async def vault_fed_trial(lab: Lab, dns: Any, name: str) -> dict:
         errors=len(record.get("errors") or []),
     )
     return row
-
-
-def _true(check: Any) -> Any:
-    async def wrapped() -> bool:
-        return bool(check())
-
-    return wrapped
 
 
 async def one_trial(lab: Lab, dns: Any, name: str, work: Path, timing: dict[str, float]) -> dict:

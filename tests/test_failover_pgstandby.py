@@ -11,27 +11,16 @@ the DNS record. Ground truth: the client's log of acknowledged commits.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import shutil
-import socket
-import sys
-import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import pytest
 import pytest_asyncio
-import tomli_w
 
-from agent.agentproc import AgentProcess
-from agent.coordination import fencing
 from agent.lab import Lab
 from agent.lab.bind import ADDRESSES, BindServer, resolve
-from agent.lab.failover_drill import FAST, Writer, present_ids
+from agent.lab.failover_drill import Writer, present_ids
+from agent.lab.vault_standby import VaultStandbyRig
 from replicators.postgres.lsn import parse_lsn
 from tests.support import eventually
 
@@ -40,147 +29,26 @@ pytestmark = pytest.mark.lab
 WORK_ROOT = Path("/tmp/dragent-failover-tests")  # reachable by the postgres OS user
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Rig:
-    def __init__(self, lab: Lab, unique: str, dns: BindServer) -> None:
-        self.lab, self.name, self.dns = lab, unique, dns
-        WORK_ROOT.mkdir(exist_ok=True)
-        WORK_ROOT.chmod(0o755)
-        self.workdir = WORK_ROOT / unique
-        self.workdir.mkdir()
-        self.workdir.chmod(0o755)
-        self.slot = "dragent_f" + unique.replace("-", "_")[-40:]
-        self.port = free_port()
-        self.replica = f"postgresql://dragent@127.0.0.1:{self.port}/app"
-        self.primary = lab.pg_dsn("a")
-        (self.workdir / "dsn-a").write_text(self.primary)
-        (self.workdir / "dsn-b").write_text(self.replica)
-        self.prefix = f"/dragent-pgfailover/{unique}"
-        self.config = {r: self._config(r) for r in ("a", "b")}
-        self.agents = {
-            r: AgentProcess(
-                self.config[r],
-                self.workdir / f"{r}.log",
-                self.workdir / f"{r}.pid",
-                lab.agent_url(r),
-            )
-            for r in ("a", "b")
-        }
-
-    def _config(self, region: str) -> Path:
-        lab = self.lab
-        data = tomllib.loads(lab.config_path(region).read_text())
-        data["data_dir"] = str(self.workdir / f"agent-{region}")
-        postgres: dict[str, Any] = {
-            "dsn": f"file:{self.workdir / f'dsn-{region}'}",
-            "slot": self.slot,
-        }
-        if region == "b":
-            postgres |= {
-                "standby_data_dir": str(self.workdir / "standby"),
-                "standby_port": self.port,
-            }
-        data["streams"] = [
-            {
-                "name": self.name,
-                "kind": "postgres",
-                "segment_max_age": "100ms",
-                "postgres": postgres,
-            }
-        ]
-        other = "b" if region == "a" else "a"
-        # the other region's database first: `dragent failback` follows the first DSN
-        probes = [self.replica if region == "a" else self.primary]
-        probes.append(f"{lab.agent_url(other)}/healthz")
-        data["etcd"] = {
-            "endpoints": [f"http://127.0.0.1:{lab.port(region, 'etcd_client')}"],
-            "prefix": self.prefix,
-            "dial_timeout": 0.5,
-        }
-        pg = lab.postgres("a")
-        data["failover"] = {
-            **FAST,
-            "enabled": True,
-            "postgres_dsn": f"file:{self.workdir / f'dsn-{region}'}",
-            "peer_probes": {other: probes},
-            "switches": [self.dns.switch_config()],
-            # the cluster `dragent failback` re-seeds in this region
-            "postgres_data_dir": str(pg.data_dir if region == "a" else self.workdir / "standby"),
-            "postgres_bin_dir": str(pg.bin_dir),
-        }
-        if os.geteuid() == 0:
-            data["failover"]["postgres_os_user"] = "postgres"
-        path = self.workdir / f"{region}.toml"
-        path.write_text(tomli_w.dumps(data))
-        return path
-
-    async def cli(self, *args: str) -> str:
-        code, out = await self.cli_status(*args)
-        assert code == 0, out
-        return out
-
-    async def cli_status(self, *args: str) -> tuple[int, str]:
-        """``dragent ARGS``: its exit code and its output (stdout and stderr)."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        out, _ = await proc.communicate()
-        return int(proc.returncode or 0), out.decode()
-
-    async def cleanup(self) -> None:
-        for agent in self.agents.values():
-            await agent.stop(grace=10)
-        await self.lab.fault("a", "all", "start")
-        pg_ctl = self.lab.postgres("a").command(
-            "pg_ctl", "-D", str(self.workdir / "standby"), "-m", "immediate", "stop"
-        )
-        proc = await asyncio.create_subprocess_exec(
-            *pg_ctl, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-        await proc.wait()
-        with contextlib.suppress(Exception):
-            await fencing.unfence(self.primary)
-        conn = await asyncpg.connect(self.primary)
-        try:
-            await conn.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                "WHERE slot_name = $1 AND NOT active",
-                self.slot,
-            )
-        finally:
-            await conn.close()
-        for region in ("a", "b"):  # kept for a look after a failure
-            with contextlib.suppress(OSError):
-                shutil.copy(self.workdir / f"{region}.log", WORK_ROOT / f"last-{region}.log")
-        shutil.rmtree(self.workdir, ignore_errors=True)
+def rig_for(lab: Lab, unique: str, dns: BindServer) -> VaultStandbyRig:
+    slot = "dragent_f" + unique.replace("-", "_")[-40:]
+    return VaultStandbyRig(lab, unique, dns, WORK_ROOT / unique, slot)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def rig(lab: Lab, unique: str, named: BindServer) -> AsyncIterator[Rig]:
-    r = Rig(lab, unique, named)
+async def rig(lab: Lab, unique: str, named: BindServer) -> AsyncIterator[VaultStandbyRig]:
+    r = rig_for(lab, unique, named)
     try:
         yield r
     finally:
-        await r.cleanup()
+        await r.cleanup(keep_logs=WORK_ROOT)
 
 
-async def test_region_a_killed_b_promotes_the_vault_fed_standby(rig: Rig) -> None:
+async def test_region_a_killed_b_promotes_the_vault_fed_standby(rig: VaultStandbyRig) -> None:
     table = "f_" + rig.name.replace("-", "_")
     writer = Writer(rig.primary, table)
     await writer.setup()
-    await rig.cli("backup", "postgres", "--config", str(rig.config["a"]))
     a, b = rig.agents["a"], rig.agents["b"]
-    await a.start()
-    await b.start()
-    await a.wait_ready()
-    await b.wait_ready()
-    await rig.cli("standby", "init", "--config", str(rig.config["b"]))
+    await rig.start()
     await resolve_to(rig, "a")
 
     async def b_follows_with_known_lag() -> bool:
@@ -192,13 +60,7 @@ async def test_region_a_killed_b_promotes_the_vault_fed_standby(rig: Rig) -> Non
         )
 
     await eventually(b_follows_with_known_lag, within=60)
-    stop = asyncio.Event()
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(writer.run(stop))
-        await eventually(lambda: len(writer.committed) > 50, within=20)
-        await a.kill()
-        await rig.lab.fault("a", "all", "kill")
-        stop.set()
+    await rig.kill_region_a(writer)
 
     async def b_serves() -> bool:
         status = await b.status()
@@ -226,7 +88,7 @@ async def test_region_a_killed_b_promotes_the_vault_fed_standby(rig: Rig) -> Non
     assert record["rto_seconds"] < 60
 
 
-async def resolve_to(rig: Rig, region: str) -> None:
+async def resolve_to(rig: VaultStandbyRig, region: str) -> None:
     from agent.failover_config import Rfc2136Switch
     from agent.switch.rfc2136 import Rfc2136
 

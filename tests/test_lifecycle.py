@@ -25,16 +25,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import asyncpg
 import pytest
 import pytest_asyncio
 
-from agent.coordination import fencing
 from agent.lab import Lab
 from agent.lab.bind import ADDRESSES, BindServer, resolve
 from agent.lab.failover_drill import Writer, present_ids
+from agent.lab.vault_standby import VaultStandbyRig
 from tests.support import eventually
-from tests.test_failover_pgstandby import Rig, resolve_to
+from tests.test_failover_pgstandby import WORK_ROOT, resolve_to, rig_for
 
 pytestmark = pytest.mark.lab
 
@@ -45,30 +44,18 @@ WATCH = 5.0  # then stay under it for this long, sampled
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def rig(lab: Lab, unique: str, named: BindServer) -> AsyncIterator[Rig]:
-    r = Rig(lab, unique, named)
+async def rig(lab: Lab, unique: str, named: BindServer) -> AsyncIterator[VaultStandbyRig]:
+    r = rig_for(lab, unique, named)
     try:
         yield r
     finally:
-        await r.cleanup()
-        await _primary_again(r.primary)
-
-
-async def _primary_again(dsn: str) -> None:
-    """Whatever happened, leave the lab's region a a writable primary for later tests."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        if await conn.fetchval("SELECT pg_is_in_recovery()"):
-            await conn.execute("SELECT pg_promote(true, 60)")
-    finally:
-        await conn.close()
-    await fencing.unfence(dsn)
+        await r.cleanup(keep_logs=WORK_ROOT)  # region a left a writable primary
 
 
 class Life:
     """The rig, one writer per primary, and the checks run after each step."""
 
-    def __init__(self, rig: Rig) -> None:
+    def __init__(self, rig: VaultStandbyRig) -> None:
         self.rig = rig
         self.table = "life_" + rig.name.replace("-", "_")[-40:]
         self.dsn = {"a": rig.primary, "b": rig.replica}
@@ -171,17 +158,12 @@ class Life:
 
 
 async def test_three_rounds_then_an_unplanned_failover_lose_nothing_acknowledged(
-    rig: Rig,
+    rig: VaultStandbyRig,
 ) -> None:
     life = Life(rig)
     a, b = rig.agents["a"], rig.agents["b"]
     await Writer(rig.primary, life.table).setup()
-    await rig.cli("backup", "postgres", "--config", str(rig.config["a"]))
-    await a.start()
-    await b.start()
-    await a.wait_ready()
-    await b.wait_ready()
-    await rig.cli("standby", "init", "--config", str(rig.config["b"]))
+    await rig.start()
     await resolve_to(rig, "a")
     await life.flows("a")
 
@@ -198,13 +180,7 @@ async def test_three_rounds_then_an_unplanned_failover_lose_nothing_acknowledged
     # region a dies whole while the client writes to it; b takes over on its own
     writer = Writer(rig.primary, life.table, first_id=1 + 1_000_000 * len(life.writers))
     life.writers.append(writer)
-    stop = asyncio.Event()
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(writer.run(stop))
-        await eventually(lambda: len(writer.committed) > 50, within=20)
-        await a.kill()
-        await rig.lab.fault("a", "all", "kill")
-        stop.set()
+    await rig.kill_region_a(writer)
 
     async def b_serves() -> bool:
         status = await b.status()
