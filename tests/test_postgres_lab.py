@@ -679,3 +679,48 @@ async def test_the_backup_job_seeds_a_vault_with_none_then_waits(
     await job.recover()
     assert job.newest is not None and job.newest.stream == pg.stream.name
     assert not await job.sync_once(asyncio.Event())
+
+
+async def test_verify_finds_a_one_row_change_whatever_the_key(lab: Lab, unique: str) -> None:
+    """Composite, text and uuid primary keys and a table without one are all compared (two
+    databases of the lab's cluster as the two copies); a one-row change is found in each."""
+    one, two = lab.pg_dsn("a"), lab.pg_dsn("a", database="postgres")
+    base = "v_" + unique.replace("-", "_")[-30:]
+    ddl = {
+        f"{base}_comp": "(a int, b text, v text, PRIMARY KEY (a, b))",
+        f"{base}_text": "(k text PRIMARY KEY, v text)",
+        f"{base}_uuid": "(k uuid PRIMARY KEY, v text)",
+        f"{base}_none": "(a int, v text)",
+    }
+    rows = {
+        f"{base}_comp": "SELECT i % 50, 'b' || i, 'v' || i FROM generate_series(1, 3000) i",
+        f"{base}_text": "SELECT 'key-' || i, 'v' || i FROM generate_series(1, 3000) i",
+        f"{base}_uuid": "SELECT md5(i::text)::uuid, 'v' || i FROM generate_series(1, 3000) i",
+        f"{base}_none": "SELECT i % 100, 'v' || (i % 7) FROM generate_series(1, 3000) i",
+    }
+    for dsn in (one, two):
+        for table, columns in ddl.items():
+            fill = f"INSERT INTO {table} {rows[table]}"
+            await execute(dsn, f"CREATE TABLE {table} {columns}", fill)
+    tables = [f"public.{t}" for t in ddl]
+    try:
+        same = await compare(one, two, tables)
+        assert same["ok"] and same["skipped_tables"] == [], same["differences"]
+        assert {same["tables"][t]["copy"]["rows"] for t in tables} == {3000}
+        changes = {
+            f"{base}_comp": "UPDATE {t} SET v = 'x' WHERE a = 7 AND b = 'b1007'",
+            f"{base}_text": "UPDATE {t} SET v = 'x' WHERE k = 'key-42'",
+            f"{base}_uuid": "UPDATE {t} SET v = 'x' WHERE k = md5('99')::uuid",
+            f"{base}_none": "DELETE FROM {t} WHERE ctid = (SELECT min(ctid) FROM {t} WHERE a = 5)",
+        }
+        for table, change in changes.items():
+            await execute(two, change.format(t=table))
+        report = await compare(one, two, tables)
+        found = {d["table"]: d for d in report["differences"]}
+        assert set(found) == set(tables), report["differences"]
+        kept, left = found[f"public.{base}_none"]["counts"]
+        assert kept - left == 1  # the one row deleted from a table without a key
+        assert report["tables"][f"public.{base}_comp"]["key"] == "hash of (a, b)"
+    finally:
+        for dsn in (one, two):
+            await execute(dsn, *(f"DROP TABLE IF EXISTS {t}" for t in ddl))

@@ -1,7 +1,9 @@
 """Consistency proof of two PostgreSQL copies: range hash trees computed inside each database.
 
-For each table (single-column integer primary key), the key space
-``[min, max]`` of both copies is a tree: a node is a key range, its children
+For each table, the key space ``[min, max]`` of both copies is a tree (the
+key: a single integer primary key as it is; any other primary key, composite,
+text or uuid, by a 64-bit hash of its columns; a table without one by a hash of
+the whole row, ``row_key``): a node is a key range, its children
 the ``FANOUT`` equal sub-ranges. A node's hash is computed *inside* each
 database over the rows of its range: the XOR of the first 64 bits of
 ``md5(row::text)`` of every row, with the row count. XOR makes a parent the
@@ -16,8 +18,8 @@ a differing range is rechecked after it has caught up again, until it
 converges or is still different after ``RECHECKS`` rounds. A restored copy
 (promoted) is compared as it is; the report records both LSNs.
 
-Errors: ``SourceError`` when a database is unreachable or a table has no
-usable primary key (the report lists such tables as skipped instead).
+Errors: ``SourceError`` when a database is unreachable. Every table is compared
+(``skipped_tables`` stays in the report, empty).
 """
 
 from __future__ import annotations
@@ -50,17 +52,34 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def primary_key(conn: asyncpg.Connection, table: str) -> str | None:
-    """The single integer primary-key column of ``table`` (schema-qualified ok), or None."""
+@dataclass(frozen=True)
+class Key:
+    """What places a table's rows in the range tree: an SQL expression over the row alias
+    ``t`` that gives a bigint, and how reports name it."""
+
+    expr: str
+    name: str
+
+
+async def row_key(conn: asyncpg.Connection, table: str) -> Key:
+    """The key of ``table``'s range tree. A single integer primary key is used as it is
+    (differing ranges are key ranges); any other primary key (composite, text, uuid...) by
+    a 64-bit hash of its columns; a table without one by a hash of the whole row (identical
+    rows then cancel in the XOR, and the row count tells them apart)."""
     rows = await conn.fetch(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type "
         "FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
-        "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = $1::regclass AND i.indisprimary",
+        "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = $1::regclass AND i.indisprimary "
+        "ORDER BY array_position(i.indkey, a.attnum)",
         table,
     )
-    if len(rows) != 1 or rows[0]["type"] not in _INT_TYPES:
-        return None
-    return str(rows[0]["attname"])
+    names = [str(r["attname"]) for r in rows]
+    if len(rows) == 1 and rows[0]["type"] in _INT_TYPES:
+        return Key(f"t.{_ident(names[0])}", names[0])
+    if rows:
+        columns = ", ".join(f"t.{_ident(n)}" for n in names)
+        return Key(f"hashtextextended(({columns})::text, 0)", f"hash of ({', '.join(names)})")
+    return Key("hashtextextended(t::text, 0)", "hash of the whole row")
 
 
 async def list_tables(conn: asyncpg.Connection) -> list[str]:
@@ -74,22 +93,22 @@ async def list_tables(conn: asyncpg.Connection) -> list[str]:
 class TableHasher:
     """Range hashes of one table in one database."""
 
-    def __init__(self, conn: asyncpg.Connection, table: str, key: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, table: str, key: Key) -> None:
         self.conn = conn
         self.table = table
         self.key = key
         self.queries = 0
 
     async def bounds(self) -> tuple[int, int] | None:
-        k = _ident(self.key)
-        row = await self.conn.fetchrow(f"SELECT min({k}), max({k}) FROM {self.table}")
+        k = self.key.expr
+        row = await self.conn.fetchrow(f"SELECT min({k}), max({k}) FROM {self.table} t")
         assert row is not None
         return None if row[0] is None else (int(row[0]), int(row[1]))
 
     async def node(self, lo: int, hi: int) -> Node:
         """(count, XOR of md5-64 of rows) over keys in ``[lo, hi]``, computed in the database."""
         self.queries += 1
-        k = _ident(self.key)
+        k = self.key.expr
         row = await self.conn.fetchrow(
             f"SELECT count(*), coalesce(bit_xor(('x' || left(md5(t::text), 16))::bit(64)::bigint),"
             f" 0) FROM {self.table} t WHERE {k} BETWEEN $1 AND $2",
@@ -112,11 +131,10 @@ async def table_roots(dsn: str, tables: list[str]) -> dict[str, dict[str, Any]]:
     try:
         present = set(await list_tables(conn))
         for table in tables:
-            key = await primary_key(conn, table) if table in present else None
-            if key is None:
+            if table not in present:
                 out[table] = {"root": None, "rows": None}
                 continue
-            hasher = TableHasher(conn, table, key)
+            hasher = TableHasher(conn, table, await row_key(conn, table))
             lo, hi = await hasher.bounds() or (0, 0)
             node = await hasher.node(lo, hi)
             out[table] = {"root": _hex(node), "rows": node.count}
@@ -144,7 +162,7 @@ async def diff_ranges(a: TableHasher, b: TableHasher, lo: int, hi: int) -> list[
     if (na.count, na.digest) == (nb.count, nb.digest):
         return []
     if max(na.count, nb.count) <= LEAF_ROWS or lo == hi:
-        return [{"what": "rows differ", "where": f"{a.table} {a.key} in [{lo}, {hi}]",
+        return [{"what": "rows differ", "where": f"{a.table} {a.key.name} in [{lo}, {hi}]",
                  "table": a.table, "lo": lo, "hi": hi, "counts": [na.count, nb.count]}]  # fmt: skip
     out: list[dict[str, Any]] = []
     for sub_lo, sub_hi in split(lo, hi):
@@ -195,17 +213,14 @@ async def compare(
         skipped: list[str] = []
         queries = 0
         for table in names:
-            key = await primary_key(p, table)
-            if key is None:
-                skipped.append(table)
-                continue
+            key = await row_key(p, table)
             ha, hb = TableHasher(p, table, key), TableHasher(c, table, key)
             bounds = [b for b in (await ha.bounds(), await hb.bounds()) if b is not None]
             lo = min((b[0] for b in bounds), default=0)
             hi = max((b[1] for b in bounds), default=0)
             ra, rb = await asyncio.gather(ha.node(lo, hi), hb.node(lo, hi))
             per_table[table] = {
-                "key": key,
+                "key": key.name,
                 "primary": {"root": _hex(ra), "rows": ra.count},
                 "copy": {"root": _hex(rb), "rows": rb.count},
             }
