@@ -2,8 +2,8 @@
 
 ``verify`` opens every segment (authentication, Merkle root, name against
 header) and checks the chain has no gap or overlap; it names every damaged
-segment and every break in the chain (not only the first) and exits 1 if
-there is any. Segments of an epoch that a newer one
+segment, with the positions it lies between, and every break in the chain
+(not only the first) and exits 1 if there is any. Segments of an epoch that a newer one
 superseded (``replicators.lineage``) are named as stale, left out of the
 chain, and never make the chain fail: sinks quarantine them.
 """
@@ -30,6 +30,10 @@ class Walk:
     rows: list[dict[str, Any]] = field(default_factory=list)
     problems: list[tuple[str, str]] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
+    covers: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    """For each segment that could not be opened, the positions it lies between: the end
+    of the readable segment before it and the start of the one after (None: the log's
+    start or end). Neighbours damaged together share the range."""
 
     @property
     def problem(self) -> str:
@@ -40,17 +44,25 @@ async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> Walk:
     """Every segment opened (and, with ``verify``, checked for continuity); a damaged
     segment is named and the walk goes on, so every damaged one is named."""
     walk = Walk()
+    unreadable: list[str] = []  # since the last readable segment
     async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
         log = LogWalk(vault, keys, stream)
         async for seen in log.check():
             if seen.opened is None or (verify and seen.problem):
                 walk.problems.append((seen.ref.key, str(seen.problem)))
             if seen.opened is None:
+                unreadable.append(seen.ref.key)
                 continue
-            walk.rows.append(_row(seen.ref.epoch, seen.ref.seq, seen.opened, seen.size))
+            row = _row(seen.ref.epoch, seen.ref.seq, seen.opened, seen.size)
+            before = walk.rows[-1]["end"] if walk.rows else None
+            walk.covers |= {key: (before, row["start"]) for key in unreadable}
+            unreadable = []
+            walk.rows.append(row)
             if verify and len(walk.rows) % 100 == 0 and sys.stderr.isatty():
                 print(f"\rverified {len(walk.rows)} segments", end="", file=sys.stderr, flush=True)
         walk.stale = sorted(r.key for r in log.stale)
+    last = walk.rows[-1]["end"] if walk.rows else None
+    walk.covers |= {key: (last, None) for key in unreadable}
     if verify and len(walk.rows) >= 100 and sys.stderr.isatty():
         print(file=sys.stderr)
     return walk
@@ -102,7 +114,10 @@ async def verify_summary(cfg: AgentConfig, stream: str) -> dict[str, Any]:
         "end": rows[-1]["end"] if rows else None,
         "ok": not problem,
         "problem": problem or None,
-        "problems": [{"segment": key, "error": message} for key, message in walk.problems],
+        "problems": [
+            {"segment": key, "error": message, "covers": walk.covers.get(key)}
+            for key, message in walk.problems
+        ],
         "damaged": sorted({key for key, _ in walk.problems}),
         "stale": stale,
         "seconds": round(time.monotonic() - started, 3),
@@ -122,7 +137,11 @@ async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
             f"positions [{summary['first']}, {summary['end']}) — {verdict}"
         )
         for item in summary["problems"]:
-            print(f"  {item['segment']}: {item['error']}")
+            where = ""
+            if item["covers"] is not None:
+                lo, hi = item["covers"]
+                where = f" (lost positions from {lo or 'the start'} to {hi or 'the end'})"
+            print(f"  {item['segment']}: {item['error']}{where}")
         for key in stale:
             print(f"  stale (superseded epoch, quarantined by sinks): {key}")
     return 0 if not problem else 1

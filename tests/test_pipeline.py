@@ -318,11 +318,13 @@ async def test_every_restore_reads_the_log_through_one_checked_walk(rig: Rig) ->
 async def test_vault_verify_names_every_damaged_segment(
     rig: Rig, cfg_b: AgentConfig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.vaultcmd import vault_verify
+    from agent.vaultcmd import _walk, vault_verify
 
     await ship_for(rig.shipper(), 0.6)
     refs = await vault_refs(rig)
     assert len(refs) >= 5
+    clean = (await _walk(cfg_b, rig.stream, verify=True)).rows
+    assert [r["seq"] for r in clean] == [r.seq for r in refs]
     victims = [refs[0], refs[2], refs[-1]]
     for ref in victims:
         blob = bytearray(await rig.vault.get_segment(ref))
@@ -333,6 +335,11 @@ async def test_vault_verify_names_every_damaged_segment(
     report = json.loads(capsys.readouterr().out)
     assert report["damaged"] == sorted(r.key for r in victims)
     assert report["segments"] == len(refs) - 3 and not report["ok"]
+    # each names the positions it lies between (the readable neighbours' ends)
+    covers = {p["segment"]: p["covers"] for p in report["problems"]}
+    assert covers[victims[0].key] == [None, clean[1]["start"]]
+    assert covers[victims[1].key] == [clean[1]["end"], clean[3]["start"]]
+    assert covers[victims[2].key] == [clean[-2]["end"], None]
 
 
 async def test_an_oversized_object_under_a_segment_name_is_refused_unread(rig: Rig) -> None:
