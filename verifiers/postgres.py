@@ -82,10 +82,18 @@ async def row_key(conn: asyncpg.Connection, table: str) -> Key:
     return Key("hashtextextended(t::text, 0)", "hash of the whole row")
 
 
+AGENT_TABLES = ("dragent_heartbeat",)
+"""The agent's own tables in the application's database (the failover heartbeat, written
+several times a second by design): never part of a comparison."""
+
+
 async def list_tables(conn: asyncpg.Connection) -> list[str]:
+    """The application's tables: every user table but the agent's own."""
     rows = await conn.fetch(
         "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
-        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+        "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') "
+        "AND tablename <> ALL($1::text[]) ORDER BY 1",
+        list(AGENT_TABLES),
     )
     return [r[0] for r in rows]
 
