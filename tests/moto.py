@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from aiobotocore.session import get_session
 
-from agent.lab.moto import MotoServer, free_port
+from agent.lab.moto import MotoServer
+from agent.lab.ports import free_port
 from agent.lab.processes import LabError
 
 ACCESS_KEY = "AKIDEXAMPLE"

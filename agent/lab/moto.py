@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,12 +39,6 @@ def find_moto() -> Path:
         "moto's server (moto_server) was not found",
         hint="make venv  (builds .venv-moto with moto[server])",
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class MotoServer(Server):

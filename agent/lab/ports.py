@@ -86,6 +86,13 @@ def group(ports: dict[str, int], where: str) -> dict[str, int]:
     return {k.removeprefix(prefix): v for k, v in ports.items() if k.startswith(prefix)}
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the system has just given out on ``host`` (free when asked; no claim)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True if a listener could bind ``host:port`` now (SO_REUSEADDR, as servers do)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import sys
 import time
 import tomllib
@@ -29,13 +28,8 @@ from agent.coordination import fencing
 from agent.coordination.takeover import promote
 from agent.lab.failover_drill import FAST, Writer
 from agent.lab.lab import Lab
+from agent.lab.ports import free_port
 from agent.lab.processes import poll
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class VaultStandbyRig:
