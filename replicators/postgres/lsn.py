@@ -109,6 +109,11 @@ def pack_gap(timeline: int, start: int, end: int) -> bytes:
     return _RECORD_HEAD.pack(timeline, GAP) + _GAP_BODY.pack(start, end)
 
 
+def is_gap(record: bytes) -> bool:
+    """Whether ``record`` is a gap record (its head read, nothing copied)."""
+    return len(record) >= _RECORD_HEAD.size and _RECORD_HEAD.unpack_from(record)[1] == GAP
+
+
 def unpack_gap(data: bytes) -> tuple[int, int]:
     """The ``(start, end)`` of a gap record's body. Raises ``ValueError``."""
     if len(data) != _GAP_BODY.size:

@@ -139,6 +139,10 @@ class WalGapError(SourceError):
 
 
 def _gap(header: SegmentHeader, records: list[bytes]) -> tuple[int, int] | None:
+    """The gap a segment records, if any: only a segment holding one is decoded here (the
+    spool decodes and checks every segment it applies)."""
+    if not any(L.is_gap(r) for r in records):
+        return None
     for timeline, start, data in decode_records(header, records):
         if start == L.GAP and timeline:
             return L.unpack_gap(data)
