@@ -254,5 +254,27 @@ class S3Store:
         with suppress(NotFound):
             await self._call(key, "delete_object", Key=self._key(key))
 
+    async def purge(self, key: str) -> None:
+        """Delete every version of ``key``: on a versioned bucket (Object Lock needs one) a
+        plain DELETE only hides the object behind a delete marker. A version under Object
+        Lock is refused by the store: ``AccessDenied``, after the others are deleted."""
+        full = self._key(key)
+        out = await self._call(key, "list_object_versions", Prefix=full, MaxKeys=1000)
+        found = [
+            v["VersionId"]
+            for v in [*out.get("Versions", []), *out.get("DeleteMarkers", [])]
+            if v.get("Key") == full
+        ]
+        refused: AccessDenied | None = None
+        for version in found or [None]:
+            extra = {"VersionId": version} if version else {}
+            try:
+                with suppress(NotFound):
+                    await self._call(key, "delete_object", Key=full, **extra)
+            except AccessDenied as exc:
+                refused = exc
+        if refused is not None:
+            raise refused
+
     async def aclose(self) -> None:
         await self._stack.aclose()

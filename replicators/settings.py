@@ -91,6 +91,25 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
 
+class RetentionConfig(Section):
+    """How long a vault keeps the means to restore (``[retention]``, or per stream
+    ``[streams.retention]``): every point of the last ``window`` stays restorable, and at
+    least ``keep_backups`` base backups are kept. What no such point needs is deleted by
+    the garbage collector (``dragent vault gc``, and in the daemon every ``gc_every``)."""
+
+    window: Duration = 7 * 86400.0
+    """The recovery window: restore points this far back stay restorable (0: keep all)."""
+    keep_backups: int = Field(default=2, ge=1)
+    """Base backups kept whatever their age (the newest ones)."""
+    gc_every: PositiveDuration = 3600.0
+    """How often the daemon collects its own vault."""
+    orphan_grace: Duration = 86400.0
+    """A base backup without a manifest is in progress for this long after it began,
+    and never collected before (a backup still being written)."""
+    enabled: bool = True
+    """False: the daemon never collects (``dragent vault gc`` still can)."""
+
+
 class S3Config(Section):
     """An S3 bucket: SeaweedFS or MinIO by endpoint, AWS S3 when endpoint is unset."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import asyncpg
 from replicators import logs
 from replicators.errors import SourceError
 from replicators.paths import StreamPaths
-from replicators.postgres import gaps
+from replicators.postgres import gaps, gc, pgmetrics
 from replicators.postgres import lsn as L
 from replicators.postgres.basebackup import BackupManifest, list_backups, take_backup
 from replicators.postgres.gaps import Gap, GapBook
@@ -29,6 +30,7 @@ from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool
 from replicators.postgres.walsource import WalSource, slot_name
 from replicators.registry import Background
+from replicators.settings import RetentionConfig
 from replicators.vault import open_vault
 
 if TYPE_CHECKING:
@@ -146,15 +148,72 @@ class BackupSchedule:
             await conn.close()
 
 
+def retention_of(stream: StreamSettings, agent: AgentSettings) -> RetentionConfig:
+    """The stream's ``retention`` table, else the agent's, else the defaults."""
+    own = getattr(stream, "retention", None) or getattr(agent, "retention", None)
+    return own if own is not None else RetentionConfig()
+
+
+class VaultGc:
+    """Collects this region's own vault for one stream every ``gc_every``
+    (``replicators.postgres.gc``), in either role: never past what this region's standby
+    has applied, nothing of its segments while a standby here has no position yet."""
+
+    def __init__(self, stream: StreamSettings, agent: AgentSettings) -> None:
+        self.stream = stream
+        self.agent = agent
+        self.policy = retention_of(stream, agent)
+        self.last: gc.GcResult | None = None
+        self.log = logs.get("postgres.gc", stream=stream.name)
+        pgmetrics.track_gc(self)
+
+    async def recover(self) -> None:
+        return None
+
+    async def sync_once(self, stop: asyncio.Event) -> bool:
+        return bool((await self.run()).deleted)
+
+    async def run(
+        self, *, dry_run: bool = False, on_delete: Callable[[str, str], None] | None = None
+    ) -> gc.GcResult:
+        """One pass; kept (``last``) and recorded for the evidence log unless a dry run."""
+        spool = spool_dir(self.stream, StreamPaths(self.agent.data_dir, self.stream.name).target)
+        applied, hold = None, False
+        if spool.exists():
+            state = await WalSpool(spool).state()
+            applied, hold = (state.ref, False) if state else (None, True)
+        async with open_vault(self.agent.vault, self.agent.keys) as (vault, keys):
+            result = await gc.collect(
+                vault.store, keys, self.stream.name, self.policy, applied=applied,
+                hold_segments=hold, dry_run=dry_run, on_delete=on_delete,
+            )  # fmt: skip
+        if dry_run:
+            return result
+        self.last = result
+        await asyncio.to_thread(gc.record, self.agent.data_dir, result)
+        if result.deleted or result.locked:
+            self.log.info(
+                "vault collected", deleted=result.deleted, bytes=result.bytes_deleted,
+                locked=len(result.locked), window=round(result.recovery_window),
+            )  # fmt: skip
+        return result
+
+
 def background(
     stream: StreamSettings, agent: AgentSettings, role: str, state_dir: Path
 ) -> list[Background]:
-    """Active: base-backup schedules, the zero-loss guard. Passive: the standby monitor."""
+    """Active: base-backup schedules, the zero-loss guard. Passive: the standby monitor.
+    Both: the collector of this region's own vault (when retention is enabled)."""
     options = options_of(stream)
+    policy = retention_of(stream, agent)
+    collector = []
+    if policy.enabled:
+        collector = [Background("vault-gc", VaultGc(stream, agent), policy.gc_every)]
     if role != "active":
         spool = spool_dir(stream, StreamPaths(agent.data_dir, stream.name).target)
-        return [Background("standby-monitor", StandbyMonitor(options, stream.name, spool), 2.0)]
-    jobs = []
+        monitor = StandbyMonitor(options, stream.name, spool)
+        return [Background("standby-monitor", monitor, 2.0), *collector]
+    jobs = list(collector)
     for peer in agent.peers:
         every = min(options.backup_every, 60.0) if options.backup_every > 0 else 60.0
         job = BackupSchedule(stream, peer, gap_book(stream, agent, peer))

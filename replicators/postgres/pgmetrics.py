@@ -14,6 +14,10 @@ Exported (labels: stream, and slot or peer):
   the age of the last transaction the standby replayed.
 - ``dragent_pg_synchronous``: 1 while zero-loss mode is in force, 0 after a
   fallback to asynchronous.
+- ``dragent_recovery_window_seconds`` / ``..._policy_seconds``: how far back a restore
+  from this region's vault can reach (as of the last collection), and the policy;
+  ``dragent_vault_bytes`` / ``dragent_vault_objects{kind}``: what the stream holds
+  there; ``dragent_gc_locked_objects``: deletes Object Lock refused.
 
 Objects register themselves here when created and are held weakly, so
 nothing needs closing.
@@ -43,6 +47,7 @@ class _Source(Protocol):
 _SOURCES: weakref.WeakSet[_Source] = weakref.WeakSet()
 _MONITORS: weakref.WeakSet[Any] = weakref.WeakSet()
 _GUARDS: weakref.WeakSet[Any] = weakref.WeakSet()
+_COLLECTORS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def track_source(source: object) -> None:
@@ -55,6 +60,11 @@ def track_monitor(monitor: object) -> None:
 
 def track_guard(guard: object) -> None:
     _GUARDS.add(guard)
+
+
+def track_gc(collector: object) -> None:
+    """A vault collector (``kind.VaultGc``): its ``policy`` and ``last`` pass."""
+    _COLLECTORS.add(collector)
 
 
 class PostgresCollector(Collector):
@@ -112,6 +122,48 @@ class PostgresCollector(Collector):
         for g in list(_GUARDS):
             sync.add_metric([g.stream, g.slot], 1.0 if g.synchronous else 0.0)
         yield from (retained, flush, write, lag, replay_bytes, replay_age, sync)
+        yield from _retention()
+
+
+def _retention() -> Iterator[Metric]:
+    window = GaugeMetricFamily(
+        "dragent_recovery_window_seconds",
+        "Now minus the oldest point a restore from this region's vault can reach (0: none).",
+        labels=["stream"],
+    )
+    policy = GaugeMetricFamily(
+        "dragent_recovery_window_policy_seconds",
+        "The recovery window the retention policy promises (0: keep everything).",
+        labels=["stream"],
+    )
+    size = GaugeMetricFamily(
+        "dragent_vault_bytes", "Bytes the stream holds in this region's vault.",
+        labels=["stream", "kind"],
+    )  # fmt: skip
+    count = GaugeMetricFamily(
+        "dragent_vault_objects", "Objects the stream holds in this region's vault.",
+        labels=["stream", "kind"],
+    )  # fmt: skip
+    locked = GaugeMetricFamily(
+        "dragent_gc_locked_objects",
+        "Objects the last collection could not delete (Object Lock).",
+        labels=["stream"],
+    )
+    now = time.time()
+    for c in list(_COLLECTORS):
+        stream = c.stream.name
+        policy.add_metric([stream], float(c.policy.window))
+        last = c.last
+        if last is None:
+            continue
+        oldest = last.oldest_point
+        window.add_metric([stream], max(0.0, now - oldest) if oldest else 0.0)
+        locked.add_metric([stream], float(len(last.locked)))
+        for kind, value in last.vault_bytes.items():
+            size.add_metric([stream, kind], float(value))
+        for kind, value in last.vault_objects.items():
+            count.add_metric([stream, kind], float(value))
+    yield from (window, policy, size, count, locked)
 
 
 COLLECTOR = PostgresCollector()

@@ -30,8 +30,8 @@ from pathlib import Path
 from replicators.errors import SourceError
 from replicators.keys import KeyProvider
 from replicators.logread import LogWalk
+from replicators.postgres import locate, pgtools, standby
 from replicators.postgres import lsn as L
-from replicators.postgres import pgtools, standby
 from replicators.postgres.basebackup import (
     BackupManifest,
     choose_backup,
@@ -96,14 +96,24 @@ async def fill_spool(
     *,
     from_lsn: int,
     target: RestoreTarget,
+    need_by: int | None = None,
     on_segment: Callable[[int], None] | None = None,
 ) -> int:
     """Fetch, verify and apply the stream's segments into ``spool`` in log order,
-    ``PREFETCH`` in flight. Returns how many were applied. Raises ``IntegrityError``."""
-    walk = LogWalk(Vault(store), keys, stream)
+    ``PREFETCH`` in flight, from the one holding ``from_lsn`` (found by ``locate``: the
+    segments before it are never read, so a restore reads what it replays, not the
+    stream's history). The first segment applied must begin by ``need_by`` (the base
+    backup's end; default ``from_lsn``): otherwise the WAL that joins the backup to the
+    log is not in the vault and the restore refuses (``SourceError``) rather than stop
+    short. Returns how many were applied. Raises ``IntegrityError``."""
+    vault = Vault(store)
+    walk = LogWalk(vault, keys, stream)
+    found = await locate.first_needed(vault, keys, stream, from_lsn)
+    limit = from_lsn if need_by is None else need_by
     applied = 0
     blocked: WalGapError | None = None
-    async with contextlib.aclosing(walk.read(prefetch=PREFETCH)) as segments:
+    reads = walk.read(found.suffix, prefetch=PREFETCH)
+    async with contextlib.aclosing(reads) as segments:
         async for ref, opened in segments:  # in log order; only PREFETCH in memory
             header = opened.header
             if int(header.end) <= L.segment_start(from_lsn):
@@ -113,6 +123,13 @@ async def fill_spool(
                 if not _past(target, int(header.start), header.first_source_time):
                     blocked = WalGapError(*gap, header.first_source_time)
                 break  # past the target, the gap does not matter: everything needed is here
+            if applied == 0 and int(header.start) > limit:
+                raise SourceError(
+                    f"the vault's WAL of stream {stream} begins at "
+                    f"{L.format_lsn(int(header.start))}, after the base backup's end "
+                    f"{L.format_lsn(limit)}: the WAL that joins them is not in the vault "
+                    "(removed by retention, or never shipped)"
+                )
             await spool.apply(ref, header, opened.records)
             applied += 1
             if on_segment:
@@ -240,7 +257,7 @@ async def _build(
         try:
             return await fill_spool(
                 store, keys, stream, spool, from_lsn=backup.start_lsn, target=target,
-                on_segment=on_bytes,
+                need_by=backup.end_lsn, on_segment=on_bytes,
             )  # fmt: skip
         finally:
             marker.unlink(missing_ok=True)
