@@ -62,7 +62,10 @@ async def _shippers(
     store_metrics: StoreMetrics | None,
     epoch: int,
 ) -> list[StreamTask]:
-    store = await build_store(peer.vault, store_metrics, f"vault-{peer.name}")
+    names = [s.name for s in cfg.streams]
+    store = await build_store(
+        peer.vault, store_metrics, f"vault-{peer.name}", cross_region=True, streams=names
+    )
     stack.push_async_callback(store.aclose)
     await _create_only(store, peer.name)
     vault = Vault(store)
@@ -100,7 +103,8 @@ async def _sinks(
     stack: AsyncExitStack,
     store_metrics: StoreMetrics | None,
 ) -> list[StreamTask]:
-    store = await build_store(cfg.vault, store_metrics, f"vault-{cfg.region}")
+    names = [s.name for s in cfg.streams]
+    store = await build_store(cfg.vault, store_metrics, f"vault-{cfg.region}", streams=names)
     stack.push_async_callback(store.aclose)
     vault = Vault(store)
     keys = await _keys(stack, build_key_provider(cfg.keys))
