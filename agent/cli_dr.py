@@ -14,6 +14,8 @@
 - ``dragent compliance status --config F [--json]``: evaluate the controls now.
 - ``dragent report compliance --config F --from DATE --to DATE --format html|md|json``
   and ``dragent report check FILE --config F``.
+- ``dragent report cost --config F --from T --to T [--prices FILE] [--json]``: what
+  running costs, from the agent's cost log (agent/reports/cost.py, docs/cost.md).
 - ``dragent runbook --config F [--format md|html] [--out FILE]``.
 
 TIME/DATE: ``now``, an ISO date or time (UTC unless it has a zone), unix
@@ -309,6 +311,30 @@ def _cmd_report_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report_cost(args: argparse.Namespace) -> int:
+    from agent.costlog import FILE, load_prices, read_samples
+    from agent.reports.cost import PriceError, cost_report, to_text
+
+    try:
+        prices = load_prices(Path(args.prices) if args.prices else None)
+    except PriceError as exc:
+        print(f"dragent: {exc}", file=sys.stderr)
+        return 2
+    path = Path(args.log) if args.log else load_config(args.config).data_dir / FILE
+    start, end = parse_when(args.start), parse_when(args.end)
+    if end <= start:
+        print("dragent: --to must be after --from", file=sys.stderr)
+        return 2
+    samples = read_samples(path)
+    if not samples:
+        print(f"dragent: {path}: no cost samples (the agent writes them)", file=sys.stderr)
+        return 1
+    report = cost_report(samples, prices, start, end, archive_timeout=args.archive_timeout)
+    report["log"] = str(path)
+    _write(_dump(report) if args.json else to_text(report), args.out)
+    return 0
+
+
 def _cmd_runbook(args: argparse.Namespace) -> int:
     from agent.runbook import render_runbook
 
@@ -391,6 +417,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     chk.add_argument("--config", required=True)
     chk.add_argument("--public-key")
     chk.set_defaults(func=_cmd_report_check)
+    cost = rsub.add_parser("cost", help="what running costs: requests, transfer, storage")
+    where = cost.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="read <data_dir>/cost.jsonl of this agent")
+    where.add_argument("--log", help="read this cost log (a cost.jsonl)")
+    cost.add_argument("--from", dest="start", required=True)
+    cost.add_argument("--to", dest="end", default="now")
+    cost.add_argument("--prices", help="price table (TOML; default: AWS S3 us-east-1)")
+    cost.add_argument(
+        "--archive-timeout", type=float, default=60.0, help="pgBackRest comparison (seconds)"
+    )
+    cost.add_argument("--json", action="store_true")
+    cost.add_argument("--out")
+    cost.set_defaults(func=_cmd_report_cost)
 
     rb = sub.add_parser("runbook", help="runbooks and communication plan from the configuration")
     rb.add_argument("--config", required=True)

@@ -26,6 +26,8 @@ from agent.collector import ProgressCollector
 from agent.compliance.monitor import ComplianceMonitor
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.coordination.coordinator import Coordinator
+from agent.costlog import FILE as COST_FILE
+from agent.costlog import CostLog
 from agent.http import HttpServer, StatusSource, build_app
 from agent.streams import EPOCH, build_tasks
 from agent.supervise import StreamTask, run_stream
@@ -44,6 +46,10 @@ class Agent(StatusSource):
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.store_metrics = StoreMetrics(self.registry)
+        self.cost = CostLog(  # <data_dir>/cost.jsonl: what `dragent report cost` reads
+            cfg.data_dir / COST_FILE, self.store_metrics, self.metrics, cfg.region,
+            lambda: {s.name: s.kind for s in self.cfg.streams},
+        )  # fmt: skip
         self.tasks: list[StreamTask] = []
         self.started_at = time.time()
         self.generation = 0
@@ -104,6 +110,7 @@ class Agent(StatusSource):
                 for t in self.tasks
             ],
             "compliance": self.compliance.status(),
+            "cost": self.cost.status(now),
         }
 
     def healthy(self) -> tuple[bool, str]:
@@ -195,6 +202,7 @@ class Agent(StatusSource):
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(self._watchdog())
                 compliance = tg.create_task(self.compliance.run(asyncio.Event()))
+                cost = tg.create_task(self.cost.run())
                 coordination = asyncio.Event()
                 follower = await self._start_coordinator(tg, coordination)
                 code = await self._generations()
@@ -203,6 +211,7 @@ class Agent(StatusSource):
                     follower.cancel()
                 watchdog.cancel()
                 compliance.cancel()
+                cost.cancel()
         finally:
             self.notifier.stopping()
             await server.aclose()

@@ -12,6 +12,8 @@ The pure parts live here: ``peer_summary`` (a peer's role from its metrics),
 ``RpoHistory`` (a short in-memory history of RPO or
 apply-lag samples per stream) and ``local_alerts`` (what this agent alone can
 tell is wrong: the conditions of the Prometheus rules it can see itself).
+The page's cost line is ``/status``'s ``cost`` (agent/costlog.py: the month's
+estimate from the agent's cost counters).
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ th{background:#f3f4f6}.num{text-align:right;font-variant-numeric:tabular-nums}
 <div>epoch <span id="epoch">?</span> · generation <span id="generation">?</span> ·
 up <span id="uptime">?</span> · updated <span id="updated">never</span>
 <span id="error"></span></div>
+<div>cost this month: <span id="cost">…</span></div>
 <h2>Regions</h2>
 <table><thead><tr><th>region</th><th>role</th><th>epoch</th><th>agent</th><th>checked</th>
 </tr></thead><tbody id="regions"></tbody></table>
@@ -194,6 +197,12 @@ function render(s) {
   $("epoch").textContent = s.epoch; $("generation").textContent = s.generation;
   $("uptime").textContent = s.uptime_seconds.toFixed(0) + " s";
   $("updated").textContent = new Date().toISOString().slice(11, 19) + " UTC";
+  const c = s.cost || {};  // agent/costlog.py: this month's samples scaled to a month
+  $("cost").textContent = c.error ? "unknown: " + c.error
+    : c.monthly == null ? "–"
+    : "about " + c.currency + " " + c.monthly.toFixed(2) + " a month (estimate for " + c.month
+      + " from " + (c.seconds / 3600).toFixed(1) + " h of counters, S3 prices " + c.prices
+      + "; dragent report cost for the detail)";
   const regions = $("regions"); regions.replaceChildren();
   const here = {region: s.region + " (this agent)", role: s.role, epoch: s.epoch,
                 url: location.origin, reachable: true};
