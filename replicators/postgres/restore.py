@@ -103,13 +103,12 @@ async def fill_spool(
     ``PREFETCH`` in flight, from the one holding ``from_lsn`` (found by ``locate``: the
     segments before it are never read, so a restore reads what it replays, not the
     stream's history). The first segment applied must begin by ``need_by`` (the base
-    backup's end; default ``from_lsn``): otherwise the WAL that joins the backup to the
+    backup's end; None: no such check): otherwise the WAL that joins the backup to the
     log is not in the vault and the restore refuses (``SourceError``) rather than stop
     short. Returns how many were applied. Raises ``IntegrityError``."""
     vault = Vault(store)
     walk = LogWalk(vault, keys, stream)
     found = await locate.first_needed(vault, keys, stream, from_lsn)
-    limit = from_lsn if need_by is None else need_by
     applied = 0
     blocked: WalGapError | None = None
     reads = walk.read(found.suffix, prefetch=PREFETCH)
@@ -123,11 +122,11 @@ async def fill_spool(
                 if not _past(target, int(header.start), header.first_source_time):
                     blocked = WalGapError(*gap, header.first_source_time)
                 break  # past the target, the gap does not matter: everything needed is here
-            if applied == 0 and int(header.start) > limit:
+            if applied == 0 and need_by is not None and int(header.start) > need_by:
                 raise SourceError(
                     f"the vault's WAL of stream {stream} begins at "
                     f"{L.format_lsn(int(header.start))}, after the base backup's end "
-                    f"{L.format_lsn(limit)}: the WAL that joins them is not in the vault "
+                    f"{L.format_lsn(need_by)}: the WAL that joins them is not in the vault "
                     "(removed by retention, or never shipped)"
                 )
             await spool.apply(ref, header, opened.records)
