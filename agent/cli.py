@@ -67,7 +67,7 @@ def _cmd_vault(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.action == "ls":
         return asyncio.run(vault_ls(cfg, args.stream, args.json))
-    return asyncio.run(vault_verify(cfg, args.stream, args.json))
+    return asyncio.run(vault_verify(cfg, args.stream, args.json, repair=args.repair))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     vault.add_argument("--config", required=True)
     vault.add_argument("--stream", required=True)
     vault.add_argument("--json", action="store_true")
+    vault.add_argument(
+        "--repair",
+        action="store_true",
+        help="verify: re-ship damaged or missing segments of a postgres stream from its source",
+    )
     vault.set_defaults(func=_cmd_vault)
 
     demo = sub.add_parser("demo", help="bring up the lab, run both agents, show the RPO")

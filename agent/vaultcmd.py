@@ -5,7 +5,10 @@ header) and checks the chain has no gap or overlap; it names every damaged
 segment, with the positions it lies between, and every break in the chain
 (not only the first) and exits 1 if there is any. Segments of an epoch that a newer one
 superseded (``replicators.lineage``) are named as stale, left out of the
-chain, and never make the chain fail: sinks quarantine them.
+chain, and never make the chain fail: sinks quarantine them. A segment missing
+from an epoch (a hole in seq) is named too, with the positions it lies between.
+``verify --repair`` re-ships what a postgres stream lost from its source
+(``agent.vaultrepair``) and verifies again.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from agent.config import AgentConfig
 from agent.jsonout import print_json
 from replicators.logread import LogWalk
 from replicators.segment import OpenedSegment
-from replicators.vault import open_vault
+from replicators.vault import SegmentRef, open_vault
 
 
 @dataclass
@@ -34,6 +37,8 @@ class Walk:
     """For each segment that could not be opened, the positions it lies between: the end
     of the readable segment before it and the start of the one after (None: the log's
     start or end). Neighbours damaged together share the range."""
+    missing: list[str] = field(default_factory=list)
+    """Segments absent from the vault: holes in seq within an epoch."""
 
     @property
     def problem(self) -> str:
@@ -45,10 +50,18 @@ async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> Walk:
     segment is named and the walk goes on, so every damaged one is named."""
     walk = Walk()
     unreadable: list[str] = []  # since the last readable segment
+    last: SegmentRef | None = None
     async with open_vault(cfg.vault, cfg.keys) as (vault, keys):
         log = LogWalk(vault, keys, stream)
         async for seen in log.check():
-            if seen.opened is None or (verify and seen.problem):
+            holes = _holes(last, seen.ref)
+            last = seen.ref
+            for key in holes:
+                walk.problems.append((key, "missing: no segment under this name"))
+                walk.missing.append(key)
+            unreadable += holes
+            gap = bool(holes) and "gap: expected seq" in str(seen.problem)  # named as missing
+            if seen.opened is None or (verify and seen.problem and not gap):
                 walk.problems.append((seen.ref.key, str(seen.problem)))
             if seen.opened is None:
                 unreadable.append(seen.ref.key)
@@ -66,6 +79,14 @@ async def _walk(cfg: AgentConfig, stream: str, verify: bool) -> Walk:
     if verify and len(walk.rows) >= 100 and sys.stderr.isatty():
         print(file=sys.stderr)
     return walk
+
+
+def _holes(last: SegmentRef | None, ref: SegmentRef) -> list[str]:
+    """The names of the segments missing between ``last`` and ``ref`` of one epoch (a
+    hole across an epoch change is named by the continuity check: its epoch is unknown)."""
+    if last is None or last.epoch != ref.epoch:
+        return []
+    return [SegmentRef(ref.epoch, seq, ref.stream).key for seq in range(last.seq + 1, ref.seq)]
 
 
 def _row(epoch: int, seq: int, opened: OpenedSegment, size: int) -> dict[str, Any]:
@@ -119,18 +140,43 @@ async def verify_summary(cfg: AgentConfig, stream: str) -> dict[str, Any]:
             for key, message in walk.problems
         ],
         "damaged": sorted({key for key, _ in walk.problems}),
+        "missing": walk.missing,
         "stale": stale,
         "seconds": round(time.monotonic() - started, 3),
     }
 
 
-async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
+async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool, repair: bool = False) -> int:
+    """Verify ``stream``; with ``repair``, re-ship its damaged and missing segments from
+    the source (``agent.vaultrepair``, postgres streams) and verify the whole log again.
+    Exit status 1 if a problem remains (a run not repaired, or the log still broken)."""
     summary = await verify_summary(cfg, stream)
-    problem = summary["problem"]
-    stale = summary["stale"]
+    if repair and summary["problems"]:
+        from agent.vaultrepair import repair_stream
+
+        outcomes = await repair_stream(cfg, stream)
+        before = summary
+        summary = await verify_summary(cfg, stream)
+        summary["before_repair"] = {k: before[k] for k in ("problems", "damaged", "missing")}
+        summary["repairs"] = [o.describe() for o in outcomes]
+        if any(not o.repaired for o in outcomes):
+            summary["ok"] = False
+            summary["problem"] = summary["problem"] or "damaged segments remain unrepaired"
+    _print_verify(summary, as_json)
+    return 0 if summary["ok"] else 1
+
+
+def _print_verify(summary: dict[str, Any], as_json: bool) -> None:
+    stream, problem, stale = summary["stream"], summary["problem"], summary["stale"]
     if as_json:
         print_json(summary)
     else:
+        for item in summary.get("repairs", []):
+            lo, hi = item["covers"]
+            what = ", ".join(item["segments"])
+            span = f"positions {lo or 'the start'} to {hi or 'the end'}"
+            verdict = "repaired" if item["repaired"] else f"NOT repaired: {item['why']}"
+            print(f"repair {what} ({span}): {verdict}")
         verdict = "ok" if not problem else f"FAILED: {len(summary['problems'])} problems"
         print(
             f"{stream}: {summary['segments']} segments, {summary['records']} records, "
@@ -144,4 +190,3 @@ async def vault_verify(cfg: AgentConfig, stream: str, as_json: bool) -> int:
             print(f"  {item['segment']}: {item['error']}{where}")
         for key in stale:
             print(f"  stale (superseded epoch, quarantined by sinks): {key}")
-    return 0 if not problem else 1
