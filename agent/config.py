@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
 from agent.failover_config import EtcdConfig, FailoverConfig, fencing_budget
 from agent.policy_config import PolicyConfig
@@ -118,6 +118,24 @@ class LogConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class ScrubConfig(Section):
+    """``[scrub]``: the continuous scrub of this region's vault (``agent.scrub``). It goes no
+    faster than any of the three allow: a full pass per ``pass_period``, at most
+    ``segments_per_second`` and ``bytes_per_second``."""
+
+    enabled: bool = True
+    pass_period: PositiveDuration = 86400.0
+    segments_per_second: float = Field(default=20.0, gt=0)
+    bytes_per_second: ByteSize = ByteSize(4 * 1024 * 1024)
+
+    @field_validator("bytes_per_second")
+    @classmethod
+    def _positive(cls, value: ByteSize) -> ByteSize:
+        if value <= 0:
+            raise ValueError("must be more than 0 bytes")
+        return value
+
+
 class AgentConfig(Section):
     """One region's agent."""
 
@@ -133,6 +151,7 @@ class AgentConfig(Section):
     failover: FailoverConfig = FailoverConfig()
     log: LogConfig = LogConfig()
     policy: PolicyConfig = PolicyConfig()
+    scrub: ScrubConfig = ScrubConfig()
     drain_timeout: PositiveDuration = 15.0
     sink_poll_interval: PositiveDuration = 0.1
     report_signing_key: Path | None = None

@@ -29,6 +29,7 @@ from agent.coordination.coordinator import Coordinator
 from agent.costlog import FILE as COST_FILE
 from agent.costlog import CostLog
 from agent.http import HttpServer, StatusSource, build_app
+from agent.scrub import STATS as SCRUB_STATS
 from agent.streams import EPOCH, build_tasks
 from agent.supervise import StreamTask, run_stream
 from agent.systemd import Notifier
@@ -76,6 +77,7 @@ class Agent(StatusSource):
             )
         )
         self.registry.register(PG_COLLECTOR)  # the postgres kind's slot/replay/sync gauges
+        self.registry.register(SCRUB_STATS)  # the vault scrub's progress (agent.scrub)
         self.verify_jobs = VerifyJobs(lambda: self.cfg)
         self.compliance = ComplianceMonitor(
             cfg, live_rpo=self._live_rpo, verifications=self.verify_jobs.jobs

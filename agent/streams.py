@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 
 from agent.config import AgentConfig, PeerConfig
+from agent.scrub import scrub_tasks
 from agent.supervise import StreamTask
 from replicators import logs
 from replicators.errors import StorageError
@@ -51,7 +52,7 @@ async def build_tasks(
             tasks += await _shippers(cfg, peer, metrics, stack, store_metrics, epoch)
     else:
         tasks = await _sinks(cfg, metrics, stack, store_metrics)
-    return tasks + _background(cfg)
+    return tasks + _background(cfg) + await scrub_tasks(cfg, stack, store_metrics)
 
 
 async def _shippers(
