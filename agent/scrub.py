@@ -349,7 +349,10 @@ async def scrub_tasks(
     """The scrub job of this region's own vault, if ``[scrub] enabled``."""
     if not cfg.scrub.enabled:
         return []
-    store = await build_store(cfg.vault, store_metrics, f"scrub-{cfg.region}")
+    names = [s.name for s in cfg.streams]
+    store = await build_store(
+        cfg.vault, store_metrics, f"scrub-{cfg.region}", destination=cfg.region, streams=names
+    )
     stack.push_async_callback(store.aclose)
     keys = build_key_provider(cfg.keys)
     stack.push_async_callback(keys.aclose)

@@ -462,3 +462,25 @@ def test_scrub_settings_are_validated_by_key(lab: Lab) -> None:
     assert "scrub.segments_per_second" in text
     assert "scrub.bytes_per_second" in text
     assert "scrub.rate: unknown key" in text
+
+
+@pytest.mark.lab
+async def test_the_daemon_runs_the_scrub_of_its_own_vault(
+    cfg_b: AgentConfig, tmp_path: Path
+) -> None:
+    from agent.streams import build_tasks
+
+    cfg = cfg_b.model_copy(update={"data_dir": tmp_path})
+    async with contextlib.AsyncExitStack() as stack:
+        tasks = await build_tasks(cfg, Metrics(CollectorRegistry()), stack)
+        (task,) = [t for t in tasks if t.name == "vault:scrub"]
+        scrub = task.runner
+        assert isinstance(scrub, Scrub) and scrub.state_path == tmp_path / "scrub.json"
+        await scrub.recover()
+        await scrub.step()  # the streams are found in the vault itself
+        assert scrub.last_checked is not None or scrub.passes
+    assert (tmp_path / "scrub.json").exists()  # saved when the generation closed
+    off = cfg.model_copy(update={"scrub": cfg.scrub.model_copy(update={"enabled": False})})
+    async with contextlib.AsyncExitStack() as stack:
+        tasks = await build_tasks(off, Metrics(CollectorRegistry()), stack)
+        assert not [t for t in tasks if t.name == "vault:scrub"]
