@@ -15,7 +15,10 @@ that may replace a segment is this repair, and only after re-reading the
 neighbours and proving the replacements continuous with them (seq and
 position), and that the damaged object is still damaged (or still absent). The
 damaged object is deleted, then the replacement is put create-only (a writer
-racing us makes the put fail, and the run is reported unrepaired).
+racing us makes the put fail, and the run is reported unrepaired). Should the put
+fail after the delete, the segment is missing, which the next ``--repair`` finds
+and re-ships like any hole. A run's replacements are built in memory before any is
+written (at most a few WAL files' worth for a run of a few segments).
 
 A run is not repairable when the WAL is no longer in the source's ``pg_wal``
 (``pg_ls_waldir()``), when a bound is unknown (at the start or end of the log),
@@ -177,7 +180,7 @@ async def _repair(
     try:
         await _still_damaged(d, log, vault)
         await _continuous(d, log, [(ref, h) for ref, (_, h) in built])
-    except IntegrityError as exc:
+    except (IntegrityError, StorageError) as exc:
         return Outcome(d, why=f"not replaced: {exc}")
     missing = set(d.missing)
     try:
