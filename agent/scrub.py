@@ -49,7 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from agent.config import AgentConfig
 from agent.supervise import StreamTask
 from replicators import checkpoint, lineage, logs
-from replicators.errors import DragentError, IntegrityError, NotFound
+from replicators.errors import IntegrityError, NotFound
 from replicators.keys import KeyProvider, build_key_provider, unseal
 from replicators.progress import StreamProgress
 from replicators.store import ObjectStore
@@ -61,6 +61,7 @@ STATE_FILE = "scrub.json"
 SAVE_EVERY = 5.0
 MAX_WAIT = 300.0
 EVIDENCE_KIND = "scrub.bad-segment"
+EVIDENCE_WITHIN = 15.0
 
 Record = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -158,6 +159,7 @@ class Scrub:
         self.last_checked: SegmentRef | None = None
         self.log = logs.get("scrub")
         self._saved_at = 0.0
+        self._names: list[str] = []
 
     # -- the runner -------------------------------------------------------------------
 
@@ -192,9 +194,13 @@ class Scrub:
     # -- one step ---------------------------------------------------------------------
 
     async def streams(self) -> list[str]:
+        """The streams to scrub: those given, or those the vault holds (found again at the
+        start of each round of turns)."""
         if self.fixed_streams is not None:
             return self.fixed_streams
-        return [s async for s in discover_streams(self.vault.store)]
+        if self.turn == 0 or not self._names:
+            self._names = [s async for s in discover_streams(self.vault.store)]
+        return self._names
 
     async def step(self) -> int:
         """Check the next segment of the stream whose turn it is (or complete its pass);
@@ -202,7 +208,8 @@ class Scrub:
         names = await self.streams()
         if not names:
             return 0
-        name = names[self.turn % len(names)]
+        self.turn %= len(names)
+        name = names[self.turn]
         self.turn = (self.turn + 1) % len(names)
         p = self.passes.setdefault(name, Pass())
         if p.total is None:
@@ -284,8 +291,10 @@ class Scrub:
         if self.record is not None:
             try:
                 await self.record(EVIDENCE_KIND, {"stream": name, "segment": key, "error": problem})
-            except (DragentError, OSError) as exc:
-                self.log.warning("scrub finding not recorded as evidence", error=str(exc))
+            except Exception as exc:  # best effort: the finding is logged above
+                self.log.warning(
+                    "scrub finding not recorded as evidence", error=f"{type(exc).__name__}: {exc}"
+                )
 
     def _complete(self, name: str, p: Pass) -> None:
         now = time.time()
@@ -325,22 +334,21 @@ async def discover_streams(store: ObjectStore) -> AsyncIterator[str]:
 
 
 class EvidenceRecorder:
-    """Appends the scrub's findings to this region's evidence log (opened when needed)."""
+    """Appends the scrub's findings to this region's evidence log (opened for each: they
+    are rare), within ``EVIDENCE_WITHIN`` seconds."""
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self._log: Any = None
 
     async def __call__(self, kind: str, data: dict[str, Any]) -> None:
         from agent.evidence import EvidenceLog
 
-        if self._log is None:
-            self._log = await EvidenceLog.open(self.cfg)
-        await self._log.append(kind, data)
-
-    async def aclose(self) -> None:
-        if self._log is not None:
-            await self._log.aclose()
+        async with asyncio.timeout(EVIDENCE_WITHIN):
+            log = await EvidenceLog.open(self.cfg)
+            try:
+                await log.append(kind, data)
+            finally:
+                await log.aclose()
 
 
 async def scrub_tasks(
@@ -357,7 +365,6 @@ async def scrub_tasks(
     keys = build_key_provider(cfg.keys)
     stack.push_async_callback(keys.aclose)
     recorder = EvidenceRecorder(cfg)
-    stack.push_async_callback(recorder.aclose)
     scrub = Scrub(Vault(store), keys, cfg.data_dir / STATE_FILE, cfg.scrub, record=recorder)
     stack.push_async_callback(scrub.aclose)
     progress = StreamProgress(stream="vault", kind="scrub", side="job", peer="scrub")
