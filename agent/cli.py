@@ -67,6 +67,10 @@ def _cmd_vault(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.action == "ls":
         return asyncio.run(vault_ls(cfg, args.stream, args.json))
+    if args.action == "gc":
+        from agent.vaultgc import vault_gc
+
+        return asyncio.run(vault_gc(cfg, args.stream, args.json, dry_run=args.dry_run))
     return asyncio.run(vault_verify(cfg, args.stream, args.json, repair=args.repair))
 
 
@@ -103,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_cmd_keys)
 
     vault = sub.add_parser("vault", help="inspect and verify this region's vault")
-    vault.add_argument("action", choices=["ls", "verify"])
+    vault.add_argument(
+        "action",
+        choices=["ls", "verify", "gc"],
+        help="gc: delete what no restore point of the recovery window needs ([retention])",
+    )
     vault.add_argument("--config", required=True)
     vault.add_argument("--stream", required=True)
     vault.add_argument("--json", action="store_true")
@@ -111,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair",
         action="store_true",
         help="verify: re-ship damaged or missing segments of a postgres stream from its source",
+    )
+    vault.add_argument(
+        "--dry-run", action="store_true", help="gc: say what would be deleted, delete nothing"
     )
     vault.set_defaults(func=_cmd_vault)
 

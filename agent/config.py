@@ -28,6 +28,7 @@ from replicators.settings import (
     KeysConfig,
     Name,
     PositiveDuration,
+    RetentionConfig,
     S3Config,
     Secret,
     SecretRef,
@@ -81,6 +82,8 @@ class StreamConfig(Section):
     postgres: PostgresOptions | None = None
     objects: ObjectsOptions | None = None
     artifacts: ArtifactsOptions | None = None
+    retention: RetentionConfig | None = None
+    """This stream's retention; default: the agent's ``[retention]``."""
 
     @model_validator(mode="after")
     def _kind_options(self) -> StreamConfig:
@@ -152,6 +155,8 @@ class AgentConfig(Section):
     log: LogConfig = LogConfig()
     policy: PolicyConfig = PolicyConfig()
     scrub: ScrubConfig = ScrubConfig()
+    retention: RetentionConfig = RetentionConfig()
+    """Every stream's retention unless the stream sets its own."""
     drain_timeout: PositiveDuration = 15.0
     sink_poll_interval: PositiveDuration = 0.1
     report_signing_key: Path | None = None
