@@ -137,6 +137,20 @@ def test_wal_bytes_checks_every_page_address_and_records_decode() -> None:
     assert [len(r) - 12 for r in big] == [R.RECORD_BYTES] * 3 + [1]
 
 
+def test_scrub_pace_is_the_slowest_of_its_three_limits(tmp_path: Path) -> None:
+    from agent.config import ScrubConfig
+    from agent.scrub import MAX_WAIT, Pass
+
+    rates = ScrubConfig()  # a pass a day, 20 segments/s, 4 MiB/s
+    scrub = Scrub(None, None, tmp_path / "s.json", rates)  # type: ignore[arg-type]
+    assert scrub.wait(0) == MAX_WAIT  # a vault of nothing yet: one look every 5 minutes
+    scrub.passes = {"a": Pass(total=4_000_000), "b": Pass(total=None)}
+    assert scrub.wait(0) == 1 / 20  # more than a day's worth at 20/s: 20/s
+    assert scrub.wait(8 * MiB) == 2.0  # an 8 MiB segment at 4 MiB/s
+    scrub.passes = {"a": Pass(total=86_400)}
+    assert scrub.wait(0) == 1.0  # a pass a day
+
+
 # -- the lab: vault verify --repair of a postgres stream ------------------------------------
 
 
@@ -360,6 +374,11 @@ async def test_a_range_whose_wal_left_the_primary_is_reported_unrepairable(
     assert outcome["segments"] == [victim.key] and not outcome["repaired"]
     assert f"WAL file {name} is no longer in the source's pg_wal" in outcome["why"]
     assert report["damaged"] == [victim.key]  # still named, untouched
+    capsys.readouterr()
+    assert await vault_verify(pgs.cfg, pgs.name, as_json=False, repair=True) == 1
+    text = capsys.readouterr().out
+    assert f"repair {victim.key} (positions {start} to " in text
+    assert f"NOT repaired: WAL file {name} is no longer in the source's pg_wal" in text
 
 
 # -- the lab: the scrub job ------------------------------------------------------------------
