@@ -1,62 +1,93 @@
-"""Base backups in the vault: ``pg_basebackup``'s tar stream cut into sealed parts.
+"""Base backups in the vault: ``pg_basebackup``'s tar stream, stored incrementally.
 
 Vault layout (docs/vault-layout.md, "PostgreSQL base backups")::
 
-    backups/<stream>/<id>/part-<n:08d>.seg   n = 1, 2, ...: the tar stream, in order
+    backups/<stream>/<id>/pack-<n:08d>.seg   n = 1, 2, ...: the chunks new in this backup
     backups/<stream>/<id>/manifest.seg       written last: what the backup is
 
 ``<id>`` is the UTC start time ``YYYYMMDDTHHMMSSZ``, so listing orders backups
 by age. Every object is a sealed segment (zstd, AES-256-GCM, Merkle root)
-whose stream is the stream's name and whose seq is the part number (0 for
-the manifest); the manifest lists the parts with their sizes and Merkle
-roots. A backup without a manifest is incomplete and never used.
+whose stream is ``<stream>:backup:<id>`` and whose seq is the pack number (0
+for the manifest). A backup without a manifest is incomplete and never used.
+
+The tar stream is cut into content-defined chunks; the manifest (``version``
+2) lists them in order, each naming a pack (possibly one of the previous
+backup's: only chunks of the newest complete backup are reused, the rule the
+garbage collector relies on) with its offset, length and SHA-256; and each
+pack with its size and Merkle root. ``replicators/postgres/backupchunks.py``
+has the chunk sizes, the packs, the dedupe rule and why it is safe.
+``backup_keys`` names every object a backup needs.
+
+Manifests without a ``version`` (the first format) list ``parts`` instead:
+``part-<n:08d>.seg``, the tar stream cut every ``backup_part_bytes``, in order.
+They are still read and restored; new backups are never written that way.
 
 The tar comes from ``pg_basebackup -D - -Ft -X fetch``: self-contained (the
 WAL needed for consistency is inside) and with PostgreSQL's own
 ``backup_manifest``, which ``pg_verifybackup`` checks after extraction. The
-stream is never held in memory whole: one part at a time.
+stream is never held in memory whole: a pack at a time when taken, a few
+packs when extracted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-import itertools
 import json
 import math
+import os
 import re
+import signal
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replicators import logs
 from replicators.errors import IntegrityError, NotFound, SourceError
 from replicators.keys import KeyProvider, unseal
 from replicators.postgres import lsn as L
 from replicators.postgres import pgtools
+from replicators.postgres.backupchunks import (
+    CHUNKER,
+    PREFETCH,
+    ChunkRef,
+    Packer,
+    backup_prefix,
+    chunk_blocks,
+    parse_pack_key,
+    seal_put,
+    sealed_name,
+)
 from replicators.postgres.options import PostgresOptions
-from replicators.segment import seal
 from replicators.store import ObjectStore
-from verifiers.merkle import leaf_hash, merkle_root
+
+__all__ = [
+    "BackupManifest",
+    "backup_keys",
+    "backup_prefix",
+    "choose_backup",
+    "extract_backup",
+    "list_backups",
+    "sealed_name",
+    "take_backup",
+]
 
 _START = re.compile(r"write-ahead log start point: ([0-9A-F]+/[0-9A-F]+) on timeline (\d+)")
 _END = re.compile(r"write-ahead log end point: ([0-9A-F]+/[0-9A-F]+)")
-_PREFETCH = 4
-
-
-def backup_prefix(stream: str, backup_id: str | None = None) -> str:
-    return f"backups/{stream}/" + (f"{backup_id}/" if backup_id else "")
-
-
-def sealed_name(stream: str, backup_id: str) -> str:
-    """The stream name sealed into a backup's objects: binds every part to its backup."""
-    return f"{stream}:backup:{backup_id}"
+_READ = 4 << 20  # bytes of the tar stream cut at a time
 
 
 @dataclass(frozen=True)
 class BackupManifest:
+    """What a backup is. ``bytes`` is the tar stream's length (the backup's logical
+    size); ``parts`` the sealed objects holding it: in version 1 the tar stream's
+    parts in order, in version 2 the packs ``chunks`` name (each ``{key, size, stored,
+    root}``; a pack may be in an earlier backup's prefix). ``stored`` is what this
+    backup shipped: the sealed size of the objects in its own prefix."""
+
     id: str
     stream: str
     timeline: int
@@ -66,11 +97,37 @@ class BackupManifest:
     end_time: float
     parts: list[dict[str, Any]]
     bytes: int
+    version: int = 1
+    chunks: Sequence[ChunkRef] = field(default=(), repr=False)
+    chunker: str = ""
+
+    @property
+    def stored(self) -> int:
+        """Sealed bytes newly shipped by this backup (its own parts or packs)."""
+        own = backup_prefix(self.stream, self.id)
+        return sum(p.get("stored", 0) for p in self.parts if p["key"].startswith(own))
 
     def to_json(self) -> bytes:
-        d = dict(self.__dict__)
-        d["start_lsn"], d["end_lsn"] = L.format_lsn(self.start_lsn), L.format_lsn(self.end_lsn)
-        return json.dumps(d, sort_keys=True).encode()
+        d: dict[str, Any] = {
+            "id": self.id,
+            "stream": self.stream,
+            "timeline": self.timeline,
+            "start_lsn": L.format_lsn(self.start_lsn),
+            "end_lsn": L.format_lsn(self.end_lsn),
+            "start_time": self.start_time,
+            "end_time": self.end_time,
+            "bytes": self.bytes,
+        }
+        if self.version == 1:
+            d["parts"] = self.parts
+        else:
+            d.update(
+                version=self.version,
+                chunker=self.chunker,
+                packs=self.parts,
+                chunks=[list(c) for c in self.chunks],
+            )
+        return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> BackupManifest:
@@ -87,8 +144,12 @@ class BackupManifest:
 
     @classmethod
     def _checked(cls, d: Any) -> BackupManifest:
-        names = set(cls.__dataclass_fields__)
-        if not isinstance(d, dict) or set(d) != names:
+        common = {"id", "stream", "timeline", "start_lsn", "end_lsn", "start_time"}
+        common |= {"end_time", "bytes"}
+        version = d.get("version", 1) if isinstance(d, dict) else 1
+        v2 = {"version", "chunker", "packs", "chunks"}
+        names = common | ({"parts"} if version == 1 else v2 if version == 2 else {"version"})
+        if not isinstance(d, dict) or set(d) != names or type(version) is not int:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"expected the fields {sorted(names)}, got {got}")
         if not (isinstance(d["id"], str) and isinstance(d["stream"], str)):
@@ -100,12 +161,58 @@ class BackupManifest:
             raise ValueError(f"timeline {d['timeline']!r:.40} or WAL range {start}..{end}")
         if not (_finite(d["start_time"]) and _finite(d["end_time"])):
             raise ValueError("start_time and end_time must be times")
-        parts = d["parts"]
-        if not isinstance(parts, list) or not all(_part(p) for p in parts):
-            raise ValueError("parts must be a list of {key, size, root}")
-        if not _uint(d["bytes"], 64) or d["bytes"] != sum(p["size"] for p in parts):
-            raise ValueError(f"bytes {d['bytes']!r:.40} is not the sum of the parts' sizes")
-        return cls(**{**d, "start_lsn": start, "end_lsn": end})
+        head = {k: d[k] for k in common} | {"start_lsn": start, "end_lsn": end}
+        if version == 1:
+            parts = d["parts"]
+            if not isinstance(parts, list) or not all(_part(p) for p in parts):
+                raise ValueError("parts must be a list of {key, size, root}")
+            if not _uint(d["bytes"], 64) or d["bytes"] != sum(p["size"] for p in parts):
+                raise ValueError(f"bytes {d['bytes']!r:.40} is not the sum of the parts' sizes")
+            return cls(**head, parts=parts)
+        packs, chunks = _packs(d), _chunks_of(d["chunks"], d["packs"])
+        if not _uint(d["bytes"], 64) or d["bytes"] != sum(c.length for c in chunks):
+            raise ValueError(f"bytes {d['bytes']!r:.40} is not the sum of the chunks' lengths")
+        if not isinstance(d["chunker"], str):
+            raise ValueError("chunker must name the chunking parameters")
+        return cls(**head, parts=packs, version=2, chunks=chunks, chunker=d["chunker"])
+
+
+def _packs(d: dict[str, Any]) -> list[dict[str, Any]]:
+    """A version 2 manifest's packs: each a pack of this stream, of this backup or an
+    earlier one (ids are times: an earlier one sorts before), named once."""
+    packs = d["packs"]
+    if not isinstance(packs, list) or not all(_part(p) for p in packs):
+        raise ValueError("packs must be a list of {key, size, stored, root}")
+    for p in packs:
+        stream, backup_id, _ = parse_pack_key(p["key"])
+        if stream != d["stream"] or backup_id > d["id"]:
+            raise ValueError(f"pack {p['key']} is not of this stream, or of a later backup")
+    if len({p["key"] for p in packs}) != len(packs):
+        raise ValueError("a pack is listed twice")
+    return packs
+
+
+def _chunks_of(raw: Any, packs: list[dict[str, Any]]) -> list[ChunkRef]:
+    """A version 2 manifest's chunks, each [pack, offset, length, sha256 hex] inside a
+    listed pack; every listed pack is used (``backup_keys`` names no more than needed)."""
+    if not isinstance(raw, list):
+        raise ValueError("chunks must be a list")
+    out, used = [], set()
+    for c in raw:
+        if not (isinstance(c, list) and len(c) == 4 and all(_uint(v, 64) for v in c[:3])):
+            raise ValueError(f"chunk {c!r:.80} is not [pack, offset, length, id]")
+        pack, offset, length, hex_id = c
+        if pack >= len(packs):
+            raise ValueError(f"chunk {c!r:.80} names no pack (there are {len(packs)})")
+        if length == 0 or offset + length > packs[pack]["size"]:
+            raise ValueError(f"chunk {c!r:.80} is not inside its pack")
+        if not (isinstance(hex_id, str) and re.fullmatch("[0-9a-f]{64}", hex_id)):
+            raise ValueError(f"chunk {c!r:.80}: its id is not a SHA-256")
+        out.append(ChunkRef(pack, offset, length, hex_id))
+        used.add(pack)
+    if len(used) != len(packs):
+        raise ValueError("a listed pack holds none of the backup's chunks")
+    return out
 
 
 def _uint(value: Any, bits: int) -> bool:
@@ -117,7 +224,7 @@ def _finite(value: Any) -> bool:
 
 
 def _part(p: Any) -> bool:
-    """Is ``p`` a part as ``take_backup`` lists it (``stored`` is informative)?"""
+    """Is ``p`` a part or pack as ``take_backup`` lists it (``stored`` is informative)?"""
     return (
         isinstance(p, dict)
         and isinstance(p.get("key"), str)
@@ -128,27 +235,12 @@ def _part(p: Any) -> bool:
     )
 
 
-async def _seal_put(
-    store: ObjectStore, keys: KeyProvider, key: str, stream: str, seq: int, data: bytes, **h: Any
-) -> tuple[bytes, bytes]:
-    """Seal one object (records=[data]) and publish it once; returns (blob, Merkle root)."""
-    data_key = await keys.data_key()
-    now = time.time()
-    blob = await asyncio.to_thread(
-        seal,
-        [data],
-        stream=stream,
-        epoch=h.get("epoch", 1),
-        seq=seq,
-        start=h.get("start", "0"),
-        end=h.get("end", str(len(data))),
-        first_source_time=h.get("source_time", now),
-        last_source_time=h.get("source_time", now),
-        data_key=data_key,
-        created_at=now,
-    )
-    await store.put(key, blob, if_absent=True)
-    return blob, merkle_root([leaf_hash(data)])
+def backup_keys(manifest: BackupManifest) -> set[str]:
+    """Every vault key ``manifest``'s backup needs to be restored: its manifest and every
+    part or pack it reads, in whatever backup's prefix (the garbage collector keeps
+    the union of these over the backups it retains)."""
+    own = backup_prefix(manifest.stream, manifest.id) + "manifest.seg"
+    return {own} | {p["key"] for p in manifest.parts}
 
 
 async def take_backup(
@@ -159,15 +251,29 @@ async def take_backup(
     *,
     on_bytes: Callable[[int], None] | None = None,
 ) -> BackupManifest:
-    """Run ``pg_basebackup`` against the primary and store it in the vault.
+    """Run ``pg_basebackup`` against the primary and store it in the vault, shipping
+    only the chunks the newest complete backup of ``stream`` does not hold.
 
     Raises ``SourceError`` if ``pg_basebackup`` fails (nothing partial is ever
-    used: the manifest is written only after every part). Not idempotent by
+    used: the manifest is written only after every pack). Not idempotent by
     design: each call makes a new backup with a new id.
     """
+    try:
+        backups = await list_backups(store, keys, stream)
+    except IntegrityError as exc:  # a damaged manifest must not stop new backups: ship whole
+        logs.get("postgres.backup", stream=stream).warning(
+            "backup_without_dedupe", reason=str(exc)[:400]
+        )
+        backups = []
+    base = backups[-1] if backups else None  # the dedupe rule: the newest complete one only
     started = time.time()
     backup_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     prefix = backup_prefix(stream, backup_id)
+    reuse = base is not None and base.version == 2 and base.chunker == CHUNKER.params
+    packer = Packer(
+        store, keys, stream, backup_id, int(options.backup_part_bytes),
+        (base.parts, base.chunks) if base is not None and reuse else None,
+    )  # fmt: skip
     conninfo, env = pgtools.conninfo_and_env(options.dsn.reveal())
     argv = ["-d", conninfo, "-D", "-", "-Ft", "-X", "fetch", "-c", "fast", "-v"]
     proc = await asyncio.create_subprocess_exec(
@@ -176,34 +282,30 @@ async def take_backup(
         stderr=asyncio.subprocess.PIPE,
         cwd="/",
         env=env,
+        start_new_session=True,  # _stop kills the group: runuser and pg_basebackup
     )
     assert proc.stdout is not None and proc.stderr is not None
-    parts: list[dict[str, Any]] = []
+    err_task = asyncio.create_task(proc.stderr.read())
+    cutter = CHUNKER.cutter()
     total = 0
     try:
-        async with asyncio.TaskGroup() as tg:
-            err_task = tg.create_task(proc.stderr.read())
-            async for chunk in _chunks(proc.stdout, int(options.backup_part_bytes)):
-                seq = len(parts) + 1
-                key = f"{prefix}part-{seq:08d}.seg"
-                name = sealed_name(stream, backup_id)
-                blob, root = await _seal_put(
-                    store, keys, key, name, seq, chunk, start=str(total),
-                    end=str(total + len(chunk)),
-                )  # fmt: skip
-                parts.append(
-                    {"key": key, "size": len(chunk), "stored": len(blob), "root": root.hex()}
-                )
-                total += len(chunk)
-                if on_bytes:
-                    on_bytes(len(chunk))
+        async for block in _blocks(proc.stdout, _READ):
+            for piece in await asyncio.to_thread(cutter.feed, block):
+                await packer.add(piece)
+            total += len(block)
+            if on_bytes:
+                on_bytes(len(block))
+        for piece in cutter.finish():
+            await packer.add(piece)
+        await packer.close()
         await proc.wait()
+        err = (await err_task).decode(errors="replace")
     except BaseException:
+        err_task.cancel()
+        await asyncio.gather(err_task, return_exceptions=True)
         if proc.returncode is None:  # a failed upload: stop pg_basebackup, never block on it
-            proc.kill()
-            await proc.wait()
+            await _stop(proc)
         raise
-    err = err_task.result().decode(errors="replace")
     if proc.returncode:
         raise SourceError(f"pg_basebackup failed (exit {proc.returncode}): {err.strip()[-800:]}")
     start, end = _START.search(err), _END.search(err)
@@ -217,10 +319,13 @@ async def take_backup(
         end_lsn=L.parse_lsn(end.group(1)),
         start_time=started,
         end_time=time.time(),
-        parts=parts,
+        parts=packer.packs,
         bytes=total,
+        version=2,
+        chunks=packer.chunks,
+        chunker=CHUNKER.params,
     )
-    await _seal_put(
+    await seal_put(
         store,
         keys,
         prefix + "manifest.seg",
@@ -232,7 +337,7 @@ async def take_backup(
     return manifest
 
 
-async def _chunks(reader: asyncio.StreamReader, size: int) -> AsyncIterator[bytes]:
+async def _blocks(reader: asyncio.StreamReader, size: int) -> AsyncIterator[bytes]:
     while True:
         try:
             chunk = await reader.readexactly(size)
@@ -300,39 +405,66 @@ async def extract_backup(
     on_bytes: Callable[[int], None] | None = None,
 ) -> None:
     """Fetch, verify and untar a backup into ``data_dir`` (created, owned by the PostgreSQL
-    user), then check it with ``pg_verifybackup``. Parts are fetched ``_PREFETCH`` ahead
-    and written in order. Raises ``IntegrityError`` on a part that fails verification,
-    ``SourceError`` if tar or pg_verifybackup fail."""
+    user), then check it with ``pg_verifybackup``. Parts or packs are fetched
+    ``PREFETCH`` ahead and the tar stream written in order; every pack is checked
+    (seal, size, Merkle root) and every chunk (SHA-256). Raises ``IntegrityError`` on
+    anything that fails verification, ``SourceError`` if tar or pg_verifybackup fail."""
     pgtools.give_to_owner(options, data_dir)
     tar = await asyncio.create_subprocess_exec(
         *pgtools.owner_command(options, "tar", "-x", "-f", "-", "-C", str(data_dir)),
         stdin=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # _stop kills the group: runuser and tar
     )
     assert tar.stdin is not None and tar.stderr is not None
+    if manifest.version == 1:
+        blocks = _part_blocks(store, keys, manifest)
+    else:
+        blocks = chunk_blocks(store, keys, manifest.stream, manifest.parts, manifest.chunks)
     try:
-        async with asyncio.TaskGroup() as tg:
-            pending: deque[asyncio.Task[bytes]] = deque()
-            seqs = iter(range(1, len(manifest.parts) + 1))
-            for seq in itertools.islice(seqs, _PREFETCH):
-                pending.append(tg.create_task(_fetch_part(store, keys, manifest, seq)))
-            while pending:
-                data = await pending.popleft()  # in order; only _PREFETCH parts in memory
-                if (seq := next(seqs, None)) is not None:
-                    pending.append(tg.create_task(_fetch_part(store, keys, manifest, seq)))
-                tar.stdin.write(data)
+        async with contextlib.aclosing(blocks):
+            async for views in blocks:
+                for view in views:
+                    tar.stdin.write(view)
                 await tar.stdin.drain()
                 if on_bytes:
-                    on_bytes(len(data))
+                    on_bytes(sum(len(v) for v in views))
         tar.stdin.close()
         err = await tar.stderr.read()
         if await tar.wait():
             raise SourceError(f"tar failed extracting backup {manifest.id}: {err.decode()[-400:]}")
     finally:
         if tar.returncode is None:
-            tar.kill()
-            await tar.wait()
+            await _stop(tar)
     await pgtools.run(options, "pg_verifybackup", str(data_dir))
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """Kill ``proc``'s process group (it was started in a session of its own) and wait.
+    When root, ``proc`` is runuser: killing it alone would leave the program under it
+    holding the pipes, and asyncio's ``wait`` waits for the pipes to close too."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
+async def _part_blocks(
+    store: ObjectStore, keys: KeyProvider, manifest: BackupManifest
+) -> AsyncIterator[list[memoryview]]:
+    """A version 1 backup's parts, in order, fetched ``PREFETCH`` ahead."""
+    pending: list[asyncio.Task[bytes]] = []
+    seqs = iter(range(1, len(manifest.parts) + 1))
+    try:
+        while True:
+            while len(pending) < PREFETCH and (seq := next(seqs, None)) is not None:
+                pending.append(asyncio.create_task(_fetch_part(store, keys, manifest, seq)))
+            if not pending:
+                return
+            yield [memoryview(await pending.pop(0))]  # in order; PREFETCH parts in memory
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _fetch_part(
