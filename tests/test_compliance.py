@@ -84,6 +84,21 @@ def test_rpo_above_target_in_the_period_fails_until_it_leaves_the_window() -> No
     assert status(facts(later, []), "rpo-within-target") == "unknown"
 
 
+def test_recovery_window_shorter_than_the_policy_fails_once_the_history_is_longer() -> None:
+    week = 7 * DAY
+    assert status(facts(DAY, []), "recovery-window") == "unknown"
+
+    def window(now: float, oldest: float | None, first_seen: float) -> str:
+        last = {"stream": "db", "window": week, "oldest_point": oldest, "first_seen": first_seen}
+        return status(facts(now, [], recovery_windows={"db": last}), "recovery-window")
+
+    assert window(3 * DAY, 0.5 * DAY, 0.0) == "pass"  # a young vault holds all of its history
+    assert window(30 * DAY, 22 * DAY, 0.0) == "pass"  # 8 days back, policy 7
+    assert window(30 * DAY, 25 * DAY, 0.0) == "fail"  # a month old, 5 days back
+    # nothing restorable at all, in a vault older than the window
+    assert window(30 * DAY, None, 0.0) == "fail"
+
+
 def test_key_older_than_allowed_fails_and_passes_after_rotation() -> None:
     now = 200 * DAY
     assert status(facts(now, [], key_created={"b": now - 100 * DAY}), "key-age") == "fail"

@@ -30,6 +30,7 @@ FAILOVER = "failover"
 SWITCHOVER = "switchover"
 CONTROL_CHANGE = "compliance.change"
 STREAM_GAP = "stream.gap"
+VAULT_GC = "vault.gc"
 FAILOVER_KINDS = (DRILL_FAILOVER, FAILOVER, SWITCHOVER)
 
 
@@ -48,6 +49,8 @@ class Facts:
     encrypted: Mapping[str, bool] = field(default_factory=dict)  # destination -> has a KEK
     chain_ok: bool | None = None
     object_lock: bool | None = None
+    recovery_windows: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """stream -> the collector's latest pass (``replicators.postgres.gc.latest``)."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,32 @@ def failover_tested(facts: Facts) -> Outcome:
     )
 
 
+def recovery_window(facts: Facts) -> Outcome:
+    """Every point of each stream's retention window restorable from this region's vault:
+    the oldest reachable point (as of the collector's latest pass) is at least the policy's
+    window back, once the vault's history is that long (a younger vault holds all of it)."""
+    if not facts.recovery_windows:
+        return "unknown", "no collection of this region's vault on record yet", ()
+    short, notes = [], []
+    for stream, last in sorted(facts.recovery_windows.items()):
+        policy = float(last.get("window") or 0.0)
+        oldest = last.get("oldest_point")
+        reach = facts.now - float(oldest) if oldest is not None else 0.0
+        seen = last.get("first_seen")
+        history = facts.now - float(seen) if seen is not None else 0.0
+        if policy <= 0:
+            notes.append(f"{stream} keeps everything ({_ago(reach)} back)")
+        elif reach < policy and history >= policy:
+            short.append(f"{stream} reaches {_ago(reach)} back, policy {_ago(policy)}")
+        else:
+            young = " (all its history)" if reach < policy else ""
+            notes.append(f"{stream} reaches {_ago(reach)} back{young}, policy {_ago(policy)}")
+    cited = tuple(ref(e) for e in of_type(facts.entries, VAULT_GC)[-3:])
+    if short:
+        return "fail", "recovery window short: " + "; ".join(short), cited
+    return "pass", "; ".join(notes), cited
+
+
 Check = Callable[[Facts], Outcome]
 
 
@@ -285,6 +314,12 @@ CONTROLS: tuple[Control, ...] = (
         "Evidence log complete, unaltered and signed",
         ("SOC2 CC7.5", "ISO A.5.29", "NIST CP-4", "DORA 11"),
         evidence_intact,
+    ),
+    Control(
+        "recovery-window",
+        "Every restore point of the retention window restorable",
+        ("SOC2 A1.2", "ISO A.8.13", "NIST CP-9", "DORA 12"),
+        recovery_window,
     ),
     Control(
         "failover-tested",

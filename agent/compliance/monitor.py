@@ -42,6 +42,7 @@ from agent.evidence.chain import SigningKeyError
 from replicators import logs
 from replicators.errors import DragentError, StorageError
 from replicators.postgres import gaps
+from replicators.postgres import gc as vault_gc
 
 _FULL_CHECK_EVERY = 3600.0  # re-read and re-check the whole chain this often
 _DRILL_RETRY = 3600.0  # after a failed scheduled drill
@@ -207,6 +208,24 @@ class ComplianceMonitor:
             added += 1
         return added
 
+    async def record_gc(self) -> int:
+        """Append each pass of the vault's collector that deleted or skipped something
+        (``<data_dir>/gc/``) not yet in the log, as a ``vault.gc`` entry. Returns how many."""
+        seen = {(e["data"].get("stream"), e["data"].get("at")) for e in self._own
+                if e["type"] == c.VAULT_GC}  # fmt: skip
+        added = 0
+        for rec in await asyncio.to_thread(vault_gc.load, self.cfg.data_dir):
+            if (rec.get("stream"), rec.get("at")) in seen:
+                continue
+            fields = ("stream", "at", "deleted", "bytes_deleted", "locked", "first_deleted",
+                      "last_deleted", "floor_backup", "kept_backups", "oldest_point",
+                      "recovery_window", "window")  # fmt: skip
+            data = {k: rec.get(k) for k in fields}
+            data["locked"] = len(rec.get("locked") or [])
+            self._own.append(await (await self.evidence()).append(c.VAULT_GC, data))
+            added += 1
+        return added
+
     async def record_verifications(self) -> int:
         """Append each finished on-demand verification (a job with ``id``, ``stream``,
         ``state`` and a signed ``report``) not yet in the log, as a ``verification`` entry."""
@@ -239,6 +258,7 @@ class ComplianceMonitor:
             encrypted={name: True for name in named_keys(cfg)},  # a KEK is mandatory per key
             chain_ok=self.chain_ok,
             object_lock=self.object_lock,
+            recovery_windows=vault_gc.latest(self.cfg.data_dir),
         )
 
     # -- drills ----------------------------------------------------------------------
@@ -275,6 +295,7 @@ class ComplianceMonitor:
         await self.record_keys(now)
         await self.record_failovers()
         await self.record_gaps()
+        await self.record_gc()
         await self.record_verifications()
         if self.drill_due(now):
             await self.drill(now)

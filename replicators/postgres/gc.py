@@ -179,28 +179,53 @@ async def _purge(store: ObjectStore, key: str) -> None:
 
 
 def record(data_dir: Path, result: GcResult) -> Path | None:
-    """Keep a pass that deleted or skipped something, for the evidence log
-    (``<data_dir>/gc/<stream>-<time>.json``, written whole or not at all)."""
-    if result.dry_run or not (result.deleted or result.locked):
+    """Keep the pass: always as the stream's latest (``<data_dir>/gc/latest-<stream>.json``,
+    with ``first_seen``, the first pass ever, so that a vault younger than the policy's
+    window is told apart from one cut short), and as a pass of its own when it deleted or
+    skipped something, for the evidence log (``<stream>-<ms>.json``). Files are written
+    whole or not at all. Returns the pass file, if one was written."""
+    if result.dry_run:
         return None
     directory = data_dir / DIRECTORY
     directory.mkdir(parents=True, exist_ok=True)
+    data = result.to_json()
+    before = latest(data_dir).get(result.stream, {})
+    data["first_seen"] = min(float(before.get("first_seen", result.at)), result.at)
+    _write(directory / f"latest-{result.stream}.json", data)
+    if not (result.deleted or result.locked):
+        return None
     path = directory / f"{result.stream}-{int(result.at * 1000)}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.to_json(), sort_keys=True))
-    os.replace(tmp, path)
+    _write(path, data)
     return path
 
 
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def load(data_dir: Path) -> list[dict[str, Any]]:
-    """Every recorded pass, oldest first."""
+    """Every recorded pass that deleted or skipped something, oldest first."""
     directory = data_dir / DIRECTORY
     if not directory.is_dir():
         return []
-    out = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    return sorted(out, key=lambda r: r.get("at", 0))
+    found = (_read(p) for p in directory.glob("*.json") if not p.name.startswith("latest-"))
+    return sorted((d for d in found if d), key=lambda r: r.get("at", 0))
+
+
+def latest(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """The latest pass of each stream, by stream name."""
+    directory = data_dir / DIRECTORY
+    if not directory.is_dir():
+        return {}
+    found = (_read(p) for p in directory.glob("latest-*.json"))
+    return {d["stream"]: d for d in found if d and isinstance(d.get("stream"), str)}

@@ -164,11 +164,15 @@ class VaultGc:
         self.agent = agent
         self.policy = retention_of(stream, agent)
         self.last: gc.GcResult | None = None
+        self.first_seen: float | None = None
+        """The first pass ever over this vault (its history is at least this old)."""
         self.log = logs.get("postgres.gc", stream=stream.name)
         pgmetrics.track_gc(self)
 
     async def recover(self) -> None:
-        return None
+        before = await asyncio.to_thread(gc.latest, self.agent.data_dir)
+        seen = before.get(self.stream.name, {}).get("first_seen")
+        self.first_seen = float(seen) if isinstance(seen, int | float) else None
 
     async def sync_once(self, stop: asyncio.Event) -> bool:
         return bool((await self.run()).deleted)
@@ -190,6 +194,7 @@ class VaultGc:
         if dry_run:
             return result
         self.last = result
+        self.first_seen = min(self.first_seen or result.at, result.at)
         await asyncio.to_thread(gc.record, self.agent.data_dir, result)
         if result.deleted or result.locked:
             self.log.info(

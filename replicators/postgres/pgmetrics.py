@@ -144,6 +144,12 @@ def _retention() -> Iterator[Metric]:
         "dragent_vault_objects", "Objects the stream holds in this region's vault.",
         labels=["stream", "kind"],
     )  # fmt: skip
+    history = GaugeMetricFamily(
+        "dragent_vault_history_seconds",
+        "Now minus the collector's first pass over this vault: a window shorter than the "
+        "policy is a fault only once the history is longer than it.",
+        labels=["stream"],
+    )
     locked = GaugeMetricFamily(
         "dragent_gc_locked_objects",
         "Objects the last collection could not delete (Object Lock).",
@@ -153,6 +159,8 @@ def _retention() -> Iterator[Metric]:
     for c in list(_COLLECTORS):
         stream = c.stream.name
         policy.add_metric([stream], float(c.policy.window))
+        if c.first_seen is not None:
+            history.add_metric([stream], max(0.0, now - c.first_seen))
         last = c.last
         if last is None:
             continue
@@ -163,7 +171,7 @@ def _retention() -> Iterator[Metric]:
             size.add_metric([stream, kind], float(value))
         for kind, value in last.vault_objects.items():
             count.add_metric([stream, kind], float(value))
-    yield from (window, policy, size, count, locked)
+    yield from (window, policy, history, size, count, locked)
 
 
 COLLECTOR = PostgresCollector()
