@@ -236,6 +236,26 @@ class InstrumentedStore:
         if size is not None:  # unknown size: not guessed
             self._m.stored.labels(stream, self._dest).dec(size)
 
+    async def purge(self, key: str) -> None:
+        """Delete every version of ``key`` where the inner store can (``S3Store.purge``:
+        a versioned bucket keeps old versions behind a plain DELETE), else ``delete``.
+        Counted as one LIST (the versions listed) and one DELETE (a lower bound: one per
+        version is sent; DELETE is free on S3); stored bytes as for ``delete``."""
+        purge = getattr(self.inner, "purge", None)
+        if purge is None:
+            await self.delete(key)
+            return
+        stream = self._stream(key)
+        try:
+            with self._measure("purge"):
+                await purge(key)
+        finally:
+            self._bill(stream, "LIST")
+            self._bill(stream, "DELETE")
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self._m.stored.labels(stream, self._dest).dec(size)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

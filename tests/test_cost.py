@@ -302,6 +302,34 @@ async def test_counters_per_class_transfer_and_stored_bytes() -> None:
     assert values(sm, "written_objects")[("s", "b")] == 2500
 
 
+class VersionedStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.purged: list[str] = []
+
+    async def purge(self, key: str) -> None:
+        self.purged.append(key)
+        self.objects.pop(key, None)
+
+
+async def test_a_purge_goes_to_the_inner_store_and_is_counted_like_a_delete() -> None:
+    sm = StoreMetrics(CollectorRegistry())
+    inner = VersionedStore()
+    store = InstrumentedStore(inner, sm, "vault-b")
+    await store.put("backups/pg/1/part-00000001.seg", b"x" * 100)
+    await store.purge("backups/pg/1/part-00000001.seg")  # the collector's delete
+    assert inner.purged == ["backups/pg/1/part-00000001.seg"]
+    assert values(sm, "stored")[("pg", "b")] == 0
+    billed = values(sm, "billed")
+    assert (billed[("pg", "b", "LIST")], billed[("pg", "b", "DELETE")]) == (1, 1)
+    plain = InstrumentedStore(MemoryStore(), sm, "vault-c")  # no purge: a plain delete
+    await plain.put("backups/pg/1/x", b"yy")
+    await plain.purge("backups/pg/1/x")
+    assert values(sm, "stored")[("pg", "c")] == 0 and ("pg", "c", "LIST") not in values(
+        sm, "billed"
+    )
+
+
 # -- lab: the counters against what SeaweedFS was sent ---------------------------------------
 
 
