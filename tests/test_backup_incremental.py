@@ -21,6 +21,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.config import AgentConfig
 from agent.lab import Lab
@@ -48,6 +50,7 @@ from replicators.postgres.basebackup import (
 from replicators.postgres.options import PostgresOptions
 from replicators.s3 import S3Store
 from replicators.settings import Secret
+from tests.test_fuzz import FUZZ, dumps, json_mutants, mutants, only
 
 WORK_ROOT = Path("/tmp/dragent-pg-tests")  # reachable by the postgres OS user
 ROWS = 300_000
@@ -104,6 +107,16 @@ def test_v2_manifest_round_trip_and_keys() -> None:
 def test_v2_manifest_rejects(changes: dict[str, object], why: str) -> None:
     with pytest.raises(IntegrityError, match=why):
         BackupManifest.from_json(json.dumps(_v2(**changes)).encode())
+
+
+@FUZZ
+@given(st.just(json.dumps(_v2()).encode()).flatmap(mutants) | json_mutants(_v2()).map(dumps))
+def test_v2_manifest_decoding_raises_only_integrity_errors(raw: bytes) -> None:
+    m = only((IntegrityError,), BackupManifest.from_json, raw)
+    if m is not None:
+        assert BackupManifest.from_json(m.to_json()) == m
+        assert m.bytes == sum(c.length for c in m.chunks)
+        assert all(0 <= c.pack < len(m.parts) for c in m.chunks)
 
 
 def test_v1_manifest_still_parses() -> None:
