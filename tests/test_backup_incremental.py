@@ -28,7 +28,7 @@ from agent.config import AgentConfig
 from agent.lab import Lab
 from agent.lab.ports import free_port
 from replicators.chunking import Chunker
-from replicators.errors import IntegrityError
+from replicators.errors import IntegrityError, SourceError
 from replicators.keys import KeyProvider, build_key_provider
 from replicators.postgres import standby
 from replicators.postgres.backupchunks import (
@@ -344,3 +344,9 @@ async def test_a_corrupted_pack_or_chunk_fails_extraction(rig: Rig) -> None:
         await extract_backup(
             rig.options, rig.store, rig.recv_keys, made, rig.empty_dir("corrupt-pack")
         )
+    # a pack the next backup would reuse is gone (a collector breaking the rule): that
+    # backup fails rather than publish a manifest naming it
+    await rig.store.delete(made.parts[0]["key"])
+    with pytest.raises(SourceError, match="left the vault"):
+        await rig.backup()
+    assert [b.id for b in await list_backups(rig.store, rig.recv_keys, rig.stream)] == [made.id]

@@ -47,7 +47,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, NamedTuple
 
 from replicators.chunking import Chunker, Piece, chunk_id
-from replicators.errors import IntegrityError
+from replicators.errors import IntegrityError, NotFound, SourceError
 from replicators.keys import KeyProvider, unseal
 from replicators.segment import seal
 from replicators.store import ObjectStore
@@ -168,6 +168,29 @@ class Packer:
     async def close(self) -> None:
         if self._open_index >= 0:
             await self._seal()
+
+    async def check_reused(self) -> None:
+        """Raise ``SourceError`` if a pack of an earlier backup this one uses is gone.
+
+        Called before the manifest is written: the dedupe rule keeps them (above),
+        this catches a collector or a second concurrent backup that broke it, so a
+        backup that could not be restored is never published."""
+        own = backup_prefix(self._stream, self._id)
+        gate = asyncio.Semaphore(16)
+
+        async def present(key: str) -> None:
+            async with gate:
+                try:
+                    await self._store.stat(key)
+                except NotFound:
+                    raise SourceError(
+                        f"pack {key}, which this backup reuses, left the vault while the "
+                        "backup was taken (was the previous backup collected?)"
+                    ) from None
+
+        await asyncio.gather(
+            *(present(p["key"]) for p in self.packs if not p["key"].startswith(own))
+        )
 
     async def _seal(self) -> None:
         entry = self.packs[self._open_index]

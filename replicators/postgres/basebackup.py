@@ -311,6 +311,7 @@ async def take_backup(
     start, end = _START.search(err), _END.search(err)
     if not start or not end:
         raise SourceError(f"pg_basebackup did not report its WAL range: {err.strip()[-400:]}")
+    await packer.check_reused()
     manifest = BackupManifest(
         id=backup_id,
         stream=stream,
