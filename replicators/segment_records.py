@@ -72,6 +72,8 @@ def _chunks(records: Sequence[bytes], size: int) -> Iterator[bytes]:
     fill, pack, emitted = 0, _U32.pack, False
     for record in records:
         for piece in (pack(len(record)), record):
+            if not piece:
+                continue  # an empty record adds only its length prefix
             if fill + len(piece) < size:  # the common case: the piece fits in this chunk
                 parts.append(piece)
                 fill += len(piece)
@@ -84,7 +86,7 @@ def _chunks(records: Sequence[bytes], size: int) -> Iterator[bytes]:
             if view:
                 parts.append(view)
                 fill = len(view)
-    if parts or not emitted:
+    if fill or not emitted:
         yield b"".join(parts)
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import xxhash
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from replicators import segment
@@ -74,6 +74,7 @@ compressible = st.binary(min_size=1, max_size=16).map(lambda b: b * 150)
 records_st = st.lists(st.one_of(st.binary(max_size=3000), compressible), max_size=12)
 
 
+@example([b"\x00\x00", b"\x00\x00", b"\x00" * 44, b""], 64, 1)  # ends on a frame edge
 @settings(max_examples=120, deadline=None)
 @given(records_st, st.sampled_from([64, 100, 512, 4096, 1 << 20]), st.integers(1, 5))
 def test_round_trip(records: list[bytes], frame_size: int, level: int) -> None:
