@@ -78,12 +78,22 @@ class StreamConfig(Section):
     kind: StreamKindName
     segment_max_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
     segment_max_age: PositiveDuration = 0.2
+    segments_in_flight: int | None = Field(default=None, ge=1, le=64)
+    """Segments whose PUT may be in flight at once, acknowledged in order (pipelining):
+    default 4 in zero-loss mode (``[streams.postgres] synchronous``), so a commit waits
+    about one PUT; else 1."""
     synthetic: SyntheticOptions = SyntheticOptions()
     postgres: PostgresOptions | None = None
     objects: ObjectsOptions | None = None
     artifacts: ArtifactsOptions | None = None
     retention: RetentionConfig | None = None
     """This stream's retention; default: the agent's ``[retention]``."""
+
+    @property
+    def in_flight(self) -> int:
+        if self.segments_in_flight is not None:
+            return self.segments_in_flight
+        return 4 if self.postgres is not None and self.postgres.synchronous else 1
 
     @model_validator(mode="after")
     def _kind_options(self) -> StreamConfig:

@@ -79,6 +79,7 @@ async def _shippers(
             epoch=epoch,
             segment_max_bytes=int(s.segment_max_bytes),
             segment_max_age=s.segment_max_age,
+            in_flight=s.in_flight,
         )
         progress = StreamProgress(stream=s.name, kind=s.kind, side="source", peer=peer.name)
         paths = StreamPaths(cfg.data_dir, s.name)

@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack, suppress
 from typing import Any, ClassVar
 
 import aiobotocore.session
+import botocore.handlers
 import google_crc32c
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -100,6 +101,10 @@ def s3_client(cfg: S3Config, *, sign_payload: bool | None = None) -> Any:
         max_pool_connections=cfg.max_concurrency,
     )
     session = aiobotocore.session.get_session()
+    # botocore asks for "100-continue" before every PUT body: one more round trip per
+    # PUT, which across regions is most of a segment's latency. A refused PUT costs us
+    # its body's bytes once instead (segments are small; large objects go in parts).
+    session.unregister("before-call.s3", botocore.handlers.add_expect_header)
     return session.create_client(
         "s3", endpoint_url=cfg.endpoint, region_name=cfg.region_name, config=config, **creds
     )

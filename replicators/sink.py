@@ -32,6 +32,8 @@ from replicators.stream import Applied, Target
 from replicators.vault import SegmentRef, Vault
 
 LATE_CHECK_EVERY = 10.0
+HOLE_PATIENCE = 60.0
+"""How long a sink waits for a segment missing before a later one of the same epoch."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Sink:
         self.last: Applied | None = None
         self.first_seqs: dict[int, int] = {}  # epoch -> first seq seen (lineage)
         self._late_checked = 0.0
+        self._hole_since: float | None = None
         self.log = logs.get("sink", stream=settings.stream)
 
     async def recover(self) -> None:
@@ -87,12 +90,29 @@ class Sink:
             if lineage.is_stale(ref, bounds):
                 self._quarantine(ref, bounds[ref.epoch])
                 continue
+            if self._waits_for_hole(ref):
+                break
             await self._apply(ref)
             applied += 1
         if time.monotonic() - self._late_checked >= LATE_CHECK_EVERY:
             self._late_checked = time.monotonic()
             await self._find_late(bounds)
         return applied
+
+    def _waits_for_hole(self, ref: SegmentRef) -> bool:
+        """A segment of the applied epoch that skips a seq: the one before it may still be
+        in flight (a pipelining shipper's PUTs land out of order; one that failed is
+        deleted and re-sent). Wait for it, up to ``HOLE_PATIENCE`` seconds; then it is
+        lost and the continuity check halts the stream, naming the hole."""
+        last = self.last.ref if self.last else None
+        if last is None or ref.epoch != last.epoch or ref.seq == last.seq + 1:
+            self._hole_since = None
+            return False
+        now = time.monotonic()
+        if self._hole_since is None:
+            self._hole_since = now
+            self.log.warning("waiting for a segment missing before this one", next=ref.key)
+        return now - self._hole_since < HOLE_PATIENCE
 
     async def _find_late(self, bounds: dict[int, int]) -> None:
         """Stale segments of older epochs published after this sink moved past them."""

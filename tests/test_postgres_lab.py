@@ -371,10 +371,11 @@ async def test_kill_9_of_primary_and_agent_then_restore_latest(
     await cli("backup", "postgres", "--config", str(cfg_a))
     agent = AgentProcess(cfg_a, pg.workdir / "a.log", pg.workdir / "a.pid", pg.lab.agent_url("a"))
     acked: list[tuple[int, float]] = []
+    writers = 16  # zero-loss mode pipelines segments: many commits in flight at once
 
-    async def writer() -> None:
+    async def writer(w: int) -> None:
         conn = await asyncpg.connect(primary)
-        i = 0
+        i = w * 1_000_000  # writer w's ids, in the order it commits them
         # the primary is killed under it: any of asyncpg's ways of saying so ends the writer
         gone = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
         with contextlib.suppress(*gone):
@@ -393,7 +394,8 @@ async def test_kill_9_of_primary_and_agent_then_restore_latest(
                 lambda: _contains(fetchval(primary, names), str(pg.options.slot)), within=30
             )
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(writer())
+            for w in range(writers):
+                tg.create_task(writer(w))
             await asyncio.sleep(random.uniform(2.5, 4.0))
             killed_at = time.time()
             await asyncio.gather(agent.kill(), pg.lab.fault("a", "postgres", "kill"))
@@ -417,6 +419,10 @@ async def test_kill_9_of_primary_and_agent_then_restore_latest(
     must = {i for i, t in acked if synchronous or t <= killed_at - 1.0}
     assert len(must) > (10 if synchronous else 100)  # a sync commit waits for the vault
     assert must <= present, f"missing {sorted(must - present)[:10]}"
+    # in commit order: what the restored copy holds of each writer is a prefix of it
+    for w in range(writers):
+        mine = sorted(i for i in present if i // 1_000_000 == w)
+        assert mine == list(range(w * 1_000_000, w * 1_000_000 + len(mine))), f"writer {w}"
 
 
 async def _contains(value: Awaitable[object], part: str) -> bool:

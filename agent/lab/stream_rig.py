@@ -38,11 +38,12 @@ def lab_shipper(
     *,
     segment_max_bytes: int = 8 << 20,
     max_age: float = 0.1,
+    in_flight: int = 1,
 ) -> Shipper:
     """A shipper of ``name`` to peer "b" at epoch 1, its position in ``state_file``."""
     metrics = metrics or Metrics(CollectorRegistry())
     return Shipper(
-        ShipperSettings(name, "b", 1, segment_max_bytes, max_age),
+        ShipperSettings(name, "b", 1, segment_max_bytes, max_age, in_flight),
         source,
         vault,
         keys,
