@@ -44,6 +44,9 @@ async def drain_sinks(tasks: Callable[[], Sequence[StreamTask]]) -> str | None:
     def sinks() -> list[StreamTask]:
         return [t for t in tasks() if t.progress.side == "sink"]
 
+    for t in sinks():
+        t.nudge.set()  # a quiet sink lists again now, not after its idle wait
+
     async def done() -> bool:
         return drained(sinks(), since)
 

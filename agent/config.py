@@ -169,6 +169,11 @@ class AgentConfig(Section):
     """Every stream's retention unless the stream sets its own."""
     drain_timeout: PositiveDuration = 15.0
     sink_poll_interval: PositiveDuration = 0.1
+    """How soon a sink lists its vault again after a listing that found new segments."""
+    sink_idle_poll_interval: PositiveDuration = 1.0
+    """The longest a sink waits between listings of a quiet vault: each empty listing
+    doubles the wait from ``sink_poll_interval`` up to this (a LIST is a billed request:
+    at 0.1 s a quiet stream's sink makes 36,000 an hour, at 1 s 3,600)."""
     report_signing_key: Path | None = None
     """The Ed25519 key that signs this region's reports and evidence entries (created on
     first use; default ``<data_dir>/report-signing.key``). Every agent of a region must

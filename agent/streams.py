@@ -125,7 +125,9 @@ async def _sinks(
             progress,
             metrics.stream(s.name, "vault"),
         )
-        tasks.append(StreamTask(f"vault->{s.name}", sink, progress, idle=cfg.sink_poll_interval))
+        idle = cfg.sink_poll_interval
+        most = max(idle, cfg.sink_idle_poll_interval)
+        tasks.append(StreamTask(f"vault->{s.name}", sink, progress, idle=idle, idle_max=most))
     return tasks
 
 

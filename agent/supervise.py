@@ -46,12 +46,17 @@ class StreamTask:
     progress: StreamProgress
     idle: float = 0.0
     """Seconds to wait after a step that found nothing to do (a sink's poll interval)."""
+    idle_max: float = 0.0
+    """With ``idle_max`` > ``idle``: each further step that finds nothing doubles the wait,
+    up to ``idle_max``; a step that did something brings it back to ``idle``."""
     state: str = "starting"
     last_error: str | None = None
     idle_at: float = 0.0
     """Wall-clock time at which the last step that found nothing to do began (a sink's
     vault listing that began then was empty; see agent.catchup)."""
     backoff: Backoff = field(default_factory=Backoff)
+    nudge: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set to end an idle wait at once (a takeover's last drain of the sinks)."""
 
 
 def _enter(task: StreamTask, state: str, error: str | None = None) -> None:
@@ -66,6 +71,20 @@ async def _wait(stop: asyncio.Event, delay: float) -> None:
             await stop.wait()
     except TimeoutError:
         pass
+
+
+async def _idle(stop: asyncio.Event, nudge: asyncio.Event, delay: float) -> None:
+    """Wait ``delay``, or less if ``stop`` or ``nudge`` is set (``nudge`` is then cleared)."""
+    if nudge.is_set():
+        nudge.clear()
+        return
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, nudge)]
+    try:
+        await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    nudge.clear()
 
 
 async def run_stream(task: StreamTask, stop: asyncio.Event, metrics: Metrics) -> None:
@@ -88,6 +107,7 @@ async def _supervise(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
             await task.runner.recover()
             _enter(task, "running")
             stepped = False
+            wait = task.idle
             while not stop.is_set():
                 began = time.time()
                 did = await task.runner.sync_once(stop)
@@ -97,10 +117,13 @@ async def _supervise(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
                         log.info("stream recovered", after_attempts=task.backoff.attempt)
                     task.backoff.reset()
                     log.info("stream running")
-                if not did:
+                if did:
+                    wait = task.idle
+                else:
                     task.idle_at = began
-                    if task.idle:
-                        await _wait(stop, task.idle)
+                    if wait:
+                        await _idle(stop, task.nudge, wait)
+                        wait = min(max(task.idle_max, task.idle), wait * 2)
             _enter(task, "stopped")
             return
         except IntegrityError as exc:

@@ -53,3 +53,47 @@ async def test_a_step_that_always_fails_backs_off_exponentially_and_logs_once(
     err = captured.out + captured.err
     assert err.count("stream step failed") == 1  # rate-limited: once per 30 s
     assert "stream recovered" not in err
+
+
+class Quiet:
+    """A sink over a quiet vault: every listing finds nothing, until ``news`` is set."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.news = 0
+
+    async def recover(self) -> None:
+        return None
+
+    async def sync_once(self, stop: asyncio.Event) -> bool:
+        self.steps.append(asyncio.get_running_loop().time())
+        if self.news:
+            self.news -= 1
+            return True
+        return False
+
+
+async def test_a_quiet_sink_polls_less_often_and_a_nudge_or_news_brings_it_back() -> None:
+    runner = Quiet()
+    progress = StreamProgress("quiet", "synthetic", "sink", "vault")
+    task = StreamTask("quiet", runner, progress, idle=0.1, idle_max=0.8)
+    stop = asyncio.Event()
+    job = asyncio.create_task(run_stream(task, stop, Metrics(CollectorRegistry())))
+    await asyncio.sleep(3.0)
+    # 0.1, 0.2, 0.4, 0.8, 0.8, ...: a handful of listings in 3 s, not 30
+    assert 4 <= len(runner.steps) <= 9, len(runner.steps)
+    gaps = [b - a for a, b in zip(runner.steps, runner.steps[1:], strict=False)]
+    assert max(gaps) < 1.0 and gaps[-1] > 0.5
+    # a nudge (a takeover draining the sinks) lists at once
+    before = len(runner.steps)
+    task.nudge.set()
+    await asyncio.sleep(0.05)
+    assert len(runner.steps) == before + 1
+    # a listing that found something resets the wait to the short interval
+    runner.news = 1
+    task.nudge.set()
+    await asyncio.sleep(0.25)
+    assert runner.steps[-1] - runner.steps[-2] < 0.2
+    stop.set()
+    async with asyncio.timeout(5):
+        await job
