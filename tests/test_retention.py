@@ -168,6 +168,7 @@ async def test_gc_killed_at_random_points_leaves_the_window_restorable(pg: PgRig
     to_delete = sum(plan.deleted.values())
     assert to_delete >= 15, plan.deleted
     rng = random.Random(int(os.environ.get("GC_KILL_SEED", "7")))
+    err = pg.workdir / "gc.err"
     kills: list[int] = []
     for _ in range(3):
         count = len(await keys_under(pg, f"streams/{name}/")) + len(
@@ -181,7 +182,7 @@ async def test_gc_killed_at_random_points_leaves_the_window_restorable(pg: PgRig
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent", "vault", "gc", "--config", str(config),
             "--stream", name, "--json",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=err.open("ab"), env=env,
         )  # fmt: skip
         try:
             async with asyncio.timeout(60):
@@ -204,7 +205,7 @@ async def test_gc_killed_at_random_points_leaves_the_window_restorable(pg: PgRig
         assert await restored_ids(pg, RestoreTarget(), "l") == set(range(400))
         for d in ("o", "l"):
             await _drop(pg, d)
-    assert any(0 < k < to_delete for k in kills), kills  # at least one kill was mid-pass
+    assert any(0 < k < to_delete for k in kills), (kills, err.read_text()[-2000:])
     print(f"\nkilled after deleting {kills} of {to_delete} objects ({plan.deleted})")
     # the next pass finishes the job
     result = await gc.collect(pg.store, pg.recv_keys, name, policy_for(marks))
@@ -265,3 +266,41 @@ async def _locked_copy(pg: PgRig, lock: list[str]) -> S3Store:
                     extra = {"ObjectLockMode": "GOVERNANCE", "ObjectLockRetainUntilDate": until}
                 await s3.put_object(Bucket=cfg.bucket, Key=info.key, Body=body, **extra)
     return await S3Store.open(cfg)
+
+
+async def test_a_gc_during_a_restore_keeps_what_the_restore_reads(pg: PgRig) -> None:
+    marks = await history(pg)
+    name = pg.stream.name
+    backups = await list_backups(pg.store, pg.recv_keys, name)
+    # a policy that keeps only the newest backup: the restore's own backup would go
+    tight = RetentionConfig(window=1.0, keep_backups=1)
+    alone = await gc.collect(pg.store, pg.recv_keys, name, tight, dry_run=True)
+    assert alone.floor_backup == backups[-1].id and alone.deleted.get("manifest") == 2
+    target = RestoreTarget(time=marks["window_start"])  # needs the second backup
+    data_dir = pg.workdir / "during"
+    pg.clusters.append(data_dir)
+    port = free_port()
+    restoring = asyncio.create_task(
+        restore(
+            pg.options, name, pg.store, pg.recv_keys, target=target, data_dir=data_dir, port=port
+        )
+    )
+    await eventually(lambda: _has_lease(pg, name), within=10)
+    during = await gc.collect(pg.store, pg.recv_keys, name, tight)
+    assert during.leases and during.floor_backup == backups[1].id
+    assert backups[1].id in during.kept_backups
+    await restoring
+    conn = await asyncpg.connect(f"postgresql://dragent@127.0.0.1:{port}/app")
+    try:
+        ids = {r[0] for r in await conn.fetch(f"SELECT id FROM {table_of(pg)}")}
+    finally:
+        await conn.close()
+    assert ids == set(range(200))
+    # the restore is over, its lease gone: the next collection applies the policy
+    assert not await keys_under(pg, f"leases/{name}/")
+    after = await gc.collect(pg.store, pg.recv_keys, name, tight)
+    assert after.floor_backup == backups[-1].id and not after.leases
+
+
+async def _has_lease(pg: PgRig, name: str) -> bool:
+    return bool(await keys_under(pg, f"leases/{name}/"))

@@ -16,6 +16,7 @@ for the stream, which the daemon exports (``pgmetrics``) and records as evidence
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -25,10 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from replicators import lineage
-from replicators.errors import AccessDenied, IntegrityError
+from replicators.errors import AccessDenied, IntegrityError, NotFound, StorageError
 from replicators.keys import KeyProvider, unseal
-from replicators.postgres import basebackup, locate, retention
-from replicators.postgres.basebackup import BackupManifest, backup_prefix, list_backups
+from replicators.postgres import basebackup, leases, locate, retention
+from replicators.postgres.basebackup import (
+    BackupManifest,
+    backup_prefix,
+    choose_backup,
+    list_backups,
+)
 from replicators.postgres.retention import Policy
 from replicators.store import ObjectStore
 from replicators.vault import SegmentRef, Vault
@@ -53,6 +59,8 @@ class GcResult:
     bytes_deleted: int = 0
     locked: list[str] = field(default_factory=list)
     """Keys the store refused to delete (Object Lock): left in place."""
+    leases: list[str] = field(default_factory=list)
+    """Live leases of running restores, whose restore points were kept."""
     first_deleted: str | None = None
     last_deleted: str | None = None
     vault_bytes: dict[str, int] = field(default_factory=dict)
@@ -114,21 +122,36 @@ async def collect(
     backups = await list_backups(store, keys, stream)
     stale = set(lineage.stale(segments))
     live = [r for r in segments if r not in stale]
-    cut: SegmentRef | None = None
-    i0 = retention.floor_backup(backups, now, policy)
-    if backups:
-        found = await locate.first_needed(vault, keys, stream, backups[i0].start_lsn, live)
-        cut = found.suffix[0] if found.suffix else None
-    todo = retention.plan(
-        stream, backups, prefixes, segments, cut, now, policy, default_keys,
-        applied=applied, hold_segments=hold_segments,
-    )  # fmt: skip
+    seen: set[str] = set()
+    expired: list[leases.Lease] = []
+    for _ in range(5):  # plan again while new leases appear (a restore that just began)
+        found_leases = await leases.leases(store, stream)
+        current = [x for x in found_leases if x.live(time.time())]
+        expired = [x for x in found_leases if not x.live(time.time())]
+        if seen and {x.id for x in current} <= seen:
+            break
+        seen = {x.id for x in current}
+        keep_from = _leased(backups, current)
+        cut: SegmentRef | None = None
+        i0 = retention.floor_backup(backups, now, policy)
+        i0 = i0 if keep_from is None else min(i0, keep_from)
+        if backups:
+            found = await locate.first_needed(vault, keys, stream, backups[i0].start_lsn, live)
+            cut = found.suffix[0] if found.suffix else None
+        todo = retention.plan(
+            stream, backups, prefixes, segments, cut, now, policy, default_keys,
+            applied=applied, hold_segments=hold_segments, keep_from=keep_from,
+        )  # fmt: skip
     result = GcResult(
         stream=stream, at=now, dry_run=dry_run, window=policy.window,
         floor_backup=todo.floor.id if todo.floor else None, kept_backups=todo.kept_backups,
-        in_progress=todo.in_progress,
+        in_progress=todo.in_progress, leases=sorted(seen),
     )  # fmt: skip
     gone: set[str] = set()
+    if not dry_run:
+        for lease in expired:  # its holder died: it protects nothing any more
+            with contextlib.suppress(StorageError):
+                await store.delete(lease.key)
     for kind, key in todo.steps():
         if not dry_run:
             try:
@@ -153,6 +176,21 @@ async def collect(
         result.vault_bytes[kind] = result.vault_bytes.get(kind, 0) + size
         result.vault_objects[kind] = result.vault_objects.get(kind, 0) + 1
     return result
+
+
+def _leased(backups: list[BackupManifest], live: list[leases.Lease]) -> int | None:
+    """The index of the oldest backup a live lease's target needs (None: no lease)."""
+    found = []
+    for lease in live:
+        if lease.target_time is None and lease.target_lsn is None:
+            found.append(len(backups) - 1)  # the latest: the newest backup
+            continue
+        with contextlib.suppress(NotFound):
+            chosen = choose_backup(
+                backups, before_time=lease.target_time, before_lsn=lease.target_lsn
+            )
+            found.append(backups.index(chosen))
+    return min(found) if found else None
 
 
 async def _oldest_point(

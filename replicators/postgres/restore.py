@@ -30,7 +30,7 @@ from pathlib import Path
 from replicators.errors import SourceError
 from replicators.keys import KeyProvider
 from replicators.logread import LogWalk
-from replicators.postgres import locate, pgtools, standby
+from replicators.postgres import leases, locate, pgtools, standby
 from replicators.postgres import lsn as L
 from replicators.postgres.basebackup import (
     BackupManifest,
@@ -191,11 +191,31 @@ async def restore(
 
     A restore that fails removes what it created (the cluster is stopped, the data
     directory emptied, the spool removed), so that running it again works. A time in
-    the future is refused at once (it could never be reached)."""
+    the future is refused at once (it could never be reached). While it runs it holds a
+    lease on its restore point (``leases``): retention keeps what it reads."""
     standby.require_empty(data_dir)
     if target.time is not None and target.time > time.time():
         when = dt.datetime.fromtimestamp(target.time, dt.UTC).isoformat(timespec="seconds")
         raise SourceError(f"--to {when} is in the future: the latest restorable point is now")
+    # the lease first: a collection that starts from now on keeps what this restore reads
+    async with leases.held(store, stream, target_time=target.time, target_lsn=target.lsn):
+        return await _leased(
+            options, stream, store, keys, target, data_dir, port, spool_dir, within, on_bytes
+        )
+
+
+async def _leased(
+    options: PostgresOptions,
+    stream: str,
+    store: ObjectStore,
+    keys: KeyProvider,
+    target: RestoreTarget,
+    data_dir: Path,
+    port: int,
+    spool_dir: Path | None,
+    within: float,
+    on_bytes: Callable[[int], None] | None,
+) -> RestoreResult:
     backups = await list_backups(store, keys, stream)
     backup = choose_backup(backups, before_time=target.time, before_lsn=target.lsn)
     spool_path = spool_dir or data_dir.with_name(data_dir.name + ".wal")

@@ -110,6 +110,7 @@ def plan(
     keys_of: Callable[[BackupManifest], set[str]],
     applied: SegmentRef | None = None,
     hold_segments: bool = False,
+    keep_from: int | None = None,
 ) -> Plan:
     """The collection of one stream's vault. Pure.
 
@@ -119,8 +120,11 @@ def plan(
     segment the floor backup needs (``locate.first_needed``), None when the log has none
     it needs (then only segments before the newest go); ``applied``: the last segment
     this region's standby applied (nothing after it is deleted); ``hold_segments``: keep
-    every segment (a standby here whose position is unknown)."""
+    every segment (a standby here whose position is unknown); ``keep_from``: the index
+    of the oldest backup a live lease needs (``leases``), which the floor never passes."""
     i0 = floor_backup(backups, now, policy)
+    if keep_from is not None:
+        i0 = min(i0, keep_from)
     floor = backups[i0] if backups else None
     kept = backups[i0:]
     out = Plan(floor=floor, kept_backups=[b.id for b in kept])
