@@ -2,7 +2,7 @@
 replication against dragent's zero-loss mode, with and without group commit.
 
 Usage: ``python benchmarks/sync.py [--delay 0.02] [--seconds 10] [--clients 1,4,16]
-[--json] [--lab-dir DIR]``
+[--in-flight 4] [--json] [--lab-dir DIR]``
 
 One lab (region a's primary, region b's SeaweedFS vault). Everything that crosses
 the regions goes through one relay that holds each chunk ``--delay`` seconds each way
@@ -301,6 +301,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rtt = await put_rtt(lab, args.delay)
         out: dict[str, Any] = {
             "delay_each_way_ms": args.delay * 1000,
+            "pipelined_in_flight": args.in_flight,
             "put_p50_ms": round(rtt * 1000, 1),
             "seconds_per_point": args.seconds,
             "native": await native(lab, work, args.delay, clients, args.seconds),
@@ -312,7 +313,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.seconds,
                 max_bytes=8 << 20,
                 name="pipe",
-                in_flight=int(os.environ.get("SYNC_BENCH_IN_FLIGHT", "4")),
+                in_flight=args.in_flight,
             ),
             "dragent_group_commit": await dragent(
                 lab, work, args.delay, clients, args.seconds, max_bytes=8 << 20, name="group"
@@ -366,6 +367,9 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.02, help="seconds added each way")
     parser.add_argument("--seconds", type=float, default=10.0, help="per mode and client count")
     parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument(
+        "--in-flight", type=int, default=4, help="the pipelined mode's segments in flight"
+    )
     parser.add_argument("--lab-dir", help="use (and keep) this lab directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
