@@ -47,8 +47,10 @@ class StreamTask:
     idle: float = 0.0
     """Seconds to wait after a step that found nothing to do (a sink's poll interval)."""
     idle_max: float = 0.0
-    """With ``idle_max`` > ``idle``: each further step that finds nothing doubles the wait,
-    up to ``idle_max``; a step that did something brings it back to ``idle``."""
+    """With ``idle_max`` > ``idle``: each step that finds nothing doubles the wait, up to
+    ``idle_max``; one that did several things at once (a sink that found several new
+    segments) halves it, down to ``idle``; one that did one thing keeps it. A sink so
+    lists its vault about as often as segments arrive, at most every ``idle_max``."""
     state: str = "starting"
     last_error: str | None = None
     idle_at: float = 0.0
@@ -118,7 +120,9 @@ async def _supervise(task: StreamTask, stop: asyncio.Event, metrics: Metrics) ->
                     task.backoff.reset()
                     log.info("stream running")
                 if did:
-                    wait = task.idle
+                    # several new at once: falling behind, list sooner; one: the pace fits
+                    if int(did) > 1:
+                        wait = max(task.idle, wait / 2)
                 else:
                     task.idle_at = began
                     if wait:
