@@ -9,13 +9,21 @@
   [--format json|md|html] [--out FILE]``: Merkle comparison of source and
   mirror, repairs unless ``--dry-run``, writes a report signed with the
   region's key.
+- ``dragent objects deletes status|approve|reject --config F [--stream S]``: the
+  deletes the mirror's mass-delete guard holds (docs/objects-guard.md), and the
+  operator's decision on them, written for the agent of this region (the passive
+  one) to carry out; ``--wait`` seconds for it to be done (default 30; 0: return
+  at once).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import json
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -123,6 +131,78 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if signed["ok"] else 1
 
 
+def _when(t: float | None) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds") if t else "-"
+
+
+def _print_status(name: str, state_dir: Path, show: int) -> None:
+    from replicators.objects import held
+
+    guard = held.read_guard(state_dir)
+    hold, deletes = guard["hold"], guard["held"]
+    decision = held.read_decision(state_dir)
+    if hold is None:
+        print(f"{name}: no deletes held ({len(guard['window'])} deletes in the recent window)")
+    else:
+        print(
+            f"{name}: {len(deletes)} deletes held since {_when(hold['since'])} (hold {hold['id']})"
+        )
+        print(f"  reason: {hold['reason']}")
+        before = hold.get("applied_before") or []
+        print(f"  applied before the guard tripped: {len(before)}")
+        for d in deletes[:show]:
+            print(f"  {d['key']}  (segment {d['segment']}, position {d['position']})")
+        if len(deletes) > show:
+            print(f"  ... and {len(deletes) - show} more (--format json lists them all)")
+    if decision is not None:
+        print(f"  decision pending: {decision['decision']} (at {_when(decision['at'])})")
+    rejected = held.rejected(state_dir)
+    if rejected:
+        print(f"  {len(rejected)} rejected deletes on record (verify accepts those keys)")
+
+
+def _cmd_deletes(args: argparse.Namespace) -> int:
+    from replicators.objects import held
+    from replicators.paths import StreamPaths
+
+    cfg = load_config(args.config)
+    stream = _stream(cfg, args.config, args.stream, None)
+    state_dir = StreamPaths(cfg.data_dir, stream.name).target
+    guard = held.read_guard(state_dir)
+    if args.deletes_action == "status":
+        if args.format == "json":
+            body = {
+                "stream": stream.name,
+                **guard,
+                "decision": held.read_decision(state_dir),
+                "rejected": held.rejected(state_dir),
+            }
+            print(json.dumps(body, indent=2, sort_keys=True))
+        else:
+            _print_status(stream.name, state_dir, args.show)
+        return 0
+    hold = guard["hold"]
+    if hold is None:
+        print(f"dragent: {stream.name}: no deletes are held", file=sys.stderr)
+        return 1
+    if args.hold and args.hold != hold["id"]:
+        print(f"dragent: the hold now is {hold['id']}, not {args.hold}", file=sys.stderr)
+        return 1
+    held.request(state_dir, args.deletes_action, hold["id"], by=getpass.getuser())
+    what = f"{args.deletes_action} of {len(guard['held'])} held deletes of {stream.name}"
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if held.read_decision(state_dir) is None:
+            print(f"{what}: done")
+            return 0
+        time.sleep(0.5)
+    if args.wait > 0:
+        print(f"{what}: recorded, not yet carried out (is the agent running?)", file=sys.stderr)
+        return 3
+    print(f"{what}: recorded; the agent carries it out within seconds")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the object commands to a ``dragent`` subparsers object."""
     rest = kind_parser(sub, "objects", "a bucket or prefix as it was at a time")
@@ -144,3 +224,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--format", choices=["json", "md", "html"], default="json")
     verify.add_argument("--out", help="write the report here (default: stdout)")
     verify.set_defaults(func=_cmd_verify)
+
+    deletes = osub.add_parser("deletes", help="deletes held by the mirror's mass-delete guard")
+    dsub = deletes.add_subparsers(dest="deletes_action", required=True)
+    helps = {
+        "status": "what is held, why, since when",
+        "approve": "apply the held deletes to the mirror (in order; keys put again are kept)",
+        "reject": "discard them: the mirror keeps the keys, verify accepts the difference",
+    }
+    for action, text in helps.items():
+        p = dsub.add_parser(action, help=text)
+        p.add_argument("--config", required=True)
+        p.add_argument("--stream", help="the objects stream (when there are several)")
+        if action == "status":
+            p.add_argument("--format", choices=["text", "json"], default="text")
+            p.add_argument("--show", type=int, default=20, help="held keys listed (text)")
+        else:
+            p.add_argument("--hold", help="decide only if this is the current hold's id")
+            p.add_argument("--wait", type=float, default=30.0, help="seconds (0: do not wait)")
+        p.set_defaults(func=_cmd_deletes)

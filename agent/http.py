@@ -38,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from agent.config import AgentConfig, HttpConfig
 from agent.statuspage import PAGE, RpoHistory, local_alerts, peer_summary
 from agent.verifyjobs import Job, VerifyJobs, VerifyUnavailable
+from replicators.objects.held import COLLECTOR as OBJECTS_HELD
 from verifiers.report import to_html, to_markdown
 
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/"})
@@ -132,6 +133,8 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    with contextlib.suppress(ValueError):  # once per registry: the objects held-deletes gauge
+        registry.register(OBJECTS_HELD)
     if jobs is not None:
         registry.register(jobs.collector)
         _add_api(app, jobs)

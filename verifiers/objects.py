@@ -16,13 +16,18 @@ hashed) and of the mirror (hashes from the mirror objects' ``dragent-xxh3``
 metadata: no re-read unless ``deep``, which re-reads and re-hashes every
 mirror object), compares them and repairs each difference (copy from the
 source, or delete from the mirror) unless ``repair`` is false.
+
+``accepted`` names keys whose delete an operator rejected (the mass-delete guard,
+``replicators.objects.held``): such a key kept in the mirror while the source no
+longer has it is an *accepted* difference, listed under ``accepted`` in the report
+and neither a failure nor repaired.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,10 +259,12 @@ async def verify_buckets(
     region: str = "",
     deep: bool = False,
     repair: bool = False,
+    accepted: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Compare the source bucket with the mirror and (with ``repair``) fix the mirror.
 
     ``index_path``: the source's shipping index (``shipped.sqlite``), if it exists.
+    ``accepted``: key → its rejection record (see the module docstring).
     Returns the unsigned report (verifiers.report fields). Raises the stores' errors.
     """
 
@@ -270,9 +277,10 @@ async def verify_buckets(
         )
         found = compare(stree, mtree)
         differences = list(_describe(found.keys, stree, mtree)) + problems
+        differences, kept = _accepted(differences, accepted or {})
         repaired = 0
         if repair:
-            keys = sorted(set(found.keys) | {p["where"] for p in problems})
+            keys = sorted({d["where"] for d in differences})  # accepted ones are left
             for key in keys:
                 if key in states:
                     await copy_object(src, dst, key, int(options.part_size))
@@ -295,15 +303,32 @@ async def verify_buckets(
         f"{options.mirror.bucket}/{options.mirror.prefix}",
         "ok": bool(ok),
         "summary": f"{len(differences)} differences among {len(stree)} source and "
-        f"{len(mtree)} mirror objects" + (f"; {repaired} repaired" if repair else ""),
+        f"{len(mtree)} mirror objects"
+        + (f"; {len(kept)} accepted (deletes rejected)" if kept else "")
+        + (f"; {repaired} repaired" if repair else ""),
         "roots": {"source": stree.root().hex(), "mirror": mtree.root().hex()},
         "counts": {"source": len(stree), "mirror": len(mtree)},
         "differences": differences,
+        "accepted": kept,
         "repaired": repaired,
         "deep": deep,
         "nodes_compared": found.nodes_compared,
         "source_objects_hashed": hashed,
     }
+
+
+def _accepted(
+    differences: list[dict[str, Any]], accepted: Mapping[str, Mapping[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(differences, accepted ones): a key the mirror keeps because its delete was rejected."""
+    left, kept = [], []
+    for d in differences:
+        why = accepted.get(d["where"])
+        if why is not None and d["what"] == "not in the source":
+            kept.append({**d, "why": "its delete was rejected by an operator", **why})
+        else:
+            left.append(d)
+    return left, kept
 
 
 def _describe(keys: list[str], src: KeyTree, dst: KeyTree) -> Iterator[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from replicators import checkpoint, logs
 from replicators.bucket import Bucket
+from replicators.objects import held
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
@@ -92,7 +93,9 @@ class LazyTarget:
 
     async def _open(self) -> MirrorTarget:
         if self.inner is None:
-            self.inner = MirrorTarget(await Bucket.open(self.options.mirror), self.state_dir)
+            bucket = await Bucket.open(self.options.mirror)
+            guard = self.options.delete_guard.policy()
+            self.inner = MirrorTarget(bucket, self.state_dir, guard)
         return self.inner
 
     async def state(self) -> Applied | None:
@@ -156,10 +159,12 @@ def _peer(agent: AgentSettings) -> str:
 async def verify(
     stream: StreamSettings, agent: AgentSettings, *, deep: bool = False, repair: bool = False
 ) -> dict[str, Any]:
-    """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects)."""
+    """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects).
+    Deletes rejected in this region (the mass-delete guard) are accepted differences."""
     from verifiers.objects import verify_buckets
 
-    shippers = StreamPaths(agent.data_dir, stream.name).shippers()
+    paths = StreamPaths(agent.data_dir, stream.name)
+    shippers = paths.shippers()
     indexes = [d / "shipped.sqlite" for d in shippers if (d / "shipped.sqlite").exists()]
     return await verify_buckets(
         stream.name,
@@ -168,4 +173,5 @@ async def verify(
         region=agent.region,
         deep=deep,
         repair=repair,
+        accepted=held.rejected(paths.target),
     )

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import ByteSize, Field, model_validator
 
+from replicators.objects.guard import GuardPolicy
 from replicators.settings import Duration, PositiveDuration, S3Config, SecretRef, Section
 
 
@@ -89,6 +90,42 @@ class SqsEvents(Section):
         return self
 
 
+class DeleteGuard(Section):
+    """The passive side's mass-delete guard (``[streams.objects.delete_guard]``; see
+    docs/objects-guard.md): when the deletes applied to the mirror within ``window`` would
+    exceed ``min(count, max(min_deletes, share × the mirror's keys))``, further deletes are
+    held (puts keep flowing) until an operator approves or rejects them.
+
+    Defaults, and why: ``share`` 5 % in 10 minutes: a ransomware or a wrong script removes
+    a large part of a bucket in minutes, while ordinary workloads (expiring temporary
+    objects, rewriting datasets) rarely remove a twentieth of a bucket that fast; ``count``
+    10,000 caps what can land in a very large bucket before a human looks (the vault keeps
+    every version, but the warm mirror is what serves after a failover); ``min_deletes``
+    100: below that many deletes in a window the guard never trips, so a small bucket's
+    housekeeping (or a test deleting a few keys of forty) is not a mass delete, at the cost
+    that up to 100 deletes of a small bucket land before it trips. 10 minutes: long
+    enough to catch a script that deletes in batches, short enough that a steady trickle of
+    expiries does not add up."""
+
+    enabled: bool = True
+    share: float = Field(default=0.05, gt=0, le=1)
+    """A fraction of the mirror's keys (before the window's deletes)."""
+    count: int = Field(default=10_000, ge=1)
+    """An absolute number of deletes, whatever the mirror's size."""
+    window: PositiveDuration = 600.0
+    min_deletes: int = Field(default=100, ge=0)
+    """Fewer deletes than this in a window never trip the guard."""
+
+    def policy(self) -> GuardPolicy:
+        return GuardPolicy(
+            share=self.share,
+            count=self.count,
+            window=self.window,
+            min_deletes=self.min_deletes,
+            enabled=self.enabled,
+        )
+
+
 class ObjectsOptions(Section):
     source: S3Config
     """The bucket (and prefix) replicated, in the active region."""
@@ -115,6 +152,8 @@ class ObjectsOptions(Section):
     """Objects up to this size travel inline in one record; larger ones in parts."""
     part_size: ByteSize = ByteSize(5 * 1024 * 1024)
     """Size of one part of a large object (at least 5 MiB, the S3 minimum part)."""
+    delete_guard: DeleteGuard = DeleteGuard()
+    """The mirror's mass-delete guard (see ``DeleteGuard``)."""
 
     def oriented(self, active_region: str) -> ObjectsOptions:
         """These options as they are while ``active_region`` is active: ``source`` its
