@@ -407,10 +407,18 @@ async def test_reject_keeps_the_mirror_and_verify_accepts_the_difference(
             target: MirrorTarget = sink.target  # type: ignore[assignment]
             await eventually(lambda: target.held_count() == 15, within=60, every=0.3)
             kept = set(doomed) & await _keys(dst)
+            saved = lambda: len(held.read_guard(harness.target_dir)["held"]) == 15  # noqa: E731
+            await eventually(saved, within=10)
+            cfg = load_config(harness.config)
+            (stream,) = cfg.streams
+            # undecided: a verify with repair reports the held keys and does not delete them
+            pending = await verify(stream, cfg, repair=True)
+            assert not pending["ok"] and pending["repaired"] == 0
+            assert {d["where"] for d in pending["differences"]} == kept
+            assert all("held by the mass-delete guard" in d["why"] for d in pending["differences"])
+            assert kept <= await _keys(dst)
             assert await harness.cli("reject", "--wait", "30") == 0
             assert target.hold is None and kept <= await _keys(dst)
-        cfg = load_config(harness.config)
-        (stream,) = cfg.streams
         report = await verify(stream, cfg, repair=True)
         assert report["ok"] and report["differences"] == [] and report["repaired"] == 0
         assert sorted(a["where"] for a in report["accepted"]) == sorted(kept)

@@ -20,14 +20,16 @@ source, or delete from the mirror) unless ``repair`` is false.
 ``accepted`` names keys whose delete an operator rejected (the mass-delete guard,
 ``replicators.objects.held``): such a key kept in the mirror while the source no
 longer has it is an *accepted* difference, listed under ``accepted`` in the report
-and neither a failure nor repaired.
+and neither a failure nor repaired. ``held`` names keys whose delete the guard holds,
+awaiting a decision: such a difference is reported (a failure: it is not decided) but
+not repaired, so a verify with repair cannot bypass the guard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,11 +262,13 @@ async def verify_buckets(
     deep: bool = False,
     repair: bool = False,
     accepted: Mapping[str, Mapping[str, Any]] | None = None,
+    held: Collection[str] = (),
 ) -> dict[str, Any]:
     """Compare the source bucket with the mirror and (with ``repair``) fix the mirror.
 
     ``index_path``: the source's shipping index (``shipped.sqlite``), if it exists.
-    ``accepted``: key → its rejection record (see the module docstring).
+    ``accepted``: key → its rejection record; ``held``: keys whose delete is held (see
+    the module docstring).
     Returns the unsigned report (verifiers.report fields). Raises the stores' errors.
     """
 
@@ -278,9 +282,14 @@ async def verify_buckets(
         found = compare(stree, mtree)
         differences = list(_describe(found.keys, stree, mtree)) + problems
         differences, kept = _accepted(differences, accepted or {})
+        waiting = set()
+        for d in differences:
+            if d["where"] in held and d["what"] == "not in the source":
+                d["why"] = "its delete is held by the mass-delete guard, awaiting a decision"
+                waiting.add(d["where"])
         repaired = 0
         if repair:
-            keys = sorted({d["where"] for d in differences})  # accepted ones are left
+            keys = sorted({d["where"] for d in differences} - waiting)  # accepted: left too
             for key in keys:
                 if key in states:
                     await copy_object(src, dst, key, int(options.part_size))

@@ -160,7 +160,8 @@ async def verify(
     stream: StreamSettings, agent: AgentSettings, *, deep: bool = False, repair: bool = False
 ) -> dict[str, Any]:
     """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects).
-    Deletes rejected in this region (the mass-delete guard) are accepted differences."""
+    Deletes rejected in this region (the mass-delete guard) are accepted differences;
+    deletes it holds are reported and not repaired."""
     from verifiers.objects import verify_buckets
 
     paths = StreamPaths(agent.data_dir, stream.name)
@@ -174,4 +175,5 @@ async def verify(
         deep=deep,
         repair=repair,
         accepted=held.rejected(paths.target),
+        held={d["key"] for d in held.read_guard(paths.target)["held"]},
     )
