@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.config import load_config
 from agent.lab import Lab
 from benchmarks._baseline import require
+from benchmarks._pgbackrest import archive_command, run_pgbackrest, s3_repo
 from benchmarks._s3count import CountingProxy
 from replicators.keys import build_key_provider
 from replicators.metrics import Metrics
@@ -91,6 +92,7 @@ from replicators.vault import Vault
 SLOT = "dragent_bench"
 RW_SLOT = "bench_receivewal"
 STREAM = "pg-bench"
+STANZA = "bench"
 PGBACKREST_PREFIX = {"sync": "pgbackrest-sync/", "async": "pgbackrest-async/"}
 
 
@@ -152,16 +154,6 @@ async def _proc(argv: list[str], **kw: Any) -> asyncio.subprocess.Process:
     )
 
 
-async def _run_pgbackrest(conf: Path, *command: str) -> None:
-    proc = await _proc(
-        ["runuser", "-u", "postgres", "--", "pgbackrest", f"--config={conf}",
-         "--stanza=bench", *command]
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    if proc.returncode:
-        raise SystemExit(f"pgBackRest {' '.join(command)} failed: {err.decode()[-500:]}")
-
-
 async def _setup_pgbackrest(
     lab: Lab, work: Path, proxy: CountingProxy, vault: S3Config
 ) -> dict[str, Path]:
@@ -180,14 +172,9 @@ async def _setup_pgbackrest(
         if mode == "async":
             extra = f"archive-async=y\nspool-path={home}\n[global:archive-push]\nprocess-max=2\n"
         conf = work / f"pgbackrest-{mode}.conf"
+        repo = s3_repo(1, proxy.port, vault, creds, PGBACKREST_PREFIX[mode].rstrip("/"))
         conf.write_text(
-            "[global]\nrepo1-type=s3\nrepo1-s3-endpoint=127.0.0.1\n"
-            f"repo1-storage-port={proxy.port}\nrepo1-storage-verify-tls=n\n"
-            f"repo1-s3-bucket={vault.bucket}\nrepo1-s3-region={vault.region_name}\n"
-            "repo1-s3-uri-style=path\n"
-            f"repo1-s3-key={creds.access_key_file.read_text().strip()}\n"
-            f"repo1-s3-key-secret={creds.secret_key_file.read_text().strip()}\n"
-            f"repo1-path=/{PGBACKREST_PREFIX[mode].rstrip('/')}\n"
+            f"[global]\n{repo}"
             f"log-level-console=warn\nlog-level-file=warn\nlog-path={home}\n"
             f"lock-path={home}\n{extra}"
             f"[bench]\npg1-path={pg.data_dir}\npg1-port={pg.port}\npg1-host-user=postgres\n"
@@ -203,12 +190,12 @@ async def _setup_pgbackrest(
     )
     await lab.fault("a", "postgres", "restart")
     for conf in confs.values():
-        await _run_pgbackrest(conf, "stanza-create")
+        await run_pgbackrest(conf, STANZA, "stanza-create")
     return confs
 
 
 def _archive_command(conf: Path) -> str:
-    return f"pgbackrest --config={conf} --stanza=bench archive-push %p"
+    return archive_command(conf, STANZA)
 
 
 async def _prefix_bytes(store: S3Store, prefix: str) -> int:
