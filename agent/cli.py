@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "agent.cli_dr",
     "agent.cli_verify",
     "agent.cli_failover",
+    "agent.cli_keys",
 )
 
 
@@ -37,6 +38,10 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         f"{args.file}: ok (region {cfg.region}, role {cfg.role}, "
         f"{len(cfg.streams)} streams, {len(cfg.peers)} peers)"
     )
+    from agent.doctor import lock_warnings
+
+    for warning in lock_warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
     if not args.online:
         return 0
     from agent.doctor import run_checks
@@ -53,9 +58,16 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from replicators.keys import generate_key_file, rotate_key_file
+    from replicators.keys import generate_key_file, revoke_key_version, rotate_key_file
 
     path = Path(args.file)
+    if args.action == "revoke":
+        if not args.key_id:
+            print("dragent keys revoke FILE KEY_ID: which version?", file=sys.stderr)
+            return 2
+        done = revoke_key_version(path, args.key_id)
+        print(f"{path}: key {args.key_id} {'revoked' if done else 'was already revoked'}")
+        return 0
     key_id = generate_key_file(path) if args.action == "generate" else rotate_key_file(path)
     print(f"{path}: current key {key_id}")
     return 0
@@ -102,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_config_check)
 
     keys = sub.add_parser("keys", help="local key files (the lab's key-encryption keys)")
-    keys.add_argument("action", choices=["generate", "rotate"])
+    keys.add_argument("action", choices=["generate", "rotate", "revoke"])
     keys.add_argument("file")
+    keys.add_argument("key_id", nargs="?", help="revoke: the compromised version (re-key first)")
     keys.set_defaults(func=_cmd_keys)
 
     vault = sub.add_parser("vault", help="inspect and verify this region's vault")

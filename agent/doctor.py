@@ -12,7 +12,13 @@ with the endpoint named:
 - each peer's key: a data key wrapped for it;
 - each etcd endpoint, one at a time: a read of the coordination keys;
 - every PostgreSQL DSN (``[failover]`` and each stream's): a connection and a query;
-- each DNS switch with a credentials check (TSIG-signed query).
+- each DNS switch with a credentials check (TSIG-signed query);
+- each vault configured with ``object_lock``: the bucket has Object Lock enabled
+  (``GetObjectLockConfiguration``), without which every locked PUT is refused.
+
+Offline, ``lock_warnings`` names each vault whose ``object_lock.retain`` is shorter
+than the recovery window (``[retention] window``, or a stream's own): what is written
+there may be deleted before it leaves the window (docs/immutable-vault.md).
 
 Checks run concurrently, each with a deadline; none writes anything.
 Passwords never appear in what is reported (DSNs are shown as host:port/db).
@@ -30,6 +36,7 @@ import asyncpg
 from agent.config import AgentConfig
 from agent.coordination.health import redact
 from agent.coordination.lease import EtcdLease
+from agent.evidence.locked import LockedWriter
 from agent.failover_config import EtcdConfig
 from agent.switch import build_switch
 from replicators.keys import build_key_provider
@@ -93,6 +100,50 @@ async def _own_key(keys_cfg: KeysConfig, vault: S3Config, streams: list[str]) ->
     return f"wraps and unwraps; opens the oldest segment of {opened} of {len(streams)} streams"
 
 
+def _days(seconds: float) -> str:
+    return f"{seconds / 86400:g}d" if seconds >= 86400 else f"{seconds:g}s"
+
+
+def lock_warnings(cfg: AgentConfig) -> list[str]:
+    """One line per vault whose ``object_lock.retain`` is shorter than the longest
+    recovery window of this configuration (the agent's ``[retention]`` or a stream's):
+    a version could then be deleted while a restore point of the window still needs it."""
+    windows = [cfg.retention.window] + [
+        s.retention.window for s in cfg.streams if s.retention is not None
+    ]
+    window = 0.0 if 0.0 in windows else max(windows)  # 0: keep everything, forever
+    out = []
+    targets = [("vault", cfg.vault)] + [(f"peers[{p.name}].vault", p.vault) for p in cfg.peers]
+    for where, s3 in targets:
+        lock = s3.object_lock
+        if lock is None:
+            continue
+        if window == 0.0 or lock.retain < window:
+            want = "keeps everything (window 0)" if window == 0.0 else _days(window)
+            out.append(
+                f"{where}.object_lock.retain: {_days(lock.retain)} is shorter than the "
+                f"recovery window [retention] window ({want}): a version may be deleted "
+                "while the window still needs it"
+            )
+    return out
+
+
+async def _object_lock(s3: S3Config) -> str:
+    assert s3.object_lock is not None
+    store = await LockedWriter.open(s3)
+    try:
+        enabled = await store.lock_enabled()
+    finally:
+        await store.aclose()
+    if not enabled:
+        raise ValueError(
+            "object_lock is configured but the bucket has no Object Lock (create it with "
+            "ObjectLockEnabledForBucket=true): every locked write would be refused"
+        )
+    lock = s3.object_lock
+    return f"Object Lock enabled; writes locked {lock.mode} for {_days(lock.retain)}"
+
+
 async def _peer_key(keys_cfg: KeysConfig) -> str:
     keys = build_key_provider(keys_cfg)
     try:
@@ -129,6 +180,9 @@ def checks(cfg: AgentConfig) -> list[tuple[str, Callable[[], Awaitable[str]]]]:
     for peer in cfg.peers:
         out.append((f"vault {peer.name} ({_where(peer.vault)})", _bind(_vault, peer.vault)))
         out.append((f"key for {peer.name}", _bind(_peer_key, peer.keys)))
+    for name, s3 in [(cfg.region, cfg.vault), *((p.name, p.vault) for p in cfg.peers)]:
+        if s3.object_lock is not None:
+            out.append((f"object lock {name} ({_where(s3)})", _bind(_object_lock, s3)))
     for endpoint in cfg.etcd.endpoints:
         job = _bind(_etcd, cfg.etcd, endpoint, cfg.region)
         out.append((f"etcd {redact(endpoint)}", job))

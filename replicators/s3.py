@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, suppress
 from typing import Any, ClassVar
@@ -146,8 +147,19 @@ class S3Store:
         *,
         if_absent: bool = False,
         metadata: Mapping[str, str] | None = None,
+        lock: bool = True,
     ) -> None:
+        """Write ``data`` at ``key`` (``if_absent``: create-only, else ``AlreadyExists``).
+
+        With ``object_lock`` configured, the version written carries an Object Lock
+        retention (its mode, until now + ``retain``), on a single PUT and a multipart
+        upload alike; ``lock=False`` leaves it out (a temporary object deleted right
+        after, which a lock would keep until its date)."""
         extra: dict[str, Any] = {"Metadata": dict(metadata or {})}
+        if lock and self.cfg.object_lock is not None:
+            until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.cfg.object_lock.retain)
+            extra["ObjectLockMode"] = self.cfg.object_lock.mode
+            extra["ObjectLockRetainUntilDate"] = until
         if len(data) > self.cfg.multipart_threshold:
             await self._put_multipart(key, data, if_absent, extra)
             return

@@ -110,6 +110,20 @@ class RetentionConfig(Section):
     """False: the daemon never collects (``dragent vault gc`` still can)."""
 
 
+class ObjectLockConfig(Section):
+    """``object_lock = { mode = "GOVERNANCE", retain = "8d" }`` on a vault's S3 table: every
+    object the vault writes carries an S3 Object Lock retention of ``retain`` from its
+    write (docs/immutable-vault.md). The bucket must have been created with Object Lock
+    enabled. ``retain`` should be at least the recovery window (``[retention] window``):
+    ``dragent config check`` says so when it is shorter."""
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    """GOVERNANCE: a principal with ``s3:BypassGovernanceRetention`` may still delete;
+    COMPLIANCE: nobody, the bucket's owner included, before the retain-until date."""
+    retain: PositiveDuration
+    """How long each written version is locked (retain-until = time of the write + this)."""
+
+
 class S3Config(Section):
     """An S3 bucket: SeaweedFS or MinIO by endpoint, AWS S3 when endpoint is unset."""
 
@@ -126,6 +140,8 @@ class S3Config(Section):
     multipart_threshold: ByteSize = ByteSize(16 * 1024 * 1024)
     multipart_chunk: ByteSize = ByteSize(8 * 1024 * 1024)
     max_concurrency: int = Field(default=16, ge=1, le=256)
+    object_lock: ObjectLockConfig | None = None
+    """Write every object under S3 Object Lock (``ObjectLockConfig``); unset: no lock."""
 
     @model_validator(mode="after")
     def _both_keys(self) -> S3Config:

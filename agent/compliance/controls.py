@@ -51,6 +51,10 @@ class Facts:
     object_lock: bool | None = None
     recovery_windows: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """stream -> the collector's latest pass (``replicators.postgres.gc.latest``)."""
+    vault_locks: Mapping[str, Mapping[str, Any]] | None = None
+    """vault (region) -> its configured ``object_lock`` (``vault_lock_facts``); ``None``:
+    not gathered. ``object_lock`` above is the online half: this region's vault bucket
+    answered that Object Lock is enabled."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,56 @@ def recovery_window(facts: Facts) -> Outcome:
     return "pass", "; ".join(notes), cited
 
 
+def vault_lock_facts(cfg: Any) -> dict[str, dict[str, Any]]:
+    """The configuration half of ``vault-immutable`` from an ``AgentConfig``: for this
+    region's vault and each peer's (which this region writes into), the configured lock
+    (mode and retain, or none) and the longest recovery window it should cover."""
+    windows = [cfg.retention.window] + [
+        s.retention.window for s in cfg.streams if s.retention is not None
+    ]
+    window = 0.0 if 0.0 in windows else max(windows)
+    out: dict[str, dict[str, Any]] = {}
+    for name, vault, own in [(cfg.region, cfg.vault, True)] + [
+        (p.name, p.vault, False) for p in cfg.peers
+    ]:
+        lock = vault.object_lock
+        out[name] = {
+            "own": own,
+            "mode": None if lock is None else lock.mode,
+            "retain": None if lock is None else lock.retain,
+            "window": window,
+        }
+    return out
+
+
+def vault_immutable(facts: Facts) -> Outcome:
+    """Every object the vaults hold written under Object Lock for at least the recovery
+    window (configuration), on a bucket that has Object Lock enabled (online check)."""
+    if facts.vault_locks is None:
+        return "unknown", "the vaults' object_lock configuration was not gathered", ()
+    unlocked = sorted(n for n, v in facts.vault_locks.items() if v.get("mode") is None)
+    if len(unlocked) == len(facts.vault_locks) and not facts.policy.require_object_lock:
+        return "pass", "not required by the policy: vaults are create-only, without Object Lock", ()
+    problems, notes = [], []
+    if unlocked:
+        problems.append("no object_lock configured for vault(s) " + ", ".join(unlocked))
+    for name, v in sorted(facts.vault_locks.items()):
+        if v.get("mode") is None:
+            continue
+        retain, window = float(v["retain"]), float(v.get("window") or 0.0)
+        if window <= 0 or retain < window:
+            want = "the whole history (window 0)" if window <= 0 else _ago(window)
+            problems.append(f"vault {name} locks {_ago(retain)}, less than the window {want}")
+        if v.get("own") and facts.object_lock is False:
+            problems.append(f"vault {name}: object_lock configured but the bucket has none")
+        notes.append(f"{name} {v['mode']} {_ago(retain)}")
+    if problems:
+        return "fail", "; ".join(problems), ()
+    if any(v.get("own") for v in facts.vault_locks.values()) and facts.object_lock is None:
+        return "unknown", "the vault bucket's Object Lock has not been checked yet", ()
+    return "pass", "vault writes locked: " + ", ".join(notes) + "; bucket Object Lock on", ()
+
+
 Check = Callable[[Facts], Outcome]
 
 
@@ -320,6 +374,12 @@ CONTROLS: tuple[Control, ...] = (
         "Every restore point of the retention window restorable",
         ("SOC2 A1.2", "ISO A.8.13", "NIST CP-9", "DORA 12"),
         recovery_window,
+    ),
+    Control(
+        "vault-immutable",
+        "Vault objects under Object Lock for at least the recovery window",
+        ("SOC2 A1.2", "ISO A.8.13", "NIST CP-9", "DORA 12"),
+        vault_immutable,
     ),
     Control(
         "failover-tested",

@@ -25,7 +25,12 @@ from __future__ import annotations
 import asyncio
 import functools
 
-from replicators.keys.keyfile import KEY_FILE_FORMAT, generate_key_file, rotate_key_file
+from replicators.keys.keyfile import (
+    KEY_FILE_FORMAT,
+    generate_key_file,
+    revoke_key_version,
+    rotate_key_file,
+)
 from replicators.keys.kms import KMS_CONTEXT, AwsKmsKeyProvider
 from replicators.keys.local import LocalKeyProvider
 from replicators.keys.provider import KeyProvider
@@ -42,6 +47,7 @@ __all__ = [
     "LocalKeyProvider",
     "build_key_provider",
     "generate_key_file",
+    "revoke_key_version",
     "rotate_key_file",
     "unseal",
 ]

@@ -1,6 +1,10 @@
 """Local key files (``dragent-kek/1``): several KEK versions, one current; generated and
 rotated crash-safely, refused when readable by group or others; and how a data key is
-wrapped under one of its versions (AES-256-GCM)."""
+wrapped under one of its versions (AES-256-GCM).
+
+A version may be revoked (``"revoked": [ids]``, ``revoke_key_version``): after a KEK
+compromise and a complete ``dragent rekey``, the provider refuses to unwrap anything
+under it, naming the version. The current version cannot be revoked."""
 
 from __future__ import annotations
 
@@ -25,13 +29,16 @@ _NONCE_SIZE = 12
 class _KeyFile:
     """A parsed key file: KEK versions by id and the current one. Repr hides the keys."""
 
-    __slots__ = ("current", "keys")
+    __slots__ = ("current", "keys", "revoked")
 
-    def __init__(self, current: str, keys: dict[str, bytes]) -> None:
-        self.current, self.keys = current, keys
+    def __init__(
+        self, current: str, keys: dict[str, bytes], revoked: frozenset[str] = frozenset()
+    ) -> None:
+        self.current, self.keys, self.revoked = current, keys, revoked
 
     def __repr__(self) -> str:
-        return f"_KeyFile(current={self.current!r}, versions={sorted(self.keys)})"
+        revoked = f", revoked={sorted(self.revoked)}" if self.revoked else ""
+        return f"_KeyFile(current={self.current!r}, versions={sorted(self.keys)}{revoked})"
 
 
 def _new_key_id() -> str:
@@ -59,7 +66,12 @@ def _parse_key_file(path: Path, raw: bytes) -> _KeyFile:
             raise bad(f"key {key_id!r} is not hex") from None
         if len(keys[key_id]) != KEY_SIZE:
             raise bad(f"key {key_id!r} is not {KEY_SIZE} bytes")
-    return _KeyFile(current, keys)
+    revoked = doc.get("revoked", [])
+    if not isinstance(revoked, list) or not all(isinstance(r, str) for r in revoked):
+        raise bad("'revoked' must be a list of key ids")
+    if current in revoked:
+        raise bad(f"the current key {current!r} is revoked: rotate to a new one")
+    return _KeyFile(current, keys, frozenset(revoked))
 
 
 def _read_key_file(path: Path) -> _KeyFile:
@@ -80,11 +92,13 @@ def _read_key_file(path: Path) -> _KeyFile:
 
 def _write_new(path: Path, doc: _KeyFile) -> Path:
     """Write ``doc`` to a fresh temporary file next to ``path`` (mode 0600, fsynced)."""
-    body = {
+    body: dict[str, object] = {
         "format": KEY_FILE_FORMAT,
         "current": doc.current,
         "keys": {key_id: key.hex() for key_id, key in doc.keys.items()},
     }
+    if doc.revoked:
+        body["revoked"] = sorted(doc.revoked)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -131,14 +145,38 @@ def rotate_key_file(path: Path) -> str:
     doc = _read_key_file(path)
     key_id = _new_key_id()
     keys = {**doc.keys, key_id: secrets.token_bytes(KEY_SIZE)}
-    tmp = _write_new(path, _KeyFile(key_id, keys))
+    _replace(path, _KeyFile(key_id, keys, doc.revoked))
+    return key_id
+
+
+def _replace(path: Path, doc: _KeyFile) -> None:
+    tmp = _write_new(path, doc)
     try:
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path)
-    return key_id
+
+
+def revoke_key_version(path: Path, key_id: str) -> bool:
+    """Revoke KEK version ``key_id`` in ``path``: from now on nothing wrapped under it is
+    unwrapped (``KeyAccessError`` naming the version). The key material is kept, so the
+    revocation can be undone by editing the file. Atomic like ``rotate_key_file``; returns
+    False if it was already revoked. Raises ``KeyAccessError`` if the version is not in
+    the file or is the current one (rotate first)."""
+    doc = _read_key_file(path)
+    if key_id in doc.revoked:
+        return False
+    if key_id not in doc.keys:
+        raise KeyAccessError(f"key {key_id!r} is not in key file {path}")
+    if key_id == doc.current:
+        raise KeyAccessError(
+            f"key {key_id!r} is the current key of {path}: it cannot be revoked",
+            hint=f"rotate first (dragent keys rotate {path}), then re-key (dragent rekey)",
+        )
+    _replace(path, _KeyFile(doc.current, doc.keys, doc.revoked | {key_id}))
+    return True
 
 
 def wrap_local(kek: bytes, key_id: str, plaintext: bytes) -> bytes:

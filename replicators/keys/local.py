@@ -50,6 +50,13 @@ class LocalKeyProvider:
             self._cache.clear()  # a version may have been removed: forget what it unwrapped
         return self._file
 
+    def _changed(self) -> bool:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return True
+        return (st.st_ino, st.st_size, st.st_mtime_ns) != self._stamp
+
     async def _keys(self) -> _KeyFile:
         async with self._lock:
             return await asyncio.to_thread(self._refresh)
@@ -65,11 +72,18 @@ class LocalKeyProvider:
         return self._cache.keep(DataKey(keys.current, plaintext, wrapped))
 
     async def unwrap(self, key_id: str, wrapped: bytes) -> bytes:
-        """The data key inside ``wrapped`` (see ``KeyProvider``)."""
+        """The data key inside ``wrapped`` (see ``KeyProvider``). A version the key file
+        revokes is refused (``KeyAccessError`` naming it), cached or not: the file is
+        checked for a change (one ``stat``) on every call."""
+        keys = self._file if self._file is not None and not self._changed() else None
+        if keys is None:
+            keys = await self._keys()
+        if key_id in keys.revoked:
+            raise self._revoked(key_id)
         hit = self._cache.lookup(key_id, wrapped)
         if hit is not None:
             return hit
-        kek = (await self._keys()).keys.get(key_id)
+        kek = keys.keys.get(key_id)
         if kek is None:
             raise KeyAccessError(
                 f"key {key_id!r} is not in key file {self.path}",
@@ -78,6 +92,13 @@ class LocalKeyProvider:
         plaintext = unwrap_local(kek, key_id, wrapped)
         self._cache.remember(key_id, wrapped, plaintext)
         return plaintext
+
+    def _revoked(self, key_id: str) -> KeyAccessError:
+        return KeyAccessError(
+            f"key version {key_id!r} is revoked in key file {self.path}: "
+            "nothing wrapped under it is opened",
+            hint="a compromised key: re-key what it wrapped (dragent rekey) before revoking",
+        )
 
     async def aclose(self) -> None:
         self._cache.clear()

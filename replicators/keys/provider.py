@@ -29,7 +29,8 @@ class KeyProvider(Protocol):
       cached. Raises ``KeyAccessError`` if ``key_id`` is unknown, unreadable
       or refused, ``IntegrityError`` if ``wrapped`` fails authentication under
       that KEK (tampered, or wrapped under another key), ``Unavailable`` as
-      above. Old KEK versions stay usable, so old segments stay readable.
+      above. Old KEK versions stay usable, so old segments stay readable, unless
+      revoked (a key file's ``revoked`` list: ``KeyAccessError`` naming the version).
     - ``aclose()`` releases connections and forgets cached keys; idempotent.
 
     Both coroutines may be called concurrently and cancelled at any await.
