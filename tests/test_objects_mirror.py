@@ -115,3 +115,28 @@ async def test_background_anti_entropy_repairs_on_the_active_side(
     finally:
         await src.aclose()
         await dst.aclose()
+
+
+async def test_a_repair_never_deletes_more_than_the_mass_delete_guard_allows(rig: Rig) -> None:
+    """The active side's verify (anti-entropy) cannot see the passive side's hold: a repair
+    that would delete a mass of mirror keys (a source that lists empty, a script that
+    deleted a fifth) deletes none of them and says why; a few stray keys it deletes."""
+    from verifiers.objects import verify_buckets
+
+    guard = rig.opts.delete_guard.model_copy(update={"min_deletes": 5})
+    opts = rig.opts.model_copy(update={"delete_guard": guard})
+    src, dst = await rig.source_bucket(), await rig.mirror_bucket()
+    try:
+        for i in range(40):
+            await dst.write(f"m/{i:02d}", b"x", "", {})  # in the mirror only
+        held = await verify_buckets(rig.name, opts, repair=True)
+        assert not held["ok"] and held["repaired"] == 0
+        assert all("mass-delete guard" in d["why"] for d in held["differences"])
+        assert (await dst.head("m/00")).size == 1
+        for i in range(4, 40):
+            await dst.delete(f"m/{i:02d}")
+        few = await verify_buckets(rig.name, opts, repair=True)
+        assert few["ok"] and few["repaired"] == 4
+    finally:
+        await src.aclose()
+        await dst.aclose()

@@ -290,6 +290,18 @@ async def verify_buckets(
         repaired = 0
         if repair:
             keys = sorted({d["where"] for d in differences} - waiting)  # accepted: left too
+            doomed = [k for k in keys if k not in states]
+            limit = options.delete_guard.policy().limit(len(mtree))
+            if options.delete_guard.enabled and len(doomed) > limit:
+                # a repair is no way around the mass-delete guard: that many deletes wait
+                # for the log (where the guard decides), not for a verify
+                why = (f"a repair would delete {len(doomed)} keys from the mirror, more than "
+                       f"the mass-delete guard allows ({limit}): left for the guard")  # fmt: skip
+                for d in differences:
+                    if d["where"] in doomed:
+                        d["why"] = why
+                        waiting.add(d["where"])
+                keys = [k for k in keys if k in states]
             for key in keys:
                 if key in states:
                     await copy_object(src, dst, key, int(options.part_size))
