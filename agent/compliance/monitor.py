@@ -259,6 +259,7 @@ class ComplianceMonitor:
             chain_ok=self.chain_ok,
             object_lock=self.object_lock,
             recovery_windows=vault_gc.latest(self.cfg.data_dir),
+            vault_locks=c.vault_lock_facts(cfg),
         )
 
     # -- drills ----------------------------------------------------------------------
