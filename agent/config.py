@@ -96,6 +96,15 @@ class StreamConfig(Section):
         return 4 if self.postgres is not None and self.postgres.synchronous else 1
 
     @model_validator(mode="after")
+    def _pipelined_kinds(self) -> StreamConfig:
+        if (self.segments_in_flight or 1) > 1 and self.kind not in ("postgres", "synthetic"):
+            raise ValueError(
+                f"segments_in_flight > 1 is supported for postgres and synthetic streams only; "
+                f"the {self.kind} source expects each segment acknowledged before the next"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _kind_options(self) -> StreamConfig:
         if self.kind != "synthetic" and getattr(self, self.kind) is None:
             raise ValueError(f"kind {self.kind!r} needs a [streams.{self.kind}] table")

@@ -87,8 +87,8 @@ class Recorder(MirrorTarget):
 
     applied: dict[str, float]
 
-    async def apply_record(self, record: rec.Record) -> None:
-        await super().apply_record(record)
+    async def apply_record(self, record: rec.Record, where: tuple[str, int] | None = None) -> None:
+        await super().apply_record(record, where)
         if not isinstance(record, rec.Part) or record.last:
             self.applied[record.key] = time.monotonic()
 

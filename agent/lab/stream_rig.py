@@ -87,13 +87,14 @@ async def running_pair(
     segment_max_bytes: int = 8 << 20,
     max_age: float = 0.1,
     poll: float = 0.05,
+    in_flight: int = 1,
 ) -> AsyncIterator[tuple[Shipper, Sink]]:
     """Ship and apply until the block ends; ``keys`` = (sealing, opening) providers."""
     metrics = metrics or Metrics(CollectorRegistry())
     vault = Vault(store)
     shipper = lab_shipper(
         name, kind, source, vault, keys[0], state_dir / "shipped.json", metrics,
-        segment_max_bytes=segment_max_bytes, max_age=max_age,
+        segment_max_bytes=segment_max_bytes, max_age=max_age, in_flight=in_flight,
     )  # fmt: skip
     sink = lab_sink(name, kind, target, vault, keys[1], metrics)
     await shipper.recover()
