@@ -20,6 +20,15 @@
   RPO of an idle primary between heartbeats (``replicators.progress``). Samples
   are taken only while the source streams: a failing source proves nothing.
 
+After a promotion (the dsn now reaches a standby of the old primary, promoted to a
+newer timeline), a position on the old timeline at or before the switch point is
+followed without a gap while the server still has its WAL file in ``pg_wal``: the
+new history file first, the slot created (and held at the position by the first
+feedback), then ``START_REPLICATION ... TIMELINE <old>`` up to the switch point and
+``TIMELINE <new>`` from there, on a new connection (psycopg2 cannot answer the
+server's end-of-timeline CopyDone, so the connection is not reused). The legs and
+the timeline each byte is recorded under: ``replicators.postgres.timelines``.
+
 A slot that no longer holds the WAL at the durable position (invalidated, or
 created anew after a failback lost it) is re-seeded, never retried forever:
 the stream goes on from the slot's start after a gap record, and the gap is
@@ -47,6 +56,7 @@ from replicators import logs
 from replicators.errors import SourceError
 from replicators.postgres import lsn as L
 from replicators.postgres import pgmetrics
+from replicators.postgres import timelines as T
 from replicators.postgres.gaps import Gap, GapBook
 from replicators.postgres.lsn import LsnClock
 from replicators.postgres.options import PostgresOptions
@@ -90,7 +100,10 @@ class WalSource:
         self._durable_time: float | None = None
         self._cursor: Any = None
         self._db: asyncpg.Connection | None = None
-        self._buf: deque[tuple[int, bytes, float]] = deque()
+        self._buf: deque[tuple[int, bytes, float, int]] = deque()  # start, data, seen, timeline
+        self._legs: list[T.Leg] = []  # while following a timeline switch: this leg, the next
+        self._until: int | None = None  # where the server ends this leg's timeline
+        self._labels: tuple[int, list[tuple[int, int]], int] | None = None  # T.label's args
         self._received = 0
         self._acked = 0
         self._failed: BaseException | None = None
@@ -104,10 +117,12 @@ class WalSource:
 
     async def resume(self, position: int) -> None:
         """(Re)connect and stream from ``position`` (0: a new stream, from the slot)."""
+        shipped = self.timeline  # the timeline of the WAL shipped so far (0: not known)
         await self.aclose()
         self._failed = None
         self._buf.clear()
         self._gap = None
+        self._legs, self._until = [], None
         try:
             self._db = await asyncpg.connect(self.options.dsn.reveal(), timeout=10)
             if await self._db.fetchval("SELECT pg_is_in_recovery()"):
@@ -116,8 +131,11 @@ class WalSource:
                     "the database is a standby (in recovery): WAL is shipped from a primary"
                 )
             restart, why = await self._ensure_slot()
+            followed = position > 0 and await self._follow(position, shipped)
             start = position if position else L.segment_start(restart)
-            if position and position < L.segment_start(restart):
+            if followed:
+                why = None
+            elif position and position < L.segment_start(restart):
                 why = why or (
                     f"slot {self.slot} no longer holds WAL at {L.format_lsn(position)} "
                     f"(restart_lsn {L.format_lsn(restart)})"
@@ -125,7 +143,8 @@ class WalSource:
                 start = L.segment_start(restart)
             else:
                 why = None  # a new stream, or a slot re-created before anything was shipped
-            await asyncio.to_thread(self._start_replication, start)
+            if not followed:
+                await asyncio.to_thread(self._start_replication, start)
         except SourceError:
             await self.aclose()
             raise
@@ -140,6 +159,89 @@ class WalSource:
         loop.add_reader(self._fd, self._on_readable)
         await self._sample(heartbeat=True)
         self.log.info("streaming", start=L.format_lsn(start), timeline=self.timeline)
+
+    async def _follow(self, position: int, shipped: int) -> bool:
+        """Stream ``position`` (shipped on timeline ``shipped``, 0: not known) through the
+        timeline switches of the server's history, if the server is on a newer timeline
+        and still has the WAL file at ``position``. False: not needed, or not possible
+        (the caller then streams the current timeline as before, re-seeding if need be)."""
+        assert self._db is not None
+        current, content = await asyncio.to_thread(self._identify)
+        self._labels = self._labels if self._labels and self._labels[2] == current else None
+        if current < 2 or content is None:
+            return False
+        history = T.parse_history(content)
+        legs, why = T.plan(position, shipped, current, history)
+        if legs is None:
+            if why is not None:
+                self.log.error("cannot follow the timeline switch", reason=why)
+            return False
+        name = T.file_to_read(legs)
+        if not await self._in_pg_wal(name):
+            self.log.error(
+                "cannot follow the timeline switch: WAL file no longer on the server",
+                file=name, position=L.format_lsn(position),
+            )  # fmt: skip
+            return False
+        # the switch point's WAL file keeps the name of the timeline shipped before it
+        self._labels = (shipped or T.timeline_of(position, history, current), history, current)
+        self._legs = legs
+        await asyncio.to_thread(self._start_replication, position, legs[0])
+        # the first feedback set the slot's restart_lsn to the position: from then on the
+        # server keeps that WAL; the file must still be there now that it is held
+        await self._wait_slot_holds(position)
+        if not await self._in_pg_wal(name):
+            raise SourceError(f"WAL file {name} was removed while the slot was being set up")
+        self.log.info(
+            "following a timeline switch",
+            legs=[(leg.timeline, L.format_lsn(leg.start)) for leg in legs],
+        )
+        return True
+
+    async def _in_pg_wal(self, name: str) -> bool:
+        assert self._db is not None
+        try:
+            found = await self._db.fetchval(
+                "SELECT count(*) FROM pg_ls_waldir() WHERE name = $1", name
+            )
+        except asyncpg.InsufficientPrivilegeError:
+            self.log.warning("pg_ls_waldir() not permitted: a timeline switch is not followed")
+            return False
+        return bool(found)
+
+    async def _wait_slot_holds(self, position: int, within: float = 5.0) -> None:
+        """Until the slot's restart_lsn is at or before ``position`` (our first feedback
+        reached the walsender), at most ``within`` seconds."""
+        assert self._db is not None
+        deadline = time.monotonic() + within
+        query = "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = $1"
+        while time.monotonic() < deadline:
+            held = await self._db.fetchval(query, self.slot)
+            if held is not None and L.parse_lsn(held) <= position:
+                return
+            await asyncio.sleep(0.05)
+
+    async def _next_leg(self) -> None:
+        """The server ended this leg's timeline at its switch point: stream the next
+        timeline from there, on a new connection."""
+        ended = self._legs.pop(0)
+        leg = self._legs[0]
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            loop.remove_reader(self._fd)
+        with contextlib.suppress(Exception):
+            self._conn.close()
+        self._conn = self._cursor = None
+        try:
+            await asyncio.to_thread(self._start_replication, self._received, leg, history=False)
+        except psycopg2.Error as exc:
+            raise SourceError(f"cannot stream timeline {leg.timeline}: {exc}") from exc
+        self._fd = self._conn.fileno()
+        loop.add_reader(self._fd, self._on_readable)
+        self.log.info(
+            "timeline switch followed",
+            ended=ended.timeline, at=L.format_lsn(self._received), timeline=leg.timeline,
+        )  # fmt: skip
 
     def note_durable_time(self, source_time: float | None) -> None:
         """Before ``resume``: the source time of the last change durable at the position
@@ -191,33 +293,65 @@ class WalSource:
         backup covers yet), or None (``replicators.progress``)."""
         return self.gaps.unrestorable_since() if self.gaps is not None else None
 
-    def _start_replication(self, start: int) -> None:
-        """Blocking: connect, identify the timeline, START_REPLICATION, first feedback."""
-        conn = psycopg2.connect(
+    def _replication_connection(self) -> Any:
+        return psycopg2.connect(
             self.options.dsn.reveal(),
             connection_factory=psycopg2.extras.PhysicalReplicationConnection,
             application_name=self.slot,
             connect_timeout=10,
         )
+
+    def _identify(self) -> tuple[int, bytes | None]:
+        """Blocking: the server's timeline and its history file (None on timeline 1)."""
+        conn = self._replication_connection()
         try:
             cur = conn.cursor()
-            cur.execute("IDENTIFY_SYSTEM")
-            self.timeline = int(cur.fetchone()[1])
-            self._history = None
-            if self.timeline > 1:
-                cur.execute(f"TIMELINE_HISTORY {self.timeline}")
-                content = cur.fetchone()[1]
-                content = content.encode() if isinstance(content, str) else bytes(content)
-                self._history = L.pack_history(self.timeline, content)
-            cur.start_replication(slot_name=self.slot, start_lsn=start, status_interval=1)
+            return self._identify_on(cur)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _identify_on(cur: Any) -> tuple[int, bytes | None]:
+        cur.execute("IDENTIFY_SYSTEM")
+        timeline = int(cur.fetchone()[1])
+        if timeline < 2:
+            return timeline, None
+        cur.execute(f"TIMELINE_HISTORY {timeline}")
+        content = cur.fetchone()[1]
+        return timeline, content.encode() if isinstance(content, str) else bytes(content)
+
+    def _start_replication(
+        self, start: int, leg: T.Leg | None = None, *, history: bool = True
+    ) -> None:
+        """Blocking: connect, identify the timeline, START_REPLICATION, first feedback.
+        ``leg``: a timeline to stream (following a switch), not the server's current;
+        ``history``: send the server's history file first (not again at a leg's change)."""
+        conn = self._replication_connection()
+        try:
+            cur = conn.cursor()
+            current, content = self._identify_on(cur)
+            if leg is None:
+                self.timeline, timeline = current, 0
+            else:
+                if self._labels is None or current != self._labels[2]:
+                    raise SourceError(f"the server moved to timeline {current} meanwhile")
+                self.timeline = timeline = leg.timeline
+            if history:
+                self._history = None if content is None else L.pack_history(current, content)
+            cur.start_replication(
+                slot_name=self.slot, start_lsn=start, timeline=timeline, status_interval=1
+            )
             # A synchronous primary counts us only after one feedback with a flush position.
-            cur.send_feedback(write_lsn=start, flush_lsn=start, force=True)
+            flush = start if leg is None else min(start, self._acked or start)
+            cur.send_feedback(write_lsn=start, flush_lsn=flush, force=True)
         except BaseException:
             conn.close()
             raise
         self._conn, self._cursor = conn, cur
+        self._until = None if leg is None else leg.until
 
     async def aclose(self) -> None:
+        self._until = None
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._fd)
@@ -244,14 +378,27 @@ class WalSource:
                     )
                 now = time.time()
                 for piece_start, piece in L.split_at_boundaries(start, payload):
-                    self._buf.append((piece_start, piece, now))
+                    self._buf.append((piece_start, piece, now, self._label(piece_start)))
                 self._received = start + len(payload)
                 self._data.set()
+                if self._leg_ended():
+                    # the server ends the copy here (CopyDone): next_batch starts the next leg
+                    asyncio.get_running_loop().remove_reader(self._fd)
+                    return
         except Exception as exc:
             self._failed = exc
             self._data.set()
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._fd)
+
+    def _label(self, start: int) -> int:
+        """The timeline a WAL byte at ``start`` is recorded under (``timelines.label``)."""
+        if self._labels is None:
+            return self.timeline
+        return T.label(start, *self._labels)
+
+    def _leg_ended(self) -> bool:
+        return self._until is not None and self._received >= self._until
 
     def _check_failed(self) -> None:
         if self._failed is not None:
@@ -277,13 +424,15 @@ class WalSource:
             self._history = None
         while True:
             self._check_failed()
+            if self._leg_ended() and len(self._legs) > 1:
+                await self._next_leg()
             await self._housekeeping()
             while self._buf and size < max_bytes:
-                start, data, seen = self._buf[0]
+                start, data, seen, timeline = self._buf[0]
                 if batch and L.segment_start(start) != L.segment_start(batch[0].start):
                     return batch
                 self._buf.popleft()
-                batch.append(self._change(start, data, seen))
+                batch.append(self._change(start, data, seen, timeline))
                 size += len(data)
                 first_seen = first_seen if first_seen is not None else seen
                 if (start + len(data)) % L.WAL_SEGMENT_SIZE == 0:
@@ -303,18 +452,16 @@ class WalSource:
                 continue
             await _wait(self._data, min(wake - now, _STOP_POLL))
 
-    def _change(self, start: int, data: bytes, seen: float) -> Change:
+    def _change(self, start: int, data: bytes, seen: float, timeline: int) -> Change:
         t = self.clock.time_at(start)
         source_time = seen if t is None else min(t, seen)
-        return Change(
-            L.pack_record(self.timeline, start, data), start, start + len(data), source_time
-        )
+        return Change(L.pack_record(timeline, start, data), start, start + len(data), source_time)
 
     def pending_since(self) -> float | None:
         """Source time of the oldest WAL received but not yet batched."""
         if not self._buf:
             return None
-        start, _, seen = self._buf[0]
+        start, _, seen, _ = self._buf[0]
         t = self.clock.time_at(start)
         return seen if t is None else min(t, seen)
 
