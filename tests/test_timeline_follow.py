@@ -267,13 +267,8 @@ async def test_a_promoted_replica_is_followed_without_a_gap(pg: PgRig, spans_fil
     data_dir = pg.workdir / "restored"
     pg.clusters.append(data_dir)
     port = free_port()
-    # PostgreSQL picks the newest timeline once, at its start, while the restore may
-    # still be filling its spool: wal-fetch answers "not yet" for a history file not yet
-    # written there and recovery then PANICs at the switch (restore.py / walfetch.py, not
-    # this change). The history file placed beforehand makes the test deterministic.
-    restore_spool = data_dir.with_name(data_dir.name + ".wal")
-    restore_spool.mkdir()
-    (restore_spool / "00000002.history").write_bytes(history)
+    # PostgreSQL picks the newest timeline once, at its start: the restore fills the
+    # spool (history files included) before it starts the cluster
     await restore(
         pg.options, pg.stream.name, pg.store, pg.recv_keys,
         target=RestoreTarget(), data_dir=data_dir, port=port,

@@ -6,11 +6,12 @@
    each fully verified, checked for continuity and written into a restore
    spool in log order, up to the target (segments before the backup are
    skipped once their header is read).
-3. At the same time (replay does not wait for the fetch), the cluster starts
-   with ``recovery.signal``, restore_command serving the spool through
-   ``wal-fetch`` (whole files only until the fetch is done), the recovery target and
-   ``recovery_target_action = promote``; we wait for the promotion and report
-   the LSN and the commit time reached.
+3. Then the cluster starts with ``recovery.signal``, restore_command serving the
+   spool through ``wal-fetch``, the recovery target and
+   ``recovery_target_action = promote``; we wait for the promotion and report the
+   LSN and the commit time reached. (Replay does not start before the fetch ends:
+   PostgreSQL reads the timelines' history files once, at start-up, and one may lie
+   anywhere in the fetched WAL.)
 
 Nothing is served to PostgreSQL from a segment that failed verification: the
 restore stops with ``IntegrityError`` before the cluster starts.
@@ -40,7 +41,6 @@ from replicators.postgres.basebackup import (
 )
 from replicators.postgres.options import PostgresOptions
 from replicators.postgres.spool import WalSpool, decode_records
-from replicators.postgres.walfetch import FILLING
 from replicators.segment import SegmentHeader
 from replicators.store import ObjectStore
 from replicators.vault import Vault
@@ -269,33 +269,26 @@ async def _build(
     await extract_backup(options, store, keys, backup, data_dir, on_bytes=on_bytes)
     spool = WalSpool(spool_path)
     pgtools.share_with_database(options, spool_path)
-    marker = spool_path / FILLING
-    marker.touch()  # wal-fetch serves only whole files until the fill is complete
-
-    async def fill() -> int:
-        try:
-            return await fill_spool(
-                store, keys, stream, spool, from_lsn=backup.start_lsn, target=target,
-                need_by=backup.end_lsn, on_segment=on_bytes,
-            )  # fmt: skip
-        finally:
-            marker.unlink(missing_ok=True)
-
+    # The spool is filled before PostgreSQL starts: it reads the timelines' history files
+    # once, at start-up, to pick the newest timeline, and a history file that arrived
+    # later would end recovery at the switch ("unexpected timeline ID"). A history file
+    # may lie anywhere in the log after the backup, so the whole fill comes first.
+    count = await fill_spool(
+        store, keys, stream, spool, from_lsn=backup.start_lsn, target=target,
+        need_by=backup.end_lsn, on_segment=on_bytes,
+    )  # fmt: skip
     standby.configure(
         options, data_dir, port=port, spool=spool_path, signal="recovery.signal",
         settings=target.settings(),
     )  # fmt: skip
     dsn = f"postgresql://{_user()}@127.0.0.1:{port}/postgres"
     try:
-        async with asyncio.TaskGroup() as tg:
-            filled = tg.create_task(fill())  # replay starts while WAL is still fetched
-            await standby.start(options, data_dir, wait=False)
-            await standby.wait_promoted(dsn, within, data_dir=data_dir)
-    except BaseExceptionGroup as group:
+        await standby.start(options, data_dir, wait=False)
+        await standby.wait_promoted(dsn, within, data_dir=data_dir)
+    except BaseException:
         with contextlib.suppress(Exception):
             await standby.stop(options, data_dir)
-        raise group.exceptions[0] from None
-    count = filled.result()
+        raise
     lsn, replay_time = await standby.replay_position(dsn)
     # Promoted: the cluster no longer reads the restore spool.
     await asyncio.to_thread(shutil.rmtree, spool_path, True)
