@@ -43,6 +43,7 @@ from replicators.postgres.basebackup import (
     BackupManifest,
     backup_keys,
     backup_prefix,
+    backups_read,
     extract_backup,
     list_backups,
     take_backup,
@@ -350,3 +351,19 @@ async def test_a_corrupted_pack_or_chunk_fails_extraction(rig: Rig) -> None:
     with pytest.raises(SourceError, match="left the vault"):
         await rig.backup()
     assert [b.id for b in await list_backups(rig.store, rig.recv_keys, rig.stream)] == [made.id]
+
+
+@pytest.mark.lab
+async def test_every_nth_backup_is_full_so_retention_can_free_old_packs(rig: Rig) -> None:
+    """With backup_full_every = 2, a backup whose base already reads two backups' packs is
+    full: no backup reads packs further back than that, so expiring old ones frees them."""
+    rig.options = rig.options.model_copy(update={"backup_full_every": 2})
+    first = await rig.backup()
+    second = await rig.backup()
+    third = await rig.backup()
+    fourth = await rig.backup()
+    assert backups_read(first) == {first.id}
+    assert backups_read(second) == {first.id, second.id}  # incremental on the first
+    assert backups_read(third) == {third.id}  # its base reads two backups: full
+    assert backups_read(fourth) == {third.id, fourth.id}
+    assert third.stored > 5 * fourth.stored

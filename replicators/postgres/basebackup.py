@@ -243,6 +243,12 @@ def backup_keys(manifest: BackupManifest) -> set[str]:
     return {own} | {p["key"] for p in manifest.parts}
 
 
+def backups_read(manifest: BackupManifest) -> set[str]:
+    """The ids of the backups whose packs ``manifest`` reads (its own included)."""
+    prefix = backup_prefix(manifest.stream)
+    return {p["key"][len(prefix) :].split("/", 1)[0] for p in manifest.parts}
+
+
 async def take_backup(
     options: PostgresOptions,
     stream: str,
@@ -269,7 +275,12 @@ async def take_backup(
     started = time.time()
     backup_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
     prefix = backup_prefix(stream, backup_id)
-    reuse = base is not None and base.version == 2 and base.chunker == CHUNKER.params
+    reuse = (
+        base is not None
+        and base.version == 2
+        and base.chunker == CHUNKER.params
+        and len(backups_read(base)) < options.backup_full_every
+    )
     packer = Packer(
         store, keys, stream, backup_id, int(options.backup_part_bytes),
         (base.parts, base.chunks) if base is not None and reuse else None,

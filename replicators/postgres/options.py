@@ -30,6 +30,11 @@ class PostgresOptions(Section):
     standby_port: int = Field(default=5433, ge=1, le=65535)
     backup_every: Duration = 0.0
     """Active side: take a base backup into each destination vault this often (0 = never)."""
+    backup_full_every: int = Field(default=7, ge=1)
+    """A base backup reuses the chunks of the newest one (incremental) unless that one
+    already reads packs of this many backups: then it is full. This bounds how far back
+    a backup's packs reach, so retention can free the packs of expired backups (a chain
+    of incrementals never broken would keep the first backup's packs for ever)."""
     backup_part_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
     """A base backup's tar stream is cut into sealed parts of this size."""
     synchronous: bool = False
