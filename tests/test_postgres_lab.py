@@ -730,3 +730,35 @@ async def test_verify_finds_a_one_row_change_whatever_the_key(lab: Lab, unique: 
     finally:
         for dsn in (one, two):
             await execute(dsn, *(f"DROP TABLE IF EXISTS {t}" for t in ddl))
+
+
+async def test_an_idle_stream_ships_one_segment_per_heartbeat_and_its_rpo_stays_near_zero(
+    pg: PgRig,
+) -> None:
+    """Idle, a stream ships only its heartbeats (``heartbeat_interval``, 5 s by default)
+    and PostgreSQL's running-transactions record (at most every 15 s after any WAL); its
+    RPO, proven from the primary's insert position, stays near zero meanwhile."""
+    seconds, every = 30.0, 5.0  # the default heartbeat_interval: an idle stream's cost
+    assert pg.options.heartbeat_interval == every
+    shipper = pg.shipper()
+    task = StreamTask("pg->b", shipper, shipper.progress)
+    stop = asyncio.Event()
+    rpos: list[float] = []
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(run_stream(task, stop, pg.metrics))
+        await eventually(lambda: shipper.last is not None, within=30)
+        await asyncio.sleep(3.0)  # what the start wrote is shipped
+        assert shipper.last is not None
+        first = shipper.last.seq
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            rpos.append(shipper.progress.rpo(time.time()))
+            await asyncio.sleep(0.25)
+        shipped = shipper.last.seq - first
+        stop.set()
+    await shipper.source.aclose()
+    allowed = seconds / every + seconds / 15 + 2
+    assert shipped <= allowed, f"{shipped} segments in {seconds:g}s idle, allowed {allowed:g}"
+    rpos.sort()
+    assert rpos[len(rpos) // 2] < 0.3 and rpos[-1] < 1.5, rpos[-5:]
+    print(f"\nidle {seconds:g}s: {shipped} segments; RPO median {rpos[len(rpos) // 2]:.3f}s")

@@ -17,9 +17,14 @@ class PostgresOptions(Section):
     """Replication slot name; default ``dragent_<peer>`` (one slot per destination)."""
     sample_interval: PositiveDuration = 0.1
     """How often the source samples (insert LSN, wall time) on the primary (RPO resolution)."""
-    heartbeat_interval: PositiveDuration = 1.0
+    heartbeat_interval: PositiveDuration = 5.0
     """How often a heartbeat message is written into the WAL, so an idle primary still
-    produces WAL that carries source times."""
+    produces WAL that carries source times (what a restore to a time, and the passive
+    side's view of the source, can rely on). It is all an idle stream ships, so it sets
+    the idle cost: one segment per interval (plus PostgreSQL's own running-transactions
+    record, logged at most every 15 s after any WAL). Default: the default RPO target,
+    5 s. The RPO of an idle stream does not depend on it: it is proven from the primary's
+    insert position, sampled every ``sample_interval``."""
     slot_warn_bytes: ByteSize = ByteSize(1024**3)
     """Warn when the slot retains more WAL than this on the primary."""
     spool_dir: Path | None = None
