@@ -54,6 +54,7 @@ QUICK = {
     "artifacts": ["--size-mib", "128", "--rounds", "1"],
     "rpo_postgres": ["--seconds", "150", "--rate", "100"],
     "failover": ["--trials", "1"],
+    "sync": ["--seconds", "5"],
     "longevity": ["--history-seconds", "10", "--writes", "4000", "--restores", "5", "--scale", "5"],
 }
 
