@@ -316,8 +316,15 @@ class Scrub:
 
 
 async def discover_streams(store: ObjectStore) -> AsyncIterator[str]:
-    """The streams a vault holds, one LIST each: after a stream's first key, the listing
+    """The streams a vault holds: one LIST with a delimiter per 1,000 streams where the
+    store can (``children``), else one LIST each: after a stream's first key, the listing
     starts past all of its keys (``/~`` sorts after every segment name under it)."""
+    children = getattr(store, "children", None)
+    if children is not None:
+        with contextlib.suppress(NotImplementedError):
+            for name in await children("streams/"):
+                yield name
+            return
     after: str | None = None
     while True:
         name = None

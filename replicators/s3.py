@@ -271,6 +271,20 @@ class S3Store:
         with suppress(NotFound):
             await self._call(key, "delete_object", Key=self._key(key))
 
+    async def children(self, prefix: str) -> list[str]:
+        """The names one level below ``prefix`` (``prefix/<name>/...``): a LIST with a
+        delimiter, one request per 1,000 names, whatever each holds."""
+        strip, names, token = len(self._key(prefix)), [], None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": self._key(prefix), "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._call(prefix, "list_objects_v2", **kwargs)
+            names += [c["Prefix"][strip:].rstrip("/") for c in page.get("CommonPrefixes", [])]
+            if not page.get("IsTruncated"):
+                return names
+            token = page["NextContinuationToken"]
+
     async def purge(self, key: str) -> None:
         """Delete every version of ``key``: on a versioned bucket (Object Lock needs one) a
         plain DELETE only hides the object behind a delete marker. A version under Object

@@ -236,6 +236,16 @@ class InstrumentedStore:
         if size is not None:  # unknown size: not guessed
             self._m.stored.labels(stream, self._dest).dec(size)
 
+    async def children(self, prefix: str) -> list[str]:
+        """``S3Store.children`` where the inner store has it (one LIST per 1,000 names)."""
+        children = getattr(self.inner, "children", None)
+        if children is None:
+            raise NotImplementedError("the inner store lists no delimited children")
+        self._bill(self._stream(prefix), "LIST")
+        with self._measure("list"):
+            names: list[str] = await children(prefix)
+        return names
+
     async def purge(self, key: str) -> None:
         """Delete every version of ``key`` where the inner store can (``S3Store.purge``:
         a versioned bucket keeps old versions behind a plain DELETE), else ``delete``.

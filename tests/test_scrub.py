@@ -364,6 +364,11 @@ async def test_a_range_whose_wal_left_the_primary_is_reported_unrepairable(
     conn = await asyncpg.connect(pgs.dsn)
     try:  # nothing holds it any more: the slot goes, WAL files pass wal_keep_size (64MB)
         await conn.execute("SELECT pg_drop_replication_slot($1)", pgs.options.slot)
+        # inactive slots left by earlier tests on the shared primary would hold it too
+        await conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE NOT active AND slot_type = 'physical'"
+        )
         table = "t_" + pgs.name.replace("-", "_")
         for _ in range(12):
             await conn.execute(f"INSERT INTO {table} VALUES (0, 'x')")
