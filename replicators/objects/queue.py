@@ -5,20 +5,28 @@ always reads the key's current state, so one capture covers every change
 queued before it. A key being captured (a large object in flight) is
 ``held``: changes to it wait until the capture ends, so one key is never
 captured twice at once and its records stay in source order.
+
+``accept`` (optional) limits the queue to some keys (a partition of the key
+space): a key it refuses is never queued, so no record of it is ever made.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class ChangeQueue:
-    def __init__(self) -> None:
+    def __init__(self, accept: Callable[[str], bool] | None = None) -> None:
         self._keys: OrderedDict[str, float] = OrderedDict()
         self._held: dict[str, float] = {}
+        self.accept = accept
 
     def add(self, key: str, since: float) -> None:
-        """Queue ``key``, changed at ``since`` (keeps the oldest time if already queued)."""
+        """Queue ``key``, changed at ``since`` (keeps the oldest time if already queued);
+        a key ``accept`` refuses is ignored."""
+        if self.accept is not None and not self.accept(key):
+            return
         if key in self._held:
             self._held[key] = min(self._held[key], since) if self._held[key] else since
             return

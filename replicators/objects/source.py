@@ -26,6 +26,7 @@ import asyncio
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -82,11 +83,20 @@ class Transfer:
 class ObjectsSource:
     KIND: ClassVar[str] = KIND
 
-    def __init__(self, options: ObjectsOptions, bucket: Bucket, state_dir: Path) -> None:
+    def __init__(
+        self,
+        options: ObjectsOptions,
+        bucket: Bucket,
+        state_dir: Path,
+        *,
+        accept: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``accept``: if given, only keys for which it is True are captured (events and
+        scan alike: a put or delete of any other key never makes a record)."""
         self.options = options
         self.bucket = bucket
         self.index = ShippedIndex(state_dir / "shipped.sqlite")
-        self.queue = ChangeQueue()
+        self.queue = ChangeQueue(accept)
         self.scanner = Scanner(bucket, self.index, self.queue, options.scan_interval)
         self.tail: FilerTail | S3Webhook | SqsPoller | None = None
         bucket_name, prefix = options.source.bucket, options.source.prefix
