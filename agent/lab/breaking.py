@@ -10,7 +10,7 @@ from dataclasses import asdict
 from typing import Any, get_args
 
 from agent.lab import partitions
-from agent.lab.members import KINDS, MEMBERS, Action, Service, _never_ran
+from agent.lab.members import KINDS, Action, Service, _never_ran
 from agent.lab.network import Network
 from agent.lab.processes import LabError, Server, run_all
 
@@ -18,13 +18,15 @@ from agent.lab.processes import LabError, Server, run_all
 class Breaking:
     """Methods of ``Lab``: they read its servers and network."""
 
+    members: tuple[str, ...]
+
     # -- status and faults -------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Per member and service: state (running, paused, stopped), pid, port, endpoint;
         the network mode, each member's address and namespace, and the cut links."""
         regions: dict[str, dict[str, Any]] = {}
-        for where in MEMBERS:
+        for where in self.members:
             kinds = ("etcd",) if where == "witness" else (*KINDS, "agent")
             regions[where] = {k: self._service_status(self.server(where, k)) for k in kinds}
         net = self.network
@@ -32,7 +34,7 @@ class Breaking:
             "root": str(self.root),
             "slot": self.slot,
             "network": net.mode,
-            "members": {m: asdict(net.place(m)) for m in MEMBERS},
+            "members": {m: asdict(net.place(m)) for m in self.members},
             "partitions": [list(p) for p in self.partitions()],
             "regions": regions,
         }

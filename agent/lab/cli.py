@@ -1,12 +1,14 @@
 """``dragent lab``: bring the lab up or down, show it, break it.
 
-Subcommands: ``up [--netns]``, ``down [--purge]``, ``status [--json]``,
+Subcommands: ``up [--netns] [--regions 2|3]``, ``down [--purge]``, ``status [--json]``,
 ``fault REGION SERVICE ACTION``, ``fault partition X Y`` and
 ``fault heal [X [Y]]`` (no member: every link); each takes ``--dir`` (default
 ``$DRAGENT_LAB_DIR`` or ``./.lab``) and ``--slot``. ``up --netns`` (as root)
 puts each member in a network namespace of its own, which partitions need;
-the lab remembers its mode. Exit status: 0 on success, 1 when the lab reports
-an error, 2 for bad usage (both printed to stderr).
+the lab remembers its mode. ``up --regions 3`` adds region c (a second passive
+region: PostgreSQL, SeaweedFS, an etcd member); the lab remembers its count.
+Exit status: 0 on success, 1 when the lab reports an error, 2 for bad usage
+(both printed to stderr).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from agent.lab.lab import Lab
-from agent.lab.members import MEMBERS, REGIONS, Action, Service
+from agent.lab.members import ALL_REGIONS, REGION_COUNTS, Action, Service
 from agent.lab.processes import LabError
 
 Command = Callable[[argparse.Namespace], int]
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
     return the lab's own subparsers (``agent.chaos.cli`` adds ``lab chaos`` there)."""
     lab = sub.add_parser(
         "lab",
-        help="run regions a and b and a witness on this machine, with real servers",
+        help="run regions a and b (and c) and a witness on this machine, with real servers",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     commands = lab.add_subparsers(dest="lab_command", metavar="COMMAND", required=True)
@@ -50,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
         "--netns",
         action="store_true",
         help="each member in its own network namespace, so links can be cut (root)",
+    )
+    up.add_argument(
+        "--regions",
+        type=int,
+        choices=REGION_COUNTS,
+        default=None,
+        help="how many regions: 2 (a, b; the default) or 3 (a, b, c); kept by the lab",
     )
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", parents=[common], help="stop every server of the lab")
@@ -71,7 +80,12 @@ def register(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
 
 def _lab(args: argparse.Namespace) -> Lab:
     root = args.dir or Path(os.environ.get("DRAGENT_LAB_DIR") or ".lab")
-    return Lab(root, slot=args.slot, network="netns" if getattr(args, "netns", False) else None)
+    return Lab(
+        root,
+        slot=args.slot,
+        network="netns" if getattr(args, "netns", False) else None,
+        regions=getattr(args, "regions", None),
+    )
 
 
 def _reports_errors(command: Command) -> Command:
@@ -92,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     asyncio.run(lab.up())
     print(format_status(lab.status()))
-    for region in REGIONS:
+    for region in lab.regions:
         print(f"agent config {region}: {lab.config_path(region)}")
     print(f"lab up at {lab.root} (slot {lab.slot}) in {time.monotonic() - started:.1f}s")
     return 0
@@ -142,7 +156,7 @@ def _service_fault_problem(words: list[str]) -> str | None:
     for word, name, choices in zip(
         words,
         ("region", "service", "action"),
-        (MEMBERS, get_args(Service), get_args(Action)),
+        ((*ALL_REGIONS, "witness"), get_args(Service), get_args(Action)),
         strict=True,
     ):
         if word not in choices:

@@ -1,12 +1,17 @@
-"""The lab: regions "a" and "b" and a witness on one machine, with real servers.
+"""The lab: regions "a" and "b" (and "c") and a witness on one machine, with real servers.
 
 Each region has a PostgreSQL cluster, a SeaweedFS S3 store and an etcd member;
-the witness has only an etcd member. ``Lab.up()`` brings them up detached (they
-outlive the process that started them) and writes what the agents need: the
-S3 credentials, one key-encryption key per region and one ``agent.toml`` per
-region. ``up()`` does not start the agents: ``start_agent()`` does, or any
-launcher that writes ``root/<region>/agent.pid``; the lab reserves their ports
-and ``fault()`` acts on them through that pid file.
+the witness has only an etcd member. A lab runs two regions unless made with
+``regions=3`` (``dragent lab up --regions 3``): then region c, like b, is a
+passive region of a, the etcd cluster has four members (a, b, c, witness) and
+each region's ``agent.toml`` lists the two others as peers. The count is
+chosen when the lab is first brought up and kept in its state file.
+``Lab.up()`` brings them up detached (they outlive the process that started
+them) and writes what the agents need: the S3 credentials, one key-encryption
+key per region and one ``agent.toml`` per region. ``up()`` does not start the
+agents: ``start_agent()`` does, or any launcher that writes
+``root/<region>/agent.pid``; the lab reserves their ports and ``fault()`` acts on
+them through that pid file.
 
 The network mode is chosen when the lab is first brought up and kept in its
 state file: ``loopback`` (default: every server on 127.0.0.1 in the host's
@@ -17,9 +22,10 @@ hands out (DSNs, URLs, agent configs) uses the member's address.
 
 Layout of ``root``::
 
-    lab.json                slot, network mode, ports, etcd token, agent commands (the state file)
+    lab.json                slot, network mode, regions, ports, etcd token, agent commands
+                            (the state file)
     secrets/                S3 access and secret key files, SeaweedFS identity file
-    a/ b/                   agent.toml, kek.key, report-signing.key, agent/ (data_dir),
+    a/ b/ (c/)              agent.toml, kek.key, report-signing.key, agent/ (data_dir),
                             agent.pid, agent.log, pg/, s3/, etcd/
     witness/etcd/
 """
@@ -46,10 +52,11 @@ from agent.lab.etcd import EtcdMember, initial_cluster, peer_url
 from agent.lab.members import (
     DATA_BUCKET,
     KINDS,
-    MEMBERS,
-    REGIONS,
+    REGION_COUNTS,
     STATE_VERSION,
     VAULT_BUCKET,
+    lab_members,
+    lab_regions,
 )
 from agent.lab.network import MODES, Mode, Network
 from agent.lab.postgres import PostgresServer, sweep_orphans
@@ -61,7 +68,8 @@ from replicators.keys import generate_key_file
 class Lab(Breaking):
     """A lab rooted at ``root``; ``slot`` picks its port block (default: first free);
     ``network`` its mode, ``"loopback"`` or ``"netns"`` (default: the recorded one,
-    else loopback).
+    else loopback); ``regions`` how many regions it runs, 2 or 3 (default: the recorded
+    count, else 2).
 
     Constructing a Lab starts nothing; an existing ``root/lab.json`` is read,
     so a later process finds the same slot, ports and network. Endpoint accessors
@@ -69,7 +77,11 @@ class Lab(Breaking):
     """
 
     def __init__(
-        self, root: Path | str, slot: int | None = None, network: Mode | None = None
+        self,
+        root: Path | str,
+        slot: int | None = None,
+        network: Mode | None = None,
+        regions: int | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         self.state_file = self.root / "lab.json"
@@ -85,7 +97,18 @@ class Lab(Breaking):
                 f"the lab at {self.root} runs in {recorded} mode, not {network}",
                 hint="`dragent lab down --purge` it first to change its network",
             )
+        if regions is not None and regions not in REGION_COUNTS:
+            raise LabError(f"a lab runs 2 or 3 regions, not {regions}")
+        counted = int(self._state.get("regions", 2)) if self._state else None
+        if counted is not None and regions is not None and counted != regions:
+            raise LabError(
+                f"the lab at {self.root} runs {counted} regions, not {regions}",
+                hint="`dragent lab down --purge` it first to change its regions",
+            )
+        if regions == 3 and network == "netns":
+            raise LabError("a three-region lab runs on loopback only (no --netns)")
         self._requested_slot = slot
+        self._requested_regions = regions or 2
         self._requested_network: Mode = network or "loopback"
         self._fresh = False
 
@@ -113,6 +136,7 @@ class Lab(Breaking):
         token = f"dragent-lab-{secrets.token_hex(6)}"
         ports = lab_ports.slot_ports(slot)
         state = {"version": STATE_VERSION, "slot": slot, "ports": ports, "etcd_token": token}
+        state["regions"] = self._requested_regions
         if self._requested_network != "loopback":
             state["network"] = self._requested_network
         self._save_state(state)
@@ -127,6 +151,18 @@ class Lab(Breaking):
     @property
     def exists(self) -> bool:
         return self._state is not None
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The lab's regions: ("a", "b"), or ("a", "b", "c") in a three-region lab
+        (before the first ``up()``: the requested ones)."""
+        count = self._state.get("regions", 2) if self._state else self._requested_regions
+        return lab_regions(int(count))
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The etcd members: the regions and the witness."""
+        return lab_members(len(self.regions))
 
     @property
     def slot(self) -> int:
@@ -157,8 +193,8 @@ class Lab(Breaking):
     # -- endpoints -------------------------------------------------------------
 
     def region_dir(self, where: str) -> Path:
-        if where not in MEMBERS:
-            raise LabError(f"unknown region {where!r}: expected one of {', '.join(MEMBERS)}")
+        if where not in self.members:
+            raise LabError(f"unknown region {where!r}: expected one of {', '.join(self.members)}")
         return self.root / where
 
     def pg_dsn(self, region: str, database: str = "app") -> str:
@@ -174,7 +210,7 @@ class Lab(Breaking):
 
     @property
     def etcd_endpoints(self) -> list[str]:
-        return [self.etcd_endpoint(m) for m in MEMBERS]
+        return [self.etcd_endpoint(m) for m in self.members]
 
     def agent_url(self, region: str) -> str:
         return f"http://{self.address(region)}:{self.port(region, 'agent')}"
@@ -199,7 +235,8 @@ class Lab(Breaking):
         place = self.network.place(where)
         if kind == "etcd":
             net = self.network
-            peers = {m: peer_url(self.port(m, "etcd_peer"), net.address(m)) for m in MEMBERS}
+            members = self.members
+            peers = {m: peer_url(self.port(m, "etcd_peer"), net.address(m)) for m in members}
             client, peer = self.port(where, "etcd_client"), self.port(where, "etcd_peer")
             cluster, token = initial_cluster(peers), self.state["etcd_token"]
             return EtcdMember(where, home, client, peer, cluster, token, place)
@@ -231,9 +268,8 @@ class Lab(Breaking):
         """The servers of the given kinds, in region order (agents not included)."""
         return [self.server(w, k) for k in KINDS if k in kinds for w in self._members(k)]
 
-    @staticmethod
-    def _members(kind: str) -> tuple[str, ...]:
-        return MEMBERS if kind == "etcd" else REGIONS
+    def _members(self, kind: str) -> tuple[str, ...]:
+        return self.members if kind == "etcd" else self.regions
 
     # -- up / down ---------------------------------------------------------------
 
@@ -265,8 +301,8 @@ class Lab(Breaking):
         if "s3" in services:
             buckets = (VAULT_BUCKET, DATA_BUCKET)
             creds = self.s3_credentials
-            await run_all(ensure_buckets(self.s3_endpoint(r), creds, buckets) for r in REGIONS)
-        for region in REGIONS:
+            await run_all(ensure_buckets(self.s3_endpoint(r), creds, buckets) for r in self.regions)
+        for region in self.regions:
             (self.region_dir(region) / "agent").mkdir(exist_ok=True)
             self.write_agent_config(region)
 
@@ -280,14 +316,14 @@ class Lab(Breaking):
         """
         if self._state is None:
             return
-        await run_all(self.server(r, "agent").stop() for r in REGIONS)
+        await run_all(self.server(r, "agent").stop() for r in self.regions)
         await run_all([*(s.stop() for s in self.servers(("postgres", "s3"))), self._stop_etcd()])
         if purge and self.network.isolated:
             await netns.remove(self.network)
         if purge:
-            for region in REGIONS:
+            for region in self.regions:
                 self.postgres(region).remove()
-            for name in (*MEMBERS, "secrets"):
+            for name in (*self.members, "secrets"):
                 shutil.rmtree(self.root / name, ignore_errors=True)
             lab_ports.release_slot(self.root, self.slot)
             self.state_file.unlink(missing_ok=True)
@@ -298,7 +334,7 @@ class Lab(Breaking):
     async def _stop_etcd(self) -> None:
         # One member at a time: a stopping leader hands over to a live peer at once,
         # but waits seconds for peers that are stopping at the same moment.
-        for member in MEMBERS:
+        for member in self.members:
             await self.server(member, "etcd").stop()
 
     def _claim(self) -> None:
@@ -308,7 +344,7 @@ class Lab(Breaking):
             lab_ports.claim_slot(self.root, self._requested_slot, self._new_state)
 
     def _write_keys(self) -> None:
-        for region in REGIONS:
+        for region in self.regions:
             self.region_dir(region).mkdir(parents=True, exist_ok=True)
             if not self.key_path(region).exists():
                 generate_key_file(self.key_path(region))
@@ -323,9 +359,10 @@ class Lab(Breaking):
                 if busy:
                     raise LabError(f"{s.name} cannot start: ports {busy} are in use")
         await run_all(s.start() for s in servers)
-        etcd_up = sum(self.server(m, "etcd").is_running() for m in MEMBERS)
+        etcd_up = sum(self.server(m, "etcd").is_running() for m in self.members)
+        quorum = etcd_up > len(self.members) // 2
         cut = {m for pair in self.partitions() for m in pair}
-        await run_all(self._ready(s, quorum=etcd_up >= 2 and s.where not in cut) for s in servers)
+        await run_all(self._ready(s, quorum=quorum and s.where not in cut) for s in servers)
 
     @staticmethod
     async def _ready(server: Server, quorum: bool) -> None:
@@ -343,11 +380,11 @@ class Lab(Breaking):
     # -- agents --------------------------------------------------------------
 
     def agent_config(self, region: str) -> dict[str, Any]:
-        """The agent.toml content of ``region``, as a dict that ``load_config`` accepts."""
-        peer = next(r for r in REGIONS if r != region)
+        """The agent.toml content of ``region``, as a dict that ``load_config`` accepts:
+        every other region of the lab is a peer (its agent, vault and key)."""
         return {
             "region": region,
-            "role": "active" if region == REGIONS[0] else "passive",
+            "role": "active" if region == self.regions[0] else "passive",
             "data_dir": str(self.region_dir(region) / "agent"),
             # every agent of the region (tests start several) signs with one key
             "report_signing_key": str(self.region_dir(region) / "report-signing.key"),
@@ -360,6 +397,8 @@ class Lab(Breaking):
                     "vault": self._vault(peer),
                     "keys": {"provider": "local", "key_file": str(self.key_path(peer))},
                 }
+                for peer in self.regions
+                if peer != region
             ],
             "streams": [{"name": "synthetic", "kind": "synthetic", "synthetic": {"rate": 200.0}}],
             "etcd": {"endpoints": self.etcd_endpoints},

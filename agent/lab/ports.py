@@ -14,7 +14,8 @@ offset service
 +20    region b: the same twelve (+20 .. +31)
 +40    witness: etcd_client, etcd_peer
 +60    shared: dns, prometheus
-+62 .. reserved for later services (proxies, more regions)
++62 .. reserved for later services (proxies)
++70    region c (a three-region lab): the same twelve (+70 .. +81)
 ====== ================================================================
 
 Every port is set explicitly on every server (SeaweedFS would otherwise add
@@ -58,10 +59,11 @@ REGION_SERVICES = (
     "etcd_client",
     "etcd_peer",
 )
-_BLOCKS = {"a": 0, "b": 20, "witness": 40, "shared": 60}
+_BLOCKS = {"a": 0, "b": 20, "witness": 40, "shared": 60, "c": 70}
 _SERVICES = {
     "a": REGION_SERVICES,
     "b": REGION_SERVICES,
+    "c": REGION_SERVICES,
     "witness": ("etcd_client", "etcd_peer"),
     "shared": ("dns", "prometheus"),
 }
