@@ -61,7 +61,7 @@ class Agent(StatusSource):
         self.log = logs.get("agent", region=cfg.region)
         # its own thread and loop: nothing blocking the streams delays a lease renewal
         self.coordinator = (
-            Coordinator(cfg, catch_up=self._catch_up, threaded=True)
+            Coordinator(cfg, catch_up=self._catch_up, applied=self._sinks, threaded=True)
             if cfg.failover.enabled
             else None
         )
@@ -144,6 +144,10 @@ class Agent(StatusSource):
             return await asyncio.wrap_future(future)
         finally:
             future.cancel()
+
+    def _sinks(self) -> list[Any]:
+        """The sinks' progress (watermarks), for the coordinator's standing (its thread)."""
+        return [t.progress for t in list(self.tasks) if t.progress.side == "sink"]
 
     def _token(self) -> str | None:
         """The API token of the configuration in force (SIGHUP reloads it)."""

@@ -125,6 +125,9 @@ class FailoverConfig(Section):
     # replay must stand still this long to count as caught up; a standby fed by a
     # restore_command asks again every wal_retrieve_retry_interval (5 s by default)
     catchup_settle: PositiveDuration = 0.3
+    # with several passive regions, the most caught-up one takes over (agent.coordination.
+    # successor); the others defer to it while its published standing is at most this old
+    successor_grace: PositiveDuration = 5.0
 
     @property
     def dsn(self) -> str | None:

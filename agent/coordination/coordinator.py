@@ -28,6 +28,7 @@ from agent.coordination.health import Heartbeat, PeerWatch
 from agent.coordination.keeper import KeeperClient
 from agent.coordination.lease import ClusterView, EtcdLease, EtcdUnavailable
 from agent.coordination.probing import Probing
+from agent.coordination.successor import Standing, ahead, from_health
 from agent.coordination.takeover import LeaseLost
 from agent.coordination.taking_over import TakingOver
 from agent.coordination.thread_host import ThreadHost
@@ -45,6 +46,7 @@ class Coordinator(ThreadHost, TakingOver, Probing):
         cfg: AgentConfig,
         *,
         catch_up: Callable[[], Awaitable[str | None]] | None = None,
+        applied: Callable[[], Any] | None = None,
         threaded: bool = False,
     ) -> None:
         self.cfg = cfg
@@ -58,6 +60,11 @@ class Coordinator(ThreadHost, TakingOver, Probing):
         path = self.f.keeper_socket
         self.keeper = KeeperClient(path, cfg.region) if path else None
         self.catch_up = catch_up
+        # the daemon's sink watermarks (``Probing._own_standing``), read from this thread
+        self.applied = applied
+        self.standing: Standing | None = None
+        self.peer_standings: dict[str, Standing] = {}
+        self.ahead: tuple[str, ...] = ()
         self.rules = Rules(
             automatic=self.f.automatic,
             fence_after=self.f.fence_after,
@@ -181,6 +188,8 @@ class Coordinator(ThreadHost, TakingOver, Probing):
             "last_heartbeat": self.last_heartbeat,
             "own_checks": self.own_checks,
             "lag_seconds": self.lag,
+            "standing": self.standing.public() if self.standing else None,
+            "ahead": list(self.ahead),
             "keeper": None if self.keeper is None else {"reached": self.keeper.ok},
             "readiness": self.readiness,
             "last_failover": self.last_record,
@@ -237,6 +246,7 @@ class Coordinator(ThreadHost, TakingOver, Probing):
             self._warn("etcd unavailable", str(exc))
         view = self.view or ClusterView(None, 0, 0, 0, None, False, None)
         self.lag = await self._lag(view.last_leader)
+        self.ahead = await self._ahead(view) if etcd_ok else ()
         return Observation(
             region=self.region,
             now=time.monotonic(),
@@ -254,7 +264,30 @@ class Coordinator(ThreadHost, TakingOver, Probing):
             peer_down_since=self.peers.down_since.get(view.last_leader or ""),
             lag=self.lag,
             fence_external=self.fenced and not self._own_fence,
+            ahead=self.ahead,
         )
+
+    async def _ahead(self, view: ClusterView) -> tuple[str, ...]:
+        """While a takeover is possible (no leader, the last one another region): the
+        live passive regions more caught up than this one, from the standings they
+        published in etcd (``agent.coordination.successor``). Unreadable: none."""
+        if view.leader is not None or view.epoch == 0 or view.last_leader == self.region:
+            return ()
+        others = [p.name for p in self.cfg.peers if p.name != view.last_leader]
+        if not others:
+            return ()
+        standings: dict[str, Standing] = {}
+        for region in others:
+            try:
+                found = from_health(region, await self.lease.get_json(f"health/{region}"))
+            except EtcdUnavailable:
+                continue
+            if found is not None:
+                standings[region] = found
+        self.peer_standings = standings
+        me = self.standing or Standing(self.region)
+        grace = self.f.successor_grace
+        return ahead(me, standings.values(), time.time(), grace, view.last_leader)
 
     async def _renew(self) -> bool:
         """Renew the held lease, recording when a successful renewal was *sent*; False

@@ -23,6 +23,10 @@ The safety argument, in the order the rules are checked:
    probes of the last leader's region have failed for ``takeover_after``, the
    automation is not paused, the last failover is older than ``lockout``, and
    its lag is within ``max_lag``; otherwise it waits or pages a human.
+   With several passive regions, it also defers while another live passive
+   region is more caught up (``ahead``, computed by ``agent.coordination.
+   successor`` from what each region publishes in etcd): the most caught-up
+   one takes over, the others then follow it.
 4. Without an etcd answer nothing is acquired: a minority side never acts.
 5. A region that is not the leader keeps its database fenced (a standby is
    read-only anyway; an old primary coming back stays read-only).
@@ -75,6 +79,9 @@ class Observation:
     fence_external: bool = False
     """The database is fenced and this process did not fence it (a switchover in progress,
     an operator, an earlier process)."""
+    ahead: tuple[str, ...] = ()
+    """Live passive regions more caught up than this one (``successor.ahead``): a takeover
+    is theirs."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,9 @@ def _takeover_or_wait(o: Observation, r: Rules) -> Decision:
     down = o.now - o.peer_down_since
     if down < r.takeover_after:
         return _wait(f"{gone}; {o.last_leader} down for {down:.1f}s of {r.takeover_after:g}s")
+    if o.ahead:
+        more = ", ".join(o.ahead)
+        return _wait(f"{gone}; deferring the takeover to {more}: more caught up than this region")
     if o.paused:
         return _page(f"{gone} and {o.last_leader} is down, but automation is paused")
     if not r.automatic:

@@ -9,8 +9,12 @@ import contextlib
 import time
 from typing import Any
 
+import asyncpg
+
 from agent.coordination.health import probe
 from agent.coordination.lease import EtcdUnavailable
+from agent.coordination.successor import Standing
+from replicators.postgres.lsn import parse_lsn
 from replicators.postgres.readiness import database_role
 
 
@@ -30,6 +34,7 @@ class Probing:
         )
         self.own_checks = [c.public() for c in own]
         await self._initial_fence_state()  # what the database says, not what was assumed
+        self.standing = await self._own_standing()
         health = {
             "at": time.time(),
             "role": self.role,
@@ -38,9 +43,45 @@ class Probing:
             "heartbeat": self.last_heartbeat,
             "checks": self.own_checks,
             "peers": self.peers.view(),
+            "standing": self.standing.public(),
         }
         with contextlib.suppress(EtcdUnavailable):
             await self.lease.put_json(f"health/{self.region}", health)
+
+    async def _own_standing(self) -> Standing:
+        """How caught up this region is (``agent.coordination.successor``): the applied
+        end of its ``postgres`` stream, else its standby's replay LSN; the latest applied
+        source time of its other streams."""
+        position: int | None = None
+        latest: float | None = None
+        for progress in self.applied() if self.applied is not None else ():
+            mark = progress.marks.get("applied")
+            if mark is None:
+                continue
+            if progress.kind == "postgres":
+                position = max(position or 0, int(mark.position))
+            elif mark.source_time is not None:
+                latest = max(latest or 0.0, float(mark.source_time))
+        if position is None and self.f.dsn:
+            position = await self._replayed_position()
+        return Standing(self.region, self.role, position, latest, time.time())
+
+    async def _replayed_position(self) -> int | None:
+        """The standby's replay LSN (a primary's current LSN), or None if unreadable."""
+        query = (
+            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+            " ELSE pg_current_wal_lsn() END::text"
+        )
+        try:
+            async with asyncio.timeout(self.f.probe_timeout):
+                conn = await asyncpg.connect(self.f.dsn)
+                try:
+                    lsn = await conn.fetchval(query)
+                finally:
+                    conn.terminate()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return None
+        return parse_lsn(lsn) if lsn else None
 
     async def _beat(self) -> None:
         if self.heartbeat is None or not self.writable:
