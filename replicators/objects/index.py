@@ -11,6 +11,11 @@ rewritten within the same second with the same bytes and other metadata
 lists exactly as before. A state read at least ``SETTLE_NS`` after its
 LastModified second began is *settled*: no later write can list the same.
 The scan re-reads keys whose shipped state is not settled (see ``settled``).
+
+The index also keeps the source's persisted Merkle key tree (``replicators.objects.trees``,
+tables ``tree_*`` in the same file), updated in the same transaction as its rows: the
+tree is exactly what is durable in the destination. An index written before the tree
+existed gets it built from its rows when opened.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from replicators.objects.trees import Row, TreeStore
 
 SETTLE_NS = 2_000_000_000
 """One second of LastModified resolution plus one second allowed for the clock
@@ -66,6 +73,17 @@ class ShippedIndex:
             self._db.execute("ALTER TABLE shipped ADD COLUMN meta TEXT NOT NULL DEFAULT ''")
         if "checked_ns" not in have:
             self._db.execute("ALTER TABLE shipped ADD COLUMN checked_ns INTEGER NOT NULL DEFAULT 0")
+        self.tree = TreeStore(path, db=self._db)
+        if self.tree.built_at is None:
+            self.rebuild_tree()
+
+    def rebuild_tree(self) -> None:
+        """Rebuild the key tree from the index's rows (its drift check: cheap, local)."""
+        rows = self._db.execute("SELECT key, size, hash, etag FROM shipped").fetchall()
+        self.tree.rebuild(
+            ((key, Row(size, digest, etag or "")) for key, size, digest, etag in rows),
+            "shipped index",
+        )
 
     def get(self, key: str) -> Entry | None:
         row = self._db.execute(f"SELECT {COLUMNS} FROM shipped WHERE key = ?", (key,)).fetchone()
@@ -91,6 +109,11 @@ class ShippedIndex:
         """
         with self._db:
             self._db.execute("BEGIN")
+            changes = list(changes)
+            self.tree.apply_in(
+                (key, None if e is None else Row(e.size, e.content_hash, e.etag))
+                for key, e in changes
+            )
             for key, entry in changes:
                 if entry is None:
                     self._db.execute("DELETE FROM shipped WHERE key = ?", (key,))
