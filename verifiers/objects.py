@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,14 +41,12 @@ from replicators.errors import AlreadyExists, NotFound
 from replicators.objects.index import ShippedIndex
 from replicators.objects.mirror import mirror_metadata
 from replicators.objects.records import META_HASH, Head, Version
+from replicators.objects.trees import DEPTH, Row, TreeStore, key_leaf
 from verifiers.merkle import HASH_SIZE, leaf_hash, node_hash
 
-DEPTH = 16
+__all__ = ["DEPTH", "KeyTree", "compare", "key_leaf", "verify_buckets"]
+
 _MOD = 1 << 128
-
-
-def key_leaf(key: str, size: int, content_hash: str) -> bytes:
-    return leaf_hash(key.encode() + b"\x00" + size.to_bytes(8, "big") + bytes.fromhex(content_hash))
 
 
 @dataclass
@@ -135,8 +133,11 @@ class Comparison:
     nodes_compared: int
 
 
-def compare(a: KeyTree, b: KeyTree) -> Comparison:
-    """Keys that differ between ``a`` and ``b`` (same depth), descending only into differences."""
+def compare(a: KeyTree | TreeStore, b: KeyTree | TreeStore) -> Comparison:
+    """Keys that differ between ``a`` and ``b`` (same depth), descending only into differences.
+
+    Either tree may be in memory (``KeyTree``) or persisted (``TreeStore``: the same nodes;
+    a persisted tree reads only the partitions and buckets the descent reaches)."""
     if a.depth != b.depth:
         raise ValueError("trees of different depths cannot be compared")
     base = 1 << a.depth
@@ -263,24 +264,46 @@ async def verify_buckets(
     repair: bool = False,
     accepted: Mapping[str, Mapping[str, Any]] | None = None,
     held: Collection[str] = (),
+    trees: tuple[Path, Path] | None = None,
 ) -> dict[str, Any]:
     """Compare the source bucket with the mirror and (with ``repair``) fix the mirror.
 
     ``index_path``: the source's shipping index (``shipped.sqlite``), if it exists.
+    ``trees``: (source tree, mirror tree) persisted key trees (``replicators.objects.trees``;
+    the source's lives in the shipping index). When both exist and have been built (and not
+    ``deep``), the trees are compared instead of listings, and each differing key is
+    confirmed against both buckets (HEAD) before it is reported or repaired, so a stale tree
+    never causes a wrong repair; otherwise both trees are built from full listings.
     ``accepted``: key → its rejection record; ``held``: keys whose delete is held (see
     the module docstring).
     Returns the unsigned report (verifiers.report fields). Raises the stores' errors.
     """
 
     started = time.time()
+    persisted = None if deep or trees is None else _open_trees(trees)
     src, dst = await Bucket.open(options.source), await Bucket.open(options.mirror)
     index = ShippedIndex(index_path) if index_path is not None else None
+    mtree_store: TreeStore | None = None
     try:
-        (stree, states, hashed), (mtree, problems) = await asyncio.gather(
-            source_tree(src, index), mirror_tree(dst, deep)
-        )
-        found = compare(stree, mtree)
-        differences = list(_describe(found.keys, stree, mtree)) + problems
+        if persisted is not None:
+            found_t = await _from_trees(src, dst, index, *persisted)
+            differences, states, hashed = found_t.differences, found_t.states, found_t.hashed
+            counts, roots = found_t.counts, found_t.roots
+            nodes_compared, at, extra = found_t.nodes_compared, found_t.at, found_t.extra
+            mtree_store = persisted[1]
+        else:
+            (stree, states, hashed), (mtree, problems) = await asyncio.gather(
+                source_tree(src, index), mirror_tree(dst, deep)
+            )
+            found = compare(stree, mtree)
+            differences = list(_describe(found.keys, stree, mtree)) + problems
+            counts = {"source": len(stree), "mirror": len(mtree)}
+            roots = {"source": stree.root().hex(), "mirror": mtree.root().hex()}
+            nodes_compared, extra = found.nodes_compared, {}
+            at = (
+                f"listings of {options.source.bucket}/{options.source.prefix} and "
+                f"{options.mirror.bucket}/{options.mirror.prefix}"
+            )
         differences, kept = _accepted(differences, accepted or {})
         waiting = set()
         for d in differences:
@@ -291,7 +314,7 @@ async def verify_buckets(
         if repair:
             keys = sorted({d["where"] for d in differences} - waiting)  # accepted: left too
             doomed = [k for k in keys if k not in states]
-            limit = options.delete_guard.policy().limit(len(mtree))
+            limit = options.delete_guard.policy().limit(counts["mirror"])
             if options.delete_guard.enabled and len(doomed) > limit:
                 # a repair is no way around the mass-delete guard: that many deletes wait
                 # for the log (where the guard decides), not for a verify
@@ -304,13 +327,20 @@ async def verify_buckets(
                 keys = [k for k in keys if k in states]
             for key in keys:
                 if key in states:
-                    await copy_object(src, dst, key, int(options.part_size))
+                    digest = await copy_object(src, dst, key, int(options.part_size))
+                    fixed: Row | None = Row(states[key].size, digest)
                 else:
                     await dst.delete(key)
+                    fixed = None
+                if mtree_store is not None:  # the mirror's tree says what the repair did
+                    await asyncio.to_thread(mtree_store.apply, [(key, fixed)])
                 repaired += 1
     finally:
         if index is not None:
             index.close()
+        if persisted is not None:
+            for tree in persisted:
+                tree.close()
         await src.aclose()
         await dst.aclose()
     ok = not differences or (repair and repaired == len({d["where"] for d in differences}))
@@ -320,21 +350,21 @@ async def verify_buckets(
         "region": region,
         "started_at": started,
         "finished_at": time.time(),
-        "at": f"listings of {options.source.bucket}/{options.source.prefix} and "
-        f"{options.mirror.bucket}/{options.mirror.prefix}",
+        "at": at,
         "ok": bool(ok),
-        "summary": f"{len(differences)} differences among {len(stree)} source and "
-        f"{len(mtree)} mirror objects"
+        "summary": f"{len(differences)} differences among {counts['source']} source and "
+        f"{counts['mirror']} mirror objects"
         + (f"; {len(kept)} accepted (deletes rejected)" if kept else "")
         + (f"; {repaired} repaired" if repair else ""),
-        "roots": {"source": stree.root().hex(), "mirror": mtree.root().hex()},
-        "counts": {"source": len(stree), "mirror": len(mtree)},
+        "roots": roots,
+        "counts": counts,
         "differences": differences,
         "accepted": kept,
         "repaired": repaired,
         "deep": deep,
-        "nodes_compared": found.nodes_compared,
+        "nodes_compared": nodes_compared,
         "source_objects_hashed": hashed,
+        **extra,
     }
 
 
@@ -364,3 +394,150 @@ def _describe(keys: list[str], src: KeyTree, dst: KeyTree) -> Iterator[dict[str,
             else "size or content differs"
         )
         yield {"what": what, "where": key}
+
+
+# -- from persisted trees ----------------------------------------------------------------
+
+
+def _open_trees(paths: tuple[Path, Path]) -> tuple[TreeStore, TreeStore] | None:
+    """Both persisted trees, if both exist and have been built; else None (full rebuild)."""
+    if not all(p.exists() for p in paths):
+        return None
+    opened = []
+    try:
+        for p in paths:
+            opened.append(TreeStore(p))
+    except (ValueError, OSError):
+        for t in opened:
+            t.close()
+        return None
+    if any(t.built_at is None for t in opened):
+        for t in opened:
+            t.close()
+        return None
+    return opened[0], opened[1]
+
+
+@dataclass
+class _TreeFindings:
+    differences: list[dict[str, Any]]
+    states: dict[str, Any]
+    hashed: int
+    counts: dict[str, int]
+    roots: dict[str, str]
+    nodes_compared: int
+    at: str
+    extra: dict[str, Any]
+
+
+async def _from_trees(
+    src: Any, dst: Any, index: ShippedIndex | None, stree: TreeStore, mtree: TreeStore
+) -> _TreeFindings:
+    """Compare the persisted trees (root first, then only where they differ), then confirm
+    each candidate key against both buckets: only a confirmed difference is reported."""
+    found = await asyncio.to_thread(compare, stree, mtree)
+    hashed = 0
+
+    async def confirm(key: str) -> tuple[str, Any, str, Any, str]:
+        nonlocal hashed
+        try:
+            s = await src.head(key)
+        except NotFound:
+            s = None
+        digest = ""
+        if s is not None:
+            e = index.get(key) if index is not None else None
+            if e is not None and (e.etag, e.size, e.time_ns) == (s.etag, s.size, s.time_ns):
+                digest = e.content_hash
+            else:
+                hashed += 1
+                got = await _hash_or_none(src, key, s.etag)
+                s, digest = (s, got) if got is not None else (None, "")
+        try:
+            m = await dst.head(key)
+        except NotFound:
+            m = None
+        return key, s, digest, m, (m.metadata.get(META_HASH, "") if m is not None else "")
+
+    differences, states, stale = [], {}, 0
+    for key, s, digest, m, recorded in await _map(found.keys, confirm):
+        if s is not None:
+            states[key] = s
+        if s is None and m is None:
+            what = ""
+        elif m is None:
+            what = "missing in the mirror"
+        elif s is None:
+            what = "not in the source"
+        elif (s.size, digest) != (m.size, recorded):
+            what = "size or content differs"
+        else:
+            what = ""
+        if what:
+            differences.append({"what": what, "where": key})
+        else:
+            stale += 1  # the trees differ where the buckets agree: a tree is behind
+    info = {"source": stree.info(), "mirror": mtree.info()}
+    return _TreeFindings(
+        differences=differences,
+        states=states,
+        hashed=hashed,
+        counts={"source": info["source"]["keys"], "mirror": info["mirror"]["keys"]},
+        roots={"source": stree.root().hex(), "mirror": mtree.root().hex()},
+        nodes_compared=found.nodes_compared,
+        at=f"persisted key trees {stree.path} and {mtree.path}, "
+        "candidates confirmed against both buckets",
+        extra={
+            "from_trees": True,
+            "trees": info,
+            "candidates": len(found.keys),
+            "candidates_not_confirmed": stale,
+        },
+    )
+
+
+async def rebuild_mirror_tree(
+    tree: TreeStore, bucket: Any, listing: AsyncIterator[list[Any]] | None = None
+) -> dict[str, Any]:
+    """Rebuild the mirror's persisted tree from a full listing (``bucket.scan()`` unless
+    ``listing`` gives pages of objects with key, size and etag, e.g. an S3 Inventory:
+    ``verifiers.inventory``), to catch drift. A key whose etag and size the tree already
+    holds keeps its hash; the others are read with a HEAD (``dragent-xxh3``). Changes
+    applied meanwhile are kept (the rebuild's journal). Returns counts."""
+    build = await asyncio.to_thread(tree.begin_rebuild)
+    listed = headed = 0
+
+    async def head(obj: Any) -> tuple[str, Row] | None:
+        try:
+            h = await bucket.head(obj.key)
+        except (NotFound, AlreadyExists):
+            return None  # gone since listed: the stream tells the tree
+        return obj.key, Row(h.size, h.metadata.get(META_HASH, ""), h.etag)
+
+    try:
+        async for page in listing if listing is not None else bucket.scan():
+            rows: list[tuple[str, Row]] = []
+            need = []
+            for obj in page:
+                known = tree.get(obj.key)
+                if (
+                    known is not None
+                    and known.etag
+                    and (known.etag, known.size)
+                    == (
+                        obj.etag,
+                        obj.size,
+                    )
+                ):
+                    rows.append((obj.key, known))
+                else:
+                    need.append(obj)
+            rows += [r for r in await _map(need, head) if r is not None]
+            listed += len(page)
+            headed += len(need)
+            await asyncio.to_thread(build.add, rows)
+    except BaseException:
+        await asyncio.to_thread(build.abort)
+        raise
+    await asyncio.to_thread(build.finish, "listing" if listing is None else "inventory")
+    return {"listed": listed, "headed": headed, "keys": len(tree)}
