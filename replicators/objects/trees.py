@@ -60,8 +60,17 @@ def key_bucket(key: str, depth: int = DEPTH) -> int:
     return xxhash.xxh3_64_intdigest(key.encode()) >> (64 - depth)
 
 
+def hash_bytes(content_hash: str) -> bytes:
+    """A content hash (hex) as bytes; text that is not hex (a damaged index, foreign
+    metadata) as its own xxh3-128, so it still has a leaf, unlike any real hash."""
+    try:
+        return bytes.fromhex(content_hash)
+    except ValueError:
+        return xxhash.xxh3_128_digest(content_hash.encode())
+
+
 def key_leaf(key: str, size: int, content_hash: str) -> bytes:
-    return leaf_hash(key.encode() + b"\x00" + size.to_bytes(8, "big") + bytes.fromhex(content_hash))
+    return leaf_hash(key.encode() + b"\x00" + size.to_bytes(8, "big") + hash_bytes(content_hash))
 
 
 def bucket_node(total: int, count: int) -> bytes:
@@ -343,7 +352,7 @@ class TreeStore:
                     continue
                 self._db.execute("DELETE FROM tree_keys WHERE bucket = ? AND key = ?", (b, key))
             else:
-                digest = bytes.fromhex(row.content_hash or "0" * 32)
+                digest = hash_bytes(row.content_hash or "0" * 32)
                 add += int.from_bytes(key_leaf(key, row.size, digest.hex()), "big")
                 count += 1
                 self._db.execute(
@@ -360,7 +369,7 @@ class TreeStore:
 
     def _journal(self, key: str, row: Row | None) -> None:
         values = (
-            (row.size, bytes.fromhex(row.content_hash or "0" * 32), row.etag, *row.version)
+            (row.size, hash_bytes(row.content_hash or "0" * 32), row.etag, *row.version)
             if row is not None
             else (None, None, None, None, None)
         )
@@ -453,7 +462,7 @@ class Rebuild:
             digest = row.content_hash or "0" * 32
             sums[b] = sums.get(b, 0) + int.from_bytes(key_leaf(key, row.size, digest), "big")
             counts[b] = counts.get(b, 0) + 1
-            values.append((b, key, row.size, bytes.fromhex(digest), row.etag, *row.version))
+            values.append((b, key, row.size, hash_bytes(digest), row.etag, *row.version))
         with store._db:
             store._db.execute("BEGIN IMMEDIATE")
             store._db.executemany(
