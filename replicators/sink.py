@@ -13,6 +13,19 @@ applied, counted (``dragent_segments_total{result="quarantined"}``), logged
 and listed in ``/status``. Every ``LATE_CHECK_EVERY`` seconds the sink also
 lists the older epochs it has seen end, from their boundary on, to find
 stale segments published after it moved past them.
+
+While it applies a segment the sink already fetches and opens the next ones
+(at most ``PREFETCH`` segments ahead, so at most ``PREFETCH + 1`` segments
+are held in memory, blob and records): the fetch and the decryption of the
+next segment overlap the apply of this one. Nothing is applied out of order.
+
+A sink that has applied nothing yet starts with the log's first segment. A
+first segment other than seq 1 is normal (retention deleted the older ones),
+except while a pipelining shipper's first PUTs are still landing: seq 2 can be
+listed before seq 1. So a first segment after seq 1 written less than
+``HOLE_PATIENCE`` seconds ago is not applied until its predecessor appears or
+it is older than that (applying it first would skip seq 1 for good: for an
+objects stream, lose the part 0 of an upload whose next parts it holds).
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from dataclasses import dataclass
 
 from replicators import lineage, logs
 from replicators.errors import IntegrityError
-from replicators.keys import KeyProvider, unseal
+from replicators.keys import KeyProvider, OpenedSegment, unseal
 from replicators.lineage import check_continuity
 from replicators.metrics import StreamMetrics
 from replicators.progress import StreamProgress
@@ -32,6 +45,8 @@ from replicators.stream import Applied, Target
 from replicators.vault import SegmentRef, Vault
 
 LATE_CHECK_EVERY = 10.0
+PREFETCH = 2
+"""Segments fetched and opened ahead of the one being applied."""
 HOLE_PATIENCE = 60.0
 """How long a sink waits for a segment missing before a later one of the same epoch."""
 
@@ -65,6 +80,7 @@ class Sink:
         self.first_seqs: dict[int, int] = {}  # epoch -> first seq seen (lineage)
         self._late_checked = 0.0
         self._hole_since: float | None = None
+        self._first_wait: str | None = None
         self.log = logs.get("sink", stream=settings.stream)
 
     async def recover(self) -> None:
@@ -84,20 +100,47 @@ class Sink:
         for epoch, seq in lineage.first_seqs(refs).items():
             self.first_seqs[epoch] = min(seq, self.first_seqs.get(epoch, seq))
         bounds = lineage.boundaries(self.first_seqs)
-        for ref in refs:
-            if stop.is_set():
-                break
-            if lineage.is_stale(ref, bounds):
-                self._quarantine(ref, bounds[ref.epoch])
-                continue
-            if self._waits_for_hole(ref):
-                break
-            await self._apply(ref)
-            applied += 1
+        wanted = [ref for ref in refs if not lineage.is_stale(ref, bounds)]
+        ahead: dict[str, asyncio.Task[OpenedSegment]] = {}
+        try:
+            for ref in refs:
+                if stop.is_set():
+                    break
+                if lineage.is_stale(ref, bounds):
+                    self._quarantine(ref, bounds[ref.epoch])
+                    continue
+                if self._waits_for_hole(ref):
+                    break
+                at = wanted.index(ref)
+                for later in wanted[at : at + PREFETCH + 1]:
+                    if later.key not in ahead:
+                        ahead[later.key] = asyncio.ensure_future(self._open(later))
+                opened = await ahead.pop(ref.key)
+                if self._waits_for_first(ref, opened):
+                    break
+                await self._apply(ref, opened)
+                applied += 1
+        finally:
+            for task in ahead.values():
+                task.cancel()
+            if ahead:
+                await asyncio.gather(*ahead.values(), return_exceptions=True)
         if time.monotonic() - self._late_checked >= LATE_CHECK_EVERY:
             self._late_checked = time.monotonic()
             await self._find_late(bounds)
         return applied
+
+    def _waits_for_first(self, ref: SegmentRef, opened: OpenedSegment) -> bool:
+        """The first segment this sink would apply is after seq 1 and was written less than
+        ``HOLE_PATIENCE`` seconds ago: seq 1.. may still be landing (see the module
+        docstring). Wait for them."""
+        if self.last is not None or ref.seq <= 1:
+            return False
+        young = time.time() - opened.header.created_at < HOLE_PATIENCE
+        if young and self._first_wait != ref.key:
+            self._first_wait = ref.key
+            self.log.info("waiting for the segments before the first one listed", next=ref.key)
+        return young
 
     def _waits_for_hole(self, ref: SegmentRef) -> bool:
         """A segment of the applied epoch that skips a seq: the one before it may still be
@@ -131,8 +174,9 @@ class Sink:
         self.metrics.quarantined()
         self.log.error("segment quarantined", segment=ref.key, reason=why)
 
-    async def _apply(self, ref: SegmentRef) -> None:
-        self.first_seqs.setdefault(ref.epoch, ref.seq)
+    async def _open(self, ref: SegmentRef) -> OpenedSegment:
+        """Fetch and verify one segment (its name against its header, its continuity is
+        checked when it is applied)."""
         blob = await self.vault.get_segment(ref, self.settings.max_segment_bytes)
         try:
             opened = await unseal(
@@ -143,6 +187,14 @@ class Sink:
                 expect_seq=ref.seq,
             )
             _positions(opened.header, ref)
+        except IntegrityError:
+            self.metrics.rejected()
+            raise
+        return opened
+
+    async def _apply(self, ref: SegmentRef, opened: OpenedSegment) -> None:
+        self.first_seqs.setdefault(ref.epoch, ref.seq)
+        try:
             check_continuity(self.last, ref, opened.header)
         except IntegrityError:
             self.metrics.rejected()

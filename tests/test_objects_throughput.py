@@ -1,17 +1,27 @@
-"""The objects source's key filter (``accept``: a partition of the key space)."""
+"""Objects throughput work: the source's key filter (``accept``: a partition of the key
+space) and pipelined shipping (``segments_in_flight`` > 1) of objects streams."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.config import AgentConfig
 from agent.lab import Lab
+from agent.lab.stream_rig import running_pair
 from replicators.bucket import Bucket
+from replicators.errors import NotFound
+from replicators.keys import build_key_provider
 from replicators.objects import records as rec
+from replicators.objects.mirror import MirrorTarget
 from replicators.objects.queue import ChangeQueue
 from replicators.objects.source import ObjectsSource
+from replicators.s3 import S3Store
 from tests.test_objects_rig import options
 
 
@@ -90,3 +100,68 @@ async def test_source_ignores_keys_it_does_not_accept(
         ]
     finally:
         await bucket.aclose()
+
+
+class _FirstPutLate:
+    """A vault store whose first segment PUT lands only after the second one has (as a
+    pipelining shipper's PUTs may), and late enough that a sink lists the second alone."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._second_landed = asyncio.Event()
+        self.segment_puts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def put(self, key: str, data: bytes, **kwargs: Any) -> None:
+        if not key.endswith(".seg"):
+            return await self._store.put(key, data, **kwargs)
+        self.segment_puts += 1
+        n = self.segment_puts
+        if n == 1:
+            await self._second_landed.wait()
+            await asyncio.sleep(1.0)
+        await self._store.put(key, data, **kwargs)
+        if n == 2:
+            self._second_landed.set()
+
+
+@pytest.mark.lab
+async def test_pipelined_parts_of_a_fresh_log_reach_the_mirror_in_order(
+    lab: Lab, unique: str, tmp_path: Path, cfg_a: AgentConfig, cfg_b: AgentConfig
+) -> None:
+    """segments_in_flight > 1 on an objects stream: the first PUT (part 0 of a large object)
+    lands after the second (part 1). A sink that has applied nothing yet must not start
+    with the second: that lost part 0 ("part 1 ... without its upload")."""
+    opts = options(lab, f"{unique}/", scan_interval=600, part_size="5MiB")
+    src = await Bucket.open(opts.source)
+    mirror = await Bucket.open(opts.mirror)
+    body = os.urandom(12 << 20)  # three parts, one per segment
+    await src.write("big", body, "application/octet-stream", {"m": "1"})
+    peer = cfg_a.peers[0]
+    store = await S3Store.open(peer.vault)
+    send, recv = build_key_provider(peer.keys), build_key_provider(cfg_b.keys)
+    late = _FirstPutLate(store)
+    source = ObjectsSource(opts, await Bucket.open(opts.source), tmp_path / "src")
+    target = MirrorTarget(await Bucket.open(opts.mirror), tmp_path / "dst")
+    try:
+        pair = running_pair(
+            unique, "objects", source, target, late, (send, recv), tmp_path,
+            in_flight=4, poll=0.02,
+        )  # fmt: skip
+        async with pair:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if (await mirror.head("big")).size == len(body):
+                        break
+                except NotFound:
+                    pass
+                assert time.monotonic() < deadline, "the object never reached the mirror"
+                await asyncio.sleep(0.1)
+        assert late.segment_puts >= 3
+        assert await mirror.content_hash("big") == await src.content_hash("big")
+    finally:
+        for closing in (source, target, send, recv, store, src, mirror):
+            await closing.aclose()
