@@ -81,7 +81,7 @@ class StreamConfig(Section):
     segments_in_flight: int | None = Field(default=None, ge=1, le=64)
     """Segments whose PUT may be in flight at once, acknowledged in order (pipelining):
     default 4 in zero-loss mode (``[streams.postgres] synchronous``), so a commit waits
-    about one PUT; else 1."""
+    about one PUT, and for objects streams (throughput); else 1."""
     synthetic: SyntheticOptions = SyntheticOptions()
     postgres: PostgresOptions | None = None
     objects: ObjectsOptions | None = None
@@ -93,13 +93,17 @@ class StreamConfig(Section):
     def in_flight(self) -> int:
         if self.segments_in_flight is not None:
             return self.segments_in_flight
+        if self.kind == "objects":
+            return 4
         return 4 if self.postgres is not None and self.postgres.synchronous else 1
 
     @model_validator(mode="after")
     def _pipelined_kinds(self) -> StreamConfig:
-        if (self.segments_in_flight or 1) > 1 and self.kind not in ("postgres", "synthetic"):
+        pipelined = ("postgres", "synthetic", "objects")
+        if (self.segments_in_flight or 1) > 1 and self.kind not in pipelined:
             raise ValueError(
-                f"segments_in_flight > 1 is supported for postgres and synthetic streams only; "
+                f"segments_in_flight > 1 is supported for postgres, objects and synthetic "
+                f"streams only; "
                 f"the {self.kind} source expects each segment acknowledged before the next"
             )
         return self
