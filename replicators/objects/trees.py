@@ -39,6 +39,7 @@ transaction. It catches drift (changes the stream never told the tree of).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -47,6 +48,7 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from replicators.errors import IntegrityError
 from replicators.objects import records as rec
 from verifiers.merkle import HASH_SIZE, leaf_hash, node_hash
 
@@ -525,13 +527,35 @@ def record_changes(records: Iterable[bytes | rec.Record]) -> list[tuple[str, Row
     a delete → the key removed. Encoded records are decoded (``IntegrityError`` if malformed)."""
     out: list[tuple[str, Row | Gone]] = []
     for r in records:
-        r = rec.decode(r) if isinstance(r, bytes | bytearray | memoryview) else r
+        if isinstance(r, bytes | bytearray | memoryview):
+            r = _header_only(bytes(r[: 5 + int.from_bytes(r[1:5], "big")]))
         version = (r.version.time_ns, r.version.seq)
         if isinstance(r, rec.Put) or (isinstance(r, rec.Part) and r.last):
             out.append((r.key, Row(r.head.size, r.head.content_hash, "", version)))
         elif isinstance(r, rec.Delete):
             out.append((r.key, Gone(version)))
     return out
+
+
+def _header_only(data: bytes) -> rec.Record:
+    """A record decoded from its tag and header alone (its body is not copied: the sink
+    has checked it). Raises ``IntegrityError`` if malformed."""
+    tag = data[:1]
+    try:
+        h = json.loads(data[5:])
+        if tag == b"D" or not isinstance(h, dict):
+            return rec.decode(data)
+        key, version, head = h["k"], rec.Version.decode(h["v"]), rec.Head.from_json(h["h"])
+        if not isinstance(key, str) or not key:
+            raise ValueError("key is missing")
+        if tag == b"P":
+            return rec.Put(key, version, head, b"")
+        index, count = h["i"], h["n"]
+        if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+            raise ValueError("bad part index or count")
+        return rec.Part(key, version, head, index, count, 0, b"")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise IntegrityError(f"malformed objects record: {exc}") from None
 
 
 def update_from_records(tree: TreeStore, records: Iterable[bytes | rec.Record]) -> int:
