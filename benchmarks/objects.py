@@ -95,8 +95,10 @@ class Recorder(MirrorTarget):
 
 @contextlib.asynccontextmanager
 async def replicating(
-    lab: Lab, opts: ObjectsOptions, name: str, workdir: Path
+    lab: Lab, opts: ObjectsOptions, name: str, workdir: Path, in_flight: int = 4
 ) -> AsyncIterator[tuple[ObjectsSource, Recorder]]:
+    """Shipper and sink of one objects stream in this process; ``in_flight``: segment PUTs
+    pipelined (an objects stream's default, ``StreamConfig.in_flight``)."""
     cfg_a, cfg_b = load_config(lab.config_path("a")), load_config(lab.config_path("b"))
     metrics = Metrics(CollectorRegistry())
     async with contextlib.AsyncExitStack() as stack:
@@ -112,8 +114,9 @@ async def replicating(
         target.applied = {}
         stack.push_async_callback(target.aclose)
         pair = running_pair(
-            name, "objects", source, target, store, (send, recv), workdir, metrics=metrics
-        )
+            name, "objects", source, target, store, (send, recv), workdir, metrics=metrics,
+            in_flight=in_flight,
+        )  # fmt: skip
         async with pair:
             yield source, target
 

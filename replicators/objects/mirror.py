@@ -10,9 +10,13 @@ Per key, records apply in stream order (different keys concurrently):
   either, and its parts may span many segments;
 - delete: deletes, unless the mass-delete guard holds it (below).
 
-A record is skipped when the mirror already holds the key at a version at
-least as new (so a re-applied segment changes nothing, and an older state
-never overwrites a newer one, e.g. one written by a repair). A put or delete
+A put is first tried as a create-only PUT (``If-None-Match: *``): when the key
+is absent (a cold copy: every key) that is one request instead of a HEAD and
+a PUT, and a create replaces nothing. Otherwise (or when creates have mostly
+failed of late) the mirror's version is read first: a record is skipped when
+the mirror already holds the key at a version at least as new (so a
+re-applied segment changes nothing, and an older state never overwrites a
+newer one, e.g. one written by a repair). A put or delete
 of a key aborts that key's unfinished upload. The state file (crash-safe)
 holds the last applied segment and the open uploads; a crash mid-segment
 re-applies the segment with the same result.
@@ -41,10 +45,11 @@ from typing import Any, ClassVar
 
 from replicators import checkpoint, logs
 from replicators.bucket import Bucket
-from replicators.errors import IntegrityError, NotFound, StorageError
+from replicators.errors import AlreadyExists, IntegrityError, NotFound, StorageError
 from replicators.objects import held
 from replicators.objects import records as rec
 from replicators.objects.guard import DeleteWindow, GuardPolicy
+from replicators.s3 import S3Store
 from replicators.segment import SegmentHeader
 from replicators.stream import Applied
 from replicators.vault import SegmentRef
@@ -53,6 +58,11 @@ KIND = "objects"
 APPLY_CONCURRENCY = 16
 MAX_PARTS = 10_000
 """S3's limit on the parts of one multipart upload (part numbers 1..10000)."""
+CREATE_MISSES = 8.0
+CREATE_PROBE = 0.25
+"""A put is first tried as a create (no HEAD: a cold copy's keys are all new) unless about
+``CREATE_MISSES`` creates failed of late (the keys exist: an update-heavy stream); then
+one in 1 / ``CREATE_PROBE`` puts tries again."""
 DECISION_POLL = 2.0
 """How often a target with held deletes looks for an operator's decision."""
 log = logs.get("objects")
@@ -85,6 +95,7 @@ class MirrorTarget:
         self.mirror_keys: int | None = None
         """The mirror's keys: listed once when the guard first needs it, then kept."""
         self._guard_dirty = False
+        self._create_misses = 0.0
         self._lock = asyncio.Lock()
         self._watch: asyncio.Task[None] | None = None
         self.closed = False
@@ -175,6 +186,8 @@ class MirrorTarget:
         await self._abort(record.key)
         if isinstance(record, rec.Put):
             self._supersede(record, where)
+            if await self._create(record):
+                return
         current = await self.current_version(record.key)
         if current is not None and current >= record.version:
             self.skipped_records += 1
@@ -192,6 +205,36 @@ class MirrorTarget:
                 self.mirror_keys -= 1
             await self.bucket.delete(record.key)
         self.applied_records += 1
+
+    async def _create(self, record: rec.Put) -> bool:
+        """Write a put whose key the mirror most likely lacks without reading its version
+        first: a create-only PUT (``If-None-Match: *``), which never replaces anything, so
+        no newer version can be lost. True if written; False if the key exists (or
+        creates have mostly failed of late): then the version is read and compared."""
+        if self._create_misses >= CREATE_MISSES or not isinstance(self.bucket, S3Store):
+            self._create_misses -= CREATE_PROBE  # creates are tried again now and then
+            return False
+        if self.mirror_keys is not None:
+            self.mirror_keys += 1
+        extra = {"ContentType": record.head.content_type} if record.head.content_type else {}
+        try:
+            await self.bucket._call(
+                record.key,
+                "put_object",
+                Key=self.bucket._key(record.key),
+                Body=record.body,
+                Metadata=mirror_metadata(record.head, record.version),
+                IfNoneMatch="*",
+                **extra,
+            )
+        except AlreadyExists:
+            if self.mirror_keys is not None:
+                self.mirror_keys -= 1
+            self._create_misses += 1
+            return False
+        self._create_misses = max(0.0, self._create_misses - 1)
+        self.applied_records += 1
+        return True
 
     # -- the mass-delete guard ------------------------------------------------------------
 
