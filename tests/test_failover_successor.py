@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from agent.coordination.decide import Observation, Rules, decide
 from agent.coordination.successor import Standing, ahead, better, from_health
+from replicators.postgres.guard import listed_slots, standby_names
 
 RULES = Rules(automatic=True, fence_after=3.0, takeover_after=2.0, lockout=600.0, max_lag=5.0)
 WALL = 1000.0
@@ -103,3 +104,15 @@ def test_deferring_never_skips_the_other_gates() -> None:
     assert decide(obs(leader="b", ahead=("b",)), RULES).kinds() == []
     # a region reclaiming its own expired lease is not a takeover
     assert decide(obs(region="a", ahead=("b",)), RULES).kinds() == ["acquire"]
+
+
+def test_the_synchronous_list_names_every_destination_and_waits_for_all() -> None:
+    # each destination's guard adds or removes only its own slot; a commit waits for all
+    assert standby_names({"dragent_b"}) == '"dragent_b"'
+    both = standby_names({"dragent_c", "dragent_b"})
+    assert both == 'ANY 2 ("dragent_b", "dragent_c")'
+    assert listed_slots(both) == {"dragent_b", "dragent_c"}
+    assert listed_slots(standby_names(listed_slots(both) - {"dragent_c"})) == {"dragent_b"}
+    assert standby_names(set()) == ""
+    assert listed_slots("") == set() and listed_slots("*") == set()
+    assert listed_slots('FIRST 1 (s1, "S2")') == {"s1", "S2"}

@@ -13,6 +13,14 @@ block until the agent acknowledges (PostgreSQL's own behaviour). The guard
 owns ``synchronous_standby_names`` (ALTER SYSTEM + reload); if the whole agent
 is down nobody falls back, so commits block: run the agent supervised.
 
+With several destinations (one guard per peer, one slot each) the guards share the
+setting: each adds or removes only its own slot, under an advisory lock, and the list
+is ``ANY n (slot, ...)`` with ``n`` the number of slots listed, i.e. a commit waits
+until *every* listed destination's vault holds it. So whichever passive region takes
+over (the most caught-up one, ``agent.coordination.successor``) holds every
+acknowledged commit, provided its slot was listed (a guard that fell back, or has not
+caught up yet, is not).
+
 ``StandbyMonitor`` (passive side): the standby's replay position against the
 spool, for the replay-lag metrics.
 """
@@ -20,6 +28,7 @@ spool, for the replay-lag metrics.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import asyncpg
@@ -68,6 +77,8 @@ class SyncGuard:
         return False
 
     async def _check(self, conn: asyncpg.Connection) -> None:
+        # one guard at a time edits the list (several peers share it); released on close
+        await conn.execute("SELECT pg_advisory_lock($1)", NAMES_LOCK)
         row = await conn.fetchrow(
             "SELECT pg_current_wal_lsn()::text AS head,"
             " current_setting('synchronous_standby_names') AS names,"
@@ -78,7 +89,8 @@ class SyncGuard:
         assert row is not None
         head = L.parse_lsn(row["head"])
         flush = L.parse_lsn(row["flush"]) if row["flush"] else None
-        listed = self.slot in row["names"]
+        names = listed_slots(row["names"])
+        listed = self.slot in names
         now = time.monotonic()
         if flush is not None and flush != self._last_flush:
             self._last_flush, self._last_progress = flush, now
@@ -89,14 +101,14 @@ class SyncGuard:
         behind = flush is None or flush < head
         fallback = self.options.synchronous_fallback_after
         if listed and behind and fallback > 0 and now - self._last_progress > fallback:
-            await self._set_names(conn, "")
+            await self._set_names(conn, standby_names(names - {self.slot}))
             self.synchronous = False
             self.log.error(
                 "zero-loss mode suspended: falling back to asynchronous commits",
                 stalled_seconds=round(now - self._last_progress, 1),
             )
         elif not listed and caught_up:
-            await self._set_names(conn, f'"{self.slot}"')
+            await self._set_names(conn, standby_names(names | {self.slot}))
             self.synchronous = True
             self.log.info("zero-loss mode in force: commits wait for the vault")
         else:
@@ -106,6 +118,37 @@ class SyncGuard:
         quoted = value.replace("'", "''")
         await conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{quoted}'")
         await conn.execute("SELECT pg_reload_conf()")
+        # the next guard reads the list in a new session: wait until the server reloaded
+        for _ in range(100):
+            if await conn.fetchval(NAMES) == value:
+                return
+            await asyncio.sleep(0.01)
+
+
+NAMES = "SELECT current_setting('synchronous_standby_names')"
+NAMES_LOCK = 0x64726167656E74  # the advisory lock of the guards of one primary
+_NAME = re.compile(r'"((?:[^"]|"")*)"|([A-Za-z_][A-Za-z0-9_$]*)')
+_KEYWORDS = {"any", "first"}
+
+
+def listed_slots(names: str) -> set[str]:
+    """The standby names in a ``synchronous_standby_names`` value (quoted or not;
+    ``ANY``/``FIRST`` and the count left out; ``*`` is not a slot)."""
+    out = set()
+    for quoted, bare in _NAME.findall(names):
+        if quoted:
+            out.add(quoted.replace('""', '"'))
+        elif bare.lower() not in _KEYWORDS:
+            out.add(bare.lower())
+    return out
+
+
+def standby_names(slots: set[str]) -> str:
+    """The value that makes a commit wait for every one of ``slots`` ('' for none)."""
+    if not slots:
+        return ""
+    quoted = ", ".join('"' + s.replace('"', '""') + '"' for s in sorted(slots))
+    return quoted if len(slots) == 1 else f"ANY {len(slots)} ({quoted})"
 
 
 class StandbyMonitor:
