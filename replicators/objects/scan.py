@@ -1,8 +1,9 @@
 """The reconcile scan: the listing compared with the ``ShippedIndex``, page by page.
 
 A scan walks the bucket in key order one listing page (≤ 1000 keys) per
-``step()``, interleaved with capture, so memory stays bounded by one page
-and the scan resumes where it stood between batches. Each page is merged
+``step()``, interleaved with capture, and reads the next page while the
+capture works through this one: memory stays bounded by two pages and the
+scan resumes where it stood between batches. Each page is merged
 with the index rows of the same key range: a key listed but not shipped (or
 shipped with another etag, size or time) is queued as changed at its
 LastModified; a key whose shipped state was read within its LastModified
@@ -19,6 +20,7 @@ change made before it was then queued or found shipped (the source's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -42,6 +44,7 @@ class Scanner:
         self._began = 0.0
         self._again = False
         self._pages: AsyncIterator[list[ObjectState]] | None = None
+        self._next: asyncio.Task[list[ObjectState] | None] | None = None
         self._cursor: str | None = None
 
     def start_now(self) -> None:
@@ -52,6 +55,7 @@ class Scanner:
     async def restart(self) -> None:
         """Drop any scan under way and forget what earlier scans proved; scan at once."""
         pages, self._pages, self._cursor = self._pages, None, None
+        await self._drop_next()
         if pages is not None and hasattr(pages, "aclose"):
             with contextlib.suppress(Exception):
                 await pages.aclose()  # type: ignore[attr-defined]
@@ -65,26 +69,50 @@ class Scanner:
     def running(self) -> bool:
         return self._pages is not None
 
+    def page_ready(self) -> bool:
+        """A scan is running and its next page has been read (``step`` will not wait)."""
+        return self._next is not None and self._next.done()
+
     async def step(self) -> bool:
-        """Scan one page if a scan is due or running; False when there was nothing to do."""
+        """Scan one page if a scan is due or running; False when there was nothing to do.
+        The page after it is read meanwhile (at most two pages in memory)."""
         if self._pages is None:
             if time.monotonic() < self.due:
                 return False
             self._began = time.time()
             self._pages = aiter(self.bucket.scan())
             self._cursor = None
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._read_page(self._pages))
         try:
-            page = await anext(self._pages)
-        except StopAsyncIteration:
-            self._finish(None)
-            return True
+            page = await self._next
         except BaseException:
+            self._next = None
             self._pages = self._cursor = None  # a failed scan is not resumed, nor complete
             raise
+        if page is None:
+            self._next = None
+            self._finish(None)
+            return True
+        self._next = asyncio.ensure_future(self._read_page(self._pages))
         if page:
             self._compare(page)
             self._cursor = page[-1].key
         return True
+
+    @staticmethod
+    async def _read_page(pages: AsyncIterator[list[ObjectState]]) -> list[ObjectState] | None:
+        try:
+            return await anext(pages)
+        except StopAsyncIteration:
+            return None
+
+    async def _drop_next(self) -> None:
+        task, self._next = self._next, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
     def _compare(self, page: list[ObjectState]) -> None:
         shipped = {e.key: e for e in self.index.between(self._cursor, page[-1].key)}

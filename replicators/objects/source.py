@@ -4,9 +4,19 @@ Capture is driven by one ``ChangeQueue``, fed by filer events (``FilerTail``)
 and by a resumable listing scan (``Scanner``). Each queued key is captured by
 reading its *current* state: absent → a delete record (if the destination
 holds it), unchanged since last shipped → nothing, small → one inline put,
-large → a hash pass then its parts, one ranged ``If-Match`` read at a time
-(never the whole object in memory), possibly across several batches. An
-object that changes during its transfer is abandoned and queued again.
+large → its parts, read by ranged ``If-Match`` GETs ``PARTS_AHEAD`` at a time
+(never more of the object in memory), possibly across several batches; its
+content hash comes from those parts when they are the whole object, else from
+a streamed pass run while the first parts are read. An object that changes
+during its transfer is abandoned and queued again.
+
+Reads overlap: up to ``FETCH_AHEAD`` queued keys are being read (one GET
+each) while earlier ones are captured, in queue order, and the scan reads its
+next listing page while the capture works through the current one.
+
+Memory: at most ``FETCH_AHEAD`` × ``inline_max`` of bodies read ahead, plus
+``PARTS_AHEAD`` × ``part_size`` of one large object's parts, plus the batch
+being built (``segment_max_bytes``) and two listing pages.
 
 Positions are capture sequence numbers: record ``n`` covers ``[n, n+1)``.
 ``ack`` commits what became durable to the ``ShippedIndex``; a restarted
@@ -27,9 +37,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+
+import xxhash
 
 from replicators import logs
 from replicators.bucket import Bucket, ObjectState
@@ -48,6 +60,10 @@ log = logs.get("objects")
 KIND = "objects"
 IDLE_WAIT = 0.05
 FETCH_AHEAD = 16
+"""Queued keys read ahead of their capture at once (one GET each, in flight or done)."""
+PARTS_AHEAD = 4
+"""Ranged reads of a large object's parts in flight or done ahead of their turn; an
+object of at most this many parts is read whole this way and hashed from its parts."""
 
 
 @dataclass
@@ -63,6 +79,15 @@ class Fetched:
 
 
 @dataclass
+class Ahead:
+    """A queued key whose read (``Fetched``) is in flight or done, ahead of its capture."""
+
+    key: str
+    since: float
+    read: asyncio.Task[Fetched]
+
+
+@dataclass
 class Transfer:
     """A large object being shipped in parts."""
 
@@ -73,6 +98,8 @@ class Transfer:
     since: float
     read_ns: int
     index: int = 0
+    parts: dict[int, asyncio.Task[bytes]] = field(default_factory=dict)
+    """Ranged reads of the next parts (at most ``PARTS_AHEAD``), by index."""
 
     def entry(self) -> Entry:
         s = self.state
@@ -110,7 +137,7 @@ class ObjectsSource:
         self._inflight: list[tuple[int, str, Entry | None]] = []
         self._latest: dict[str, Entry | None] = {}
         self._transfer: Transfer | None = None
-        self._ready: deque[Fetched] = deque()
+        self._ahead: deque[Ahead] = deque()
         self._confirmed: list[Entry] = []
         self._head: tuple[int, float] | None = None
 
@@ -120,8 +147,7 @@ class ObjectsSource:
         self._seq = position
         self._inflight.clear()
         self._latest.clear()
-        self._transfer = None
-        self._ready.clear()
+        await self._drop_reads()
         self._confirmed.clear()
         self._head = None
         await self.scanner.restart()
@@ -139,14 +165,14 @@ class ObjectsSource:
         times = [t for t in (self.queue.oldest(), self.scanner.pending_since()) if t]
         if self._transfer is not None:
             times.append(self._transfer.since)
-        times += [f.since for f in self._ready]
+        times += [a.since for a in self._ahead]
         return min(times) if times else None
 
     def pending_counts(self) -> dict[str, int]:
         """Changes seen but not yet handed to the shipper: ``objects`` (queued, read ahead, in
         transfer) and ``bytes`` (known ones: read-ahead bodies and the rest of a transfer)."""
-        objects = len(self.queue) + len(self._ready)
-        size = sum(len(f.body) for f in self._ready if f.body is not None)
+        objects = len(self.queue) + len(self._ahead)
+        size = sum(len(body) for a in self._ahead if (body := _body(a.read)) is not None)
         if (t := self._transfer) is not None:
             objects += 1
             size += max(0, t.state.size - t.index * int(self.options.part_size))
@@ -158,6 +184,8 @@ class ObjectsSource:
         first = 0.0
         while not stop.is_set() and size < max_bytes:
             await self._drain_events()
+            if len(self.queue) < FETCH_AHEAD and self.scanner.page_ready():
+                await self.scanner.step()  # the listing's next page, read meanwhile
             # the first record of a batch always fits, even one larger than max_bytes
             room = max_bytes - size if batch else sys.maxsize
             change = await self._next_change(room)
@@ -189,6 +217,7 @@ class ObjectsSource:
             self.tail.ack(position)  # its messages whose changes are now durable are deleted
 
     async def aclose(self) -> None:
+        await self._drop_reads()
         if self.tail is not None:
             await self.tail.stop()
         self.index.close()
@@ -213,7 +242,7 @@ class ObjectsSource:
         return (
             key in self.queue
             or (t is not None and t.state.key == key)
-            or any(f.key == key for f in self._ready)
+            or any(a.key == key for a in self._ahead)
         )
 
     def _prove_head(self) -> None:
@@ -247,13 +276,13 @@ class ObjectsSource:
             if self.options.part_size + 4096 > room:
                 return None
             return await self._next_part(self._transfer)
-        if not self._ready:
-            await self._fetch_some()
-        while self._ready:
-            got = self._ready[0]
+        self._read_ahead()
+        while self._ahead:
+            got = await self._ahead[0].read  # in queue order (a failed read fails the step)
             if got.body is not None and len(got.body) + 4096 > room:
                 return None  # first in the next batch
-            self._ready.popleft()
+            self._ahead.popleft()
+            self._read_ahead()
             change = await self._capture(got, room)
             if change is not None or self._transfer is not None:
                 return change
@@ -262,29 +291,37 @@ class ObjectsSource:
     def _shipped(self, key: str) -> Entry | None:
         return self._latest[key] if key in self._latest else self.index.get(key)
 
-    async def _fetch_some(self) -> None:
-        """Read up to ``FETCH_AHEAD`` queued keys at once (one GET each), in queue order."""
-        items = []
-        while len(items) < FETCH_AHEAD and (item := self.queue.pop()) is not None:
-            items.append(item)
-        if not items:
-            return
-        inline_max = int(self.options.inline_max)
+    def _read_ahead(self) -> None:
+        """Keep up to ``FETCH_AHEAD`` queued keys being read (one GET each), in queue order:
+        at most that many inline bodies (each ≤ ``inline_max``) wait in memory."""
+        while len(self._ahead) < FETCH_AHEAD and (item := self.queue.pop()) is not None:
+            key, since = item
+            self._ahead.append(Ahead(key, since, _task(self._fetch(key, since))))
 
-        async def fetch(key: str, since: float) -> Fetched:
-            shipped = self._shipped(key)
-            read_ns = time.time_ns()
-            try:
-                state, body = await self.bucket.fetch(
-                    key, inline_max, shipped.etag if shipped else ""
-                )
-            except NotFound:
-                return Fetched(key, since, None, None, read_ns)
-            return Fetched(key, since, state, body, read_ns)
+    async def _fetch(self, key: str, since: float) -> Fetched:
+        shipped = self._shipped(key)
+        read_ns = time.time_ns()
+        try:
+            state, body = await self.bucket.fetch(
+                key, int(self.options.inline_max), shipped.etag if shipped else ""
+            )
+        except NotFound:
+            return Fetched(key, since, None, None, read_ns)
+        return Fetched(key, since, state, body, read_ns)
 
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(fetch(key, since)) for key, since in items]
-        self._ready.extend(t.result() for t in tasks)
+    async def _drop_reads(self) -> None:
+        """Forget every read ahead and the transfer (a resume or close)."""
+        tasks = [a.read for a in self._ahead]
+        if (t := self._transfer) is not None:  # never acknowledged: captured again
+            tasks += t.parts.values()
+            self.queue.release(t.state.key)
+            self.queue.add(t.state.key, t.since)
+        self._ahead.clear()
+        self._transfer = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _capture(self, got: Fetched, room: int) -> Change | None:
         key, since, state, body = got.key, got.since, got.state, got.body
@@ -324,35 +361,72 @@ class ObjectsSource:
     async def _start_transfer(
         self, state: ObjectState, since: float, read_ns: int, room: int
     ) -> Change | None:
-        try:
-            digest = await self.bucket.content_hash(state.key, state.etag)
-        except (AlreadyExists, NotFound):
-            self.queue.add(state.key, since)
-            return None
+        """Start shipping a large object: its first ``PARTS_AHEAD`` parts are read at once;
+        the content hash comes from them when they are the whole object, else from a
+        streamed pass over it (run while they are read)."""
         count = rec.part_count(state.size, int(self.options.part_size))
         version = rec.Version(state.time_ns, self._seq)
-        self._transfer = Transfer(state, _head(state, digest), version, count, since, read_ns)
+        t = Transfer(state, _head(state, ""), version, count, since, read_ns)
         self.queue.hold(state.key)
+        self._read_parts(t)
+        try:
+            if count <= PARTS_AHEAD:
+                digest = xxhash.xxh3_128()
+                for i in range(count):
+                    digest.update(await t.parts[i])
+                content_hash = digest.hexdigest()
+            else:
+                content_hash = await self.bucket.content_hash(state.key, state.etag)
+        except (AlreadyExists, NotFound):
+            await self._abandon(t)
+            return None
+        except BaseException:
+            await self._abandon(t, again=False)
+            raise
+        t.head = _head(state, content_hash)
+        self._transfer = t
         if self.options.part_size + 4096 > room:
             return None
-        return await self._next_part(self._transfer)
+        return await self._next_part(t)
+
+    def _read_parts(self, t: Transfer) -> None:
+        """Keep the ranged reads of parts ``index`` .. ``index + PARTS_AHEAD - 1`` going."""
+        part_size = int(self.options.part_size)
+        key, etag = t.state.key, t.state.etag
+        for i in range(t.index, min(t.count, t.index + PARTS_AHEAD)):
+            if i not in t.parts:
+                offset = i * part_size
+                end = min(offset + part_size, t.state.size)
+                t.parts[i] = _task(self.bucket.read(key, etag, offset, end))
+
+    async def _abandon(self, t: Transfer, again: bool = True) -> None:
+        """Drop a transfer; ``again``: the object changed under it, capture it anew."""
+        if self._transfer is t:
+            self._transfer = None
+        tasks = list(t.parts.values())
+        t.parts.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.queue.release(t.state.key)
+        if again:
+            log.info("object changed during its transfer; capturing it again", key=t.state.key)
+            self.queue.add(t.state.key, t.since)
 
     async def _next_part(self, t: Transfer) -> Change | None:
         part_size = int(self.options.part_size)
         offset = t.index * part_size
         key = t.state.key
+        self._read_parts(t)
         try:
-            body = await self.bucket.read(
-                key, t.state.etag, offset, min(offset + part_size, t.state.size)
-            )
+            body = await t.parts.pop(t.index)
         except (AlreadyExists, NotFound):
-            log.info("object changed during its transfer; capturing it again", key=key)
-            self._transfer = None
-            self.queue.release(key)
-            self.queue.add(key, t.since)
+            await self._abandon(t)
             return None
         record = rec.Part(key, t.version, t.head, t.index, t.count, offset, body)
         t.index += 1
+        self._read_parts(t)
         entry = None
         if record.last:
             self._transfer = None
@@ -374,3 +448,16 @@ class ObjectsSource:
 def _head(state: ObjectState, digest: str) -> rec.Head:
     meta = rec.user_metadata(dict(state.metadata))
     return rec.Head(state.size, state.content_type, meta, digest)
+
+
+def _task(coro: Any) -> asyncio.Task[Any]:
+    """A read ahead; its failure is raised where it is awaited (or dropped with it)."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+def _body(task: asyncio.Task[Fetched]) -> bytes | None:
+    if not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    return task.result().body
