@@ -167,10 +167,16 @@ class Shipper:
         self.progress.capture(batch[-1].end, batch[-1].source_time, now, batch[0].source_time)
         last = self._flying[-1].ref if self._flying else self.last
         ref = SegmentRef(epoch=s.epoch, seq=last.seq + 1 if last else 1, stream=s.stream)
-        blob = await self._seal(ref, batch)
-        put = asyncio.ensure_future(self._put(ref, blob, batch))
-        self._flying.append(_Flying(ref, batch, put, began, len(blob)))
+        flying = _Flying(ref, batch, asyncio.get_running_loop().create_future(), began, 0)
+        # sealed (in a thread) and PUT while the next batch is taken
+        flying.put = asyncio.ensure_future(self._seal_and_put(flying))
+        self._flying.append(flying)
         return True
+
+    async def _seal_and_put(self, flying: _Flying) -> None:
+        blob = await self._seal(flying.ref, flying.batch)
+        flying.size = len(blob)
+        await self._put(flying.ref, blob, flying.batch)
 
     async def _land_first(self) -> None:
         """Wait for the oldest PUT in flight and make it durable (checkpoint, ack). A failed
