@@ -61,6 +61,10 @@ KIND = "objects"
 IDLE_WAIT = 0.05
 FETCH_AHEAD = 16
 """Queued keys read ahead of their capture at once (one GET each, in flight or done)."""
+BACKLOG_AGE = 4
+"""While a backlog waits (more queued keys than are read ahead), a batch is cut by size,
+or at this many times ``max_age``: small segments would not make the backlog's changes
+durable sooner, and each costs its own PUT, fetch and apply boundary."""
 PARTS_AHEAD = 4
 """Ranged reads of a large object's parts in flight or done ahead of their turn; an
 object of at most this many parts is read whole this way and hashed from its parts."""
@@ -140,6 +144,8 @@ class ObjectsSource:
         self._ahead: deque[Ahead] = deque()
         self._confirmed: list[Entry] = []
         self._head: tuple[int, float] | None = None
+        self._full = False
+        """The last ``_next_change`` found a record that does not fit in the batch."""
 
     # -- Source interface ---------------------------------------------------
 
@@ -188,7 +194,10 @@ class ObjectsSource:
                 await self.scanner.step()  # the listing's next page, read meanwhile
             # the first record of a batch always fits, even one larger than max_bytes
             room = max_bytes - size if batch else sys.maxsize
+            self._full = False
             change = await self._next_change(room)
+            if change is None and self._full and batch:
+                break  # the next record does not fit: the batch is as full as it gets
             if change is None and self.pending_since() is None:
                 self._prove_head()
             if change is not None:
@@ -196,7 +205,7 @@ class ObjectsSource:
                     first = time.time()
                 batch.append(change)
                 size += len(change.payload)
-            if batch and time.time() >= first + max_age:
+            if batch and time.time() >= first + max_age * (BACKLOG_AGE if self._behind() else 1):
                 break
             if change is not None:
                 continue
@@ -236,6 +245,10 @@ class ObjectsSource:
         if isinstance(self.tail, SqsPoller):
             self.tail.settle(self._capturing, self._seq)
 
+    def _behind(self) -> bool:
+        """More changes wait than are being read ahead (a scan's backlog, a burst)."""
+        return len(self.queue) >= FETCH_AHEAD
+
     def _capturing(self, key: str) -> bool:
         """``key`` is queued, read ahead or in transfer: a record of it may still come."""
         t = self._transfer
@@ -274,12 +287,14 @@ class ObjectsSource:
         """The next record that fits in ``room`` bytes (or None: nothing ready / no room)."""
         if self._transfer is not None:
             if self.options.part_size + 4096 > room:
+                self._full = True
                 return None
             return await self._next_part(self._transfer)
         self._read_ahead()
         while self._ahead:
             got = await self._ahead[0].read  # in queue order (a failed read fails the step)
             if got.body is not None and len(got.body) + 4096 > room:
+                self._full = True
                 return None  # first in the next batch
             self._ahead.popleft()
             self._read_ahead()
@@ -386,6 +401,7 @@ class ObjectsSource:
         t.head = _head(state, content_hash)
         self._transfer = t
         if self.options.part_size + 4096 > room:
+            self._full = True
             return None
         return await self._next_part(t)
 
