@@ -8,9 +8,13 @@ objects of mixed sizes (``benchmarks/objects.py``'s mix: 90 % 4–64 KiB, 10 %
 then copied from a cold start:
 
 - dragent: the objects stream's start-up scan, shipped through region b's
-  vault and applied to region b's ``data`` bucket, shipper and sink in this
-  process (``dragent_cold_copy``); timed from the start until the last object
-  is in the mirror. CPU: this process's CPU time (every thread) over the copy.
+  vault and applied to region b's ``data`` bucket (``dragent_cold_copy``), as
+  deployed: the sending side (source and shipper) in this process, the
+  receiving side (sink and mirror) in a child process, as region a's and
+  region b's agents would run them; timed from the start until the last
+  object is in the mirror. CPU: both processes' CPU time (every thread) over
+  the copy. ``--in-process`` runs both sides in this process instead (one
+  interpreter, one core's worth of Python: ``benchmarks/objects.py``'s way).
 - rclone: ``rclone sync --transfers 16 --checkers 16`` of the same objects to
   another prefix of the same mirror bucket, timed the same way. CPU: the
   rclone child's user + system time (``RUSAGE_CHILDREN``).
@@ -23,21 +27,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent.config import load_config
 from agent.lab import Lab
+from agent.lab.stream_rig import lab_shipper, lab_sink
 from benchmarks._baseline import require
-from benchmarks.objects import options, rclone_sync, replicating, wait_for, write_dataset
+from benchmarks.objects import (
+    Recorder,
+    options,
+    rclone_sync,
+    replicating,
+    wait_for,
+    write_dataset,
+)
 from replicators.bucket import Bucket
+from replicators.keys import build_key_provider
+from replicators.objects.options import ObjectsOptions
+from replicators.objects.source import ObjectsSource
+from replicators.s3 import S3Store
+from replicators.vault import Vault
 
 
 def _figures(objects: int, total: int, seconds: float, cpu: float) -> dict[str, Any]:
@@ -53,19 +73,111 @@ def _figures(objects: int, total: int, seconds: float, cpu: float) -> dict[str, 
 
 
 async def dragent_cold_copy(
-    lab: Lab, prefix: str, keys: list[str], total: int, workdir: Path, members: int = 1
+    lab: Lab,
+    prefix: str,
+    keys: list[str],
+    total: int,
+    workdir: Path,
+    members: int = 1,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """Copy ``prefix`` of region a's bucket to region b's from a cold start with ``members``
-    agents sharing the stream (only 1 so far: in this process)."""
+    agents per region sharing the stream (only 1 so far)."""
     if members != 1:
         raise NotImplementedError("a stream shared by several members is not built yet")
     opts = options(lab, prefix, events=False)
-    cpu0, started = time.process_time(), time.monotonic()
-    async with replicating(lab, opts, prefix.strip("/"), workdir / "cold") as (_, target):
-        await wait_for(lambda: len(target.applied) >= len(keys), 1800)
-        took = time.monotonic() - started
-        cpu = time.process_time() - cpu0
-    return _figures(len(keys), total, took, cpu) | {"members": members}
+    name = prefix.strip("/")
+    if in_process:
+        cpu0, started = time.process_time(), time.monotonic()
+        async with replicating(lab, opts, name, workdir / "cold") as (_, target):
+            await wait_for(lambda: len(target.applied) >= len(keys), 1800)
+            took = time.monotonic() - started
+            cpu = time.process_time() - cpu0
+        return _figures(len(keys), total, took, cpu) | {"members": members, "processes": 1}
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--receive", prefix, "--lab-dir", str(lab.root),
+        "--expect", str(len(keys)), "--workdir", str(workdir / "receive"),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None
+    try:
+        ready = await child.stdout.readline()  # the child is set up and listing the vault
+        if ready.strip() != b"ready":
+            raise RuntimeError(f"the receiving process did not start: {ready!r}")
+        cpu0, started = time.process_time(), time.monotonic()
+        async with sending(lab, opts, name, workdir / "send"):
+            done = json.loads(await child.stdout.readline())
+            cpu = time.process_time() - cpu0
+        await child.wait()
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    took = done["last_applied"] - started  # CLOCK_MONOTONIC: one clock for both processes
+    return _figures(len(keys), total, took, cpu + done["cpu_s"]) | {
+        "members": members,
+        "processes": 2,
+        "cpu_send_s": round(cpu, 2),
+        "cpu_receive_s": round(done["cpu_s"], 2),
+    }
+
+
+@contextlib.asynccontextmanager
+async def sending(lab: Lab, opts: ObjectsOptions, name: str, workdir: Path) -> AsyncIterator[None]:
+    """Region a's side of the stream: source and shipper (4 PUTs in flight), looping."""
+    cfg_a = load_config(lab.config_path("a"))
+    peer = cfg_a.peers[0]
+    async with contextlib.AsyncExitStack() as stack:
+        store = await S3Store.open(peer.vault)
+        stack.push_async_callback(store.aclose)
+        keys = build_key_provider(peer.keys)
+        stack.push_async_callback(keys.aclose)
+        source = ObjectsSource(opts, await Bucket.open(opts.source), workdir / "src")
+        stack.push_async_callback(source.aclose)
+        shipper = lab_shipper(
+            name, "objects", source, Vault(store), keys, workdir / "shipped.json",
+            max_age=0.1, in_flight=4,
+        )  # fmt: skip
+        await shipper.recover()
+        stop = asyncio.Event()
+
+        async def ship() -> None:
+            while not stop.is_set():
+                await shipper.sync_once(stop)
+
+        task = asyncio.create_task(ship())
+        try:
+            yield
+        finally:
+            stop.set()
+            await task
+
+
+async def receive(args: argparse.Namespace) -> None:
+    """Region b's side (the child): sink and mirror until ``--expect`` keys are applied;
+    prints ``ready`` once set up, then JSON: when the last was applied, and CPU time."""
+    lab = Lab(Path(args.lab_dir))
+    opts = options(lab, args.receive, events=False)
+    cfg_b = load_config(lab.config_path("b"))
+    store = await S3Store.open(load_config(lab.config_path("a")).peers[0].vault)
+    keys = build_key_provider(cfg_b.keys)
+    target = Recorder(await Bucket.open(opts.mirror), Path(args.workdir) / "dst")
+    target.applied = {}
+    sink = lab_sink(args.receive.strip("/"), "objects", target, Vault(store), keys)
+    try:
+        await sink.recover()
+        print("ready", flush=True)
+        cpu0 = time.process_time()
+        stop = asyncio.Event()
+        while len(target.applied) < args.expect:
+            if not await sink.sync_once(stop):
+                await asyncio.sleep(0.05)
+        done = {"last_applied": max(target.applied.values()), "cpu_s": time.process_time() - cpu0}
+        print(json.dumps(done), flush=True)
+    finally:
+        await target.aclose()
+        await keys.aclose()
+        await store.aclose()
 
 
 def rclone_cold_copy(lab: Lab, prefix: str, objects: int, total: int, workdir: Path) -> dict:
@@ -90,7 +202,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 keys, total = await write_dataset(src, args.objects)
             finally:
                 await src.aclose()
-            out["dragent"] = await dragent_cold_copy(lab, prefix, keys, total, Path(tmp))
+            out["dragent"] = await dragent_cold_copy(
+                lab, prefix, keys, total, Path(tmp), in_process=args.in_process
+            )
             out["rclone"] = rclone_cold_copy(lab, prefix, len(keys), total, Path(tmp))
     finally:
         if not args.lab_dir:
@@ -126,7 +240,16 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     parser.add_argument("--objects", type=int, default=1000, help="small/medium objects (+2 big)")
     parser.add_argument("--lab-dir", help="use this running lab instead of starting one")
+    parser.add_argument(
+        "--in-process", action="store_true", help="dragent's two sides in this one process"
+    )
+    parser.add_argument("--receive", help=argparse.SUPPRESS)  # the child: region b's side
+    parser.add_argument("--expect", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.receive:
+        asyncio.run(receive(args))
+        return 0
     require("rclone")
     res = asyncio.run(run(args))
     if args.json:
