@@ -131,6 +131,18 @@ class WalSpool:
             state["gap"] = before["gap"]
         await asyncio.to_thread(save_state, self.directory / STATE_FILE, state)
 
+    def _seed_switch_file(self, fd: int, timeline: int, start: int) -> None:
+        """A new timeline's first WAL file starts at its switch point: like PostgreSQL at
+        a promotion, begin it with the older timeline's file of the same segment, so
+        a standby that switched timelines reads the bytes before the switch point
+        (a promoted primary of another region ships only from there)."""
+        for older in range(timeline - 1, 0, -1):
+            path = self.directory / L.wal_file_name(older, start)
+            if path.exists():
+                with path.open("rb") as f:
+                    os.pwrite(fd, f.read(L.WAL_SEGMENT_SIZE), 0)
+                return
+
     def _write(self, pieces: list[tuple[int, int, bytes]]) -> None:
         touched: dict[Path, int] = {}
         try:
@@ -145,10 +157,13 @@ class WalSpool:
                 path = self.directory / L.wal_file_name(timeline, start)
                 fd = touched.get(path)
                 if fd is None:
+                    fresh = not path.exists()
                     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
                     touched[path] = fd
                     if os.fstat(fd).st_size < L.WAL_SEGMENT_SIZE:
                         os.ftruncate(fd, L.WAL_SEGMENT_SIZE)
+                    if fresh:
+                        self._seed_switch_file(fd, timeline, start)
                 os.pwrite(fd, data, start % L.WAL_SEGMENT_SIZE)
             for fd in touched.values():
                 os.fsync(fd)

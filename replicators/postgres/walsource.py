@@ -111,6 +111,7 @@ class WalSource:
         self._next_sample = 0.0
         self._next_heartbeat = 0.0
         self._next_slot_check = 0.0
+        self._slot_created = False  # by the last ``resume``
         pgmetrics.track_source(self)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -130,11 +131,14 @@ class WalSource:
                 raise SourceError(
                     "the database is a standby (in recovery): WAL is shipped from a primary"
                 )
+            self._slot_created = False
             restart, why = await self._ensure_slot()
             followed = position > 0 and await self._follow(position, shipped)
             start = position if position else L.segment_start(restart)
             if followed:
                 why = None
+            elif position and why is None and await self._hold_slot_at(position, restart):
+                pass  # a slot created after the position the destination's vault ends at
             elif position and position < L.segment_start(restart):
                 why = why or (
                     f"slot {self.slot} no longer holds WAL at {L.format_lsn(position)} "
@@ -143,7 +147,7 @@ class WalSource:
                 start = L.segment_start(restart)
             else:
                 why = None  # a new stream, or a slot re-created before anything was shipped
-            if not followed:
+            if self._conn is None:
                 await asyncio.to_thread(self._start_replication, start)
         except SourceError:
             await self.aclose()
@@ -196,6 +200,29 @@ class WalSource:
             "following a timeline switch",
             legs=[(leg.timeline, L.format_lsn(leg.start)) for leg in legs],
         )
+        return True
+
+    async def _hold_slot_at(self, position: int, restart: int) -> bool:
+        """A slot newer than ``position`` (made just now: a primary promoted in another
+        region ships to a destination whose vault another primary filled up to
+        ``position``, on this server's current timeline): stream from ``position`` if the
+        server still has its WAL file; the first feedback sets the slot's restart_lsn
+        back to it. False (nothing started) if not possible."""
+        if not self._slot_created or position >= L.segment_start(restart) or self._conn:
+            return False
+        current, content = await asyncio.to_thread(self._identify)
+        if content is not None and current >= 2:
+            history = T.parse_history(content)
+            if T.timeline_of(position, history, current) != current:
+                return False  # on an older timeline: ``_follow``'s case
+        name = L.wal_file_name(current, position)
+        if not await self._in_pg_wal(name):
+            return False
+        await asyncio.to_thread(self._start_replication, position)
+        await self._wait_slot_holds(position)
+        if not await self._in_pg_wal(name):
+            raise SourceError(f"WAL file {name} was removed while the slot was being set up")
+        self.log.info("slot held back to the destination's end", position=L.format_lsn(position))
         return True
 
     async def _in_pg_wal(self, name: str) -> bool:
@@ -259,6 +286,7 @@ class WalSource:
         )
         if row is None:
             self.log.info("creating replication slot")
+            self._slot_created = True
             await self._db.execute(
                 "SELECT pg_create_physical_replication_slot($1, true)", self.slot
             )
