@@ -16,8 +16,12 @@ import aiohttp
 
 
 class AgentProcess:
-    def __init__(self, config: Path, log_path: Path, pid_path: Path, url: str) -> None:
+    def __init__(
+        self, config: Path, log_path: Path, pid_path: Path, url: str, args: list[str] | None = None
+    ) -> None:
+        """``args``: more words for ``dragent run`` (``--instance``, ``--listen``)."""
         self.config = config
+        self.args = list(args or [])
         self.log_path = log_path
         self.pid_path = pid_path
         self.url = url.rstrip("/")
@@ -34,6 +38,7 @@ class AgentProcess:
                 "run",
                 "--config",
                 str(self.config),
+                *self.args,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -29,7 +29,7 @@ COMMAND_MODULES = (
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.daemon import run_agent
 
-    return asyncio.run(run_agent(Path(args.config)))
+    return asyncio.run(run_agent(Path(args.config), args.instance, args.listen))
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the agent of one region")
     run.add_argument("--config", required=True, help="the region's TOML file")
+    run.add_argument(
+        "--instance",
+        help="this agent's name in its region's group ([group] enabled; or DRAGENT_INSTANCE)",
+    )
+    run.add_argument("--listen", help="HOST:PORT of the HTTP endpoint, instead of [http] listen")
     run.set_defaults(func=_cmd_run)
 
     config = sub.add_parser("config", help="configuration tools")

@@ -11,6 +11,7 @@ whose repr is redacted. Durations accept seconds or ``"200ms"``, ``"5s"``,
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from agent.policy_config import PolicyConfig
 from replicators.artifacts.options import ArtifactsOptions
 from replicators.errors import DragentError
 from replicators.objects.options import ObjectsOptions
+from replicators.partitions import MAX_PARTITIONS, check_count
 from replicators.postgres.options import PostgresOptions
 from replicators.settings import (
     Duration,
@@ -88,6 +90,28 @@ class StreamConfig(Section):
     artifacts: ArtifactsOptions | None = None
     retention: RetentionConfig | None = None
     """This stream's retention; default: the agent's ``[retention]``."""
+    partitions: int = Field(default=1, ge=1, le=MAX_PARTITIONS)
+    """Objects streams: the key space cut into this many partitions (a power of two),
+    each a log of its own that one agent of the region's group owns at a time
+    (``[group]``, ``replicators.partitions``). 1: the stream is one log."""
+
+    @model_validator(mode="after")
+    def _partitions(self) -> StreamConfig:
+        if self.partitions == 1:
+            return self
+        if self.kind != "objects":
+            raise ValueError(
+                f"partitions: only objects streams are partitioned (a {self.kind} stream is "
+                "one partition, owned by one agent of the group)"
+            )
+        check_count(self.partitions)
+        events = self.objects.events if self.objects else "none"
+        if events in ("sqs", "webhook"):
+            raise ValueError(
+                f"partitions: events = {events!r} delivers each change to one receiver; a "
+                "partitioned stream takes 'filer' events or the scan alone ('none')"
+            )
+        return self
 
     @property
     def in_flight(self) -> int:
@@ -139,6 +163,18 @@ class HttpConfig(Section):
         return self
 
 
+class GroupConfig(Section):
+    """``[group]``: several agents of one region sharing its streams' partitions through
+    etcd (``agent.group``). Each runs with the same file and its own instance name
+    (``dragent run --instance NAME``, or ``DRAGENT_INSTANCE``); its state lives in
+    ``<data_dir>/members/<instance>/``."""
+
+    enabled: bool = False
+    member_ttl: PositiveDuration = 6.0
+    """The membership lease: a member that dies is replaced within this; one that cannot
+    renew stops its partitions after two thirds of it."""
+
+
 class LogConfig(Section):
     format: Literal["json", "logfmt"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -180,6 +216,9 @@ class AgentConfig(Section):
     scrub: ScrubConfig = ScrubConfig()
     retention: RetentionConfig = RetentionConfig()
     """Every stream's retention unless the stream sets its own."""
+    group: GroupConfig = GroupConfig()
+    instance: Name | None = None
+    """This agent's name in its region's group (set by ``--instance``, not in the file)."""
     drain_timeout: PositiveDuration = 15.0
     sink_poll_interval: PositiveDuration = 0.1
     """How soon a sink lists its vault again after a listing that found new segments."""
@@ -207,6 +246,17 @@ class AgentConfig(Section):
                 raise ValueError(f"{what}: duplicate names {dup}")
         if self.region in {p.name for p in self.peers}:
             raise ValueError(f"peers: region {self.region!r} lists itself as a peer")
+        return self
+
+    @model_validator(mode="after")
+    def _group(self) -> AgentConfig:
+        if self.group.enabled and not self.etcd.endpoints:
+            raise ValueError("group: enabled needs [etcd] endpoints")
+        if self.group.enabled and self.failover.enabled:
+            raise ValueError(
+                "group: a group of agents follows a fixed role for now; set "
+                "[failover] enabled = false (or run one agent per region)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -276,3 +326,30 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(name, [f"not valid TOML: {exc}"]) from None
     return parse_config(data, name)
+
+
+def as_member(cfg: AgentConfig, instance: str | None, listen: str | None = None) -> AgentConfig:
+    """``cfg`` for one agent of its region's group: ``instance`` (else ``DRAGENT_INSTANCE``)
+    names it, its state moves to ``<data_dir>/members/<instance>/`` (the region's signing
+    key stays where it was: every agent of a region signs with it), ``listen`` replaces
+    ``[http] listen``. Without ``[group] enabled`` only ``listen`` applies. Raises
+    ``ConfigError`` for a missing or malformed instance name."""
+    update: dict[str, Any] = {}
+    if listen is not None:
+        update["http"] = cfg.http.model_copy(update={"listen": listen})
+    if cfg.group.enabled:
+        name = instance or os.environ.get("DRAGENT_INSTANCE") or ""
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
+            raise ConfigError(
+                "--instance",
+                [
+                    f"[group] enabled needs an instance name like 'a-1' (--instance or "
+                    f"DRAGENT_INSTANCE), got {name!r}"
+                ],
+            )
+        update |= {
+            "instance": name,
+            "data_dir": cfg.data_dir / "members" / name,
+            "report_signing_key": cfg.signing_key_path,
+        }
+    return cfg.model_copy(update=update) if update else cfg

@@ -24,13 +24,16 @@ from prometheus_client import CollectorRegistry
 from agent.catchup import drain_sinks
 from agent.collector import ProgressCollector
 from agent.compliance.monitor import ComplianceMonitor
-from agent.config import AgentConfig, ConfigError, load_config
+from agent.config import AgentConfig, ConfigError, as_member, load_config
 from agent.coordination.coordinator import Coordinator
 from agent.costlog import FILE as COST_FILE
 from agent.costlog import CostLog
+from agent.group.member import GroupMember
+from agent.group.metrics import GroupCollector
+from agent.group.runner import PartitionRunner
 from agent.http import HttpServer, StatusSource, build_app
 from agent.scrub import STATS as SCRUB_STATS
-from agent.streams import EPOCH, build_tasks
+from agent.streams import EPOCH, Owned, build_tasks, stream_partitions
 from agent.supervise import StreamTask, run_stream
 from agent.systemd import Notifier
 from agent.verifyjobs import VerifyJobs
@@ -41,9 +44,17 @@ from replicators.store_metrics import StoreMetrics
 
 
 class Agent(StatusSource):
-    def __init__(self, cfg: AgentConfig, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        config_path: Path | None = None,
+        instance: str | None = None,
+        listen: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        self.instance = instance
+        self.listen = listen
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.store_metrics = StoreMetrics(self.registry)
@@ -67,6 +78,22 @@ class Agent(StatusSource):
         )
         if self.coordinator is not None:
             self.registry.register(self.coordinator.collector())
+        # an agent of a group runs the partitions it owns (agent.group)
+        self.group = (
+            GroupMember(
+                cfg.etcd,
+                cfg.region,
+                cfg.instance or "",
+                cfg.group.member_ttl,
+                [p.name for p in stream_partitions(cfg)],
+                active=cfg.role == "active",
+                base_epoch=EPOCH,
+            )
+            if cfg.group.enabled
+            else None
+        )
+        if self.group is not None:
+            self.registry.register(GroupCollector(self.group))
         self.registry.register(
             ProgressCollector(
                 cfg.region,
@@ -99,6 +126,7 @@ class Agent(StatusSource):
             "role": self._mode(),
             "epoch": self.coordinator.shown_epoch if self.coordinator else EPOCH,
             "failover": self.coordinator.status() if self.coordinator else None,
+            "group": self.group.status() if self.group else None,
             "generation": self.generation,
             "uptime_seconds": round(now - self.started_at, 3),
             "streams": [
@@ -121,6 +149,11 @@ class Agent(StatusSource):
     def ready(self) -> tuple[bool, str]:
         if self._mode() == "fenced":
             return False, "fenced: no stream runs until this region holds the lease again"
+        group = self.group
+        if group is not None and not self.tasks:
+            if group.fenced or group.lease_id is None:
+                return False, "not a member of the group (etcd unreachable or lease lost)"
+            return True, "member of the group, owns no partition now"
         if not self.tasks and self.cfg.streams:
             return False, "streams not started"
         waiting = [t.name for t in self.tasks if t.state != "running"]
@@ -172,6 +205,18 @@ class Agent(StatusSource):
             self.log.info("role from the coordinator", mode=mode, epoch=epoch)
             self._events.put_nowait("fence" if mode == "fenced" else "role")
 
+    async def _start_group(self, tg: asyncio.TaskGroup, stop: asyncio.Event) -> None:
+        """Join the group and wait (up to a membership TTL) for its first partitions."""
+        group = self.group
+        if group is None:
+            return
+        tg.create_task(group.run(stop))
+        try:
+            async with asyncio.timeout(group.ttl):
+                await group.changed()
+        except TimeoutError:
+            self.log.warning("no partition owned yet")
+
     async def _start_coordinator(
         self, tg: asyncio.TaskGroup, stop: asyncio.Event
     ) -> asyncio.Task[None] | None:
@@ -211,6 +256,7 @@ class Agent(StatusSource):
                 cost = tg.create_task(self.cost.run())
                 coordination = asyncio.Event()
                 follower = await self._start_coordinator(tg, coordination)
+                await self._start_group(tg, coordination)
                 code = await self._generations()
                 coordination.set()
                 if follower is not None:
@@ -263,7 +309,7 @@ class Agent(StatusSource):
         if self.config_path is None:
             return False
         try:
-            new = load_config(self.config_path)
+            new = as_member(load_config(self.config_path), self.instance, self.listen)
         except ConfigError as exc:
             self.log.error("reload refused: invalid configuration", problems=exc.problems)
             return False
@@ -271,6 +317,8 @@ class Agent(StatusSource):
             self.log.error("reload refused: region changed", old=self.cfg.region, new=new.region)
             return False
         logs.configure(new.log.format, new.log.level)
+        if self.group is not None:
+            self.group.parts = [p.name for p in stream_partitions(new)]
         self.cfg = new
         self.compliance.update_config(new)
         return True
@@ -296,7 +344,42 @@ class Agent(StatusSource):
         self.log.info("streams drained")
         return True
 
+    async def _group_generation(
+        self, cfg: AgentConfig, group: GroupMember, stop: asyncio.Event
+    ) -> None:
+        """An agent of a group: start and stop partitions as ownership moves, leaving the
+        others running (``agent.group.runner``); a member that could not renew its
+        membership in time cancels them all at once."""
+
+        async def build(owned: dict[str, int], stack: AsyncExitStack) -> list[StreamTask]:
+            epoch = self._epoch()
+            mine = Owned(epoch, owned)
+            return await build_tasks(cfg, self.metrics, stack, self.store_metrics, epoch, mine)
+
+        async def run(task: StreamTask, until: asyncio.Event) -> None:
+            await run_stream(task, until, self.metrics)
+
+        runner = PartitionRunner(build, run, drain=min(cfg.drain_timeout, group.ttl / 2))
+        try:
+            while not stop.is_set():
+                await runner.apply(dict(group.owned), at_once=group.fenced)
+                self.tasks = runner.tasks
+                await group.released(set(runner.running))  # another member may take them
+                self.notifier.ready(self._summary())
+                self.log.info("partitions running", owned=sorted(runner.running))
+                changed = asyncio.ensure_future(group.changed())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({changed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                stopping.cancel()
+        finally:
+            await runner.apply({}, at_once=not stop.is_set())
+            await group.released(())
+
     async def _generation(self, cfg: AgentConfig, stop: asyncio.Event) -> None:
+        if self.group is not None:
+            await self._group_generation(cfg, self.group, stop)
+            return
         fenced = self._mode() == "fenced"
         async with AsyncExitStack() as stack:
             if fenced:
@@ -328,7 +411,9 @@ class Agent(StatusSource):
             await asyncio.sleep(interval)
 
 
-async def run_agent(config_path: Path) -> int:
-    cfg = load_config(config_path)
+async def run_agent(
+    config_path: Path, instance: str | None = None, listen: str | None = None
+) -> int:
+    cfg = as_member(load_config(config_path), instance, listen)
     logs.configure(cfg.log.format, cfg.log.level)
-    return await Agent(cfg, config_path).run()
+    return await Agent(cfg, config_path, instance, listen).run()

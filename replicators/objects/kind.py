@@ -13,21 +13,26 @@ Buckets are opened lazily (the kind functions are synchronous).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from replicators import checkpoint, logs
+from replicators import checkpoint, logs, partitions
 from replicators.bucket import Bucket
-from replicators.objects import held
+from replicators.keys import build_key_provider
+from replicators.objects import handover, held
+from replicators.objects.guard import GuardPolicy
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
 from replicators.paths import StreamPaths
 from replicators.registry import Background
 from replicators.segment import SegmentHeader
+from replicators.store_metrics import build_store
 from replicators.stream import Applied, Change
-from replicators.vault import SegmentRef
+from replicators.vault import SegmentRef, Vault
 
 if TYPE_CHECKING:
     from replicators.settings import AgentSettings, PeerSettings, StreamSettings
@@ -44,19 +49,37 @@ def _options(stream: StreamSettings, active_region: str) -> ObjectsOptions:
 
 
 class LazySource:
-    """Opens the source bucket on ``resume`` (the first call of the shipper)."""
+    """Opens the source bucket on ``resume`` (the first call of the shipper). For one
+    partition of a partitioned stream, captures the keys of that partition only."""
 
     KIND: ClassVar[str] = KIND
 
-    def __init__(self, options: ObjectsOptions, state_dir: Path) -> None:
+    def __init__(
+        self,
+        options: ObjectsOptions,
+        state_dir: Path,
+        part: partitions.Partition | None = None,
+        peer: PeerSettings | None = None,
+    ) -> None:
         self.options = options
         self.state_dir = state_dir
+        self.part = part
+        self.peer = peer
         self.inner: ObjectsSource | None = None
 
     async def resume(self, position: int) -> None:
         if self.inner is None:
             bucket = await Bucket.open(self.options.source)
-            self.inner = ObjectsSource(self.options, bucket, self.state_dir)
+            part = self.part
+            accept = part.accept() if part is not None and part.count > 1 else None
+            inner = ObjectsSource(self.options, bucket, self.state_dir, accept=accept)
+            if accept is not None and part is not None and self.peer is not None:
+                try:
+                    await _replay(inner, self.peer, part.name)
+                except BaseException:
+                    await inner.aclose()
+                    raise
+            self.inner = inner
         await self.inner.resume(position)
 
     async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
@@ -82,19 +105,22 @@ class LazySource:
 
 
 class LazyTarget:
-    """Opens the mirror bucket on ``state`` (the first call of the sink)."""
+    """Opens the mirror bucket on ``state`` (the first call of the sink). For one of ``n``
+    partitions, the mass-delete guard allows a ``1/n`` share of the stream's deletes
+    (``partition_guard``)."""
 
     KIND: ClassVar[str] = KIND
 
-    def __init__(self, options: ObjectsOptions, state_dir: Path) -> None:
+    def __init__(self, options: ObjectsOptions, state_dir: Path, count: int = 1) -> None:
         self.options = options
         self.state_dir = state_dir
+        self.count = count
         self.inner: MirrorTarget | None = None
 
     async def _open(self) -> MirrorTarget:
         if self.inner is None:
             bucket = await Bucket.open(self.options.mirror)
-            guard = self.options.delete_guard.policy()
+            guard = partition_guard(self.options.delete_guard.policy(), self.count)
             self.inner = MirrorTarget(bucket, self.state_dir, guard)
         return self.inner
 
@@ -109,15 +135,44 @@ class LazyTarget:
             await self.inner.aclose()
 
 
+def partition_guard(policy: GuardPolicy, count: int) -> GuardPolicy:
+    """The guard of one of ``count`` partitions: each sees about ``1/count`` of the
+    stream's deletes, and counts the whole mirror's keys, so each allows ``1/count`` of
+    the stream's share, count and minimum (rounded up)."""
+    if count == 1:
+        return policy
+    return dataclasses.replace(
+        policy,
+        share=policy.share / count,
+        count=math.ceil(policy.count / count),
+        min_deletes=math.ceil(policy.min_deletes / count),
+    )
+
+
 def source(
     stream: StreamSettings, agent: AgentSettings, peer: PeerSettings, state_dir: Path
 ) -> Source:
-    return LazySource(_options(stream, agent.region), state_dir)
+    """Captures the stream's keys, or one partition's (``stream.name`` names the log)."""
+    part = partitions.parse(stream.name)
+    return LazySource(_options(stream, agent.region), state_dir, part, peer)
+
+
+async def _replay(source: ObjectsSource, peer: PeerSettings, name: str) -> None:
+    """A partition's new owner learns from the partition's log what was shipped
+    (``replicators.objects.handover``) before it captures anything."""
+    store = await build_store(peer.vault, None, f"vault-{peer.name}", cross_region=True)
+    keys = build_key_provider(peer.keys)
+    try:
+        await handover.replay(source.index, Vault(store), keys, name)
+    finally:
+        await keys.aclose()
+        await store.aclose()
 
 
 def target(stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> Target:
     """Applies into this region's bucket: the mirror while a peer is active."""
-    return LazyTarget(_options(stream, _peer(agent)), state_dir)
+    count = partitions.parse(stream.name).count
+    return LazyTarget(_options(stream, _peer(agent)), state_dir, count)
 
 
 class AntiEntropy:

@@ -1,0 +1,95 @@
+"""The streams of an agent of a group: one set of tasks per partition owned, started and
+stopped one partition at a time as ownership moves, the others left running.
+
+``apply(owned)`` stops the partitions no longer owned (each finishes its current unit
+within ``drain``, then is cancelled: cancelling is a crash for that partition, which
+loses nothing, since a new owner resumes from what is durable in the vault), closes
+their stores, then builds and starts the partitions newly owned, each at its own epoch.
+Only after ``apply`` returns may the member give up the keys of what it stopped
+(``GroupMember.released``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from agent.supervise import StreamTask
+from replicators import logs
+
+Build = Callable[[dict[str, int], AsyncExitStack], Awaitable[list[StreamTask]]]
+Run = Callable[[StreamTask, asyncio.Event], Awaitable[None]]
+
+
+@dataclass
+class _Running:
+    epoch: int
+    tasks: list[StreamTask]
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stack: AsyncExitStack = field(default_factory=AsyncExitStack)
+    jobs: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class PartitionRunner:
+    """``build(owned, stack)``: the tasks of the partitions ``owned`` (name -> epoch),
+    their stores opened on ``stack``; ``run(task, stop)``: one task until ``stop``."""
+
+    def __init__(self, build: Build, run: Run, drain: float) -> None:
+        self.build = build
+        self.run = run
+        self.drain = drain
+        self.running: dict[str, _Running] = {}
+        self.log = logs.get("group")
+
+    @property
+    def tasks(self) -> list[StreamTask]:
+        return [t for name in sorted(self.running) for t in self.running[name].tasks]
+
+    async def apply(self, owned: dict[str, int], *, at_once: bool = False) -> None:
+        """Run exactly the partitions ``owned``, each at its epoch (a partition whose epoch
+        changed is restarted). ``at_once``: cancel what stops, without a drain."""
+        gone = [p for p, r in self.running.items() if owned.get(p) != r.epoch]
+        await asyncio.gather(*(self._stop(p, at_once) for p in gone))
+        for part, epoch in sorted(owned.items()):
+            if part not in self.running:
+                await self._start(part, epoch)
+
+    async def _start(self, part: str, epoch: int) -> None:
+        r = _Running(epoch, [])
+        try:
+            r.tasks = await self.build({part: epoch}, r.stack)
+        except BaseException:
+            await r.stack.aclose()
+            raise
+        r.jobs = [asyncio.create_task(self.run(t, r.stop), name=t.name) for t in r.tasks]
+        self.running[part] = r
+        self.log.info("partition started", partition=part, epoch=epoch, tasks=len(r.tasks))
+
+    async def _stop(self, part: str, at_once: bool) -> None:
+        r = self.running.pop(part)
+        r.stop.set()
+        if r.jobs and not at_once:
+            _, pending = await asyncio.wait(r.jobs, timeout=self.drain)
+        else:
+            pending = set(r.jobs)
+        for job in pending:
+            job.cancel()
+        for job in r.jobs:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await job
+        await r.stack.aclose()
+        self.log.info("partition stopped", partition=part, cancelled=len(pending))
+
+    async def aclose(self) -> None:
+        await self.apply({})
+
+    def failed(self) -> BaseException | None:
+        """The first error a partition's task ended with (a task only ends on stop)."""
+        for r in self.running.values():
+            for job in r.jobs:
+                if job.done() and not job.cancelled() and job.exception() is not None:
+                    return job.exception()
+        return None
