@@ -176,3 +176,54 @@ def test_objects_streams_pipeline_their_puts() -> None:
     assert StreamConfig(name="o", kind="objects", objects=opts).in_flight == 4
     cfg = StreamConfig(name="o", kind="objects", objects=opts, segments_in_flight=8)
     assert cfg.in_flight == 8
+
+
+@pytest.mark.lab
+async def test_a_full_batch_is_cut_at_once_not_at_its_age(
+    lab: Lab, unique: str, tmp_path: Path
+) -> None:
+    """The next record does not fit: the batch ends there and then (it used to idle until
+    ``max_age``, at every batch of a backlog)."""
+    opts = options(lab, f"{unique}/", scan_interval=600)
+    bucket = await Bucket.open(opts.source)
+    source = ObjectsSource(opts, await Bucket.open(opts.source), tmp_path / "src")
+    try:
+        for i in range(3):
+            await bucket.write(f"k{i}", os.urandom(600 << 10), "", {})
+        await source.resume(0)
+        async with asyncio.timeout(20):  # max_age is 120 s
+            batch = await source.next_batch(1 << 20, 120.0, asyncio.Event())
+        assert [rec.decode(c.payload).key for c in batch] == ["k0"]
+    finally:
+        await source.aclose()
+        await bucket.aclose()
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("mib", [12, 27], ids=["hashed-from-its-parts", "hash-pass"])
+async def test_large_objects_are_read_in_parallel_parts_in_order(
+    lab: Lab, unique: str, tmp_path: Path, mib: int
+) -> None:
+    """Parts are read ``PARTS_AHEAD`` at a time, yet emitted in index order, each carrying
+    the content hash of the whole object (from the parts when they are all of it)."""
+    opts = options(lab, f"{unique}/", scan_interval=600, part_size="5MiB")
+    bucket = await Bucket.open(opts.source)
+    body = os.urandom(mib << 20)
+    await bucket.write("big", body, "application/x-test", {"a": "b"})
+    source = ObjectsSource(opts, await Bucket.open(opts.source), tmp_path / "src")
+    try:
+        await source.resume(0)
+        parts: list[rec.Part] = []
+        async with asyncio.timeout(60):
+            while not parts or not parts[-1].last:
+                batch = await source.next_batch(8 << 20, 0.05, asyncio.Event())
+                if batch:
+                    await source.ack(batch[-1].end)
+                    parts += [r for c in batch if isinstance(r := rec.decode(c.payload), rec.Part)]
+        assert [p.index for p in parts] == list(range(-(-len(body) // (5 << 20))))
+        assert b"".join(p.body for p in parts) == body
+        assert {p.head.content_hash for p in parts} == {rec.content_hash(body)}
+        assert parts[0].head.content_type == "application/x-test"
+    finally:
+        await source.aclose()
+        await bucket.aclose()
