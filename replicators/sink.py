@@ -101,6 +101,7 @@ class Sink:
             self.first_seqs[epoch] = min(seq, self.first_seqs.get(epoch, seq))
         bounds = lineage.boundaries(self.first_seqs)
         wanted = [ref for ref in refs if not lineage.is_stale(ref, bounds)]
+        place = {ref.key: i for i, ref in enumerate(wanted)}
         ahead: dict[str, asyncio.Task[OpenedSegment]] = {}
         try:
             for ref in refs:
@@ -111,7 +112,7 @@ class Sink:
                     continue
                 if self._waits_for_hole(ref):
                     break
-                at = wanted.index(ref)
+                at = place[ref.key]
                 for later in wanted[at : at + PREFETCH + 1]:
                     if later.key not in ahead:
                         ahead[later.key] = asyncio.ensure_future(self._open(later))
