@@ -119,6 +119,8 @@ async def dragent_cold_copy(
         "processes": 2,
         "cpu_send_s": round(cpu, 2),
         "cpu_receive_s": round(done["cpu_s"], 2),
+        "peak_rss_send_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_receive_mb": round(done["peak_rss_mb"]),
     }
 
 
@@ -172,7 +174,11 @@ async def receive(args: argparse.Namespace) -> None:
         while len(target.applied) < args.expect:
             if not await sink.sync_once(stop):
                 await asyncio.sleep(0.05)
-        done = {"last_applied": max(target.applied.values()), "cpu_s": time.process_time() - cpu0}
+        done = {
+            "last_applied": max(target.applied.values()),
+            "cpu_s": time.process_time() - cpu0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
         print(json.dumps(done), flush=True)
     finally:
         await target.aclose()
