@@ -20,8 +20,9 @@ PUT, not the one in flight plus its own. A PUT that fails after a later one succ
 leaves a hole in the log: ``recover()`` adopts the log only up to the hole and deletes
 the segments after it in its own epoch (never acknowledged, and never applied: a sink
 does not pass a hole), so the source re-sends their changes after the hole's. The
-log's first segment is always landed before the next is sent (a sink that has applied
-nothing starts at the first segment it lists).
+log's first segment, and an epoch's first, is always landed before the next is sent (a
+sink that has applied nothing starts at the first segment it lists, and a sink waits
+for a missing segment only within the epoch it applies).
 
 The epoch in every name is a fencing token: a shipper that finds a newer
 epoch in the log is stale and halts (``IntegrityError``). A name already
@@ -141,9 +142,11 @@ class Shipper:
         soon as it lands (even while the source waits for changes). At most ``in_flight``
         PUTs at once. When ``stop`` cuts the batch short, the PUTs in flight are finished."""
         s = self.settings
-        # the log's first segment lands alone: a sink that has applied nothing starts at the
-        # first segment it lists, which must not be seq 2 while seq 1 is in flight
-        while len(self._flying) >= (s.in_flight if self.last is not None else 1):
+        # the log's first segment, and this epoch's, lands alone: a sink that has applied
+        # nothing starts at the first segment it lists, and one waits for a missing segment
+        # only within its epoch; neither must find seq n + 1 while seq n is in flight
+        alone = self.last is None or self.last.epoch != s.epoch
+        while len(self._flying) >= (1 if alone else s.in_flight):
             await self._land_first()
         began = time.time()
         taking = asyncio.ensure_future(

@@ -11,19 +11,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from agent.config import AgentConfig, StreamConfig
+from agent.config import AgentConfig, StreamConfig, SyntheticOptions
 from agent.lab import Lab
 from agent.lab.stream_rig import running_pair
 from replicators.bucket import Bucket
 from replicators.errors import NotFound
 from replicators.keys import build_key_provider
+from replicators.metrics import Metrics
 from replicators.objects import records as rec
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.queue import ChangeQueue
 from replicators.objects.source import ObjectsSource
+from replicators.progress import StreamProgress
 from replicators.s3 import S3Store
+from replicators.shipper import Shipper, ShipperSettings
+from replicators.synthetic import SyntheticSource
+from replicators.vault import Vault
 from tests.test_objects_rig import options
 
 
@@ -227,3 +233,68 @@ async def test_large_objects_are_read_in_parallel_parts_in_order(
     finally:
         await source.aclose()
         await bucket.aclose()
+
+
+class _Watched:
+    """A vault store noting when each segment PUT starts and ends."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.events: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def put(self, key: str, data: bytes, **kwargs: Any) -> None:
+        if key.endswith(".seg"):
+            self.events.append(("start", key))
+            await asyncio.sleep(0.05)  # time for a pipelining shipper to start the next
+        await self._store.put(key, data, **kwargs)
+        if key.endswith(".seg"):
+            self.events.append(("end", key))
+
+
+@pytest.mark.lab
+async def test_the_first_segment_of_a_log_and_of_an_epoch_lands_alone(
+    unique: str, tmp_path: Path, cfg_a: AgentConfig, cfg_b: AgentConfig
+) -> None:
+    """A pipelining shipper sends its log's first segment, and its epoch's first after a
+    takeover, alone: a sink starts at the first segment it lists and waits for a missing
+    one only within its epoch, so seq n + 1 must never land while seq n is in flight."""
+    peer = cfg_a.peers[0]
+    store = await S3Store.open(peer.vault)
+    send = build_key_provider(peer.keys)
+    watched = _Watched(store)
+    try:
+        for epoch in (1, 2):
+            shipper = Shipper(
+                ShipperSettings(unique, "b", epoch, 1 << 20, 0.02, in_flight=4),
+                SyntheticSource(SyntheticOptions(rate=2000.0, record_size=256)),
+                Vault(watched),
+                send,
+                tmp_path / "shipped.json",
+                StreamProgress(unique, "synthetic", "source", "b"),
+                Metrics(CollectorRegistry()).stream(unique, "b"),
+            )
+            await shipper.recover()
+            stop = asyncio.Event()
+            for _ in range(6):
+                await shipper.sync_once(stop)
+            stop.set()
+            while await shipper.sync_once(stop):
+                pass
+        starts = [k for what, k in watched.events if what == "start"]
+        epoch_two = [k for k in starts if "/0000000002/" in k]
+        assert len(epoch_two) >= 2
+        for first in (starts[0], epoch_two[0]):
+            began = watched.events.index(("start", first))
+            ended = watched.events.index(("end", first))
+            during = [k for what, k in watched.events[began + 1 : ended] if what == "start"]
+            assert not during, f"{during} started while {first} was in flight"
+        assert any(  # and later segments do fly together
+            what == "start" and watched.events[i + 1][0] == "start"
+            for i, (what, _) in enumerate(watched.events[:-1])
+        )
+    finally:
+        await send.aclose()
+        await store.aclose()
