@@ -19,7 +19,8 @@ is ``ANY n (slot, ...)`` with ``n`` the number of slots listed, i.e. a commit wa
 until *every* listed destination's vault holds it. So whichever passive region takes
 over (the most caught-up one, ``agent.coordination.successor``) holds every
 acknowledged commit, provided its slot was listed (a guard that fell back, or has not
-caught up yet, is not).
+caught up yet, is not). A listed name that is no destination's slot (a peer no
+longer configured, a slot of an earlier run) is dropped: it would block commits forever.
 
 ``StandbyMonitor`` (passive side): the standby's replay position against the
 spool, for the replay-lag metrics.
@@ -49,10 +50,19 @@ async def _connect(options: PostgresOptions) -> asyncpg.Connection:
 
 
 class SyncGuard:
-    def __init__(self, options: PostgresOptions, stream: str, slot: str) -> None:
+    def __init__(
+        self,
+        options: PostgresOptions,
+        stream: str,
+        slot: str,
+        siblings: frozenset[str] = frozenset(),
+    ) -> None:
         self.options = options
         self.stream = stream
         self.slot = slot
+        # the slots of the stream's other destinations: any other name listed is stale
+        # (a peer no longer configured, an earlier run) and is dropped from the list
+        self.siblings = siblings | {slot}
         self.synchronous = False
         self.log = logs.get("postgres.sync", stream=stream, slot=slot)
         self._last_flush: int | None = None
@@ -89,7 +99,7 @@ class SyncGuard:
         assert row is not None
         head = L.parse_lsn(row["head"])
         flush = L.parse_lsn(row["flush"]) if row["flush"] else None
-        names = listed_slots(row["names"])
+        names = listed_slots(row["names"]) & self.siblings
         listed = self.slot in names
         now = time.monotonic()
         if flush is not None and flush != self._last_flush:
@@ -101,8 +111,8 @@ class SyncGuard:
         behind = flush is None or flush < head
         fallback = self.options.synchronous_fallback_after
         if listed and behind and fallback > 0 and now - self._last_progress > fallback:
+            self.synchronous = False  # from now on a commit may not wait for this vault
             await self._set_names(conn, standby_names(names - {self.slot}))
-            self.synchronous = False
             self.log.error(
                 "zero-loss mode suspended: falling back to asynchronous commits",
                 stalled_seconds=round(now - self._last_progress, 1),

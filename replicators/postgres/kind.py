@@ -224,7 +224,8 @@ def background(
         job = BackupSchedule(stream, peer, gap_book(stream, agent, peer))
         jobs.append(Background(f"backup-{peer.name}", job, every))
         if options.synchronous:
-            guard = SyncGuard(options, stream.name, slot_name(options, peer.name))
+            slots = frozenset(slot_name(options, p.name) for p in agent.peers)
+            guard = SyncGuard(options, stream.name, slot_name(options, peer.name), slots)
             jobs.append(Background(f"sync-guard-{peer.name}", guard, 1.0))
     return jobs
 
