@@ -149,6 +149,9 @@ up <span id="uptime">?</span> · updated <span id="updated">never</span>
 <h2>Verifications</h2>
 <table><thead><tr><th>stream</th><th>state</th><th>result</th><th>finished</th><th>report</th>
 </tr></thead><tbody id="verifications"></tbody></table>
+<h2 id="group-title" hidden>Group</h2>
+<table id="group-table" hidden><thead><tr><th>partition</th><th>owner</th></tr></thead>
+<tbody id="group"></tbody></table>
 <h2>Drills</h2>
 <table><thead><tr><th>drill</th><th>last success</th></tr></thead>
 <tbody id="drills"></tbody></table>
@@ -245,6 +248,16 @@ function render(s) {
     cell(r, "").appendChild(a); vs.appendChild(r);
   }
   if (!vs.children.length) vs.innerHTML = '<tr><td colspan="5">none yet</td></tr>';
+  const g = s.group, gs = $("group"); gs.replaceChildren();  // agent.group: who runs what
+  $("group-title").hidden = $("group-table").hidden = !g;
+  if (g) {
+    $("group-title").textContent = "Group: " + g.members.length + " members, this one "
+      + g.instance + (g.fenced ? " (FENCED: runs nothing)" : "");
+    for (const [part, who] of Object.entries(g.owners)) {
+      const r = document.createElement("tr"); r.dataset.partition = part;
+      cell(r, part); cell(r, who, who === g.instance ? "ok" : ""); gs.appendChild(r);
+    }
+  }
   const ds = $("drills"); ds.replaceChildren();
   for (const [name, t] of Object.entries(s.drills || {})) {
     const r = document.createElement("tr"); cell(r, name); cell(r, ago(t)); ds.appendChild(r);

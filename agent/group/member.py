@@ -238,6 +238,13 @@ class GroupMember:
             if part not in self.owners:
                 self.held.pop(part)  # its key is gone (deleted by an operator)
         todo = plan(self.instance, self.members, self.held, self.parts)
+        if not todo.empty:
+            self.log.info(
+                "rebalancing",
+                members=self.members,
+                release=sorted(todo.release),
+                take=sorted(todo.take),
+            )
         owned = {p: e for p, e in self.held.items() if p not in todo.release}
         for part in sorted(todo.take):
             if part in self.owners:

@@ -4,7 +4,8 @@ stopped one partition at a time as ownership moves, the others left running.
 ``apply(owned)`` stops the partitions no longer owned (each finishes its current unit
 within ``drain``, then is cancelled: cancelling is a crash for that partition, which
 loses nothing, since a new owner resumes from what is durable in the vault), closes
-their stores, then builds and starts the partitions newly owned, each at its own epoch.
+their stores, then builds and starts the partitions newly owned (all at once), each at
+its own epoch.
 Only after ``apply`` returns may the member give up the keys of what it stopped
 (``GroupMember.released``).
 """
@@ -53,9 +54,11 @@ class PartitionRunner:
         changed is restarted). ``at_once``: cancel what stops, without a drain."""
         gone = [p for p, r in self.running.items() if owned.get(p) != r.epoch]
         await asyncio.gather(*(self._stop(p, at_once) for p in gone))
-        for part, epoch in sorted(owned.items()):
-            if part not in self.running:
-                await self._start(part, epoch)
+        new = [(p, e) for p, e in sorted(owned.items()) if p not in self.running]
+        started = await asyncio.gather(*(self._start(p, e) for p, e in new), return_exceptions=True)
+        errors = [r for r in started if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
 
     async def _start(self, part: str, epoch: int) -> None:
         r = _Running(epoch, [])
