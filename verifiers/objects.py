@@ -28,6 +28,7 @@ not repaired, so a verify with repair cannot bypass the guard.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,14 +38,23 @@ from typing import Any
 import xxhash
 
 from replicators.bucket import Bucket
-from replicators.errors import AlreadyExists, NotFound
+from replicators.errors import AlreadyExists, IntegrityError, NotFound
 from replicators.objects.index import ShippedIndex
 from replicators.objects.mirror import mirror_metadata
-from replicators.objects.records import META_HASH, Head, Version
-from replicators.objects.trees import DEPTH, Row, TreeStore, key_leaf
+from replicators.objects.records import META_HASH, META_VERSION, Head, Version
+from replicators.objects.trees import DEPTH, Row, TreeStore, key_leaf, partition_bits
 from verifiers.merkle import HASH_SIZE, leaf_hash, node_hash
+from verifiers.remote_tree import RemoteTree, RemoteTreeError
 
-__all__ = ["DEPTH", "KeyTree", "compare", "key_leaf", "verify_buckets"]
+__all__ = [
+    "DEPTH",
+    "KeyTree",
+    "LocalTree",
+    "compare",
+    "compare_trees",
+    "key_leaf",
+    "verify_buckets",
+]
 
 _MOD = 1 << 128
 
@@ -264,24 +274,36 @@ async def verify_buckets(
     repair: bool = False,
     accepted: Mapping[str, Mapping[str, Any]] | None = None,
     held: Collection[str] = (),
-    trees: tuple[Path, Path] | None = None,
+    trees: tuple[Path, Path | RemoteTree] | None = None,
 ) -> dict[str, Any]:
     """Compare the source bucket with the mirror and (with ``repair``) fix the mirror.
 
     ``index_path``: the source's shipping index (``shipped.sqlite``), if it exists.
     ``trees``: (source tree, mirror tree) persisted key trees (``replicators.objects.trees``;
-    the source's lives in the shipping index). When both exist and have been built (and not
-    ``deep``), the trees are compared instead of listings, and each differing key is
-    confirmed against both buckets (HEAD) before it is reported or repaired, so a stale tree
-    never causes a wrong repair; otherwise both trees are built from full listings.
+    the source's lives in the shipping index); the mirror's may be a peer's, read over its
+    agent's API (``verifiers.remote_tree.RemoteTree``, closed here). When both exist and
+    have been built (and not ``deep``), the trees are compared instead of listings (the
+    report has ``from_trees``), and each differing key is confirmed against both buckets
+    (HEAD) before it is reported or repaired, so a stale tree never causes a wrong repair;
+    otherwise both trees are built from full listings (``trees_skipped`` says why).
     ``accepted``: key → its rejection record; ``held``: keys whose delete is held (see
     the module docstring).
     Returns the unsigned report (verifiers.report fields). Raises the stores' errors.
     """
 
     started = time.time()
-    persisted = None if deep or trees is None else _open_trees(trees)
-    src, dst = await Bucket.open(options.source), await Bucket.open(options.mirror)
+    persisted, skipped = None, ""
+    if trees is not None and deep:
+        skipped = "a deep verify reads every object"
+        if isinstance(trees[1], RemoteTree):
+            await trees[1].aclose()
+    elif trees is not None:
+        persisted, skipped = await _open_trees(trees)
+    try:
+        src, dst = await Bucket.open(options.source), await Bucket.open(options.mirror)
+    except BaseException:
+        await _close_trees(persisted)
+        raise
     index = ShippedIndex(index_path) if index_path is not None else None
     mtree_store: TreeStore | None = None
     try:
@@ -290,7 +312,10 @@ async def verify_buckets(
             differences, states, hashed = found_t.differences, found_t.states, found_t.hashed
             counts, roots = found_t.counts, found_t.roots
             nodes_compared, at, extra = found_t.nodes_compared, found_t.at, found_t.extra
-            mtree_store = persisted[1]
+            if isinstance(persisted[1], LocalTree):
+                mtree_store = persisted[1].store
+            else:  # the peer's tree learns of a repair at its next rebuild
+                extra["mirror_tree_updated_by_repair"] = False
         else:
             (stree, states, hashed), (mtree, problems) = await asyncio.gather(
                 source_tree(src, index), mirror_tree(dst, deep)
@@ -299,7 +324,8 @@ async def verify_buckets(
             differences = list(_describe(found.keys, stree, mtree)) + problems
             counts = {"source": len(stree), "mirror": len(mtree)}
             roots = {"source": stree.root().hex(), "mirror": mtree.root().hex()}
-            nodes_compared, extra = found.nodes_compared, {}
+            nodes_compared = found.nodes_compared
+            extra = {"trees_skipped": skipped} if skipped else {}
             at = (
                 f"listings of {options.source.bucket}/{options.source.prefix} and "
                 f"{options.mirror.bucket}/{options.mirror.prefix}"
@@ -338,9 +364,7 @@ async def verify_buckets(
     finally:
         if index is not None:
             index.close()
-        if persisted is not None:
-            for tree in persisted:
-                tree.close()
+        await _close_trees(persisted)
         await src.aclose()
         await dst.aclose()
     ok = not differences or (repair and repaired == len({d["where"] for d in differences}))
@@ -399,23 +423,130 @@ def _describe(keys: list[str], src: KeyTree, dst: KeyTree) -> Iterator[dict[str,
 # -- from persisted trees ----------------------------------------------------------------
 
 
-def _open_trees(paths: tuple[Path, Path]) -> tuple[TreeStore, TreeStore] | None:
-    """Both persisted trees, if both exist and have been built; else None (full rebuild)."""
-    if not all(p.exists() for p in paths):
-        return None
-    opened = []
+class LocalTree:
+    """A persisted ``TreeStore`` read the way ``compare_trees`` reads a tree (in a thread)."""
+
+    def __init__(self, store: TreeStore) -> None:
+        self.store = store
+        self.depth, self.partitions = store.depth, store.partitions
+
+    @property
+    def where(self) -> str:
+        return str(self.store.path)
+
+    @property
+    def built_at(self) -> float | None:
+        return self.store.built_at
+
+    def info(self) -> dict[str, Any]:
+        return self.store.info()
+
+    async def root(self) -> bytes:
+        return await asyncio.to_thread(self.store.root)
+
+    async def partition_roots(self) -> dict[int, bytes]:
+        return await asyncio.to_thread(self.store.partition_roots)
+
+    async def nodes(self, level: int, indices: list[int]) -> dict[int, bytes | None]:
+        def read() -> dict[int, bytes | None]:
+            return {i: self.store.node_at(level, i) for i in indices}
+
+        return await asyncio.to_thread(read)
+
+    async def leaves(self, buckets: list[int]) -> dict[int, dict[str, bytes]]:
+        def read() -> dict[int, dict[str, bytes]]:
+            return {b: self.store.leaves(b) for b in buckets}
+
+        return await asyncio.to_thread(read)
+
+    async def aclose(self) -> None:
+        self.store.close()
+
+
+Tree = LocalTree | RemoteTree
+
+
+async def compare_trees(a: Tree, b: Tree) -> Comparison:
+    """``compare`` for persisted trees, local or a peer's: the partition roots first, then
+    level by level only below the nodes that differ (one batched read per level and side),
+    then the keys of the differing hash buckets. Raises ``ValueError`` if the trees are not
+    cut alike (depth, partitions), ``RemoteTreeError`` if a peer's cannot be read."""
+    if (a.depth, a.partitions) != (b.depth, b.partitions):
+        raise ValueError("trees of different depths or partition counts cannot be compared")
+    ra, rb = await asyncio.gather(a.partition_roots(), b.partition_roots())
+    parts = ra.keys() | rb.keys()
+    frontier = sorted(p for p in parts if ra.get(p) != rb.get(p))
+    compared = len(parts)
+    level = partition_bits(a.partitions, a.depth)
+    while level < a.depth and frontier:
+        level += 1
+        children = [c for i in frontier for c in (2 * i, 2 * i + 1)]
+        na, nb = await asyncio.gather(a.nodes(level, children), b.nodes(level, children))
+        compared += len(children)
+        frontier = [c for c in children if na.get(c) != nb.get(c)]
+    keys: list[str] = []
+    if frontier:
+        la, lb = await asyncio.gather(a.leaves(frontier), b.leaves(frontier))
+        for n in frontier:
+            x, y = la.get(n, {}), lb.get(n, {})
+            keys += [k for k in x.keys() | y.keys() if x.get(k) != y.get(k)]
+    return Comparison(sorted(keys), compared)
+
+
+def _open_local(path: Path) -> LocalTree | str:
+    """The persisted tree at ``path`` if it exists and has been built; else why not."""
+    if not path.exists():
+        return f"no tree at {path}"
     try:
-        for p in paths:
-            opened.append(TreeStore(p))
-    except (ValueError, OSError):
-        for t in opened:
-            t.close()
-        return None
-    if any(t.built_at is None for t in opened):
-        for t in opened:
-            t.close()
-        return None
-    return opened[0], opened[1]
+        store = TreeStore(path)
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        return f"{path}: {exc}"
+    if store.built_at is None:
+        store.close()
+        return f"{path}: not rebuilt in full yet"
+    return LocalTree(store)
+
+
+async def _open_trees(
+    trees: tuple[Path, Path | RemoteTree],
+) -> tuple[tuple[Tree, Tree] | None, str]:
+    """Both persisted trees, if both exist, have been built and are cut alike; else
+    (None, why not), for a full rebuild from listings. Closes what it does not return."""
+    source, mirror = trees
+    remote = mirror if isinstance(mirror, RemoteTree) else None
+    a: Tree | str | None = None
+    b: Tree | str | None = None
+    ok = False
+    try:
+        a = await asyncio.to_thread(_open_local, source)
+        if isinstance(a, str):
+            return None, f"source: {a}"
+        if remote is not None:
+            try:
+                await remote.load()
+            except RemoteTreeError as exc:
+                return None, f"mirror: {exc}"
+            b = remote if remote.built_at is not None else f"{remote.where}: not rebuilt yet"
+        else:
+            assert isinstance(mirror, Path)
+            b = await asyncio.to_thread(_open_local, mirror)
+        if isinstance(b, str):
+            return None, f"mirror: {b}"
+        if (a.depth, a.partitions) != (b.depth, b.partitions):
+            return None, "the trees are not cut alike (depth, partitions)"
+        ok = True
+        return (a, b), ""
+    finally:
+        if not ok:
+            for t in {
+                id(t): t for t in (a, b, remote) if t is not None and not isinstance(t, str)
+            }.values():
+                await t.aclose()
+
+
+async def _close_trees(trees: tuple[Tree, Tree] | None) -> None:
+    for t in trees or ():
+        await t.aclose()
 
 
 @dataclass
@@ -431,11 +562,12 @@ class _TreeFindings:
 
 
 async def _from_trees(
-    src: Any, dst: Any, index: ShippedIndex | None, stree: TreeStore, mtree: TreeStore
+    src: Any, dst: Any, index: ShippedIndex | None, stree: Tree, mtree: Tree
 ) -> _TreeFindings:
-    """Compare the persisted trees (root first, then only where they differ), then confirm
-    each candidate key against both buckets: only a confirmed difference is reported."""
-    found = await asyncio.to_thread(compare, stree, mtree)
+    """Compare the persisted trees (partition roots first, then only where they differ),
+    then confirm each candidate key against both buckets: only a confirmed difference is
+    reported."""
+    found = await compare_trees(stree, mtree)
     hashed = 0
 
     async def confirm(key: str) -> tuple[str, Any, str, Any, str]:
@@ -477,15 +609,16 @@ async def _from_trees(
             differences.append({"what": what, "where": key})
         else:
             stale += 1  # the trees differ where the buckets agree: a tree is behind
-    info = {"source": stree.info(), "mirror": mtree.info()}
+    info = {"source": await asyncio.to_thread(stree.info), "mirror": mtree.info()}
+    roots = {"source": (await stree.root()).hex(), "mirror": (await mtree.root()).hex()}
     return _TreeFindings(
         differences=differences,
         states=states,
         hashed=hashed,
         counts={"source": info["source"]["keys"], "mirror": info["mirror"]["keys"]},
-        roots={"source": stree.root().hex(), "mirror": mtree.root().hex()},
+        roots=roots,
         nodes_compared=found.nodes_compared,
-        at=f"persisted key trees {stree.path} and {mtree.path}, "
+        at=f"persisted key trees {stree.where} and {mtree.where}, "
         "candidates confirmed against both buckets",
         extra={
             "from_trees": True,
@@ -494,6 +627,15 @@ async def _from_trees(
             "candidates_not_confirmed": stale,
         },
     )
+
+
+def _version(metadata: Mapping[str, str]) -> tuple[int, int]:
+    """The version the mirror object records (``dragent-version``), (0, 0) if none."""
+    try:
+        v = Version.decode(metadata.get(META_VERSION, ""))
+    except IntegrityError:
+        return (0, 0)
+    return (v.time_ns, v.seq)
 
 
 async def rebuild_mirror_tree(
@@ -512,7 +654,7 @@ async def rebuild_mirror_tree(
             h = await bucket.head(obj.key)
         except (NotFound, AlreadyExists):
             return None  # gone since listed: the stream tells the tree
-        return obj.key, Row(h.size, h.metadata.get(META_HASH, ""), h.etag)
+        return obj.key, Row(h.size, h.metadata.get(META_HASH, ""), h.etag, _version(h.metadata))
 
     try:
         async for page in listing if listing is not None else bucket.scan():

@@ -54,6 +54,8 @@ from verifiers.merkle import HASH_SIZE, leaf_hash, node_hash
 
 DEPTH = 16
 PARTITIONS = 64
+MIRROR_TREE = "tree.sqlite"
+"""The mirror's tree, in the passive side's target directory (``StreamPaths.target``)."""
 _MOD = 1 << 128
 _ZERO = b"\x00" * HASH_SIZE
 
@@ -166,6 +168,7 @@ class TreeStore:
         if db is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=60000")  # another process may be creating it
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA busy_timeout=60000")
@@ -429,6 +432,13 @@ class TreeStore:
                 batch = []
         build.add(batch)
         build.finish(built_from)
+
+    def distrust(self) -> None:
+        """Mark the tree as not to be trusted until the next full rebuild (``built_at``
+        cleared): a change it should have been told of may be missing."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._set_meta(built_at="")
 
     def close(self) -> None:
         if self._own:
