@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import functools
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, suppress
 from typing import Any, ClassVar
@@ -78,6 +79,19 @@ def crc32c_header(data: bytes) -> str:
     return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
 
 
+@functools.cache
+def _session() -> aiobotocore.session.AioSession:
+    """One botocore session per process: its loader keeps the service models it parsed,
+    so a client after the first costs about 20 ms of CPU instead of 90 (an agent of a
+    group opens a few per partition it takes)."""
+    session = aiobotocore.session.get_session()
+    # botocore asks for "100-continue" before every PUT body: one more round trip per
+    # PUT, which across regions is most of a segment's latency. A refused PUT costs us
+    # its body's bytes once instead (segments are small; large objects go in parts).
+    session.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    return session
+
+
 def s3_client(cfg: S3Config, *, sign_payload: bool | None = None) -> Any:
     """An aiobotocore S3 client for ``cfg`` (an async context manager); botocore retries.
 
@@ -101,12 +115,7 @@ def s3_client(cfg: S3Config, *, sign_payload: bool | None = None) -> Any:
         | ({} if sign_payload is None else {"payload_signing_enabled": sign_payload}),
         max_pool_connections=cfg.max_concurrency,
     )
-    session = aiobotocore.session.get_session()
-    # botocore asks for "100-continue" before every PUT body: one more round trip per
-    # PUT, which across regions is most of a segment's latency. A refused PUT costs us
-    # its body's bytes once instead (segments are small; large objects go in parts).
-    session.unregister("before-call.s3", botocore.handlers.add_expect_header)
-    return session.create_client(
+    return _session().create_client(
         "s3", endpoint_url=cfg.endpoint, region_name=cfg.region_name, config=config, **creds
     )
 

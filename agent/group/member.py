@@ -228,7 +228,11 @@ class GroupMember:
             self._lost()
             await self._join()
             self.renewed_at = sent
-        self.members = await self._read_members()
+        members = await self._read_members()
+        # take only once the member list has stayed the same for a cycle: agents started
+        # together see each other before taking (no partition started twice at start-up)
+        settled = members == self.members
+        self.members = members
         self.owners = await self._read_owners()
         for part, who in self.owners.items():
             if part in self.held and who != self.instance:
@@ -246,7 +250,7 @@ class GroupMember:
                 take=sorted(todo.take),
             )
         owned = {p: e for p, e in self.held.items() if p not in todo.release}
-        for part in sorted(todo.take):
+        for part in sorted(todo.take) if settled else ():
             if part in self.owners:
                 continue  # still held by its previous owner: wait for its release or expiry
             epoch = await self._take(part)
