@@ -5,7 +5,13 @@
 - ``target``: ``MirrorTarget`` over ``[streams.objects] mirror``.
 - ``verify``: compares source and mirror (``verifiers.objects``).
 - ``background``: with ``verify_interval``, the active agent verifies and
-  repairs on that schedule (``AntiEntropy``).
+  repairs on that schedule (``AntiEntropy``); the passive agent rebuilds the mirror's
+  persisted key tree in full when it has never been built, then every
+  ``TREE_REBUILD_INTERVAL`` (``MirrorTreeRebuild``).
+
+The sink keeps the mirror's key tree (``<target>/tree.sqlite``) up to date with what it
+applies; a verify compares it with the source's (in the shipping index) when both are
+there, reading the mirror's over the peer agent's API when it is in another region.
 
 Buckets are opened lazily (the kind functions are synchronous).
 """
@@ -13,20 +19,25 @@ Buckets are opened lazily (the kind functions are synchronous).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
+import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from replicators import checkpoint, logs, partitions
 from replicators.bucket import Bucket
+from replicators.errors import IntegrityError
 from replicators.keys import build_key_provider
 from replicators.objects import handover, held
 from replicators.objects.guard import GuardPolicy
 from replicators.objects.mirror import MirrorTarget
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.source import ObjectsSource
+from replicators.objects.trees import MIRROR_TREE, TreeStore, update_from_records
 from replicators.paths import StreamPaths
 from replicators.registry import Background
 from replicators.segment import SegmentHeader
@@ -40,6 +51,13 @@ if TYPE_CHECKING:
 
 KIND = "objects"
 log = logs.get("objects")
+
+TREE_REBUILD_INTERVAL = 24 * 3600.0
+"""How often the passive side rebuilds the mirror's key tree from a full listing (drift:
+changes made to the mirror behind the stream's back). Not yet an option of the stream."""
+TREE_CHECK_EVERY = 300.0
+"""How often the rebuild job looks whether a rebuild is due (a tree never built is
+rebuilt at the job's first run)."""
 
 
 def _options(stream: StreamSettings, active_region: str) -> ObjectsOptions:
@@ -116,23 +134,48 @@ class LazyTarget:
         self.state_dir = state_dir
         self.count = count
         self.inner: MirrorTarget | None = None
+        self.tree: TreeStore | None = None
 
     async def _open(self) -> MirrorTarget:
         if self.inner is None:
             bucket = await Bucket.open(self.options.mirror)
             guard = partition_guard(self.options.delete_guard.policy(), self.count)
             self.inner = MirrorTarget(bucket, self.state_dir, guard)
+            self.tree = await asyncio.to_thread(self._open_tree)
         return self.inner
+
+    def _open_tree(self) -> TreeStore | None:
+        """The mirror's key tree; None (and the mirror goes on) if it cannot be opened."""
+        try:
+            return TreeStore(self.state_dir / MIRROR_TREE)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            log.warning("mirror key tree unavailable", path=str(self.state_dir), error=str(exc))
+            return None
 
     async def state(self) -> Applied | None:
         return await (await self._open()).state()
 
     async def apply(self, ref: SegmentRef, header: SegmentHeader, records: Sequence[bytes]) -> None:
+        """Apply to the mirror, then tell the mirror's tree what was applied (one transaction
+        per segment). A tree that cannot be updated is marked untrusted (verifies fall back
+        to listings until its next full rebuild); the mirror is not held up by it."""
         await (await self._open()).apply(ref, header, records)
+        tree = self.tree
+        if tree is None:
+            return
+        try:
+            await asyncio.to_thread(update_from_records, tree, records)
+        except (sqlite3.Error, OSError, IntegrityError) as exc:
+            log.warning("mirror key tree not updated: untrusted until rebuilt", error=str(exc))
+            with contextlib.suppress(sqlite3.Error, OSError):
+                await asyncio.to_thread(tree.distrust)
 
     async def aclose(self) -> None:
         if self.inner is not None:
             await self.inner.aclose()
+        if self.tree is not None:
+            self.tree.close()
+            self.tree = None
 
 
 def partition_guard(policy: GuardPolicy, count: int) -> GuardPolicy:
@@ -198,11 +241,67 @@ class AntiEntropy:
         return False
 
 
+class MirrorTreeRebuild:
+    """A background job of the passive agent: rebuild the mirror's key tree in full (from a
+    listing of the mirror bucket, or from ``listing()``'s pages, e.g. an S3 Inventory
+    report: ``replicators.objects.inventory``) when it has never been built, then whenever
+    the last rebuild is ``interval`` seconds old. Until then a verify does not trust it."""
+
+    def __init__(
+        self,
+        options: ObjectsOptions,
+        path: Path,
+        interval: float = TREE_REBUILD_INTERVAL,
+        listing: Any = None,
+    ) -> None:
+        self.options = options
+        self.path = path
+        self.interval = interval
+        self.listing = listing
+        self.runs = 0
+        self.last: dict[str, Any] | None = None
+
+    async def recover(self) -> None:
+        pass
+
+    def due(self, built_at: float | None, now: float) -> bool:
+        return built_at is None or now - built_at >= self.interval
+
+    async def sync_once(self, stop: asyncio.Event) -> bool:
+        from verifiers.objects import rebuild_mirror_tree
+
+        tree = await asyncio.to_thread(TreeStore, self.path)
+        try:
+            if not self.due(tree.built_at, time.time()):
+                return False
+            bucket = await Bucket.open(self.options.mirror)
+            try:
+                listing = self.listing() if self.listing is not None else None
+                self.last = await rebuild_mirror_tree(tree, bucket, listing)
+            finally:
+                await bucket.aclose()
+        finally:
+            tree.close()
+        self.runs += 1
+        log.info("mirror key tree rebuilt", path=str(self.path), **self.last)
+        return False
+
+
 def background(
     stream: StreamSettings, agent: AgentSettings, role: str, state_dir: Path
 ) -> list[Background]:
+    """Active: anti-entropy every ``verify_interval`` (if set). Passive: the mirror's key
+    tree rebuilt on ``TREE_REBUILD_INTERVAL`` (a stream of one partition; a partitioned
+    stream's trees are per partition and not rebuilt here yet)."""
+    if role != "active":
+        if getattr(stream, "partitions", 1) != 1:
+            return []
+        options = _options(stream, _peer(agent))
+        path = StreamPaths(agent.data_dir, stream.name).target / MIRROR_TREE
+        job = MirrorTreeRebuild(options, path)
+        return [Background("mirror-tree", job, min(TREE_CHECK_EVERY, TREE_REBUILD_INTERVAL))]
     every = _options(stream, agent.region).verify_interval
-    if role != "active" or every <= 0:
+    if every <= 0:
         return []
     return [Background("anti-entropy", AntiEntropy(stream, agent, state_dir), every)]
 
@@ -212,16 +311,27 @@ def _peer(agent: AgentSettings) -> str:
 
 
 async def verify(
-    stream: StreamSettings, agent: AgentSettings, *, deep: bool = False, repair: bool = False
+    stream: StreamSettings,
+    agent: AgentSettings,
+    *,
+    deep: bool = False,
+    repair: bool = False,
+    mirror_tree: Path | None = None,
 ) -> dict[str, Any]:
     """Compare the source bucket with the mirror; the unsigned report (see verifiers.objects).
     Deletes rejected in this region (the mass-delete guard) are accepted differences;
-    deletes it holds are reported and not repaired."""
+    deletes it holds are reported and not repaired.
+
+    From persisted key trees when both are there (``_trees``): the source's in the shipping
+    index to the peer, the mirror's at ``mirror_tree`` (a path this host can read) or else
+    read from the peer agent's API; from listings otherwise (the report's ``from_trees``
+    and ``trees_skipped`` say which and why)."""
     from verifiers.objects import verify_buckets
 
     paths = StreamPaths(agent.data_dir, stream.name)
     shippers = paths.shippers()
     indexes = [d / "shipped.sqlite" for d in shippers if (d / "shipped.sqlite").exists()]
+    trees = None if deep else _trees(stream, agent, paths, mirror_tree)
     return await verify_buckets(
         stream.name,
         _options(stream, agent.region if agent.role == "active" else _peer(agent)),
@@ -231,4 +341,33 @@ async def verify(
         repair=repair,
         accepted=held.rejected(paths.target),
         held={d["key"] for d in held.read_guard(paths.target)["held"]},
+        trees=trees,
     )
+
+
+def _trees(
+    stream: StreamSettings, agent: AgentSettings, paths: StreamPaths, mirror_tree: Path | None
+) -> tuple[Path, Any] | None:
+    """(source tree, mirror tree) for a verify run by the active agent of a stream of one
+    partition: the source's is the shipping index of the shipper to the peer (what is
+    durable in the peer's vault); the mirror's is ``mirror_tree`` if given, else the peer's,
+    read over its agent's API (``agent_url``, with this agent's API token: the agents of a
+    deployment share it). None when there is no such pair: the verify lists both buckets.
+    The passive side's own target tree is never taken for the mirror here: on the active
+    side it would be a tree of this region's bucket from before a failover."""
+    from verifiers.remote_tree import RemoteTree
+
+    if agent.role != "active" or not agent.peers or getattr(stream, "partitions", 1) != 1:
+        return None
+    peer = agent.peers[0]
+    source = paths.to(peer.name) / "shipped.sqlite"
+    if not source.exists():
+        return None
+    if mirror_tree is not None:
+        return source, mirror_tree
+    url = getattr(peer, "agent_url", None)
+    if not url:
+        return None
+    secret = getattr(getattr(agent, "http", None), "token", None)
+    token = secret.reveal() if secret is not None else None
+    return source, RemoteTree(url, stream.name, token)
