@@ -18,6 +18,16 @@ API (when the app is given a ``VerifyJobs``):
   ``text/html``, Markdown for ``text/markdown``); 500 with the error if the
   verification could not run; 404 for an unknown id.
 - ``GET /api/v1/reports``: every kept job, newest first.
+
+Mirror key trees, read-only (objects streams; the tree of this region's target, which
+the active region's verify compares with its source's; see ``verifiers.remote_tree``):
+
+- ``GET /api/v1/trees/{stream}``: depth, partitions, built_at, built_from, updated_at,
+  keys, root and partition_roots (hex); 404 if this agent keeps no such tree.
+- ``GET /api/v1/trees/{stream}/nodes?level=L&index=I,J,...``: up to 512 nodes of one
+  level (hex, null for an empty subtree); 400 for a bad level or index.
+- ``GET /api/v1/trees/{stream}/bucket/{n}``: the keys of hash bucket ``n`` and their
+  leaves (hex).
 """
 
 from __future__ import annotations
@@ -25,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,6 +51,9 @@ from agent.config import AgentConfig, HttpConfig
 from agent.statuspage import PAGE, RpoHistory, local_alerts, peer_summary
 from agent.verifyjobs import Job, VerifyJobs, VerifyUnavailable
 from replicators.objects.held import COLLECTOR as OBJECTS_HELD
+from replicators.objects.trees import MIRROR_TREE, TreeStore
+from replicators.partitions import partitions
+from replicators.paths import StreamPaths
 from verifiers.report import to_html, to_markdown
 
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/"})
@@ -236,6 +251,104 @@ def _add_api(app: web.Application, jobs: VerifyJobs) -> None:
     app.router.add_post("/api/v1/verify/{stream}", start_verify)
     app.router.add_get("/api/v1/reports", reports)
     app.router.add_get("/api/v1/reports/{id}", report)
+    _add_trees(app, jobs.config)
+
+
+MAX_TREE_NODES = 512
+
+
+class _BadRequest(ValueError):
+    pass
+
+
+def _add_trees(app: web.Application, config: Callable[[], AgentConfig]) -> None:
+    """The read-only mirror key tree routes (see the module docstring)."""
+
+    def tree_path(stream: str) -> Path | None:
+        cfg = config()
+        names = {
+            p.name
+            for s in cfg.streams
+            if s.kind == "objects"
+            for p in partitions(s.name, s.partitions)
+        }
+        if stream not in names:
+            return None
+        path = StreamPaths(cfg.data_dir, stream).target / MIRROR_TREE
+        return path if path.exists() else None
+
+    async def serve(request: web.Request, read: Callable[[TreeStore], Any]) -> web.Response:
+        stream = request.match_info["stream"]
+        path = tree_path(stream)
+        if path is None:
+            return web.json_response(
+                {"error": f"no mirror key tree of {stream!r} here"}, status=404
+            )
+
+        def run() -> Any:
+            tree = TreeStore(path)
+            try:
+                return read(tree)
+            finally:
+                tree.close()
+
+        try:
+            body = await asyncio.to_thread(run)
+        except _BadRequest as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        except (ValueError, OSError, sqlite3.Error) as exc:
+            return web.json_response({"error": f"tree unreadable: {exc}"}, status=503)
+        return web.json_response({"stream": stream, **body})
+
+    def whole(tree: TreeStore) -> dict[str, Any]:
+        roots = tree.partition_roots()
+        info = tree.info()
+        del info["path"]
+        return {
+            **info,
+            "root": tree.root().hex(),
+            "partition_roots": {str(p): r.hex() for p, r in sorted(roots.items())},
+        }
+
+    async def summary(request: web.Request) -> web.Response:
+        return await serve(request, whole)
+
+    async def nodes(request: web.Request) -> web.Response:
+        try:
+            level = int(request.query.get("level", ""))
+            indices = [int(i) for v in request.query.getall("index", []) for i in v.split(",") if i]
+        except ValueError:
+            return web.json_response({"error": "level and index are integers"}, status=400)
+        if len(indices) > MAX_TREE_NODES:
+            return web.json_response({"error": f"at most {MAX_TREE_NODES} nodes"}, status=400)
+
+        def read(tree: TreeStore) -> dict[str, Any]:
+            if not 0 <= level <= tree.depth or any(not 0 <= i < 1 << level for i in indices):
+                raise _BadRequest(f"level is 0..{tree.depth}, index 0..2**level-1")
+            found = {i: tree.node_at(level, i) for i in indices}
+            return {
+                "level": level,
+                "nodes": {str(i): n.hex() if n is not None else None for i, n in found.items()},
+            }
+
+        return await serve(request, read)
+
+    async def bucket(request: web.Request) -> web.Response:
+        try:
+            n = int(request.match_info["n"])
+        except ValueError:
+            return web.json_response({"error": "a bucket is an integer"}, status=400)
+
+        def read(tree: TreeStore) -> dict[str, Any]:
+            if not 0 <= n < 1 << tree.depth:
+                raise _BadRequest(f"a bucket is 0..{(1 << tree.depth) - 1}")
+            return {"bucket": n, "keys": {k: v.hex() for k, v in tree.leaves(n).items()}}
+
+        return await serve(request, read)
+
+    app.router.add_get("/api/v1/trees/{stream}", summary)
+    app.router.add_get("/api/v1/trees/{stream}/nodes", nodes)
+    app.router.add_get("/api/v1/trees/{stream}/bucket/{n}", bucket)
 
 
 def _report_response(job: Job, accept: str) -> web.Response:
