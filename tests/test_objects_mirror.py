@@ -100,7 +100,7 @@ async def test_background_anti_entropy_repairs_on_the_active_side(
     opts = rig.opts.model_copy(update={"verify_interval": 30.0})
     stream = stream_config(rig.name, opts)
     agent = cfg_a.model_copy(update={"data_dir": tmp_path / "agent"})
-    assert background(stream, agent, "passive", tmp_path) == []
+    assert [j.name for j in background(stream, agent, "passive", tmp_path)] == ["mirror-tree"]
     (job,) = background(stream, agent, "active", tmp_path)
     assert job.every == 30.0
     src, dst = await rig.source_bucket(), await rig.mirror_bucket()
