@@ -24,6 +24,12 @@ log's first segment, and an epoch's first, is always landed before the next is s
 sink that has applied nothing starts at the first segment it lists, and a sink waits
 for a missing segment only within the epoch it applies).
 
+A segment adopted on recovery was durable but never acknowledged (a crash between its
+PUT and its ack); a source with an ``adopt(records)`` method is handed its records first
+(and the checkpoint's segment's: a crash may come between the checkpoint and the ack),
+so that it knows what the destination holds (the objects source: that a key shipped and
+later deleted needs a delete, not nothing).
+
 The epoch in every name is a fencing token: a shipper that finds a newer
 epoch in the log is stale and halts (``IntegrityError``). A name already
 taken when publishing is adopted only if it holds the same range and records
@@ -103,6 +109,15 @@ class Shipper:
         # a hole counts only after a segment still in the vault: retention deletes the
         # log's oldest segments, and those can include the checkpoint's
         present = self.last is not None and await self._present(self.last)
+        # a source that keeps its own record of what is durable learns what it missed
+        adopt = getattr(self.source, "adopt", None)
+        if adopt is not None and present and self.last is not None:
+            # the checkpoint's own segment too: a crash may have come between saving the
+            # checkpoint and acknowledging the source
+            last = self.last
+            blob = await self.vault.get_segment(last)
+            opened = await unseal(blob, self.keys, expect_stream=last.stream, expect_seq=last.seq)
+            await adopt(opened.records)
         async for ref in self.vault.segments(self.settings.stream, after=self.last):
             self._not_stale(ref)
             if orphans or (present and self._after_hole(ref)):
@@ -110,6 +125,8 @@ class Shipper:
                 continue
             blob = await self.vault.get_segment(ref)
             opened = await unseal(blob, self.keys, expect_stream=ref.stream, expect_seq=ref.seq)
+            if adopt is not None:
+                await adopt(opened.records)
             self.last, self.end = ref, int(opened.header.end)
             present = True
             durable_time = opened.header.last_source_time

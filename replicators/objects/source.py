@@ -36,7 +36,7 @@ import asyncio
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -224,6 +224,25 @@ class ObjectsSource:
                     del self._latest[key]
         if isinstance(self.tail, SqsPoller):
             self.tail.ack(position)  # its messages whose changes are now durable are deleted
+
+    async def adopt(self, records: Sequence[bytes]) -> None:
+        """Records of a segment the shipper found durable but never acknowledged (a crash
+        between its PUT and its ack), in log order, before ``resume``. The index learns
+        what the destination now holds, its etag unknown: the scan reads those keys again
+        (a needless re-ship at worst) and ships a delete for one gone since, instead of
+        taking it for never shipped and leaving it in the mirror for good."""
+        changes: list[tuple[str, Entry | None]] = []
+        for raw in records:
+            r = rec.decode(raw)
+            if isinstance(r, rec.Delete):
+                changes.append((r.key, None))
+            elif isinstance(r, rec.Put) or r.last:
+                h = r.head
+                meta = rec.meta_fingerprint(h.content_type, h.metadata)
+                entry = Entry(r.key, "", h.size, r.version.time_ns, h.content_hash, meta)
+                changes.append((r.key, entry))
+        if changes:
+            await asyncio.to_thread(self.index.commit, changes)
 
     async def aclose(self) -> None:
         await self._drop_reads()
