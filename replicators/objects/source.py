@@ -146,6 +146,10 @@ class ObjectsSource:
         self._head: tuple[int, float] | None = None
         self._full = False
         """The last ``_next_change`` found a record that does not fit in the batch."""
+        self._doubt: list[Entry] = []
+        """Puts of the batch being built, marked in the index before it is returned."""
+        self._index_lock = asyncio.Lock()
+        """Index commits one at a time (an ack may run while a batch is taken)."""
 
     # -- Source interface ---------------------------------------------------
 
@@ -153,6 +157,7 @@ class ObjectsSource:
         self._seq = position
         self._inflight.clear()
         self._latest.clear()
+        self._doubt.clear()
         await self._drop_reads()
         self._confirmed.clear()
         self._head = None
@@ -211,19 +216,34 @@ class ObjectsSource:
                 continue
             if not await self.scanner.step():
                 await self._idle(stop)
+        await self._mark_in_doubt()
         return batch
 
     async def ack(self, position: int) -> None:
         done = [(key, entry) for end, key, entry in self._inflight if end <= position]
         if done or self._confirmed:
             confirmed, self._confirmed = self._confirmed, []
-            await asyncio.to_thread(self.index.commit, done, confirmed)
+            # a key with a newer record in flight keeps the row marked for that one
+            newest = [(k, e) for k, e in done if self._latest.get(k, 0) == e]
+            async with self._index_lock:
+                await asyncio.to_thread(self.index.commit, newest, confirmed)
             self._inflight = [x for x in self._inflight if x[0] > position]
             for key, entry in done:
                 if self._latest.get(key, 0) == entry:
                     del self._latest[key]
         if isinstance(self.tail, SqsPoller):
             self.tail.ack(position)  # its messages whose changes are now durable are deleted
+
+    async def _mark_in_doubt(self) -> None:
+        """Before a batch goes to the shipper, the keys it puts enter the index with their
+        etag unknown ("in doubt"): if the segment becomes durable and the agent dies before
+        the ack, the index still knows the destination may hold them, so the scan reads
+        them again and ships a delete for one gone since. Their ack writes the real row."""
+        doubt, self._doubt = self._doubt, []
+        if doubt:
+            rows = [(e.key, replace(e, etag="", checked_ns=0)) for e in doubt]
+            async with self._index_lock:
+                await asyncio.to_thread(self.index.commit, rows)
 
     async def adopt(self, records: Sequence[bytes]) -> None:
         """Records of a segment the shipper found durable but never acknowledged (a crash
@@ -242,7 +262,8 @@ class ObjectsSource:
                 entry = Entry(r.key, "", h.size, r.version.time_ns, h.content_hash, meta)
                 changes.append((r.key, entry))
         if changes:
-            await asyncio.to_thread(self.index.commit, changes)
+            async with self._index_lock:
+                await asyncio.to_thread(self.index.commit, changes)
 
     async def aclose(self) -> None:
         await self._drop_reads()
@@ -291,7 +312,8 @@ class ObjectsSource:
     async def _idle(self, stop: asyncio.Event) -> None:
         if self._confirmed:
             confirmed, self._confirmed = self._confirmed, []
-            await asyncio.to_thread(self.index.commit, (), confirmed)
+            async with self._index_lock:
+                await asyncio.to_thread(self.index.commit, (), confirmed)
         wait = [asyncio.ensure_future(stop.wait())]
         try:
             async with asyncio.timeout(IDLE_WAIT):
@@ -477,6 +499,8 @@ class ObjectsSource:
         if final:
             self._inflight.append((self._seq, key, entry))
             self._latest[key] = entry
+            if entry is not None:
+                self._doubt.append(entry)
         return Change(rec.encode(record), start, self._seq, since)
 
 
