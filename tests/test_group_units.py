@@ -16,7 +16,7 @@ from replicators.keys import LocalKeyProvider, generate_key_file
 from replicators.objects import records as rec
 from replicators.objects.guard import GuardPolicy
 from replicators.objects.handover import replay
-from replicators.objects.index import Entry, ShippedIndex
+from replicators.objects.index import LOGGED, Entry, ShippedIndex
 from replicators.objects.kind import partition_guard
 from replicators.objects.trees import partition_of_key
 from replicators.partitions import Partition, check_count, parse, partition_of, partitions
@@ -180,9 +180,9 @@ async def test_a_new_owner_learns_from_the_log_what_was_shipped(tmp_path: Path) 
     assert changed == 3
     assert index.get("a") is None
     b = index.get("b")
-    assert b is not None and (b.etag, b.size, b.time_ns, b.meta) == ("", 5, 21, meta)
+    assert b is not None and (b.etag, b.size, b.time_ns, b.meta) == (LOGGED, 5, 21, meta)
     c = index.get("c")
-    assert c is not None and (c.etag, c.size, c.time_ns) == ("", 0, 0)
+    assert c is not None and (c.etag, c.size, c.time_ns) == (LOGGED, 0, 0)
     assert index.get("d") == d and index.get("z") is not None
     index.close()
     await keys.aclose()

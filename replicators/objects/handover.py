@@ -10,15 +10,15 @@ vault and folds each key's last record into the index before the source resumes.
 
 - a put, or the last part of a large object: the key is shipped in that state (size,
   LastModified, content hash, metadata fingerprint; the etag is not in the log, so the
-  row's etag is empty unless the index already held that very state);
+  row's etag is ``index.LOGGED`` unless the index already held that very state);
 - a delete: the key is not shipped (its row goes);
 - a large object's parts without the last: its transfer never finished: the row says
   nothing matches (the key is captured again).
 
 Every key whose row changed is captured again at the next scan: the source reads its
 current state and ships it unless the content is what the log holds
-(``ObjectsSource`` compares an empty-etag row by content hash). What the replay costs is
-one read of every segment of the partition's log: it is done once per take.
+(``ObjectsSource._same_content`` compares a ``LOGGED`` row by content hash). The replay
+costs one read of every segment of the partition's log, once per take.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from replicators import logs
 from replicators.keys import KeyProvider, unseal
 from replicators.objects import records as rec
-from replicators.objects.index import Entry, ShippedIndex
+from replicators.objects.index import LOGGED, Entry, ShippedIndex
 from replicators.vault import Vault
 
 log = logs.get("objects")
@@ -54,9 +54,9 @@ def _entry(record: rec.Record) -> Entry | None:
         return None
     head = record.head
     if isinstance(record, rec.Part) and not record.last:
-        return Entry(record.key, "", 0, 0, "", "", 0)  # unfinished: matches no listing
+        return Entry(record.key, LOGGED, 0, 0, "", "", 0)  # unfinished: matches nothing
     meta = rec.meta_fingerprint(head.content_type, head.metadata)
-    return Entry(record.key, "", head.size, record.version.time_ns, head.content_hash, meta, 0)
+    return Entry(record.key, LOGGED, head.size, record.version.time_ns, head.content_hash, meta)
 
 
 async def replay(index: ShippedIndex, vault: Vault, keys: KeyProvider, stream: str) -> int:

@@ -33,6 +33,13 @@ difference between this host and the object store."""
 
 COLUMNS = "key, etag, size, time_ns, hash, meta, checked_ns"
 
+LOGGED = "(in the log)"
+"""The etag of a row learned from the destination's log (a partition taken from another
+agent, a segment found durable but never acknowledged): the state is durable there, its
+etag unknown. Never a real etag, so the scan reads the key again; the source then skips
+it if its content is the logged one (``ObjectsSource._same_content``). A row whose etag is
+empty is only *in doubt* (maybe not durable) and is always shipped again."""
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:

@@ -85,7 +85,7 @@ class LazySource:
         self.peer = peer
         self.inner: ObjectsSource | None = None
 
-    async def resume(self, position: int) -> None:
+    async def _open(self) -> ObjectsSource:
         if self.inner is None:
             bucket = await Bucket.open(self.options.source)
             part = self.part
@@ -98,7 +98,15 @@ class LazySource:
                     await inner.aclose()
                     raise
             self.inner = inner
-        await self.inner.resume(position)
+        return self.inner
+
+    async def adopt(self, records: Sequence[bytes]) -> None:
+        """Records of a segment durable but never acknowledged (``ObjectsSource.adopt``):
+        the shipper hands them over while it recovers, before ``resume``."""
+        await (await self._open()).adopt(records)
+
+    async def resume(self, position: int) -> None:
+        await (await self._open()).resume(position)
 
     async def next_batch(self, max_bytes: int, max_age: float, stop: asyncio.Event) -> list[Change]:
         assert self.inner is not None, "resume() first"

@@ -47,7 +47,7 @@ from replicators import logs
 from replicators.bucket import Bucket, ObjectState
 from replicators.errors import AlreadyExists, NotFound
 from replicators.objects import records as rec
-from replicators.objects.index import Entry, ShippedIndex
+from replicators.objects.index import LOGGED, Entry, ShippedIndex
 from replicators.objects.options import ObjectsOptions
 from replicators.objects.queue import ChangeQueue
 from replicators.objects.scan import Scanner
@@ -143,6 +143,10 @@ class ObjectsSource:
         self._transfer: Transfer | None = None
         self._ahead: deque[Ahead] = deque()
         self._confirmed: list[Entry] = []
+        self._learned: list[Entry] = []
+        """Rows whose etag was unknown (learned from the log: a take of a partition, a
+        crash before an ack) found to hold the source's current content: written with
+        the etag at the next ack or idle wait."""
         self._head: tuple[int, float] | None = None
         self._full = False
         """The last ``_next_change`` found a record that does not fit in the batch."""
@@ -160,6 +164,7 @@ class ObjectsSource:
         self._doubt.clear()
         await self._drop_reads()
         self._confirmed.clear()
+        self._learned.clear()
         self._head = None
         await self.scanner.restart()
         if isinstance(self.tail, SqsPoller):
@@ -221,12 +226,13 @@ class ObjectsSource:
 
     async def ack(self, position: int) -> None:
         done = [(key, entry) for end, key, entry in self._inflight if end <= position]
-        if done or self._confirmed:
+        if done or self._confirmed or self._learned:
             confirmed, self._confirmed = self._confirmed, []
             # a key with a newer record in flight keeps the row marked for that one
             newest = [(k, e) for k, e in done if self._latest.get(k, 0) == e]
+            learned, self._learned = [(e.key, e) for e in self._learned], []
             async with self._index_lock:
-                await asyncio.to_thread(self.index.commit, newest, confirmed)
+                await asyncio.to_thread(self.index.commit, learned + newest, confirmed)
             self._inflight = [x for x in self._inflight if x[0] > position]
             for key, entry in done:
                 if self._latest.get(key, 0) == entry:
@@ -259,7 +265,7 @@ class ObjectsSource:
             elif isinstance(r, rec.Put) or r.last:
                 h = r.head
                 meta = rec.meta_fingerprint(h.content_type, h.metadata)
-                entry = Entry(r.key, "", h.size, r.version.time_ns, h.content_hash, meta)
+                entry = Entry(r.key, LOGGED, h.size, r.version.time_ns, h.content_hash, meta)
                 changes.append((r.key, entry))
         if changes:
             async with self._index_lock:
@@ -310,10 +316,11 @@ class ObjectsSource:
             self._head = (self._seq, at)
 
     async def _idle(self, stop: asyncio.Event) -> None:
-        if self._confirmed:
+        if self._confirmed or self._learned:
             confirmed, self._confirmed = self._confirmed, []
+            learned, self._learned = [(e.key, e) for e in self._learned], []
             async with self._index_lock:
-                await asyncio.to_thread(self.index.commit, (), confirmed)
+                await asyncio.to_thread(self.index.commit, learned, confirmed)
         wait = [asyncio.ensure_future(stop.wait())]
         try:
             async with asyncio.timeout(IDLE_WAIT):
@@ -388,6 +395,8 @@ class ObjectsSource:
             version = rec.Version(max(time.time_ns(), shipped.time_ns + 1), self._seq)
             return self._emit(rec.Delete(key, version), key, None, since)
         meta = rec.meta_fingerprint(state.content_type, dict(state.metadata))
+        if shipped and self._same_content(shipped, got, meta):
+            return None  # shipped by another owner, or before a crash: known now
         if shipped and (shipped.etag, shipped.size, shipped.time_ns, shipped.meta) == (
             state.etag,
             state.size,
@@ -413,6 +422,22 @@ class ObjectsSource:
             key, state.etag, state.size, state.time_ns, head.content_hash, meta, got.read_ns
         )
         return self._emit(rec.Put(key, version, head, body), key, entry, since)
+
+    def _same_content(self, shipped: Entry, got: Fetched, meta: str) -> bool:
+        """A row learned from the log (``index.LOGGED``: ``handover``, ``adopt``) and an
+        inline object in the very state it records: same size, LastModified, metadata and
+        content hash. The row learns the etag (``_learned``); nothing is shipped."""
+        state, body = got.state, got.body
+        if shipped.etag != LOGGED or state is None or body is None:
+            return False
+        same = (shipped.size, shipped.time_ns, shipped.meta) == (
+            state.size,
+            state.time_ns,
+            meta,
+        ) and rec.content_hash(body) == shipped.content_hash
+        if same:
+            self._learned.append(replace(shipped, etag=state.etag, checked_ns=got.read_ns))
+        return same
 
     async def _start_transfer(
         self, state: ObjectState, since: float, read_ns: int, room: int
