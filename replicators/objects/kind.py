@@ -60,10 +60,11 @@ TREE_CHECK_EVERY = 300.0
 rebuilt at the job's first run)."""
 
 
-def _options(stream: StreamSettings, active_region: str) -> ObjectsOptions:
-    """The stream's options oriented for ``active_region`` (see ``ObjectsOptions.oriented``)."""
+def _options(stream: StreamSettings, active_region: str, mirror_region: str) -> ObjectsOptions:
+    """The stream's options for the copy from ``active_region``'s bucket to
+    ``mirror_region``'s (``ObjectsOptions.between``; two regions: ``oriented``)."""
     assert stream.objects is not None  # the config validator guarantees it
-    return stream.objects.oriented(active_region)
+    return stream.objects.between(active_region, mirror_region)
 
 
 class LazySource:
@@ -205,7 +206,7 @@ def source(
 ) -> Source:
     """Captures the stream's keys, or one partition's (``stream.name`` names the log)."""
     part = partitions.parse(stream.name)
-    return LazySource(_options(stream, agent.region), state_dir, part, peer)
+    return LazySource(_options(stream, agent.region, peer.name), state_dir, part, peer)
 
 
 async def _replay(source: ObjectsSource, peer: PeerSettings, name: str) -> None:
@@ -223,7 +224,7 @@ async def _replay(source: ObjectsSource, peer: PeerSettings, name: str) -> None:
 def target(stream: StreamSettings, agent: AgentSettings, state_dir: Path) -> Target:
     """Applies into this region's bucket: the mirror while a peer is active."""
     count = partitions.parse(stream.name).count
-    return LazyTarget(_options(stream, _peer(agent)), state_dir, count)
+    return LazyTarget(_options(stream, _peer(agent), agent.region), state_dir, count)
 
 
 class AntiEntropy:
@@ -304,18 +305,28 @@ def background(
     if role != "active":
         if getattr(stream, "partitions", 1) != 1:
             return []
-        options = _options(stream, _peer(agent))
+        options = _options(stream, _peer(agent), agent.region)
         path = StreamPaths(agent.data_dir, stream.name).target / MIRROR_TREE
         job = MirrorTreeRebuild(options, path)
         return [Background("mirror-tree", job, min(TREE_CHECK_EVERY, TREE_REBUILD_INTERVAL))]
-    every = _options(stream, agent.region).verify_interval
+    every = _options(stream, agent.region, _peer(agent)).verify_interval
     if every <= 0:
         return []
     return [Background("anti-entropy", AntiEntropy(stream, agent, state_dir), every)]
 
 
 def _peer(agent: AgentSettings) -> str:
+    """The first peer: with two regions the other one (with more, a passive region's
+    target does not need the active one's name, only its own bucket)."""
     return agent.peers[0].name if agent.peers else agent.region
+
+
+def _pair(agent: AgentSettings) -> tuple[str, str]:
+    """(active, mirror) regions of a verify run here: the active side compares with its
+    first peer, a passive one with its own bucket."""
+    if agent.role == "active":
+        return agent.region, _peer(agent)
+    return _peer(agent), agent.region
 
 
 async def verify(
@@ -342,7 +353,7 @@ async def verify(
     trees = None if deep else _trees(stream, agent, paths, mirror_tree)
     return await verify_buckets(
         stream.name,
-        _options(stream, agent.region if agent.role == "active" else _peer(agent)),
+        _options(stream, *_pair(agent)),
         index_path=indexes[0] if indexes else None,
         region=agent.region,
         deep=deep,

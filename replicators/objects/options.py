@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ByteSize, Field, model_validator
 
@@ -136,6 +136,15 @@ class ObjectsOptions(Section):
     and the stream follows the roles: after a takeover the new active region ships from its
     bucket (``mirror``, now serving) to the old one's (``source``), whose agent applies
     into it once it returns as passive. Unset: ``source`` always ships to ``mirror``."""
+    buckets: dict[str, S3Config] = {}
+    """Three regions or more: every region's copy of the bucket, by region name (with
+    ``source_region``, the region ``source`` is). The stream then follows the roles among
+    all of them: the active region ships from its bucket, and each passive region applies
+    into its own (``ObjectsOptions.between``). ``source`` and ``mirror`` may be left out:
+    they default to ``buckets[source_region]`` and the first other region's bucket."""
+    filers: dict[str, FilerEvents] = {}
+    """With ``buckets``: each region's filer, for events while that region is active (a
+    region without one scans); ``filer`` defaults to ``filers[source_region]``."""
     mirror_filer: FilerEvents | None = None
     """The mirror region's filer, for events while that region is active (else it scans)."""
     events: Literal["none", "filer", "webhook", "sqs"] = "none"
@@ -155,6 +164,26 @@ class ObjectsOptions(Section):
     delete_guard: DeleteGuard = DeleteGuard()
     """The mirror's mass-delete guard (see ``DeleteGuard``)."""
 
+    def between(self, active_region: str, mirror_region: str) -> ObjectsOptions:
+        """These options for the copy from ``active_region``'s bucket to
+        ``mirror_region``'s: ``buckets`` picks both; without it, ``oriented``."""
+        if not self.buckets:
+            return self.oriented(active_region)
+        events = self.events
+        if events == "filer":
+            events = "filer" if active_region in self.filers else "none"
+        elif events == "sqs" and active_region != self.source_region:
+            events = "none"  # the queue carries the first source bucket's notifications only
+        return self.model_copy(
+            update={
+                "source": self.buckets[active_region],
+                "mirror": self.buckets[mirror_region],
+                "source_region": active_region,
+                "filer": self.filers.get(active_region, self.filer),
+                "events": events,
+            }
+        )
+
     def oriented(self, active_region: str) -> ObjectsOptions:
         """These options as they are while ``active_region`` is active: ``source`` its
         bucket, ``mirror`` the other's. Unchanged without ``source_region``."""
@@ -173,6 +202,22 @@ class ObjectsOptions(Section):
                 "events": events,
             }
         )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_buckets(cls, data: Any) -> Any:
+        """With ``buckets``, ``source`` and ``mirror`` default from it."""
+        if not isinstance(data, dict) or not data.get("buckets"):
+            return data
+        buckets, first = data["buckets"], data.get("source_region")
+        if not isinstance(buckets, dict) or first not in buckets or len(buckets) < 2:
+            raise ValueError("buckets: name at least two regions, source_region among them")
+        other = next(r for r in buckets if r != first)
+        defaults = {"source": buckets[first], "mirror": buckets[other]}
+        filers = data.get("filers") or {}
+        if isinstance(filers, dict) and first in filers:
+            defaults["filer"] = filers[first]
+        return defaults | data
 
     @model_validator(mode="after")
     def _checks(self) -> ObjectsOptions:
