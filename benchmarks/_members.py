@@ -3,8 +3,10 @@
 With one member per region the agents run without a group (today's deployment); with
 more, every agent of a region joins the region's group (``[group] enabled``) and the
 stream is cut into ``partitions`` (``docs/groups.md``). Time: from starting the agents
-until the mirror lists every object. CPU: user + system time of every agent process
-(both regions, ``/proc/<pid>/stat``), start-up included. Then, with two or more members,
+until the mirror lists every object, and from the first object listed in the mirror
+to the last (start-up left out: processes, group membership, partitions taken). CPU:
+user + system time of every agent process (both regions, ``/proc/<pid>/stat``) over
+each of those spans. Then, with two or more members,
 one member of region a is killed with kill -9 and the time until the others run its
 partitions is measured from their ``/status`` (the take's wall time).
 """
@@ -52,12 +54,16 @@ def _config(lab: Lab, region: str, prefix: str, name: str, workdir: Path, member
     if members > 1:
         data["group"] = {"enabled": True, "member_ttl": MEMBER_TTL}
         data["etcd"]["prefix"] = f"/dragent-bench-{name}"
-        stream["partitions"] = 8 * members
+        stream["partitions"] = 4 * members
     data["streams"] = [stream]
     path = workdir / f"{region}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(data))
     return path
+
+
+def _cpu_of(agents: dict[str, AgentProcess]) -> float:
+    return sum(_cpu(a.proc.pid) for a in agents.values() if a.proc)
 
 
 def _cpu(pid: int) -> float:
@@ -98,12 +104,21 @@ async def agents_cold_copy(
         started = time.monotonic()
         for agent in agents.values():
             await agent.start()
-        while await _listed(mirror) < objects:
+        first: tuple[float, float] | None = None
+        while (n := await _listed(mirror)) < objects:
             if any(not a.running for a in agents.values()):
                 raise RuntimeError("an agent exited: " + str(workdir))
+            if n and first is None:
+                first = (time.monotonic(), _cpu_of(agents))
             await asyncio.sleep(0.25)
-        out["seconds"] = time.monotonic() - started
-        out["cpu_seconds"] = sum(_cpu(a.proc.pid) for a in agents.values() if a.proc)
+        done = time.monotonic()
+        out["seconds"] = done - started
+        out["cpu_seconds"] = _cpu_of(agents)
+        if first is not None:  # start-up left out: from the first object in the mirror
+            out["copy_seconds"] = round(done - first[0], 2)
+            out["copy_cpu_seconds"] = round(out["cpu_seconds"] - first[1], 2)
+            out["startup_seconds"] = round(first[0] - started, 2)
+            out["copy_objects_per_cpu_s"] = round(objects / max(out["copy_cpu_seconds"], 0.01), 1)
         if members > 1:
             out["reassign_seconds"] = await _reassign(list(agents.values())[:members])
             out["member_ttl_seconds"] = MEMBER_TTL

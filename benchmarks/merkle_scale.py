@@ -12,7 +12,7 @@ Usage: ``python benchmarks/merkle_scale.py [--json] [--keys N] [--differences K]
   between two verifies.
 - verify from persisted trees, in a child process: open both trees, compare (stale
   partition roots recomputed, then a descent from the root into differing partitions and
-  buckets only); time and peak RSS (``ru_maxrss`` of the child).
+  buckets only); time and peak RSS (the child's own ``VmHWM``).
 - rebuild from listings, in a child process: today's in-memory approach
   (``verifiers.objects.KeyTree``) fed by a generated listing of both sides (``N`` keys each,
   pages of 1,000 as S3 returns them, hashes known: no object reads), then compare; time and
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import xxhash
 
+from benchmarks._rss import peak_rss_mb
 from replicators.objects.trees import PARTITIONS, Row, TreeStore
 
 HERE = Path(__file__).resolve()
@@ -97,7 +97,7 @@ def updates(keys: int, count: int) -> list[tuple[str, Row]]:
 
 
 def _peak_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return peak_rss_mb()
 
 
 def child_build(workdir: Path, keys: int, differences: int, n_updates: int) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from agent.config import load_config
 from agent.lab import Lab
 from agent.lab.stream_rig import running_pair
 from benchmarks._baseline import require
+from benchmarks._rss import peak_rss_mb
 from replicators.bucket import Bucket, find_weed_binary
 from replicators.keys import build_key_provider
 from replicators.metrics import Metrics
@@ -273,7 +273,7 @@ def merkle(keys: int, differences: int) -> dict[str, Any]:
         "compare_s": round(compared, 4),
         "nodes_compared": found.nodes_compared,
         "total_s": round(built + compared, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -56,6 +56,8 @@ QUICK = {
     "failover": ["--trials", "1"],
     "sync": ["--seconds", "5"],
     "longevity": ["--history-seconds", "10", "--writes", "4000", "--restores", "5", "--scale", "5"],
+    "scale": ["--objects", "300", "--merkle-keys", "100000"],
+    "merkle_scale": ["--keys", "100000"],
 }
 
 

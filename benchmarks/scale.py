@@ -19,8 +19,17 @@ then copied from a cold start:
   another prefix of the same mirror bucket, timed the same way. CPU: the
   rclone child's user + system time (``RUSAGE_CHILDREN``).
 
-Each reports objects/s, MB/s and objects per CPU-second. ``--json`` prints the
-figures as JSON on stdout and the table on stderr.
+Each reports objects/s, MB/s and objects per CPU-second. Then, as deployed with
+``dragent run`` processes (``benchmarks/_members.py``): one agent per region, and two
+per region sharing the stream through etcd (``[group]``, 8 partitions), each timed
+from starting the agents until the mirror lists every object, and from the first
+object in the mirror to the last (start-up left out), CPU of every agent over each;
+with two, one member of region a is then killed with kill -9 and the time until the
+other runs its partitions is measured. Last, the Merkle verify of
+``--merkle-keys`` keys (default 1,000,000) with 10 differences from persisted trees
+against rebuilding both trees from listings (``benchmarks/merkle_scale.py``).
+
+``--json`` prints the figures as JSON on stdout and the table on stderr.
 """
 
 from __future__ import annotations
@@ -43,7 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.config import load_config
 from agent.lab import Lab
 from agent.lab.stream_rig import lab_shipper, lab_sink
+from benchmarks import merkle_scale
 from benchmarks._baseline import require
+from benchmarks._members import agents_cold_copy
+from benchmarks._rss import peak_rss_mb
 from benchmarks.objects import (
     Recorder,
     options,
@@ -81,10 +93,11 @@ async def dragent_cold_copy(
     members: int = 1,
     in_process: bool = False,
 ) -> dict[str, Any]:
-    """Copy ``prefix`` of region a's bucket to region b's from a cold start with ``members``
-    agents per region sharing the stream (only 1 so far)."""
-    if members != 1:
-        raise NotImplementedError("a stream shared by several members is not built yet")
+    """Copy ``prefix`` of region a's bucket to region b's from a cold start: with
+    ``members`` > 1, by that many ``dragent run`` agents per region sharing the stream."""
+    if members > 1:
+        got = await agents_cold_copy(lab, prefix, len(keys), workdir / f"m{members}", members)
+        return _figures(len(keys), total, got["seconds"], got["cpu_seconds"]) | got
     opts = options(lab, prefix, events=False)
     name = prefix.strip("/")
     if in_process:
@@ -119,7 +132,7 @@ async def dragent_cold_copy(
         "processes": 2,
         "cpu_send_s": round(cpu, 2),
         "cpu_receive_s": round(done["cpu_s"], 2),
-        "peak_rss_send_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_send_mb": round(peak_rss_mb()),
         "peak_rss_receive_mb": round(done["peak_rss_mb"]),
     }
 
@@ -177,7 +190,7 @@ async def receive(args: argparse.Namespace) -> None:
         done = {
             "last_applied": max(target.applied.values()),
             "cpu_s": time.process_time() - cpu0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
         }
         print(json.dumps(done), flush=True)
     finally:
@@ -212,18 +225,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 lab, prefix, keys, total, Path(tmp), in_process=args.in_process
             )
             out["rclone"] = rclone_cold_copy(lab, prefix, len(keys), total, Path(tmp))
+            for members in (1, 2):
+                got = await agents_cold_copy(
+                    lab, prefix, len(keys), Path(tmp) / f"agents-{members}", members
+                )
+                out[f"agents_{members}"] = (
+                    _figures(len(keys), total, got["seconds"], got["cpu_seconds"]) | got
+                )
     finally:
         if not args.lab_dir:
             await lab.down(purge=True)
+    if args.merkle_keys:
+        out["merkle"] = await asyncio.to_thread(
+            merkle_scale.run, keys=args.merkle_keys, differences=10
+        )
     out["host"] = {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 1)}
     return out
 
 
 def table(res: dict[str, Any]) -> str:
     ours, rc = res["dragent"], res["rclone"]
+    one, two = res.get("agents_1", {}), res.get("agents_2", {})
     rows = [
         "cold copy, region a -> region b (SeaweedFS lab)",
-        f"{'':24}{'dragent (1 member)':>20}{'rclone sync':>14}",
+        f"{'':24}{'dragent':>10}{'1 agent/region':>16}{'2 agents/region':>17}{'rclone sync':>13}",
     ]
     for label, name in (
         ("seconds", "seconds"),
@@ -232,7 +257,23 @@ def table(res: dict[str, Any]) -> str:
         ("CPU seconds", "cpu_seconds"),
         ("objects per CPU-second", "objects_per_cpu_s"),
     ):
-        rows.append(f"{label:24}{ours[name]!s:>20}{rc[name]!s:>14}")
+        rows.append(
+            f"{label:24}{ours[name]!s:>10}{one.get(name, '-')!s:>16}"
+            f"{two.get(name, '-')!s:>17}{rc[name]!s:>13}"
+        )
+    for label, name in (
+        ("copy seconds (start-up left out)", "copy_seconds"),
+        ("copy CPU seconds", "copy_cpu_seconds"),
+    ):
+        rows.append(f"{label:34}{one.get(name, '-')!s:>16}{two.get(name, '-')!s:>17}")
+    if "reassign_seconds" in two:
+        rows.append(
+            f"kill -9 of one of 2 agents: its partitions run again after "
+            f"{two['reassign_seconds']:.2f} s (membership TTL {two['member_ttl_seconds']} s)"
+        )
+    if "merkle" in res:
+        m = res["merkle"]
+        rows.append(f"Merkle verify: {json.dumps(m)[:400]}")
     rows += [
         f"data set: {ours['objects']} objects, {ours['bytes'] / 1e6:.0f} MB; "
         "rclone: --transfers 16 --checkers 16",
@@ -248,6 +289,9 @@ def main() -> int:
     parser.add_argument("--lab-dir", help="use this running lab instead of starting one")
     parser.add_argument(
         "--in-process", action="store_true", help="dragent's two sides in this one process"
+    )
+    parser.add_argument(
+        "--merkle-keys", type=int, default=1_000_000, help="keys of the Merkle verify (0: skip)"
     )
     parser.add_argument("--receive", help=argparse.SUPPRESS)  # the child: region b's side
     parser.add_argument("--expect", type=int, help=argparse.SUPPRESS)

@@ -46,6 +46,8 @@ from replicators import logs
 
 FENCE_SHARE = 2 / 3
 STEP_SHARE = 1 / 6
+WAKE_GAP = 0.1
+"""The least time between two cycles woken by changes of the group's keys."""
 
 
 class GroupMember:
@@ -83,6 +85,8 @@ class GroupMember:
         self.takes = 0
         self._changed = asyncio.Event()
         self._caller: asyncio.AbstractEventLoop | None = None
+        self._grew_at = 0.0
+        """When a member last joined (monotonic): takes wait a cycle's time after it."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self.log = logs.get("group", region=region, instance=instance)
 
@@ -187,6 +191,8 @@ class GroupMember:
             self._set_owned({})
 
     async def _run(self, stop: asyncio.Event) -> None:
+        wake = asyncio.Event()
+        watcher = asyncio.create_task(self._watch(wake))
         try:
             while not stop.is_set():
                 self._fence_if_late()  # first: a member that was paused stops before anything
@@ -195,11 +201,40 @@ class GroupMember:
                 except EtcdUnavailable as exc:
                     self.log.warning("etcd unavailable", error=str(exc))
                 self._fence_if_late()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.ttl * STEP_SHARE):
-                        await stop.wait()
+                await self._pause(stop, wake)
         finally:
+            watcher.cancel()
             await self.leave()
+
+    async def _pause(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
+        """Until the next cycle: ``ttl * STEP_SHARE``, or sooner (not before ``WAKE_GAP``)
+        when the group's keys change (a member joined or left, an owner key went)."""
+        began = time.monotonic()
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait(waits, timeout=self.ttl * STEP_SHARE, return_when="FIRST_COMPLETED")
+        finally:
+            for w in waits:
+                w.cancel()
+        wake.clear()
+        rest = WAKE_GAP - (time.monotonic() - began)
+        if rest > 0 and not stop.is_set():
+            await asyncio.sleep(rest)
+
+    async def _watch(self, wake: asyncio.Event) -> None:
+        """Set ``wake`` at every change of this region's group keys (an etcd watch, opened
+        again after any error): a lease that expires is seen at once, not a cycle later."""
+        prefix = self._key(f"{self.region}/")
+        while True:
+            try:
+                client = self.etcd._clients[self.etcd._current]
+                async for _ in await client.watch_prefix(prefix):
+                    wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the cycle goes on without it; try again
+                self.log.debug("group watch ended", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(1.0)
 
     def _fence_if_late(self) -> None:
         renewed = self.renewed_at
@@ -229,9 +264,13 @@ class GroupMember:
             await self._join()
             self.renewed_at = sent
         members = await self._read_members()
-        # take only once the member list has stayed the same for a cycle: agents started
-        # together see each other before taking (no partition started twice at start-up)
-        settled = members == self.members
+        # take only once no member has joined for a cycle's time: agents started together
+        # see each other before taking (no partition started twice at start-up); a
+        # member leaving delays nothing
+        now = time.monotonic()
+        if not set(members) <= set(self.members):
+            self._grew_at = now
+        settled = now - self._grew_at >= self.ttl * STEP_SHARE
         self.members = members
         self.owners = await self._read_owners()
         for part, who in self.owners.items():
