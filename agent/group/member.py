@@ -33,13 +33,13 @@ import asyncio
 import contextlib
 import json
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from agent.coordination.lease import EtcdLease, EtcdUnavailable
+from agent.coordination.thread_host import ThreadHost
 from agent.failover_config import EtcdConfig
 from agent.group.assign import plan
 from replicators import logs
@@ -50,7 +50,7 @@ WAKE_GAP = 0.1
 """The least time between two cycles woken by changes of the group's keys."""
 
 
-class GroupMember:
+class GroupMember(ThreadHost):
     """``parts`` are the partition names the group shares (``replicators.partitions``)."""
 
     def __init__(
@@ -84,6 +84,7 @@ class GroupMember:
         self.handovers: deque[dict[str, Any]] = deque(maxlen=20)
         self.takes = 0
         self._changed = asyncio.Event()
+        self.threaded = True  # ThreadHost: the loop runs in a thread of its own
         self._caller: asyncio.AbstractEventLoop | None = None
         self._grew_at = 0.0
         """When a member last joined (monotonic): takes wait a cycle's time after it."""
@@ -154,43 +155,9 @@ class GroupMember:
         }
 
     # -- the loop ------------------------------------------------------------------------
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run the member's loop in its own thread until ``stop`` is set; then leave."""
-        self._caller = asyncio.get_running_loop()
-        done = threading.Event()
-        thread = threading.Thread(
-            target=self._thread_main, args=(done,), name=f"group-{self.instance}", daemon=True
-        )
-        thread.start()
-        try:
-            await stop.wait()
-        finally:
-            done.set()
-            await asyncio.to_thread(thread.join)
-
-    def _thread_main(self, done: threading.Event) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            stop = asyncio.Event()
-
-            async def watch() -> None:
-                await asyncio.to_thread(done.wait)
-                stop.set()
-
-            watcher = asyncio.create_task(watch())
-            try:
-                await self._run(stop)
-            finally:
-                watcher.cancel()
-
-        try:
-            asyncio.run(main())
-        except Exception as exc:  # logged; the lease then expires and others take over
-            self.log.error("group thread failed", error=f"{type(exc).__name__}: {exc}")
-            self.fenced = True
-            self._set_owned({})
-
     async def _run(self, stop: asyncio.Event) -> None:
+        """The member's loop (``ThreadHost.run`` runs it in a thread of its own)."""
+        self._loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         watcher = asyncio.create_task(self._watch(wake))
         try:
@@ -202,6 +169,11 @@ class GroupMember:
                     self.log.warning("etcd unavailable", error=str(exc))
                 self._fence_if_late()
                 await self._pause(stop, wake)
+        except Exception as exc:  # the loop is gone: stop everything, the lease expires
+            self.log.error("group loop failed", error=f"{type(exc).__name__}: {exc}")
+            self.fenced = True
+            self._set_owned({})
+            raise
         finally:
             watcher.cancel()
             await self.leave()

@@ -16,30 +16,17 @@ class GroupCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         m = self.member
-        labels = ["region", "instance"]
-        values = [m.region, m.instance]
-        members = GaugeMetricFamily(
-            "dragent_group_members", "Agents of this region's group seen in etcd", labels=labels
-        )
-        members.add_metric(values, len(m.members))
-        owned = GaugeMetricFamily(
-            "dragent_group_partitions_owned",
-            "Partitions this agent runs now",
-            labels=labels,
-        )
-        owned.add_metric(values, len(m.owned))
-        total = GaugeMetricFamily(
-            "dragent_group_partitions", "Partitions the group shares", labels=labels
-        )
-        total.add_metric(values, len(m.parts))
-        fenced = GaugeMetricFamily(
-            "dragent_group_fenced",
-            "1 while this agent could not renew its membership in time (runs nothing)",
-            labels=labels,
-        )
-        fenced.add_metric(values, int(m.fenced))
-        handovers = GaugeMetricFamily(
-            "dragent_group_takes", "Partitions this agent has taken since it started", labels=labels
-        )
-        handovers.add_metric(values, m.takes)
-        yield from (members, owned, total, fenced, handovers)
+        for name, text, value in (
+            ("dragent_group_members", "Agents of this region's group seen in etcd", len(m.members)),
+            ("dragent_group_partitions_owned", "Partitions this agent runs now", len(m.owned)),
+            ("dragent_group_partitions", "Partitions the group shares", len(m.parts)),
+            (
+                "dragent_group_fenced",
+                "1 while this agent could not renew its membership in time (runs nothing)",
+                int(m.fenced),
+            ),
+            ("dragent_group_takes", "Partitions this agent has taken since it started", m.takes),
+        ):
+            family = GaugeMetricFamily(name, text, labels=["region", "instance"])
+            family.add_metric([m.region, m.instance], value)
+            yield family
