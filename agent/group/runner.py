@@ -43,6 +43,8 @@ class PartitionRunner:
         self.run = run
         self.drain = drain
         self.running: dict[str, _Running] = {}
+        self.stuck: list[asyncio.Task[None]] = []
+        """Tasks that ignored their cancellation (logged with where they wait)."""
         self.log = logs.get("group")
 
     @property
@@ -80,10 +82,22 @@ class PartitionRunner:
             pending = set(r.jobs)
         for job in pending:
             job.cancel()
-        for job in r.jobs:
+        stuck: set[asyncio.Task[None]] = set()
+        if pending:
+            _, stuck = await asyncio.wait(pending, timeout=max(self.drain, 1.0))
+        if stuck:
+            # a task that ignores its cancellation: say where it waits, and go on (the
+            # partition's epoch fences whatever it may still write); its stores stay open
+            for job in stuck:
+                where = _awaiting(job)
+                self.log.error("a stream of the partition did not stop", partition=part,
+                               task=job.get_name(), waiting_in=where)  # fmt: skip
+            self.stuck += stuck
+        for job in set(r.jobs) - stuck:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await job
-        await r.stack.aclose()
+        if not stuck:
+            await r.stack.aclose()
         self.log.info("partition stopped", partition=part, cancelled=len(pending))
 
     async def aclose(self) -> None:
@@ -96,3 +110,18 @@ class PartitionRunner:
                 if job.done() and not job.cancelled() and job.exception() is not None:
                     return job.exception()
         return None
+
+
+def _awaiting(task: asyncio.Task[None]) -> str:
+    """Where a suspended task waits: its chain of awaits, outermost first."""
+    out, coro = [], task.get_coro()
+    while coro is not None and len(out) < 20:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            out.append(type(coro).__name__)
+            break
+        out.append(
+            f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+        )
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return " > ".join(out)

@@ -137,7 +137,12 @@ class WalSource:
             start = position if position else L.segment_start(restart)
             if followed:
                 why = None
-            elif position and why is None and await self._hold_slot_at(position, restart):
+            elif (
+                position
+                and why is None
+                and not shipped
+                and await self._hold_slot_at(position, restart)
+            ):
                 pass  # a slot created after the position the destination's vault ends at
             elif position and position < L.segment_start(restart):
                 why = why or (
@@ -207,7 +212,9 @@ class WalSource:
         region ships to a destination whose vault another primary filled up to
         ``position``, on this server's current timeline): stream from ``position`` if the
         server still has its WAL file; the first feedback sets the slot's restart_lsn
-        back to it. False (nothing started) if not possible."""
+        back to it. False (nothing started) if not possible. Only for a source that has
+        shipped nothing yet (a new shipper after a takeover): a slot this source lost is
+        re-seeded with a recorded gap (``_reseed``), as before."""
         if not self._slot_created or position >= L.segment_start(restart) or self._conn:
             return False
         current, content = await asyncio.to_thread(self._identify)
