@@ -460,6 +460,5 @@ class MirrorTarget:
         self.closed = True
         if self._watch is not None:
             self._watch.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._watch
+            await asyncio.wait([self._watch])  # a cancellation of aclose's caller goes on
         await self.bucket.aclose()

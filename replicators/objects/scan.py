@@ -111,8 +111,8 @@ class Scanner:
         task, self._next = self._next, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            # waited, not awaited: its end is not ours (a cancellation of the caller goes on)
+            await asyncio.wait([task])
 
     def _compare(self, page: list[ObjectState]) -> None:
         shipped = {e.key: e for e in self.index.between(self._cursor, page[-1].key)}
