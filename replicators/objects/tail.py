@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import signal
+import shutil
 import sys
 import time
 
@@ -31,10 +30,14 @@ READ = 1 << 16
 REPLAY = 10.0
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the agent dies (even by kill -9), so no orphan is left."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _with_death_signal(argv: list[str]) -> list[str]:
+    """``argv`` run so that it gets SIGKILL when the agent dies (even by kill -9), so no
+    orphan is left: through util-linux's ``setpriv --pdeathsig`` where there is one. Not
+    by a ``preexec_fn``: Python code between fork and exec deadlocks when another thread
+    (etcd's gRPC client in an agent of a group) held a lock at the fork, and the agent's
+    event loop then waits for the child for ever."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
 
 
 class FilerTail:
@@ -61,16 +64,18 @@ class FilerTail:
         if self._proc is not None and self._proc.returncode is None:
             return
         self.since, self.drained_at = time.time(), None
-        self._proc = await asyncio.create_subprocess_exec(
+        argv = [
             self.cfg.weed,
             "filer.meta.tail",
             f"-filer={self.cfg.filer}",
             f"-pathPrefix={self.path}",
             f"-timeAgo={self._replay_ms()}ms",
+        ]
+        self._proc = await asyncio.create_subprocess_exec(
+            *_with_death_signal(argv),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
             stdin=asyncio.subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
         )
         self._json = JsonStream()
         self._restart = False
