@@ -16,6 +16,7 @@ confirm the result.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -27,6 +28,10 @@ TERMINATE = """
 SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
 """
+
+
+RELOAD_WITHIN = 10.0
+"""How long a fence waits for the postmaster to apply read-only to new sessions."""
 
 
 class FencingError(DragentError):
@@ -61,17 +66,22 @@ async def fence_read_only(dsn: str) -> int:
         await conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
         await conn.execute("SELECT pg_reload_conf()")
         # pg_reload_conf only signals: wait until the postmaster re-read the file,
-        # so sessions opened after this returns are read-only.
-        for _ in range(50):
+        # so sessions opened after this returns are read-only. A deadline, not a count
+        # of tries: on a loaded host each new session alone can take most of a second.
+        deadline = time.monotonic() + RELOAD_WITHIN
+        while True:
             fresh = await asyncpg.connect(dsn)
             try:
                 if await fresh.fetchval("SHOW default_transaction_read_only") == "on":
                     break
             finally:
                 await fresh.close()
+            if time.monotonic() > deadline:
+                raise FencingError(
+                    f"{_host(dsn)} did not reload default_transaction_read_only "
+                    f"within {RELOAD_WITHIN:.0f} s"
+                )
             await asyncio.sleep(0.02)
-        else:
-            raise FencingError(f"{_host(dsn)} did not reload default_transaction_read_only")
         if standby:
             return 0
         return int(await conn.fetchval(TERMINATE))
