@@ -43,7 +43,7 @@ class PartitionRunner:
         self.run = run
         self.drain = drain
         self.running: dict[str, _Running] = {}
-        self.stuck: list[asyncio.Task[None]] = []
+        self.stuck: list[asyncio.Future[object]] = []
         """Tasks that ignored their cancellation (logged with where they wait)."""
         self.log = logs.get("group")
 
@@ -97,7 +97,12 @@ class PartitionRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await job
         if not stuck:
-            await r.stack.aclose()
+            closing = asyncio.ensure_future(r.stack.aclose())
+            _, late = await asyncio.wait([closing], timeout=max(self.drain, 1.0))
+            if late:  # its stores did not close: say where, go on (the epoch fences it)
+                self.log.error("closing the partition's stores did not end", partition=part,
+                               waiting_in=_awaiting(closing))  # fmt: skip
+                self.stuck.append(closing)
         self.log.info("partition stopped", partition=part, cancelled=len(pending))
 
     async def aclose(self) -> None:
@@ -112,9 +117,9 @@ class PartitionRunner:
         return None
 
 
-def _awaiting(task: asyncio.Task[None]) -> str:
+def _awaiting(task: asyncio.Future[object]) -> str:
     """Where a suspended task waits: its chain of awaits, outermost first."""
-    out, coro = [], task.get_coro()
+    out, coro = [], task.get_coro() if isinstance(task, asyncio.Task) else None
     while coro is not None and len(out) < 20:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
         if frame is None:
