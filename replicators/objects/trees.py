@@ -50,6 +50,7 @@ import xxhash
 
 from replicators.errors import IntegrityError
 from replicators.objects import records as rec
+from replicators.partitions import partition_of
 from verifiers.merkle import HASH_SIZE, leaf_hash, node_hash
 
 DEPTH = 16
@@ -90,8 +91,10 @@ def partition_bits(partitions: int, depth: int = DEPTH) -> int:
 
 
 def partition_of_key(key: str, partitions: int = PARTITIONS, depth: int = DEPTH) -> int:
-    """The partition of ``key``: the top log2(partitions) bits of its hash."""
-    return key_bucket(key, depth) >> (depth - partition_bits(partitions, depth))
+    """The partition of ``key``: the top log2(partitions) bits of its hash, the same cut
+    a partitioned stream's logs use (``replicators.partitions``)."""
+    partition_bits(partitions, depth)  # the tree's own bound: at most one per bucket
+    return partition_of(key, partitions)
 
 
 def parents(nodes: dict[int, bytes], low: int, high: int) -> dict[int, bytes]:
