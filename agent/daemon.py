@@ -32,6 +32,7 @@ from agent.group.member import GroupMember
 from agent.group.metrics import GroupCollector
 from agent.group.runner import PartitionRunner
 from agent.http import HttpServer, StatusSource, build_app
+from agent.loopwatch import LoopWatch
 from agent.scrub import STATS as SCRUB_STATS
 from agent.streams import EPOCH, Owned, build_tasks, stream_partitions
 from agent.supervise import StreamTask, run_stream
@@ -57,6 +58,7 @@ class Agent(StatusSource):
         self.listen = listen
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
+        self.loop_watch = LoopWatch()
         self.store_metrics = StoreMetrics(self.registry)
         self.cost = CostLog(  # <data_dir>/cost.jsonl: what `dragent report cost` reads
             cfg.data_dir / COST_FILE, self.store_metrics, self.metrics, cfg.region,
@@ -129,6 +131,10 @@ class Agent(StatusSource):
             "group": self.group.status() if self.group else None,
             "generation": self.generation,
             "uptime_seconds": round(now - self.started_at, 3),
+            "loop": {
+                "stalls": self.loop_watch.stalls,
+                "longest_blocked_seconds": round(self.loop_watch.longest, 1),
+            },
             "streams": [
                 {
                     "task": t.name,
@@ -245,6 +251,7 @@ class Agent(StatusSource):
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
         self._install_signals()
+        self.loop_watch.start()
         app = build_app(self, self.registry, self._token, self.verify_jobs)
         server = HttpServer(self.cfg.http, app)
         await server.start()
@@ -267,6 +274,7 @@ class Agent(StatusSource):
         finally:
             self.notifier.stopping()
             await server.aclose()
+            self.loop_watch.stop()
         self.log.info("agent stopped", exit_code=code)
         return code
 
