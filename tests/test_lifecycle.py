@@ -125,7 +125,13 @@ class Life:
             return value is not None and value < RPO_TARGET
 
         began = time.monotonic()
-        await eventually(under, within=SETTLE)
+        try:
+            await eventually(under, within=SETTLE)
+        except BaseException:
+            status = await agent.status() or {}
+            print("streams of", active, json.dumps(status.get("streams"), indent=1))
+            print(agent.tail(60))
+            raise
         settled = time.monotonic() - began
         samples: list[float] = []
 

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import psycopg2
+import psycopg2.errors
+import psycopg2.extras
 import pytest
 
 from agent.supervise import StreamTask, run_stream
@@ -123,12 +128,44 @@ async def primary_and_replica(pg: PgRig) -> AsyncIterator[Pair]:
         await pair.stop(pair.primary)
 
 
-def shipper_of(pg: PgRig, pair: Pair, book: GapBook) -> Shipper:
+class SlotBusyAtTheSwitch(WalSource):
+    """A source whose next timeline finds its slot held for a second by another walsender
+    (as the walsender of the timeline that ended may still hold it): a real replication
+    connection takes the slot at the switch point just before the source asks for it."""
+
+    held = False
+
+    async def _next_leg(self) -> None:
+        if not self.held:
+            self.held = True
+            holder = await asyncio.to_thread(_hold_slot, self.options, self._legs[1].start)
+            asyncio.get_running_loop().call_later(1.0, holder.close)
+        await super()._next_leg()
+
+
+def _hold_slot(options: PostgresOptions, at: int) -> Any:
+    """Blocking: a replication connection streaming ``options.slot`` from ``at`` (retried
+    while the slot is still active for the walsender of the leg that ended)."""
+    for _ in range(100):
+        conn = psycopg2.connect(
+            options.dsn.reveal(), connection_factory=psycopg2.extras.PhysicalReplicationConnection
+        )
+        try:
+            conn.cursor().start_replication(slot_name=options.slot, start_lsn=at)
+            return conn
+        except psycopg2.errors.ObjectInUse:
+            conn.close()
+            time.sleep(0.02)
+    raise AssertionError("the slot stayed busy")
+
+
+def shipper_of(pg: PgRig, pair: Pair, book: GapBook, busy: bool = False) -> Shipper:
     name = pg.stream.name
     options = pair.options.model_copy(update={"dsn": Secret(pair.dsn, "test")})
+    source = (SlotBusyAtTheSwitch if busy else WalSource)(options, "b", name, book)
     return Shipper(
         ShipperSettings(name, "b", 1, 8 << 20, 0.1),
-        WalSource(options, "b", name, book),
+        source,
         pg.vault,
         pg.send_keys,
         pg.workdir / "shipped.json",
@@ -199,11 +236,19 @@ def test_plan_and_labels() -> None:
 
 
 @pytest.mark.lab
-@pytest.mark.parametrize("spans_files", [False, True], ids=["same-file", "next-file"])
-async def test_a_promoted_replica_is_followed_without_a_gap(pg: PgRig, spans_files: bool) -> None:
+@pytest.mark.parametrize(
+    ("spans_files", "busy"),
+    [(False, False), (True, False), (True, True)],
+    ids=["same-file", "next-file", "next-file-slot-busy"],
+)
+async def test_a_promoted_replica_is_followed_without_a_gap(
+    pg: PgRig, spans_files: bool, busy: bool
+) -> None:
     """``same-file``: the switch point lies in the WAL file of the shipped position (part
     of that file was shipped under timeline 1 before P stopped); ``next-file``: the old
-    timeline's unshipped WAL spans a file boundary."""
+    timeline's unshipped WAL spans a file boundary; ``slot-busy``: the slot is still held
+    by another walsender for a second when the source asks for timeline 2 (it waits for
+    it, and the WAL it streams keeps its timelines)."""
     table = "t_follow"
     book = GapBook(pg.workdir / "gaps", pg.stream.name, "b")
     async with primary_and_replica(pg) as pair:
@@ -212,7 +257,7 @@ async def test_a_promoted_replica_is_followed_without_a_gap(pg: PgRig, spans_fil
             pair.options.model_copy(update={"dsn": Secret(pair.dsn, "test")}),
             pg.stream.name, pg.store, pg.send_keys,
         )  # fmt: skip
-        shipper = shipper_of(pg, pair, book)
+        shipper = shipper_of(pg, pair, book, busy)
         async with shipping(pg, shipper):
             await insert_range(pair.dsn, table, 0, 100)
             end = await current_lsn(pair.dsn)
@@ -234,6 +279,7 @@ async def test_a_promoted_replica_is_followed_without_a_gap(pg: PgRig, spans_fil
             end = await current_lsn(pair.dsn)
             await eventually(lambda: shipper.end >= end, within=60)
             assert task.state != "halted"
+            assert not busy or getattr(shipper.source, "held", False), "no switch was followed"
         assert book.gaps() == []
         # R holds the slot now, at the shipped position
         conn = await asyncpg.connect(pair.dsn)

@@ -50,6 +50,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 import psycopg2
+import psycopg2.errors
 import psycopg2.extras
 
 from replicators import logs
@@ -66,6 +67,8 @@ KIND = "postgres"
 HEARTBEAT_PREFIX = "dragent-heartbeat"
 _SLOT_CHECK_EVERY = 5.0
 _STOP_POLL = 0.1  # how soon a set stop event is noticed while idle
+SLOT_RELEASE_WAIT = 5.0
+"""How long a new leg waits for the walsender of the leg that ended to release the slot."""
 
 
 def slot_name(options: PostgresOptions, peer: str) -> str:
@@ -163,9 +166,7 @@ class WalSource:
         if why is not None:
             self._reseed(position, start, why)
         self._received = self._acked = start
-        loop = asyncio.get_running_loop()
-        self._fd = self._conn.fileno()
-        loop.add_reader(self._fd, self._on_readable)
+        self._watch_socket()
         await self._sample(heartbeat=True)
         self.log.info("streaming", start=L.format_lsn(start), timeline=self.timeline)
 
@@ -266,16 +267,32 @@ class WalSource:
         with contextlib.suppress(Exception):
             self._conn.close()
         self._conn = self._cursor = None
-        try:
-            await asyncio.to_thread(self._start_replication, self._received, leg, history=False)
-        except psycopg2.Error as exc:
-            raise SourceError(f"cannot stream timeline {leg.timeline}: {exc}") from exc
-        self._fd = self._conn.fileno()
-        loop.add_reader(self._fd, self._on_readable)
+        deadline = time.monotonic() + SLOT_RELEASE_WAIT
+        while True:
+            try:
+                await asyncio.to_thread(self._start_replication, self._received, leg, history=False)
+                break
+            except psycopg2.Error as exc:
+                # the walsender of the leg that ended may not have released the slot yet
+                busy = isinstance(exc, psycopg2.errors.ObjectInUse)
+                if not busy or time.monotonic() > deadline:
+                    raise SourceError(f"cannot stream timeline {leg.timeline}: {exc}") from exc
+                await asyncio.sleep(0.05)
+        self._watch_socket()
         self.log.info(
             "timeline switch followed",
             ended=ended.timeline, at=L.format_lsn(self._received), timeline=leg.timeline,
         )  # fmt: skip
+
+    def _watch_socket(self) -> None:
+        """Read the replication socket whenever it is readable, and read now what libpq
+        already holds: the blocking START_REPLICATION may have received the first WAL
+        messages with its answer, and those are in libpq's buffer, not the socket's; on an
+        idle primary nothing more comes to wake the reader (the stream would wait, its RPO
+        growing, until the next write)."""
+        self._fd = self._conn.fileno()
+        asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
+        self._on_readable()
 
     def note_durable_time(self, source_time: float | None) -> None:
         """Before ``resume``: the source time of the last change durable at the position
@@ -366,13 +383,11 @@ class WalSource:
             cur = conn.cursor()
             current, content = self._identify_on(cur)
             if leg is None:
-                self.timeline, timeline = current, 0
+                streamed, timeline = current, 0
             else:
                 if self._labels is None or current != self._labels[2]:
                     raise SourceError(f"the server moved to timeline {current} meanwhile")
-                self.timeline = timeline = leg.timeline
-            if history:
-                self._history = None if content is None else L.pack_history(current, content)
+                streamed = timeline = leg.timeline
             cur.start_replication(
                 slot_name=self.slot, start_lsn=start, timeline=timeline, status_interval=1
             )
@@ -382,6 +397,10 @@ class WalSource:
         except BaseException:
             conn.close()
             raise
+        # only now: a start that failed leaves the timeline of what was shipped so far
+        self.timeline = streamed
+        if history:
+            self._history = None if content is None else L.pack_history(current, content)
         self._conn, self._cursor = conn, cur
         self._until = None if leg is None else leg.until
 
