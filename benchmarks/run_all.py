@@ -58,6 +58,7 @@ QUICK = {
     "longevity": ["--history-seconds", "10", "--writes", "4000", "--restores", "5", "--scale", "5"],
     "scale": ["--objects", "300", "--merkle-keys", "100000"],
     "merkle_scale": ["--keys", "100000"],
+    "s3_request_cpu": ["--requests", "200", "--rounds", "3"],
 }
 
 
