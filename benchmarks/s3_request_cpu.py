@@ -123,6 +123,9 @@ def weed_server() -> Iterator[tuple[str, str, str]]:
             proc.kill()
             proc.wait()
         shutil.rmtree(home, ignore_errors=True)
+        for port in ports.values():  # the unix sockets weed leaves, named by our ports
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def _healthy(port: int) -> bool:
