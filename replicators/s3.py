@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import email.utils
 import functools
-import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 import aiobotocore.session
 import botocore.handlers
 import botocore.utils
-import dateutil.tz
 import google_crc32c
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
@@ -87,37 +86,19 @@ def crc32c_header(data: bytes) -> str:
     return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
 
 
-_MONTHS = {
-    m: i
-    for i, m in enumerate(
-        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1
-    )
-}
-_ISO_UTC = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?Z")
-_HTTP_DATE = re.compile(
-    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d\d) ("
-    + "|".join(_MONTHS)
-    + r") (\d{4}) (\d\d):(\d\d):(\d\d) GMT"
-)
-_UTC = dateutil.tz.tzutc()
-
-
 def parse_timestamp(value: Any) -> dt.datetime:
-    """botocore's ``parse_timestamp`` for the two forms S3 sends, without dateutil's
-    general parser: ``2026-12-07T03:18:26.000Z`` (listings) and ``Mon, 07 Dec 2026
-    03:18:26 GMT`` (``Last-Modified``). The same instant and errors; the tz is always
-    ``tzutc()`` (dateutil gives ``tzlocal()`` for a ``Z`` on a machine whose zone is UTC:
-    the same offset). Anything else (epochs, offsets, other spellings) goes to botocore's."""
+    """botocore's ``parse_timestamp`` for the two forms S3 sends, by the standard
+    library's parsers instead of dateutil's general one: ``2026-12-07T03:18:26.000Z``
+    (listings) and ``Mon, 07 Dec 2026 03:18:26 GMT`` (``Last-Modified``). The same
+    instant; anything else (epochs, offsets, other spellings, invalid dates) goes to
+    botocore's, which gives its own errors."""
     if isinstance(value, str):
-        if match := _ISO_UTC.fullmatch(value):
-            y, mo, d, h, mi, s, frac = match.groups()
-            micro = int(frac.ljust(6, "0")) if frac else 0
-            with suppress(ValueError):  # e.g. 2026-02-30: botocore's own error message
-                return dt.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), micro, _UTC)
-        elif match := _HTTP_DATE.fullmatch(value):
-            d, mon, y, h, mi, s = match.groups()
+        if value.endswith("Z") and "T" in value:
             with suppress(ValueError):
-                return dt.datetime(int(y), _MONTHS[mon], int(d), int(h), int(mi), int(s), 0, _UTC)
+                return dt.datetime.fromisoformat(value)
+        elif value.endswith(" GMT"):
+            with suppress(TypeError, ValueError):
+                return email.utils.parsedate_to_datetime(value)
     return botocore.utils.parse_timestamp(value)
 
 
