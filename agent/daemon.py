@@ -367,7 +367,14 @@ class Agent(StatusSource):
         async def run(task: StreamTask, until: asyncio.Event) -> None:
             await run_stream(task, until, self.metrics)
 
-        runner = PartitionRunner(build, run, drain=min(cfg.drain_timeout, group.ttl / 2))
+        # a partition being handed over has no owner until its stop ends: at most
+        # drain + 2 * settle = ttl / 4 + ttl / 6 (1.5 + 1 s at a TTL of 6 s), well under a TTL
+        runner = PartitionRunner(
+            build,
+            run,
+            drain=min(cfg.drain_timeout, group.ttl / 4),
+            settle=max(0.5, group.ttl / 12),
+        )
         try:
             while not stop.is_set():
                 await runner.apply(dict(group.owned), at_once=group.fenced)

@@ -5,7 +5,8 @@ stopped one partition at a time as ownership moves, the others left running.
 within ``drain``, then is cancelled: cancelling is a crash for that partition, which
 loses nothing, since a new owner resumes from what is durable in the vault), closes
 their stores, then builds and starts the partitions newly owned (all at once), each at
-its own epoch.
+its own epoch. A stop takes at most ``drain + 2 * settle``: the partition has no owner
+meanwhile, so the daemon keeps that well under a membership TTL.
 Only after ``apply`` returns may the member give up the keys of what it stopped
 (``GroupMember.released``).
 """
@@ -38,10 +39,12 @@ class PartitionRunner:
     """``build(owned, stack)``: the tasks of the partitions ``owned`` (name -> epoch),
     their stores opened on ``stack``; ``run(task, stop)``: one task until ``stop``."""
 
-    def __init__(self, build: Build, run: Run, drain: float) -> None:
+    def __init__(self, build: Build, run: Run, drain: float, settle: float = 1.0) -> None:
         self.build = build
         self.run = run
         self.drain = drain
+        self.settle = settle
+        """How long a cancelled task, then the closing of the stores, may take each."""
         self.running: dict[str, _Running] = {}
         self.stuck: list[asyncio.Future[object]] = []
         """Tasks that ignored their cancellation (logged with where they wait)."""
@@ -84,7 +87,7 @@ class PartitionRunner:
             job.cancel()
         stuck: set[asyncio.Task[None]] = set()
         if pending:
-            _, stuck = await asyncio.wait(pending, timeout=max(self.drain, 1.0))
+            _, stuck = await asyncio.wait(pending, timeout=self.settle)
         if stuck:
             # a task that ignores its cancellation: say where it waits, and go on (the
             # partition's epoch fences whatever it may still write); its stores stay open
@@ -98,7 +101,7 @@ class PartitionRunner:
                 await job
         if not stuck:
             closing = asyncio.ensure_future(r.stack.aclose())
-            _, late = await asyncio.wait([closing], timeout=max(self.drain, 1.0))
+            _, late = await asyncio.wait([closing], timeout=self.settle)
             if late:  # its stores did not close: say where, go on (the epoch fences it)
                 self.log.error("closing the partition's stores did not end", partition=part,
                                waiting_in=_awaiting(closing))  # fmt: skip
