@@ -30,10 +30,7 @@ from tests.test_objects_kill import _newest_versions_won, churn
 from tests.test_objects_rig import filer_address, options, s3, same
 from verifiers.objects import verify_buckets
 
-# out of the default run for now: in the full suite on a loaded machine, a member that
-# must hand over a partition it started a second earlier can stall in stopping it (3 of
-# 4 CI runs; never alone). Run it with `pytest -m soak tests/test_group.py`.
-pytestmark = [pytest.mark.lab, pytest.mark.soak]
+pytestmark = pytest.mark.lab
 PARTS = 8
 TTL = 6.0
 
