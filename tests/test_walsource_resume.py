@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -36,9 +37,9 @@ ROUNDS = 12
 
 @contextlib.asynccontextmanager
 async def busy_host(spinners: int = 3) -> AsyncIterator[None]:
+    spin = "import time\nend = time.monotonic() + 120\nwhile time.monotonic() < end: pass"
     procs = [
-        await asyncio.create_subprocess_exec("timeout", "120", "sh", "-c", "while :; do :; done")
-        for _ in range(spinners)
+        await asyncio.create_subprocess_exec(sys.executable, "-c", spin) for _ in range(spinners)
     ]
     try:
         yield
