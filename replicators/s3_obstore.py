@@ -115,11 +115,16 @@ class FastS3:
         extra: dict[str, Any] = {}
         if cfg.endpoint is not None:
             extra["endpoint"] = cfg.endpoint
+        credential = {
+            "access_key_id": cfg.access_key.reveal(),
+            "secret_access_key": cfg.secret_key.reveal(),
+            "token": None,  # not AWS_SESSION_TOKEN's, as botocore with explicit keys
+            "expires_at": None,  # asked once
+        }
         store = _ObS3(
             cfg.bucket,
             region=cfg.region_name,
-            access_key_id=cfg.access_key.reveal(),
-            secret_access_key=cfg.secret_key.reveal(),
+            credential_provider=lambda: credential,  # type: ignore[arg-type,return-value]
             virtual_hosted_style_request=cfg.addressing_style != "path",
             # sign_payload=False: as botocore's, the body out of the signature (sealed
             # segments); then a SHA-256 checksum header lets the server check the body.
