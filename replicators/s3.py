@@ -224,17 +224,12 @@ class S3Store:
 
     KIND: ClassVar[str] = "s3"
 
-    def __init__(
-        self,
-        cfg: S3Config,
-        client: Any,
-        stack: AsyncExitStack,
-        fast: s3_obstore.FastS3 | None = None,
-    ) -> None:
+    def __init__(self, cfg: S3Config, client: Any, stack: AsyncExitStack) -> None:
         self.cfg = cfg
         self._client = client
-        self._fast = fast
-        """The ``obstore`` client of the hot requests (``S3Config.data_client``), if any."""
+        self._fast: s3_obstore.FastS3 | None = None
+        """The ``obstore`` client of the hot requests (``S3Config.data_client``): set by
+        ``open``; None (every request through botocore) for a store built otherwise."""
         self._stack = stack
         self._deadline = (cfg.connect_timeout + cfg.read_timeout) * cfg.max_attempts
         self._parts = asyncio.Semaphore(cfg.max_concurrency)
@@ -244,10 +239,10 @@ class S3Store:
         """Open the store; ``sign_payload`` as for ``s3_client``."""
         stack = AsyncExitStack()
         client = await stack.enter_async_context(s3_client(cfg, sign_payload=sign_payload))
-        fast = None
+        store = cls(cfg, client, stack)
         if cfg.data_client == "obstore":
-            fast = s3_obstore.FastS3.open(cfg, sign_payload=sign_payload)
-        return cls(cfg, client, stack, fast)
+            store._fast = s3_obstore.FastS3.open(cfg, sign_payload=sign_payload)
+        return store
 
     def _key(self, key: str) -> str:
         return self.cfg.prefix + key
