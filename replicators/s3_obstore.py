@@ -22,6 +22,7 @@ Errors are the store's (``classify``): ``NotFound``, ``AlreadyExists`` (a failed
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,7 +67,8 @@ def plain_metadata(metadata: Mapping[str, str]) -> bool:
 
 def classify(exc: Exception, key: str) -> StorageError:
     """Map an ``obstore`` error to the store's error kinds (as ``replicators.s3.classify``)."""
-    message = f"s3 (obstore) {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    first = next(iter(str(exc).splitlines()), "")  # obstore's messages go on for pages
+    message = f"s3 (obstore) {type(exc).__name__}: {first[:300]}"
     if "<Code>NoSuchBucket</Code>" in str(exc):
         return AccessDenied(message, key=key, hint="create the bucket or fix its name")
     if isinstance(exc, FileNotFoundError | obx.NotFoundError):
@@ -89,11 +91,19 @@ def time_ns(when: dt.datetime) -> int:
     return int(when.timestamp() * 1_000_000) * 1000
 
 
+_PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+"""Proxies botocore takes from the environment (with ``NO_PROXY``) and ``object_store``
+does not: with any of these set (any case), every request goes through botocore."""
+
+
 class FastS3:
     """An ``obstore`` S3 client for one ``S3Config``'s bucket; keys are full keys (the
     config's prefix included). ``FastS3.open`` returns None where it cannot stand in for
     botocore: no explicit keys (botocore's credential chain), ``addressing_style =
-    "auto"`` with an endpoint (botocore's choice between path and virtual)."""
+    "auto"`` with an endpoint or with a bucket name holding a dot (botocore's choice
+    between path and virtual), a proxy in the environment. Over HTTPS, the CA bundle
+    botocore would take from ``AWS_CA_BUNDLE`` is trusted too (added to the system's
+    roots; botocore trusts only the bundle's)."""
 
     def __init__(self, store: _ObS3) -> None:
         self._store = store
@@ -102,16 +112,26 @@ class FastS3:
     def open(cls, cfg: S3Config, *, sign_payload: bool | None = None) -> FastS3 | None:
         if cfg.access_key is None or cfg.secret_key is None:
             return None
-        if cfg.endpoint is not None and cfg.addressing_style == "auto":
+        if cfg.addressing_style == "auto" and (cfg.endpoint is not None or "." in cfg.bucket):
             return None
+        if any(os.environ.get(n) or os.environ.get(n.lower()) for n in _PROXY_ENV):
+            return None
+        deadline = (cfg.connect_timeout + cfg.read_timeout) * cfg.max_attempts
         options: dict[str, Any] = {
             "connect_timeout": dt.timedelta(seconds=cfg.connect_timeout),
             "read_timeout": dt.timedelta(seconds=cfg.read_timeout),
-            "timeout": dt.timedelta(seconds=cfg.connect_timeout + cfg.read_timeout),
+            # the whole request, body included (botocore has none): the caller's deadline
+            "timeout": dt.timedelta(seconds=deadline),
             "pool_max_idle_per_host": str(cfg.max_concurrency),
         }
         if cfg.endpoint is not None and cfg.endpoint.startswith("http://"):
             options["allow_http"] = True
+        elif bundle := os.environ.get("AWS_CA_BUNDLE"):
+            try:
+                with open(bundle, "rb") as f:
+                    options["root_certificate"] = f.read()
+            except OSError:
+                return None  # botocore says what is wrong with it
         extra: dict[str, Any] = {}
         if cfg.endpoint is not None:
             extra["endpoint"] = cfg.endpoint
@@ -135,9 +155,7 @@ class FastS3:
             client_options=options,  # type: ignore[arg-type]
             retry_config={
                 "max_retries": cfg.max_attempts - 1,
-                "retry_timeout": dt.timedelta(
-                    seconds=(cfg.connect_timeout + cfg.read_timeout) * cfg.max_attempts
-                ),
+                "retry_timeout": dt.timedelta(seconds=deadline),
             },
             **extra,
         )
