@@ -68,6 +68,8 @@ def plain_metadata(metadata: Mapping[str, str]) -> bool:
 def classify(exc: Exception, key: str) -> StorageError:
     """Map an ``obstore`` error to the store's error kinds (as ``replicators.s3.classify``)."""
     first = next(iter(str(exc).splitlines()), "")  # obstore's messages go on for pages
+    if not first and isinstance(exc, TimeoutError):
+        first = "no answer within the deadline"
     message = f"s3 (obstore) {type(exc).__name__}: {first[:300]}"
     if "<Code>NoSuchBucket</Code>" in str(exc):
         return AccessDenied(message, key=key, hint="create the bucket or fix its name")
