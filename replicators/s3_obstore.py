@@ -94,8 +94,9 @@ def time_ns(when: dt.datetime) -> int:
 
 
 _PROXY_ENV = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
-"""Proxies botocore takes from the environment (with ``NO_PROXY``) and ``object_store``
-does not: with any of these set (any case), every request goes through botocore."""
+"""Proxies botocore takes from the environment (with ``NO_PROXY``); ``object_store`` is
+given one otherwise (``proxy_url``), not mapped here: with any of these set (any case),
+every request goes through botocore."""
 
 
 class FastS3:
