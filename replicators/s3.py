@@ -14,6 +14,11 @@ about 1 GB/s on the event loop.
 botocore's own work per request is cut where that changes nothing we rely on
 (``Tuning``, ``TUNING``): no parameter validation, a User-Agent built once per
 client, S3's timestamps parsed without dateutil.
+
+With ``S3Config.data_client = "obstore"`` (the default) the single PUTs, GETs and
+HEADs go through ``replicators.s3_obstore`` instead, where it can make them exactly:
+there a PUT's body is covered by the SigV4 payload hash, or (``sign_payload=False``)
+by an ``x-amz-checksum-sha256`` the server checks, not by a CRC32C.
 """
 
 from __future__ import annotations

@@ -14,6 +14,13 @@ botocore would (``FastS3.usable``):
 - user metadata named like one of ``object_store``'s attributes (``Content-Type``,
   ``Cache-Control``...), which it would send as that header instead, or not ASCII.
 
+What botocore does and this client does not: check a whole-object GET's body against
+the checksum the object was stored with (botocore's ``response_checksum_validation``,
+kept on in ``replicators.s3.Tuning``; obstore asks for none), so over plain HTTP a
+body damaged on the way back is caught by TCP's checksum only (over HTTPS, by TLS);
+and store a CRC32 with what ``Bucket.write`` puts (a signed PUT's body is checked by
+the server against the SigV4 payload hash instead, and stored without a checksum).
+
 Errors are the store's (``classify``): ``NotFound``, ``AlreadyExists`` (a failed
 ``If-Match`` or ``If-None-Match: *``), ``AccessDenied``, ``Unavailable``. Retries:
 ``object_store``'s own, ``max_attempts - 1`` of them within the caller's deadline.
