@@ -1,9 +1,10 @@
 """CPU per S3 request in this process (botocore, aiohttp, the event loop), by
 ``replicators.s3.Tuning``: botocore's own behaviour, each candidate option alone,
-all of them, and ``replicators.s3.TUNING`` (the ones dragent applies).
+all of them, ``replicators.s3.TUNING`` (the ones dragent applies), and
+``S3Config.data_client = "obstore"`` (the hot requests through obstore).
 
 Usage: ``python benchmarks/s3_request_cpu.py [--json] [--requests N] [--rounds R]
-[--endpoint URL --bucket B --access-key-env A --secret-key-env S]``
+[--no-obstore] [--endpoint URL --bucket B --access-key-env A --secret-key-env S]``
 
 Against the given S3 endpoint, or a throw-away ``weed server`` (SeaweedFS, the
 ``weed`` next to this Python) started for the run on free ports and killed at
@@ -65,6 +66,10 @@ CANDIDATES = s3.Tuning(
     fast_timestamps=True,
 )
 """Every option tried; ``replicators.s3.TUNING`` is the ones applied."""
+
+OBSTORE = "data_client=obstore"
+"""``S3Config.data_client = "obstore"``: PUT, GET and HEAD through obstore (the LIST
+through botocore with ``TUNING``)."""
 
 
 def variants() -> dict[str, s3.Tuning]:
@@ -199,7 +204,11 @@ async def run(args: argparse.Namespace, endpoint: str, access: str, secret: str)
             await client.create_bucket(Bucket=args.bucket)
     chosen = variants()
     buckets = {name: await _open(cfg, tuning) for name, tuning in chosen.items()}
-    samples: dict[str, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in chosen}
+    if not args.no_obstore:  # as deployed: Bucket.open, TUNING for what obstore leaves
+        fast = await Bucket.open(cfg.model_copy(update={"data_client": "obstore"}))
+        assert fast._fast is not None, "obstore is not used for this endpoint"
+        buckets[OBSTORE] = fast
+    samples: dict[str, dict[str, list[float]]] = {v: {p: [] for p in PHASES} for v in buckets}
     try:
         for name, bucket in buckets.items():  # warm up: connections, models, first parses
             await _phase(bucket, "put", f"warm/{name}", 20)
@@ -266,6 +275,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--endpoint", help="an S3 endpoint (default: start a weed server)")
     parser.add_argument("--bucket", default="s3cpu")
+    parser.add_argument("--no-obstore", action="store_true", help="botocore's variants only")
     parser.add_argument("--access-key-env", default="AWS_ACCESS_KEY_ID")
     parser.add_argument("--secret-key-env", default="AWS_SECRET_ACCESS_KEY")
     args = parser.parse_args()

@@ -64,6 +64,7 @@ from benchmarks.objects import (
     wait_for,
     write_dataset,
 )
+from replicators import logs
 from replicators.bucket import Bucket
 from replicators.keys import build_key_provider
 from replicators.objects.options import ObjectsOptions
@@ -298,6 +299,9 @@ def main() -> int:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receive:
+        # stdout is the protocol to the parent ("ready", then JSON): logs go to stderr (the
+        # sink warns of a segment landing before the one before it, as pipelined PUTs can)
+        logs.configure("logfmt", "warning")
         asyncio.run(receive(args))
         return 0
     require("rclone")

@@ -3,7 +3,9 @@ conditional reads, content types, and multipart uploads driven part by part.
 
 Built on ``S3Store`` (same client, same single retry layer, same error
 classes: ``NotFound``, ``AlreadyExists`` for a failed ``If-Match``,
-``Unavailable``, ``AccessDenied``).
+``Unavailable``, ``AccessDenied``). ``head``, ``read``, ``fetch``, ``write`` and
+``create`` go through ``S3Store``'s ``obstore`` client when it has one and it can
+make the request exactly (``replicators.s3_obstore``); the rest through botocore.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import xxhash
 from botocore.exceptions import BotoCoreError
 
+from replicators import s3_obstore
 from replicators.s3 import S3Store, classify
 
 READ_CHUNK = 1 << 20
@@ -44,6 +47,12 @@ def _state(key: str, out: Mapping[str, Any]) -> ObjectState:
     )
 
 
+def _fast_state(key: str, result: Any) -> ObjectState:
+    """The state in an ``obstore`` GET or HEAD result."""
+    size, etag, time_ns, content_type, metadata = s3_obstore.FastS3.state(result)
+    return ObjectState(key, size, etag, time_ns, content_type, metadata)
+
+
 def _ns(when: datetime) -> int:
     return int(when.timestamp() * 1_000_000) * 1000
 
@@ -52,6 +61,8 @@ class Bucket(S3Store):
     """Open with ``await Bucket.open(S3Config)``; keys are relative to the config's prefix."""
 
     async def head(self, key: str) -> ObjectState:
+        if (fast := self._fast_for(key)) is not None:
+            return _fast_state(key, await self._fast_call(key, fast.get(self._key(key), head=True)))
         out = await self._call(key, "head_object", Key=self._key(key))
         return _state(key, out)
 
@@ -62,6 +73,10 @@ class Bucket(S3Store):
 
         Raises ``AlreadyExists`` (precondition failed) when the object changed.
         """
+        if (fast := self._fast_for(key)) is not None:
+            call = fast.get(self._key(key), if_match=etag, start=start, end=end)
+            result = await self._fast_call(key, call)
+            return await self._fast_call(key, fast.body(result))
         extra: dict[str, Any] = {"IfMatch": f'"{etag}"'} if etag else {}
         if start is not None and end is not None:
             extra["Range"] = f"bytes={start}-{end - 1}"
@@ -80,6 +95,12 @@ class Bucket(S3Store):
 
         Raises ``NotFound`` when the key does not exist.
         """
+        if (fast := self._fast_for(key)) is not None:
+            result = await self._fast_call(key, fast.get(self._key(key)))
+            state = _fast_state(key, result)
+            if state.size > inline_max or (skip_etag and state.etag == skip_etag):
+                return state, None  # the body left unread: its connection is dropped
+            return state, await self._fast_call(key, fast.body(result))
         out = await self._call(key, "get_object", Key=self._key(key))
         state = _state(key, out)
         try:
@@ -122,9 +143,35 @@ class Bucket(S3Store):
     async def write(
         self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str]
     ) -> None:
+        if (fast := self._fast_for(key, metadata)) is not None:
+            call = fast.put(self._key(key), body, content_type=content_type, metadata=metadata)
+            await self._fast_call(key, call)
+            return
         extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
         await self._call(
             key, "put_object", Key=self._key(key), Body=body, Metadata=dict(metadata), **extra
+        )
+
+    async def create(
+        self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str]
+    ) -> None:
+        """``write`` only if ``key`` does not exist (``If-None-Match: *``), else
+        ``AlreadyExists``: never replaces anything."""
+        if (fast := self._fast_for(key, metadata)) is not None:
+            call = fast.put(
+                self._key(key), body, create=True, content_type=content_type, metadata=metadata
+            )
+            await self._fast_call(key, call)
+            return
+        extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+        await self._call(
+            key,
+            "put_object",
+            Key=self._key(key),
+            Body=body,
+            Metadata=dict(metadata),
+            IfNoneMatch="*",
+            **extra,
         )
 
     async def start_upload(self, key: str, content_type: str, metadata: Mapping[str, str]) -> str:

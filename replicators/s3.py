@@ -14,6 +14,11 @@ about 1 GB/s on the event loop.
 botocore's own work per request is cut where that changes nothing we rely on
 (``Tuning``, ``TUNING``): no parameter validation, a User-Agent built once per
 client, S3's timestamps parsed without dateutil.
+
+With ``S3Config.data_client = "obstore"`` (the default) the single PUTs, GETs and
+HEADs go through ``replicators.s3_obstore`` instead, where it can make them exactly:
+there a PUT's body is covered by the SigV4 payload hash, or (``sign_payload=False``)
+by an ``x-amz-checksum-sha256`` the server checks, not by a CRC32C.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import google_crc32c
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
+from replicators import s3_obstore
 from replicators.errors import (
     AccessDenied,
     AlreadyExists,
@@ -226,6 +232,9 @@ class S3Store:
     def __init__(self, cfg: S3Config, client: Any, stack: AsyncExitStack) -> None:
         self.cfg = cfg
         self._client = client
+        self._fast: s3_obstore.FastS3 | None = None
+        """The ``obstore`` client of the hot requests (``S3Config.data_client``): set by
+        ``open``; None (every request through botocore) for a store built otherwise."""
         self._stack = stack
         self._deadline = (cfg.connect_timeout + cfg.read_timeout) * cfg.max_attempts
         self._parts = asyncio.Semaphore(cfg.max_concurrency)
@@ -235,10 +244,28 @@ class S3Store:
         """Open the store; ``sign_payload`` as for ``s3_client``."""
         stack = AsyncExitStack()
         client = await stack.enter_async_context(s3_client(cfg, sign_payload=sign_payload))
-        return cls(cfg, client, stack)
+        store = cls(cfg, client, stack)
+        if cfg.data_client == "obstore":
+            store._fast = s3_obstore.FastS3.open(cfg, sign_payload=sign_payload)
+        return store
 
     def _key(self, key: str) -> str:
         return self.cfg.prefix + key
+
+    def _fast_for(
+        self, key: str, metadata: Mapping[str, str] | None = None
+    ) -> s3_obstore.FastS3 | None:
+        """The ``obstore`` client if it makes this request exactly (else botocore)."""
+        fast = self._fast
+        return fast if fast is not None and fast.usable(self._key(key), metadata) else None
+
+    async def _fast_call(self, key: str, call: Any) -> Any:
+        """Await ``call`` (an ``obstore`` request) within the deadline; errors classified."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await call
+        except s3_obstore.ERRORS as exc:
+            raise s3_obstore.classify(exc, key) from exc
 
     async def _call(self, key: str, op: str, **kwargs: Any) -> Any:
         try:
@@ -275,6 +302,11 @@ class S3Store:
             extra["ObjectLockRetainUntilDate"] = until
         if len(data) > self.cfg.multipart_threshold:
             await self._put_multipart(key, data, if_absent, extra)
+            return
+        fast = None if "ObjectLockMode" in extra else self._fast_for(key, extra["Metadata"])
+        if fast is not None:
+            call = fast.put(self._key(key), data, create=if_absent, metadata=extra["Metadata"])
+            await self._fast_call(key, call)
             return
         if if_absent:
             extra["IfNoneMatch"] = "*"
@@ -327,6 +359,15 @@ class S3Store:
     async def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         """The object's bytes. With ``max_bytes``, an object larger than that is refused
         (``IntegrityError``) from its ``Content-Length``, before its body is read."""
+        if (fast := self._fast_for(key)) is not None:
+            result = await self._fast_call(key, fast.get(self._key(key)))
+            size = int(result.meta["size"])
+            if max_bytes is not None and size > max_bytes:
+                raise IntegrityError(
+                    f"{size} bytes, more than the {max_bytes} allowed here: not read",
+                    where=f"object {key}",
+                )
+            return await self._fast_call(key, fast.body(result))
         out = await self._call(key, "get_object", Key=self._key(key))
         size = int(out.get("ContentLength", 0))
         if max_bytes is not None and size > max_bytes:
@@ -342,6 +383,10 @@ class S3Store:
             raise classify(exc, key) from exc
 
     async def stat(self, key: str) -> ObjectInfo:
+        if (fast := self._fast_for(key)) is not None:
+            result = await self._fast_call(key, fast.get(self._key(key), head=True))
+            size, etag, _, _, metadata = fast.state(result)
+            return ObjectInfo(key=key, size=size, etag=etag, metadata=metadata)
         out = await self._call(key, "head_object", Key=self._key(key))
         return ObjectInfo(
             key=key,

@@ -142,6 +142,12 @@ class S3Config(Section):
     max_concurrency: int = Field(default=16, ge=1, le=256)
     object_lock: ObjectLockConfig | None = None
     """Write every object under S3 Object Lock (``ObjectLockConfig``); unset: no lock."""
+    data_client: Literal["obstore", "botocore"] = "obstore"
+    """The client of the hot single requests (PUT, GET, ranged GET, HEAD) of
+    ``S3Store`` and ``Bucket``: ``obstore`` (Rust, a third to a half of botocore's CPU
+    per request; ``replicators/s3_obstore.py`` says what it leaves to botocore) or
+    ``botocore`` for every request. Multipart, listings, deletes and Object Lock
+    retentions always go through botocore."""
 
     @model_validator(mode="after")
     def _both_keys(self) -> S3Config:

@@ -216,17 +216,9 @@ class MirrorTarget:
             return False
         if self.mirror_keys is not None:
             self.mirror_keys += 1
-        extra = {"ContentType": record.head.content_type} if record.head.content_type else {}
+        meta = mirror_metadata(record.head, record.version)
         try:
-            await self.bucket._call(
-                record.key,
-                "put_object",
-                Key=self.bucket._key(record.key),
-                Body=record.body,
-                Metadata=mirror_metadata(record.head, record.version),
-                IfNoneMatch="*",
-                **extra,
-            )
+            await self.bucket.create(record.key, record.body, record.head.content_type, meta)
         except AlreadyExists:
             if self.mirror_keys is not None:
                 self.mirror_keys -= 1
