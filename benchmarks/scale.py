@@ -244,6 +244,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _cell(value: Any) -> str:
+    """A figure of the text table: floats to two decimals, a missing one as '-'."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
 def table(res: dict[str, Any]) -> str:
     ours, rc = res["dragent"], res["rclone"]
     one, two = res.get("agents_1", {}), res.get("agents_2", {})
@@ -259,14 +266,14 @@ def table(res: dict[str, Any]) -> str:
         ("objects per CPU-second", "objects_per_cpu_s"),
     ):
         rows.append(
-            f"{label:24}{ours[name]!s:>10}{one.get(name, '-')!s:>16}"
-            f"{two.get(name, '-')!s:>17}{rc[name]!s:>13}"
+            f"{label:24}{_cell(ours[name]):>10}{_cell(one.get(name)):>16}"
+            f"{_cell(two.get(name)):>17}{_cell(rc[name]):>13}"
         )
     for label, name in (
         ("copy seconds (start-up left out)", "copy_seconds"),
         ("copy CPU seconds", "copy_cpu_seconds"),
     ):
-        rows.append(f"{label:34}{one.get(name, '-')!s:>16}{two.get(name, '-')!s:>17}")
+        rows.append(f"{label:34}{_cell(one.get(name)):>16}{_cell(two.get(name)):>17}")
     if "reassign_seconds" in two:
         rows.append(
             f"kill -9 of one of 2 agents: its partitions run again after "
