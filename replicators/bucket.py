@@ -143,35 +143,29 @@ class Bucket(S3Store):
     async def write(
         self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str]
     ) -> None:
-        if (fast := self._fast_for(key, metadata)) is not None:
-            call = fast.put(self._key(key), body, content_type=content_type, metadata=metadata)
-            await self._fast_call(key, call)
-            return
-        extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
-        await self._call(
-            key, "put_object", Key=self._key(key), Body=body, Metadata=dict(metadata), **extra
-        )
+        await self._put_object(key, body, content_type, metadata, create=False)
 
     async def create(
         self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str]
     ) -> None:
         """``write`` only if ``key`` does not exist (``If-None-Match: *``), else
         ``AlreadyExists``: never replaces anything."""
+        await self._put_object(key, body, content_type, metadata, create=True)
+
+    async def _put_object(
+        self, key: str, body: bytes, content_type: str, metadata: Mapping[str, str], create: bool
+    ) -> None:
         if (fast := self._fast_for(key, metadata)) is not None:
             call = fast.put(
-                self._key(key), body, create=True, content_type=content_type, metadata=metadata
+                self._key(key), body, create=create, content_type=content_type, metadata=metadata
             )
             await self._fast_call(key, call)
             return
         extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
+        if create:
+            extra["IfNoneMatch"] = "*"
         await self._call(
-            key,
-            "put_object",
-            Key=self._key(key),
-            Body=body,
-            Metadata=dict(metadata),
-            IfNoneMatch="*",
-            **extra,
+            key, "put_object", Key=self._key(key), Body=body, Metadata=dict(metadata), **extra
         )
 
     async def start_upload(self, key: str, content_type: str, metadata: Mapping[str, str]) -> str:
