@@ -14,7 +14,6 @@ partitions is measured from their ``/status`` (the take's wall time).
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 import tomllib
@@ -25,10 +24,10 @@ import tomli_w
 
 from agent.agentproc import AgentProcess
 from agent.lab import Lab
+from benchmarks._proccpu import cpu_seconds, s3_servers_cpu
 from benchmarks.objects import options, s3
 from replicators.bucket import Bucket
 
-TICK = os.sysconf("SC_CLK_TCK")
 MEMBER_TTL = 6.0
 
 
@@ -63,16 +62,7 @@ def _config(lab: Lab, region: str, prefix: str, name: str, workdir: Path, member
 
 
 def _cpu_of(agents: dict[str, AgentProcess]) -> float:
-    return sum(_cpu(a.proc.pid) for a in agents.values() if a.proc)
-
-
-def _cpu(pid: int) -> float:
-    """User + system seconds of ``pid`` (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return sum(cpu_seconds(a.proc.pid) for a in agents.values() if a.proc)
 
 
 async def _listed(bucket: Bucket) -> int:
@@ -86,8 +76,8 @@ async def agents_cold_copy(
     lab: Lab, prefix: str, objects: int, workdir: Path, members: int
 ) -> dict[str, Any]:
     """Start ``members`` agents in region a and in b, wait until the mirror lists
-    ``objects`` keys; the wall time, the agents' CPU, and (members > 1) the time to
-    reassign a killed member's partitions."""
+    ``objects`` keys; the wall time, the agents' CPU, the lab's S3 servers' CPU over the
+    same time, and (members > 1) the time to reassign a killed member's partitions."""
     name = f"{prefix.strip('/')}-m{members}"  # the stream, and the mirror's prefix
     agents: dict[str, AgentProcess] = {}
     for region in ("a", "b"):
@@ -101,22 +91,24 @@ async def agents_cold_copy(
     mirror = await Bucket.open(mirror_opts.mirror)
     out: dict[str, Any] = {"members": members, "agents": len(agents)}
     try:
-        started = time.monotonic()
+        started, servers0 = time.monotonic(), s3_servers_cpu(lab)
         for agent in agents.values():
             await agent.start()
-        first: tuple[float, float] | None = None
+        first: tuple[float, float, float] | None = None
         while (n := await _listed(mirror)) < objects:
             if any(not a.running for a in agents.values()):
                 raise RuntimeError("an agent exited: " + str(workdir))
             if n and first is None:
-                first = (time.monotonic(), _cpu_of(agents))
+                first = (time.monotonic(), _cpu_of(agents), s3_servers_cpu(lab))
             await asyncio.sleep(0.25)
         done = time.monotonic()
         out["seconds"] = done - started
         out["cpu_seconds"] = _cpu_of(agents)
+        out["servers_cpu_seconds"] = round(s3_servers_cpu(lab) - servers0, 2)
         if first is not None:  # start-up left out: from the first object in the mirror
             out["copy_seconds"] = round(done - first[0], 2)
             out["copy_cpu_seconds"] = round(out["cpu_seconds"] - first[1], 2)
+            out["copy_servers_cpu_seconds"] = round(s3_servers_cpu(lab) - first[2], 2)
             out["startup_seconds"] = round(first[0] - started, 2)
             out["copy_objects_per_cpu_s"] = round(objects / max(out["copy_cpu_seconds"], 0.01), 1)
         if members > 1:

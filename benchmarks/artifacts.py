@@ -67,6 +67,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._proccpu import pid_file_cpu
+
 
 @dataclass(frozen=True)
 class Tensor:
@@ -238,10 +240,10 @@ def _restic_runs(
     )
     out = []
     for v in versions:
-        server_before = _process_cpu(server) if server else None
+        server_before = pid_file_cpu(server) if server else None
         seconds, cpu = _restic(repo, v, env)
         row = {"seconds": seconds, "stored": stored(), "cpu": cpu}
-        server_after = _process_cpu(server) if server else None
+        server_after = pid_file_cpu(server) if server else None
         started = time.perf_counter()
         subprocess.run(
             ["restic", "--repo", repo, "cat", "config"],
@@ -274,18 +276,6 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
-
-
-def _process_cpu(pid_file: Path) -> float | None:
-    """CPU seconds (user + system) used so far by the process in ``pid_file``."""
-    import os
-
-    try:
-        pid = int(pid_file.read_text().split()[0])
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_dragent(
@@ -341,13 +331,13 @@ async def run_dragent(
         for v in versions:
             (v / "_COMPLETE").write_bytes(b"")
             sent_before = source.bytes_sent
-            server_before, cpu_before = _process_cpu(server), time.process_time()
+            server_before, cpu_before = pid_file_cpu(server), time.process_time()
             rss_before = _reset_peak_rss()
             started = time.perf_counter()
             assert await shipper.sync_once(asyncio.Event())
             seconds = time.perf_counter() - started
             rss_growth = max(0, _peak_rss() - rss_before)
-            cpu, server_after = time.process_time() - cpu_before, _process_cpu(server)
+            cpu, server_after = time.process_time() - cpu_before, pid_file_cpu(server)
             stored = 0
             for prefix in (f"artifacts/{stream}/", f"streams/{stream}/"):
                 stored += sum([i.size async for i in store.list(prefix)])
@@ -381,13 +371,13 @@ def run_dragent_cold(
     for i in range(len(versions)):
         argv = [sys.executable, __file__, "--dir", str(work), "--uploads", str(uploads)]
         argv += ["--child-ship", f"{stream}:{i}"]
-        server_before = _process_cpu(server)
+        server_before = pid_file_cpu(server)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        server_after = _process_cpu(server)
+        server_after = pid_file_cpu(server)
         inner = json.loads(done.stdout.strip().splitlines()[-1])  # after any log lines
         row = {
             "seconds": seconds,

@@ -19,7 +19,10 @@ then copied from a cold start:
   another prefix of the same mirror bucket, timed the same way. CPU: the
   rclone child's user + system time (``RUSAGE_CHILDREN``).
 
-Each reports objects/s, MB/s and objects per CPU-second. Then, as deployed with
+Each reports objects/s, MB/s and objects per CPU-second, and the CPU the lab's two
+S3 servers (SeaweedFS, on this machine's cores too) spent over the same time: with
+them, ``host_cpu_share`` says how busy the copy kept the whole machine (1.0: every
+core all the time). Then, as deployed with
 ``dragent run`` processes (``benchmarks/_members.py``): one agent per region, and two
 per region sharing the stream through etcd (``[group]``, 8 partitions), each timed
 from starting the agents until the mirror lists every object, and from the first
@@ -55,6 +58,7 @@ from agent.lab.stream_rig import lab_shipper, lab_sink
 from benchmarks import merkle_scale
 from benchmarks._baseline import require
 from benchmarks._members import agents_cold_copy
+from benchmarks._proccpu import s3_servers_cpu
 from benchmarks._rss import peak_rss_mb
 from benchmarks.objects import (
     Recorder,
@@ -73,7 +77,12 @@ from replicators.s3 import S3Store
 from replicators.vault import Vault
 
 
-def _figures(objects: int, total: int, seconds: float, cpu: float) -> dict[str, Any]:
+def _figures(
+    objects: int, total: int, seconds: float, cpu: float, servers_cpu: float
+) -> dict[str, Any]:
+    """The copy's figures; ``servers_cpu``: the lab's S3 servers' CPU over the same time,
+    which shares this machine's cores (``host_cpu_share``: both over every core's time)."""
+    everything = cpu + servers_cpu
     return {
         "objects": objects,
         "bytes": total,
@@ -82,6 +91,9 @@ def _figures(objects: int, total: int, seconds: float, cpu: float) -> dict[str, 
         "objects_per_s": round(objects / seconds, 1),
         "mb_per_s": round(total / seconds / 1e6, 1),
         "objects_per_cpu_s": round(objects / cpu, 1) if cpu > 0 else None,
+        "servers_cpu_seconds": round(servers_cpu, 2),
+        "all_cpu_seconds": round(everything, 2),
+        "host_cpu_share": round(everything / (seconds * (os.cpu_count() or 1)), 2),
     }
 
 
@@ -98,16 +110,16 @@ async def dragent_cold_copy(
     ``members`` > 1, by that many ``dragent run`` agents per region sharing the stream."""
     if members > 1:
         got = await agents_cold_copy(lab, prefix, len(keys), workdir / f"m{members}", members)
-        return _figures(len(keys), total, got["seconds"], got["cpu_seconds"]) | got
+        return _agents_figures(len(keys), total, got)
     opts = options(lab, prefix, events=False)
     name = prefix.strip("/")
     if in_process:
-        cpu0, started = time.process_time(), time.monotonic()
+        cpu0, started, servers0 = time.process_time(), time.monotonic(), s3_servers_cpu(lab)
         async with replicating(lab, opts, name, workdir / "cold") as (_, target):
             await wait_for(lambda: len(target.applied) >= len(keys), 1800)
             took = time.monotonic() - started
-            cpu = time.process_time() - cpu0
-        return _figures(len(keys), total, took, cpu) | {"members": members, "processes": 1}
+            cpu, servers = time.process_time() - cpu0, s3_servers_cpu(lab) - servers0
+        return _figures(len(keys), total, took, cpu, servers) | {"members": members, "processes": 1}
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--receive", prefix, "--lab-dir", str(lab.root),
         "--expect", str(len(keys)), "--workdir", str(workdir / "receive"),
@@ -118,17 +130,17 @@ async def dragent_cold_copy(
         ready = await child.stdout.readline()  # the child is set up and listing the vault
         if ready.strip() != b"ready":
             raise RuntimeError(f"the receiving process did not start: {ready!r}")
-        cpu0, started = time.process_time(), time.monotonic()
+        cpu0, started, servers0 = time.process_time(), time.monotonic(), s3_servers_cpu(lab)
         async with sending(lab, opts, name, workdir / "send"):
             done = json.loads(await child.stdout.readline())
-            cpu = time.process_time() - cpu0
+            cpu, servers = time.process_time() - cpu0, s3_servers_cpu(lab) - servers0
         await child.wait()
     finally:
         if child.returncode is None:
             child.kill()
             await child.wait()
     took = done["last_applied"] - started  # CLOCK_MONOTONIC: one clock for both processes
-    return _figures(len(keys), total, took, cpu + done["cpu_s"]) | {
+    return _figures(len(keys), total, took, cpu + done["cpu_s"], servers) | {
         "members": members,
         "processes": 2,
         "cpu_send_s": round(cpu, 2),
@@ -136,6 +148,11 @@ async def dragent_cold_copy(
         "peak_rss_send_mb": round(peak_rss_mb()),
         "peak_rss_receive_mb": round(done["peak_rss_mb"]),
     }
+
+
+def _agents_figures(objects: int, total: int, got: dict[str, Any]) -> dict[str, Any]:
+    cpu, servers = got["cpu_seconds"], got["servers_cpu_seconds"]
+    return _figures(objects, total, got["seconds"], cpu, servers) | got
 
 
 @contextlib.asynccontextmanager
@@ -202,11 +219,11 @@ async def receive(args: argparse.Namespace) -> None:
 
 def rclone_cold_copy(lab: Lab, prefix: str, objects: int, total: int, workdir: Path) -> dict:
     require("rclone")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before, servers0 = resource.getrusage(resource.RUSAGE_CHILDREN), s3_servers_cpu(lab)
     took = rclone_sync(lab, prefix, workdir)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, servers = resource.getrusage(resource.RUSAGE_CHILDREN), s3_servers_cpu(lab) - servers0
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return _figures(objects, total, took, cpu)
+    return _figures(objects, total, took, cpu, servers)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -230,9 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 got = await agents_cold_copy(
                     lab, prefix, len(keys), Path(tmp) / f"agents-{members}", members
                 )
-                out[f"agents_{members}"] = (
-                    _figures(len(keys), total, got["seconds"], got["cpu_seconds"]) | got
-                )
+                out[f"agents_{members}"] = _agents_figures(len(keys), total, got)
     finally:
         if not args.lab_dir:
             await lab.down(purge=True)
@@ -264,6 +279,9 @@ def table(res: dict[str, Any]) -> str:
         ("MB/s", "mb_per_s"),
         ("CPU seconds", "cpu_seconds"),
         ("objects per CPU-second", "objects_per_cpu_s"),
+        ("S3 servers' CPU seconds", "servers_cpu_seconds"),
+        ("all CPU seconds", "all_cpu_seconds"),
+        ("share of the host's CPU", "host_cpu_share"),
     ):
         rows.append(
             f"{label:24}{_cell(ours[name]):>10}{_cell(one.get(name)):>16}"
