@@ -37,10 +37,11 @@ import aiobotocore.session
 import botocore.handlers
 import botocore.utils
 import google_crc32c
+from aiobotocore.config import AioConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from replicators import s3_obstore
+from replicators import s3_clients, s3_obstore
 from replicators.errors import (
     AccessDenied,
     AlreadyExists,
@@ -49,6 +50,7 @@ from replicators.errors import (
     StorageError,
     Unavailable,
 )
+from replicators.s3_tls import SharedTLSSession
 from replicators.settings import S3Config
 from replicators.store import ObjectInfo
 
@@ -207,20 +209,37 @@ def s3_client(cfg: S3Config, *, sign_payload: bool | None = None, tuning: Tuning
         options["request_checksum_calculation"] = tuning.request_checksum_calculation
     if tuning.response_checksum_validation is not None:
         options["response_checksum_validation"] = tuning.response_checksum_validation
-    config = Config(
-        connect_timeout=cfg.connect_timeout,
-        read_timeout=cfg.read_timeout,
-        retries={"mode": "standard", "max_attempts": cfg.max_attempts},
-        s3={"addressing_style": cfg.addressing_style}
+    options |= {
+        "connect_timeout": cfg.connect_timeout,
+        "read_timeout": cfg.read_timeout,
+        "retries": {"mode": "standard", "max_attempts": cfg.max_attempts},
+        "s3": {"addressing_style": cfg.addressing_style}
         | ({} if sign_payload is None else {"payload_signing_enabled": sign_payload}),
-        max_pool_connections=cfg.max_concurrency,
-        **options,
-    )
+        "max_pool_connections": cfg.max_concurrency,
+    }
     session = _session(tuning.fast_timestamps)
     if tuning.static_user_agent:
-        config = config.merge(Config(user_agent=_user_agent(session, config)))
+        options["user_agent"] = _user_agent(session, Config(**options))
+    config = AioConfig(http_session_cls=SharedTLSSession, **options)
     return session.create_client(
         "s3", endpoint_url=cfg.endpoint, region_name=cfg.region_name, config=config, **creds
+    )
+
+
+def _client_key(cfg: S3Config, sign_payload: bool | None) -> tuple[Any, ...]:
+    """Everything ``s3_client`` builds a client from (not the bucket, not the prefix)."""
+    return (
+        cfg.endpoint,
+        cfg.region_name,
+        cfg.access_key,
+        cfg.secret_key,
+        cfg.addressing_style,
+        cfg.max_attempts,
+        cfg.connect_timeout,
+        cfg.read_timeout,
+        cfg.max_concurrency,
+        sign_payload,
+        TUNING,
     )
 
 
@@ -241,9 +260,12 @@ class S3Store:
 
     @classmethod
     async def open(cls, cfg: S3Config, *, sign_payload: bool | None = None) -> S3Store:
-        """Open the store; ``sign_payload`` as for ``s3_client``."""
+        """Open the store; ``sign_payload`` as for ``s3_client``. Stores of one event loop
+        that would build the same botocore client share it (``s3_clients``)."""
+        key = _client_key(cfg, sign_payload)
+        client = await s3_clients.acquire(key, lambda: s3_client(cfg, sign_payload=sign_payload))
         stack = AsyncExitStack()
-        client = await stack.enter_async_context(s3_client(cfg, sign_payload=sign_payload))
+        stack.push_async_callback(s3_clients.release, key)
         store = cls(cfg, client, stack)
         if cfg.data_client == "obstore":
             store._fast = s3_obstore.FastS3.open(cfg, sign_payload=sign_payload)

@@ -29,6 +29,7 @@ Errors are the store's (``classify``): ``NotFound``, ``AlreadyExists`` (a failed
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -106,6 +107,58 @@ given one otherwise (``proxy_url``), not mapped here: with any of these set (any
 every request goes through botocore."""
 
 
+@functools.lru_cache(maxsize=64)
+def _store(
+    cfg: S3Config, sign_payload: bool | None, bundle: tuple[str, int, int] | None
+) -> _ObS3 | None:
+    """An ``object_store`` client for ``cfg`` (``bundle``: the CA bundle to trust too, by
+    path, size and modification time); None if the bundle cannot be read."""
+    assert cfg.access_key is not None and cfg.secret_key is not None
+    deadline = (cfg.connect_timeout + cfg.read_timeout) * cfg.max_attempts
+    options: dict[str, Any] = {
+        "connect_timeout": dt.timedelta(seconds=cfg.connect_timeout),
+        "read_timeout": dt.timedelta(seconds=cfg.read_timeout),
+        # the whole request, body included (botocore has none): the caller's deadline
+        "timeout": dt.timedelta(seconds=deadline),
+        "pool_max_idle_per_host": str(cfg.max_concurrency),
+    }
+    if cfg.endpoint is not None and cfg.endpoint.startswith("http://"):
+        options["allow_http"] = True
+    elif bundle is not None:
+        try:
+            with open(bundle[0], "rb") as f:
+                options["root_certificate"] = f.read()
+        except OSError:
+            return None  # botocore says what is wrong with it
+    extra: dict[str, Any] = {}
+    if cfg.endpoint is not None:
+        extra["endpoint"] = cfg.endpoint
+    credential = {
+        "access_key_id": cfg.access_key.reveal(),
+        "secret_access_key": cfg.secret_key.reveal(),
+        "token": None,  # not AWS_SESSION_TOKEN's, as botocore with explicit keys
+        "expires_at": None,  # asked once
+    }
+    return _ObS3(
+        cfg.bucket,
+        region=cfg.region_name,
+        credential_provider=lambda: credential,  # type: ignore[arg-type,return-value]
+        virtual_hosted_style_request=cfg.addressing_style != "path",
+        # sign_payload=False: as botocore's, the body out of the signature (sealed
+        # segments); then a SHA-256 checksum header lets the server check the body.
+        unsigned_payload=sign_payload is False,
+        skip_signature=False,
+        conditional_put="etag",
+        **({"checksum_algorithm": "sha256"} if sign_payload is False else {}),
+        client_options=options,  # type: ignore[arg-type]
+        retry_config={
+            "max_retries": cfg.max_attempts - 1,
+            "retry_timeout": dt.timedelta(seconds=deadline),
+        },
+        **extra,
+    )
+
+
 class FastS3:
     """An ``obstore`` S3 client for one ``S3Config``'s bucket; keys are full keys (the
     config's prefix included). ``FastS3.open`` returns None where it cannot stand in for
@@ -120,56 +173,25 @@ class FastS3:
 
     @classmethod
     def open(cls, cfg: S3Config, *, sign_payload: bool | None = None) -> FastS3 | None:
+        """The client for ``cfg``, or None (see the class). One per configuration and
+        CA bundle per process: building one costs about 4 ms of CPU (its TLS roots)."""
         if cfg.access_key is None or cfg.secret_key is None:
             return None
         if cfg.addressing_style == "auto" and (cfg.endpoint is not None or "." in cfg.bucket):
             return None
         if any(os.environ.get(n) or os.environ.get(n.lower()) for n in _PROXY_ENV):
             return None
-        deadline = (cfg.connect_timeout + cfg.read_timeout) * cfg.max_attempts
-        options: dict[str, Any] = {
-            "connect_timeout": dt.timedelta(seconds=cfg.connect_timeout),
-            "read_timeout": dt.timedelta(seconds=cfg.read_timeout),
-            # the whole request, body included (botocore has none): the caller's deadline
-            "timeout": dt.timedelta(seconds=deadline),
-            "pool_max_idle_per_host": str(cfg.max_concurrency),
-        }
-        if cfg.endpoint is not None and cfg.endpoint.startswith("http://"):
-            options["allow_http"] = True
-        elif bundle := os.environ.get("AWS_CA_BUNDLE"):
+        bundle: tuple[str, int, int] | None = None
+        plain = cfg.endpoint is not None and cfg.endpoint.startswith("http://")
+        if not plain and (path := os.environ.get("AWS_CA_BUNDLE")):
             try:
-                with open(bundle, "rb") as f:
-                    options["root_certificate"] = f.read()
+                st = os.stat(path)
             except OSError:
                 return None  # botocore says what is wrong with it
-        extra: dict[str, Any] = {}
-        if cfg.endpoint is not None:
-            extra["endpoint"] = cfg.endpoint
-        credential = {
-            "access_key_id": cfg.access_key.reveal(),
-            "secret_access_key": cfg.secret_key.reveal(),
-            "token": None,  # not AWS_SESSION_TOKEN's, as botocore with explicit keys
-            "expires_at": None,  # asked once
-        }
-        store = _ObS3(
-            cfg.bucket,
-            region=cfg.region_name,
-            credential_provider=lambda: credential,  # type: ignore[arg-type,return-value]
-            virtual_hosted_style_request=cfg.addressing_style != "path",
-            # sign_payload=False: as botocore's, the body out of the signature (sealed
-            # segments); then a SHA-256 checksum header lets the server check the body.
-            unsigned_payload=sign_payload is False,
-            skip_signature=False,
-            conditional_put="etag",
-            **({"checksum_algorithm": "sha256"} if sign_payload is False else {}),
-            client_options=options,  # type: ignore[arg-type]
-            retry_config={
-                "max_retries": cfg.max_attempts - 1,
-                "retry_timeout": dt.timedelta(seconds=deadline),
-            },
-            **extra,
-        )
-        return cls(store)
+            bundle = (path, st.st_size, st.st_mtime_ns)
+        # keys are full keys: the prefix is the caller's (alike stores share the client)
+        store = _store(cfg.model_copy(update={"prefix": ""}), sign_payload, bundle)
+        return None if store is None else cls(store)
 
     @staticmethod
     def usable(key: str, metadata: Mapping[str, str] | None = None) -> bool:
