@@ -54,6 +54,8 @@ from replicators.s3_tls import SharedTLSSession
 from replicators.settings import S3Config
 from replicators.store import ObjectInfo
 
+LIST_PAGE = 1000
+"""Keys asked for per LIST request (S3's most)."""
 _NOT_FOUND = {"NoSuchKey", "NotFound", "404", "NoSuchVersion"}
 _EXISTS = {"PreconditionFailed", "412"}
 _DENIED = {
@@ -424,7 +426,7 @@ class S3Store:
         in key order; keys keep the config's prefix (``strip`` it with ``len(cfg.prefix)``)."""
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Prefix": self._key(prefix), "MaxKeys": 1000}
+            kwargs: dict[str, Any] = {"Prefix": self._key(prefix), "MaxKeys": LIST_PAGE}
             if token:
                 kwargs["ContinuationToken"] = token
             elif start_after is not None:

@@ -1,9 +1,11 @@
 """The reconcile scan: the listing compared with the ``ShippedIndex``, page by page.
 
-A scan walks the bucket in key order one listing page (≤ 1000 keys) per
-``step()``, interleaved with capture, and reads the next page while the
-capture works through this one: memory stays bounded by two pages and the
-scan resumes where it stood between batches. Each page is merged
+A scan takes the bucket's listing one page (≤ 1000 keys) per ``step()``,
+interleaved with capture. The listing is the bucket's ``SharedListing``
+(``listing.py``): one for every scan of the bucket in this process (the
+partitions a member owns), which reads pages ahead while the capture works
+through this one; memory stays bounded by a few pages and the scan resumes
+where it stood between batches. Each page (a key range) is merged
 with the index rows of the same key range: a key listed but not shipped (or
 shipped with another etag, size or time) is queued as changed at its
 LastModified; a key whose shipped state was read within its LastModified
@@ -13,20 +15,20 @@ is queued as deleted. The next scan starts ``interval`` seconds after one
 ends; a restarted source (or lost events) start one at once, or right after
 the running one if a scan is under way.
 
-``covered`` is the wall time at which the last complete scan began: every
-change made before it was then queued or found shipped (the source's
-``head()`` rests on it). A scan that fails proves nothing and is dropped.
+``covered`` is the wall time at which the last complete scan began (the
+earliest of its LIST requests: a shared listing's page may have been asked
+for before the scan subscribed): every change made before it was then queued
+or found shipped (the source's ``head()`` rests on it). A scan that fails
+proves nothing and is dropped.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
-from replicators.bucket import Bucket, ObjectState
+from replicators.bucket import Bucket
 from replicators.objects.index import ShippedIndex
+from replicators.objects.listing import Done, Failed, Page, Subscription, shared_listing
 from replicators.objects.queue import ChangeQueue
 
 
@@ -43,9 +45,7 @@ class Scanner:
         self.covered: float | None = None
         self._began = 0.0
         self._again = False
-        self._pages: AsyncIterator[list[ObjectState]] | None = None
-        self._next: asyncio.Task[list[ObjectState] | None] | None = None
-        self._cursor: str | None = None
+        self._sub: Subscription | None = None
 
     def start_now(self) -> None:
         """Scan at once; if a scan is running, scan again as soon as it ends."""
@@ -54,70 +54,65 @@ class Scanner:
 
     async def restart(self) -> None:
         """Drop any scan under way and forget what earlier scans proved; scan at once."""
-        pages, self._pages, self._cursor = self._pages, None, None
-        await self._drop_next()
-        if pages is not None and hasattr(pages, "aclose"):
-            with contextlib.suppress(Exception):
-                await pages.aclose()  # type: ignore[attr-defined]
+        self._drop()
         self.covered, self._again = None, False
         self.due = time.monotonic()
+
+    def close(self) -> None:
+        """Leave a scan under way (the source closes)."""
+        self._drop()
 
     def pending_since(self) -> float | None:
         return None
 
     @property
     def running(self) -> bool:
-        return self._pages is not None
+        return self._sub is not None
 
     def page_ready(self) -> bool:
         """A scan is running and its next page has been read (``step`` will not wait)."""
-        return self._next is not None and self._next.done()
+        return self._sub is not None and self._sub.ready()
 
     async def step(self) -> bool:
-        """Scan one page if a scan is due or running; False when there was nothing to do.
-        The page after it is read meanwhile (at most two pages in memory)."""
-        if self._pages is None:
+        """Take the next page of the bucket's shared listing (``listing.py``) if a scan is
+        due or running; False when there was nothing to do."""
+        if self._sub is None:
             if time.monotonic() < self.due:
                 return False
             self._began = time.time()
-            self._pages = aiter(self.bucket.scan())
-            self._cursor = None
-        if self._next is None:
-            self._next = asyncio.ensure_future(self._read_page(self._pages))
+            self._sub = shared_listing(self.bucket.cfg).subscribe()
         try:
-            page = await self._next
+            item = await self._sub.next()
         except BaseException:
-            self._next = None
-            self._pages = self._cursor = None  # a failed scan is not resumed, nor complete
+            self._drop()  # a scan cut short is not resumed, nor complete
             raise
-        if page is None:
-            self._next = None
-            self._finish(None)
+        if isinstance(item, Failed):
+            self._drop()
+            raise item.error
+        if isinstance(item, Done):
+            self._finish()
             return True
-        self._next = asyncio.ensure_future(self._read_page(self._pages))
-        if page:
-            self._compare(page)
-            self._cursor = page[-1].key
+        self._began = min(self._began, item.listed_at)
+        if isinstance(item, Page):
+            self._compare(item)
+        else:  # the end of a pass: the rows after its last key are gone from the bucket
+            now = time.time()
+            for e in self.index.between(item.after, None):
+                self.queue.add(e.key, now)
         return True
 
-    @staticmethod
-    async def _read_page(pages: AsyncIterator[list[ObjectState]]) -> list[ObjectState] | None:
-        try:
-            return await anext(pages)
-        except StopAsyncIteration:
-            return None
+    def _drop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            sub.close()
 
-    async def _drop_next(self) -> None:
-        task, self._next = self._next, None
-        if task is not None:
-            task.cancel()
-            # waited, not awaited: its end is not ours (a cancellation of the caller goes on)
-            await asyncio.wait([task])
-
-    def _compare(self, page: list[ObjectState]) -> None:
-        shipped = {e.key: e for e in self.index.between(self._cursor, page[-1].key)}
-        now = time.time()
-        for obj in page:
+    def _compare(self, page: Page) -> None:
+        last = page.states[-1].key
+        shipped = {e.key: e for e in self.index.between(page.after, last)}
+        accept, now = self.queue.accept, time.time()
+        for obj in page.states:
+            if accept is not None and not accept(obj.key):
+                continue  # another partition's (its index holds none of them)
             e = shipped.pop(obj.key, None)
             if e is None or (e.etag, e.size, e.time_ns) != (obj.etag, obj.size, obj.time_ns):
                 self.queue.add(obj.key, obj.time_ns / 1e9)
@@ -126,12 +121,8 @@ class Scanner:
         for key in shipped:
             self.queue.add(key, now)
 
-    def _finish(self, _: None) -> None:
-        now = time.time()
-        for e in self.index.between(self._cursor, None):
-            self.queue.add(e.key, now)
-        self._pages = None
-        self._cursor = None
+    def _finish(self) -> None:
+        self._sub = None
         self.scans += 1
         self.covered = self._began
         self.due = time.monotonic() + (0.0 if self._again else self.interval)

@@ -272,6 +272,7 @@ class ObjectsSource:
                 await asyncio.to_thread(self.index.commit, changes)
 
     async def aclose(self) -> None:
+        self.scanner.close()  # the shared listing no longer waits for this one
         await self._drop_reads()
         if self.tail is not None:
             await self.tail.stop()
