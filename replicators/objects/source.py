@@ -26,7 +26,7 @@ source starts with a full scan, which re-captures whatever was not durable.
 ahead or in transfer, it records (next position, a time before which every
 change was seen): the start of the last complete scan, or later, while the
 filer subscription has run since before that scan, the time up to which its
-events were read (``FilerTail.drained_at``). A failing or hung listing or
+events were read (``FilerSubscription.drained_at``). A failing or hung listing or
 subscription adds nothing, and a restart forgets it all until a new scan ends.
 """
 
@@ -52,7 +52,7 @@ from replicators.objects.options import ObjectsOptions
 from replicators.objects.queue import ChangeQueue
 from replicators.objects.scan import Scanner
 from replicators.objects.sqs import SqsPoller
-from replicators.objects.tail import FilerTail
+from replicators.objects.tail import FilerSubscription
 from replicators.objects.webhook import S3Webhook
 from replicators.stream import Change
 
@@ -129,10 +129,11 @@ class ObjectsSource:
         self.index = ShippedIndex(state_dir / "shipped.sqlite")
         self.queue = ChangeQueue(accept)
         self.scanner = Scanner(bucket, self.index, self.queue, options.scan_interval)
-        self.tail: FilerTail | S3Webhook | SqsPoller | None = None
+        self.tail: FilerSubscription | S3Webhook | SqsPoller | None = None
         bucket_name, prefix = options.source.bucket, options.source.prefix
         if options.events == "filer" and options.filer:
-            self.tail = FilerTail(options.filer, bucket_name, prefix)
+            # one child for every source of the bucket in this process (a member's partitions)
+            self.tail = FilerSubscription(options.filer, bucket_name, prefix)
         elif options.events == "webhook":
             self.tail = S3Webhook(options.webhook, bucket_name, prefix)
         elif options.events == "sqs" and options.sqs:

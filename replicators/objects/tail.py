@@ -1,5 +1,8 @@
 """SeaweedFS filer metadata subscription: ``weed filer.meta.tail`` as a child process.
 
+Sources subscribe through ``FilerSubscription``: the sources of one bucket and prefix
+in a process (the partitions a member owns) share one child (``SharedFilerTail``).
+
 The filer pushes every metadata change under the bucket's path over gRPC;
 ``weed filer.meta.tail`` prints each as a JSON object. ``poll()`` returns
 the hints read so far without waiting. If the child dies, events may have
@@ -20,6 +23,7 @@ import contextlib
 import shutil
 import sys
 import time
+import weakref
 
 from replicators import logs
 from replicators.objects.events import Hint, JsonStream, event_time, filer_hints
@@ -157,3 +161,106 @@ class FilerTail:
             proc.kill()
             with contextlib.suppress(ProcessLookupError):
                 await proc.wait()
+
+
+# -- one subscription per bucket and prefix, shared ---------------------------------------
+
+MAX_PENDING = 100_000
+"""Hints a subscriber may hold not yet polled; past it they are dropped and the subscriber
+told that events were lost (its source scans instead)."""
+
+
+class SharedFilerTail:
+    """One ``weed filer.meta.tail`` child for every source of a bucket (and prefix) in
+    this event loop: a member's partitions each need every event (they keep their own
+    keys), and each child costs about 100 MB of memory and parses every event. Whichever
+    subscriber polls reads the child's output for all of them."""
+
+    def __init__(self, cfg: FilerEvents, bucket: str, prefix: str) -> None:
+        self.tail = FilerTail(cfg, bucket, prefix)
+        self.subscribers: set[FilerSubscription] = set()
+
+    async def poll(self) -> None:
+        hints = await self.tail.poll()
+        lost = self.tail.lost_events()
+        for sub in self.subscribers:
+            sub.take(hints, lost)
+
+    async def leave(self, sub: FilerSubscription) -> None:
+        self.subscribers.discard(sub)
+        if not self.subscribers:
+            tail = self.tail  # the next subscriber starts afresh (no replay of the gap)
+            self.tail = FilerTail(tail.cfg, tail.bucket, tail.prefix)
+            await tail.stop()
+
+
+class FilerSubscription:
+    """A source's view of its bucket's ``SharedFilerTail``, with ``FilerTail``'s interface.
+
+    ``since`` is the later of the child's start and this subscriber's (events printed
+    before it subscribed were not all kept for it); ``drained_at`` is the child's, as
+    of this subscriber's last ``poll()``: every event read before it has been returned
+    to this subscriber then."""
+
+    def __init__(self, cfg: FilerEvents, bucket: str, prefix: str) -> None:
+        self._key = (cfg, bucket, prefix)
+        self._shared: SharedFilerTail | None = None
+        self._pending: list[Hint] = []
+        self._lost = False
+        self._joined: float | None = None
+        self.drained_at: float | None = None
+
+    @property
+    def shared(self) -> SharedFilerTail:
+        """This loop's subscription of the bucket and prefix (set up at the first use)."""
+        if self._shared is None:
+            hubs = _SHARED.setdefault(asyncio.get_running_loop(), {})
+            if self._key not in hubs:
+                hubs[self._key] = SharedFilerTail(*self._key)
+            self._shared = hubs[self._key]
+        return self._shared
+
+    @property
+    def since(self) -> float | None:
+        if self._joined is None or (started := self.shared.tail.since) is None:
+            return None
+        return max(started, self._joined)
+
+    async def start(self) -> None:
+        if self._joined is None:
+            self._joined, self.drained_at = time.time(), None
+            self.shared.subscribers.add(self)
+        await self.shared.tail.start()
+
+    def take(self, hints: list[Hint], lost: bool) -> None:
+        """The child's output read by any subscriber's poll (``SharedFilerTail.poll``)."""
+        if lost:
+            self._lost, self.drained_at = True, None
+        if len(self._pending) + len(hints) > MAX_PENDING:
+            log.warning("filer events not polled in time dropped; starting a scan")
+            self._pending, self._lost, self.drained_at = [], True, None
+            return
+        self._pending += hints
+
+    async def poll(self) -> list[Hint]:
+        if self._joined is None:
+            return []
+        await self.shared.poll()
+        out, self._pending = self._pending, []
+        self.drained_at = self.shared.tail.drained_at
+        return out
+
+    def lost_events(self) -> bool:
+        lost, self._lost = self._lost, False
+        return lost
+
+    async def stop(self) -> None:
+        if self._joined is None:
+            return
+        self._joined, self.drained_at, self._pending = None, None, []
+        await self.shared.leave(self)
+
+
+_SHARED: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[FilerEvents, str, str], SharedFilerTail]
+] = weakref.WeakKeyDictionary()
