@@ -37,7 +37,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(lab: Lab, region: str, prefix: str, name: str, workdir: Path, members: int) -> Path:
+def _config(
+    lab: Lab, region: str, prefix: str, name: str, workdir: Path, members: int, partitions: int
+) -> Path:
     data = tomllib.loads(lab.config_path(region).read_text())
     data["data_dir"] = str(workdir / region)
     data["scrub"] = {"enabled": False}
@@ -53,7 +55,7 @@ def _config(lab: Lab, region: str, prefix: str, name: str, workdir: Path, member
     if members > 1:
         data["group"] = {"enabled": True, "member_ttl": MEMBER_TTL}
         data["etcd"]["prefix"] = f"/dragent-bench-{name}"
-        stream["partitions"] = 4 * members
+        stream["partitions"] = partitions
     data["streams"] = [stream]
     path = workdir / f"{region}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,15 +75,16 @@ async def _listed(bucket: Bucket) -> int:
 
 
 async def agents_cold_copy(
-    lab: Lab, prefix: str, objects: int, workdir: Path, members: int
+    lab: Lab, prefix: str, objects: int, workdir: Path, members: int, partitions: int = 0
 ) -> dict[str, Any]:
     """Start ``members`` agents in region a and in b, wait until the mirror lists
     ``objects`` keys; the wall time, the agents' CPU, the lab's S3 servers' CPU over the
-    same time, and (members > 1) the time to reassign a killed member's partitions."""
+    same time, and (members > 1) the time to reassign a killed member's partitions.
+    ``partitions``: the stream's, with more than one member (0: four per member)."""
     name = f"{prefix.strip('/')}-m{members}"  # the stream, and the mirror's prefix
     agents: dict[str, AgentProcess] = {}
     for region in ("a", "b"):
-        cfg = _config(lab, region, prefix, name, workdir, members)
+        cfg = _config(lab, region, prefix, name, workdir, members, partitions or 4 * members)
         for i in range(1, members + 1):
             listen = f"127.0.0.1:{_free_port()}"
             args = ["--listen", listen] + (["--instance", f"{region}-{i}"] if members > 1 else [])
@@ -90,6 +93,8 @@ async def agents_cold_copy(
     mirror_opts = options(lab, f"{name}/", events=False)
     mirror = await Bucket.open(mirror_opts.mirror)
     out: dict[str, Any] = {"members": members, "agents": len(agents)}
+    if members > 1:
+        out["partitions"] = partitions or 4 * members
     try:
         started, servers0 = time.monotonic(), s3_servers_cpu(lab)
         for agent in agents.values():

@@ -24,7 +24,8 @@ S3 servers (SeaweedFS, on this machine's cores too) spent over the same time: wi
 them, ``host_cpu_share`` says how busy the copy kept the whole machine (1.0: every
 core all the time). Then, as deployed with
 ``dragent run`` processes (``benchmarks/_members.py``): one agent per region, and two
-per region sharing the stream through etcd (``[group]``, 8 partitions), each timed
+per region sharing the stream through etcd (``[group]``, 8 partitions or
+``--partitions``), each timed
 from starting the agents until the mirror lists every object, and from the first
 object in the mirror to the last (start-up left out), CPU of every agent over each;
 with two, one member of region a is then killed with kill -9 and the time until the
@@ -245,8 +246,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out["rclone"] = rclone_cold_copy(lab, prefix, len(keys), total, Path(tmp))
             for members in (1, 2):
                 got = await agents_cold_copy(
-                    lab, prefix, len(keys), Path(tmp) / f"agents-{members}", members
-                )
+                    lab, prefix, len(keys), Path(tmp) / f"agents-{members}", members,
+                    args.partitions,
+                )  # fmt: skip
                 out[f"agents_{members}"] = _agents_figures(len(keys), total, got)
     finally:
         if not args.lab_dir:
@@ -292,6 +294,11 @@ def table(res: dict[str, Any]) -> str:
         ("copy CPU seconds", "copy_cpu_seconds"),
     ):
         rows.append(f"{label:34}{_cell(one.get(name)):>16}{_cell(two.get(name)):>17}")
+    if "partitions" in two:
+        rows.append(
+            f"2 agents/region: {two['partitions']} partitions, start-up "
+            f"{_cell(two.get('startup_seconds'))} s"
+        )
     if "reassign_seconds" in two:
         rows.append(
             f"kill -9 of one of 2 agents: its partitions run again after "
@@ -313,6 +320,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     parser.add_argument("--objects", type=int, default=1000, help="small/medium objects (+2 big)")
     parser.add_argument("--lab-dir", help="use this running lab instead of starting one")
+    parser.add_argument(
+        "--partitions", type=int, default=0, help="the group's partitions (default: 8)"
+    )
     parser.add_argument(
         "--in-process", action="store_true", help="dragent's two sides in this one process"
     )
