@@ -81,7 +81,8 @@ class GroupMember(ThreadHost):
         self.renewed_at: float | None = None
         self.fenced = False
         self.changes = 0
-        self.handovers: deque[dict[str, Any]] = deque(maxlen=20)
+        self.handovers: deque[dict[str, Any]] = deque(maxlen=max(20, len(self.parts)))
+        """The last takes (room for one of every partition: all a lost member ran)."""
         self.takes = 0
         self._changed = asyncio.Event()
         self.threaded = True  # ThreadHost: the loop runs in a thread of its own
