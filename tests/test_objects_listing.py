@@ -32,6 +32,7 @@ KEYS = [f"k/{i:03d}" for i in range(60)]
 @pytest_asyncio.fixture(loop_scope="session")
 async def bucket(lab: Lab, unique: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Bucket]:
     monkeypatch.setattr(s3, "LIST_PAGE", 7)
+    monkeypatch.setattr(listing, "AHEAD", 2)  # 9 pages: a subscriber that waits holds it up
     b = await Bucket.open(options(lab, f"{unique}/").source)
     sem = asyncio.Semaphore(16)
 

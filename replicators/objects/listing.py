@@ -15,10 +15,10 @@ them and hands each page to every subscriber:
   given twice is harmless: comparing it again queues nothing new).
 - A page carries when its LIST request began: a scan's proof (what changed
   before it is seen) is the earliest of its pages' times.
-- Memory is bounded: each subscriber holds at most ``AHEAD`` pages; the
-  listing waits for the slowest one, and drops one that took none for
-  ``PATIENCE`` seconds (its scan fails and starts again later, as any scan
-  whose listing failed).
+- Memory is bounded: each subscriber holds at most ``AHEAD`` pages (the same
+  page objects for all); the listing waits for the slowest one, and drops one
+  that took none for ``PATIENCE`` seconds (its scan fails and starts again,
+  as any scan whose listing failed).
 - A LIST that fails fails every subscriber's scan (a failed scan proves
   nothing); the next subscriber starts a new listing.
 """
@@ -36,8 +36,10 @@ from replicators.bucket import Bucket, ObjectState
 from replicators.errors import StorageError
 from replicators.settings import S3Config
 
-AHEAD = 2
-"""Pages a subscriber may hold not yet taken."""
+AHEAD = 16
+"""Pages a subscriber may hold not yet taken: how far the fastest scan may run ahead of
+the slowest before the listing waits. Pages are shared, so this bounds the listing's
+memory (16 pages of 1,000 keys: about 4 MB), not each subscriber's."""
 PATIENCE = 60.0
 """Seconds the listing waits for a subscriber to take a page before dropping it."""
 
