@@ -59,6 +59,7 @@ QUICK = {
     "scale": ["--objects", "300", "--merkle-keys", "100000"],
     "merkle_scale": ["--keys", "100000"],
     "s3_request_cpu": ["--requests", "200", "--rounds", "3"],
+    "s3_open_cpu": ["--stores", "10", "--rounds", "3"],
 }
 
 

@@ -3,9 +3,9 @@
 A client is built from the endpoint, the region, the keys and the request settings,
 never from the bucket or the prefix (``S3Store`` names the bucket in each request).
 An agent opens a few stores for each partition it takes, most of them alike (the
-source bucket, the vault, the mirror), and a client costs about 10 ms of CPU to
-build: a member taking 32 partitions spent most of its start-up building identical
-clients. The stores that would build the same client share one, with its
+source bucket, the vault, the mirror), and building a client costs more CPU than
+many requests through it: a member taking 32 partitions spent most of its start-up
+building identical clients (``benchmarks/s3_open_cpu.py``). The stores that would build the same client share one, with its
 connection pool (``max_pool_connections``: the config's ``max_concurrency``, now
 for all of them together: one bounded pool per endpoint and settings); the last
 store closed closes it. Clients belong to the event loop they were built in.

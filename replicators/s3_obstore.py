@@ -174,7 +174,7 @@ class FastS3:
     @classmethod
     def open(cls, cfg: S3Config, *, sign_payload: bool | None = None) -> FastS3 | None:
         """The client for ``cfg``, or None (see the class). One per configuration and
-        CA bundle per process: building one costs about 4 ms of CPU (its TLS roots)."""
+        CA bundle per process: building one loads its TLS roots, more CPU than a request."""
         if cfg.access_key is None or cfg.secret_key is None:
             return None
         if cfg.addressing_style == "auto" and (cfg.endpoint is not None or "." in cfg.bucket):

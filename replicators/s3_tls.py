@@ -1,8 +1,8 @@
 """One TLS context per CA bundle per process, for every botocore S3 client.
 
 aiobotocore builds a TLS context for each client's first request, and loading
-the CA bundle into it is most of that request's CPU: about 15 of 22 ms here,
-spent even for a plain-HTTP endpoint. An agent opens a few stores per
+the CA bundle into it is most of that request's CPU, spent even for a
+plain-HTTP endpoint (``benchmarks/s3_open_cpu.py``). An agent opens a few stores per
 partition it takes, so a member taking 32 partitions spent most of its
 start-up building identical contexts. A context is safe to share between
 connections, clients and threads; it is built again when the bundle file
