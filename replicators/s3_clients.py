@@ -5,10 +5,11 @@ never from the bucket or the prefix (``S3Store`` names the bucket in each reques
 An agent opens a few stores for each partition it takes, most of them alike (the
 source bucket, the vault, the mirror), and building a client costs more CPU than
 many requests through it: a member taking 32 partitions spent most of its start-up
-building identical clients (``benchmarks/s3_open_cpu.py``). The stores that would build the same client share one, with its
-connection pool (``max_pool_connections``: the config's ``max_concurrency``, now
-for all of them together: one bounded pool per endpoint and settings); the last
-store closed closes it. Clients belong to the event loop they were built in.
+building identical clients (``benchmarks/s3_open_cpu.py``). The stores that would
+build the same client share one, with its connection pool (``max_pool_connections``:
+the config's ``max_concurrency``, now for all of them together: one bounded pool per
+endpoint and settings); the last store closed closes it. Clients belong to the event
+loop they were built in.
 """
 
 from __future__ import annotations
