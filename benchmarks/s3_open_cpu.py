@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._report import emit
 from benchmarks.s3_request_cpu import weed_server
 from replicators import s3, s3_obstore, s3_tls
 from replicators.errors import NotFound
@@ -119,11 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     with weed_server() as (endpoint, access, secret):
         result = asyncio.run(run(args, endpoint, access, secret))
-    if args.json:
-        print(json.dumps(result, indent=2))
-        print(table(result), file=sys.stderr)
-    else:
-        print(table(result))
+    emit(result, table(result), args.json)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._report import emit
 from replicators import s3
 from replicators.bucket import Bucket, find_weed_binary
 from replicators.settings import S3Config
@@ -286,11 +287,7 @@ def main() -> None:
             endpoint = args.endpoint
             access, secret = os.environ[args.access_key_env], os.environ[args.secret_key_env]
         result = asyncio.run(run(args, endpoint, access, secret))
-    if args.json:
-        print(json.dumps(result, indent=2))
-        print(table(result), file=sys.stderr)
-    else:
-        print(table(result))
+    emit(result, table(result), args.json)
 
 
 if __name__ == "__main__":
