@@ -39,6 +39,7 @@ from obstore import exceptions as obx
 from obstore.store import S3Store as _ObS3
 
 from replicators.errors import AccessDenied, AlreadyExists, NotFound, StorageError, Unavailable
+from replicators.s3_tls import bundle_stamp
 from replicators.settings import S3Config
 
 _ATTRIBUTES = (
@@ -184,11 +185,9 @@ class FastS3:
         bundle: tuple[str, int, int] | None = None
         plain = cfg.endpoint is not None and cfg.endpoint.startswith("http://")
         if not plain and (path := os.environ.get("AWS_CA_BUNDLE")):
-            try:
-                st = os.stat(path)
-            except OSError:
+            if (stamp := bundle_stamp(path)) is None:
                 return None  # botocore says what is wrong with it
-            bundle = (path, st.st_size, st.st_mtime_ns)
+            bundle = (path, *stamp)
         # keys are full keys: the prefix is the caller's (alike stores share the client)
         store = _store(cfg.model_copy(update={"prefix": ""}), sign_payload, bundle)
         return None if store is None else cls(store)

@@ -31,7 +31,7 @@ class SharedTLSSession(AIOHTTPSession):  # type: ignore[misc]
         if self._own or self._cert_file is not None or not self._verify:
             return super()._build_verify_context()  # type: ignore[no-any-return]
         path = get_cert_path(self._verify)
-        return _context(self._verify, path, _stamp(path))
+        return _context(self._verify, path, bundle_stamp(path) or (0, 0))
 
     def _setup_proxy_ssl_context(self, proxy_url: str) -> Any:
         self._own = True  # (called in one thread, under the session's lock)
@@ -41,12 +41,14 @@ class SharedTLSSession(AIOHTTPSession):  # type: ignore[misc]
             self._own = False
 
 
-def _stamp(path: str | None) -> tuple[int, int]:
+def bundle_stamp(path: str | None) -> tuple[int, int] | None:
+    """A CA bundle's size and modification time, what a client built from it is cached
+    by; None if there is no such file (botocore's own load says what is wrong)."""
     try:
         st = os.stat(path) if path else None
     except OSError:
-        st = None  # botocore's own load says what is wrong with it
-    return (st.st_size, st.st_mtime_ns) if st else (0, 0)
+        return None
+    return (st.st_size, st.st_mtime_ns) if st else None
 
 
 @functools.lru_cache(maxsize=8)
